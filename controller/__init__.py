@@ -1,0 +1,1 @@
+"""Central control module: fleet registry, policy, reward."""

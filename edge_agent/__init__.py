@@ -1,0 +1,1 @@
+"""Edge agent: runs on every VM. Must never import torch (tests enforce it)."""

@@ -1,0 +1,1 @@
+"""Long-term capacity planning: WHA anomaly filter, forecaster, reservation planner."""

@@ -1,0 +1,1 @@
+"""gRPC + protobuf contracts and their generated Python stubs."""

@@ -1,0 +1,1 @@
+"""Transfer training module: Zoom-CNN and baselines, pretraining, fine-tuning, export."""

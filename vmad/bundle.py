@@ -1,0 +1,288 @@
+"""Model bundles: an exported detector as ONNX plus the metadata needed to run it.
+
+A bundle is a folder holding `model.onnx` and `bundle.json`. The metadata carries
+everything the agent must not guess: metric names and order, window length,
+normalization, decision threshold, model kind, provenance, and the sha256 of the ONNX
+file. The ONNX graph takes normalized windows `float32[batch, M, T]` and returns the
+anomaly probability `float32[batch]`.
+
+Loading never unpickles anything, and every check failure raises `BundleError` naming
+the problem. NumPy + ONNX Runtime only: the agent imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vmad.windows import Normalizer
+
+FORMAT_VERSION = 1
+ONNX_FILE = "model.onnx"
+METADATA_FILE = "bundle.json"
+# An agent-side model is small; anything bigger is a mistake or an attack.
+MAX_ONNX_BYTES = 64 * 1024 * 1024
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
+
+
+class BundleError(ValueError):
+    """A bundle that is malformed, corrupt, or does not fit what the caller expects."""
+
+
+@dataclass(frozen=True)
+class BundleMetadata:
+    """What `bundle.json` holds. `version` names this model build (shown in metrics)."""
+
+    version: str
+    model_kind: str
+    metrics: tuple[str, ...]
+    window: int
+    normalization: Normalizer
+    threshold: float
+    onnx_sha256: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format_version": self.format_version,
+                "version": self.version,
+                "model_kind": self.model_kind,
+                "metrics": list(self.metrics),
+                "window": self.window,
+                "normalization": self.normalization.to_dict(),
+                "threshold": self.threshold,
+                "onnx_file": ONNX_FILE,
+                "onnx_sha256": self.onnx_sha256,
+                "provenance": self.provenance,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> BundleMetadata:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BundleError(f"bundle metadata is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise BundleError("bundle metadata must be a JSON object")
+        fmt = data.get("format_version")
+        if fmt != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format_version {fmt!r} is not supported (this vmad reads {FORMAT_VERSION})"
+            )
+        expected_types: dict[str, type | tuple[type, ...]] = {
+            "version": str, "model_kind": str, "metrics": list, "window": int,
+            "normalization": dict, "threshold": (int, float), "onnx_sha256": str,
+        }
+        for key, kind in expected_types.items():
+            if key not in data:
+                raise BundleError(f"bundle metadata lacks the key {key!r}")
+            if not isinstance(data[key], kind) or isinstance(data[key], bool):
+                raise BundleError(f"bundle metadata key {key!r} has the wrong type")
+        metrics = tuple(data["metrics"])
+        if not metrics or not all(isinstance(m, str) and m for m in metrics):
+            raise BundleError("bundle metadata 'metrics' must be a non-empty list of names")
+        if len(set(metrics)) != len(metrics):
+            raise BundleError("bundle metadata 'metrics' repeats a name")
+        if data["window"] < 1:
+            raise BundleError(f"bundle window must be >= 1, got {data['window']}")
+        threshold = float(data["threshold"])
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise BundleError(f"bundle threshold must lie in [0, 1], got {threshold}")
+        try:
+            normalization = Normalizer.from_dict(data["normalization"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(f"bundle normalization is invalid: {error}") from None
+        if len(normalization.center) != len(metrics):
+            raise BundleError(
+                f"bundle normalization covers {len(normalization.center)} metrics "
+                f"but the bundle names {len(metrics)}"
+            )
+        return cls(
+            version=data["version"],
+            model_kind=data["model_kind"],
+            metrics=metrics,
+            window=int(data["window"]),
+            normalization=normalization,
+            threshold=threshold,
+            onnx_sha256=data["onnx_sha256"].lower(),
+            provenance=dict(data.get("provenance") or {}),
+        )
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Bundle:
+    """A verified bundle, ready to score raw (un-normalized) windows.
+
+    Construct with `load_bundle` (from disk) or `Bundle.from_parts` (bytes received over
+    the network); both run the same checks.
+    """
+
+    def __init__(self, metadata: BundleMetadata, onnx_bytes: bytes, session: Any) -> None:
+        self.metadata = metadata
+        self.onnx_bytes = onnx_bytes
+        self._session = session
+        self._input_name = session.get_inputs()[0].name
+
+    @classmethod
+    def from_parts(
+        cls,
+        metadata_json: str | bytes,
+        onnx_bytes: bytes,
+        *,
+        expect_metrics: Sequence[str] | None = None,
+        expect_window: int | None = None,
+    ) -> Bundle:
+        metadata = BundleMetadata.from_json(metadata_json)
+        if len(onnx_bytes) > MAX_ONNX_BYTES:
+            raise BundleError(
+                f"ONNX model is {len(onnx_bytes)} bytes, above the {MAX_ONNX_BYTES} byte limit"
+            )
+        actual = sha256_hex(onnx_bytes)
+        if actual != metadata.onnx_sha256:
+            raise BundleError(
+                f"ONNX checksum mismatch: metadata says {metadata.onnx_sha256[:12]}..., "
+                f"file is {actual[:12]}..."
+            )
+        if expect_metrics is not None and tuple(expect_metrics) != metadata.metrics:
+            raise BundleError(
+                f"bundle metrics {list(metadata.metrics)} "
+                f"differ from expected {list(expect_metrics)}"
+            )
+        if expect_window is not None and expect_window != metadata.window:
+            raise BundleError(
+                f"bundle window {metadata.window} differs from expected {expect_window}"
+            )
+        session = _open_session(onnx_bytes)
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BundleError(
+                "ONNX model must have one input and one output, "
+                f"has {len(inputs)} and {len(outputs)}"
+            )
+        shape = inputs[0].shape
+        want = (len(metadata.metrics), metadata.window)
+        if len(shape) != 3 or tuple(shape[1:]) != want:
+            raise BundleError(
+                f"ONNX input shape {shape} does not match metadata [batch, {want[0]}, {want[1]}]"
+            )
+        bundle = cls(metadata, onnx_bytes, session)
+        probe = bundle.probabilities(np.zeros((1, *want), dtype=np.float32))
+        if probe.shape != (1,):
+            raise BundleError(f"ONNX output shape {probe.shape} is not [batch]")
+        return bundle
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.metadata.metrics
+
+    @property
+    def window(self) -> int:
+        return self.metadata.window
+
+    def probabilities(self, normalized: np.ndarray) -> np.ndarray:
+        """Anomaly probability per window for already-normalized `float32[W, M, T]`."""
+        (out,) = self._session.run(None, {self._input_name: normalized.astype(np.float32)})
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def score(self, raw_windows: np.ndarray) -> np.ndarray:
+        """Anomaly probability per window for raw `[W, M, T]` windows (normalized here)."""
+        raw = np.asarray(raw_windows, dtype=np.float32)
+        normalized = self.metadata.normalization.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1)
+        return self.probabilities(np.ascontiguousarray(normalized))
+
+    def verdicts(self, scores: np.ndarray) -> np.ndarray:
+        return scores >= self.metadata.threshold
+
+    def save(self, folder: str | Path) -> Path:
+        return write_bundle(folder, self.metadata, self.onnx_bytes)
+
+
+def _open_session(onnx_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # One thread each: the agent shares the VM with the customer's workload.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises several private exception types
+        raise BundleError(f"ONNX Runtime cannot load the model: {error}") from None
+
+
+def load_bundle(
+    folder: str | Path,
+    *,
+    expect_metrics: Sequence[str] | None = None,
+    expect_window: int | None = None,
+) -> Bundle:
+    """Load and verify the bundle in `folder`; raises `BundleError` naming the problem."""
+    folder = Path(folder)
+    meta_path, onnx_path = folder / METADATA_FILE, folder / ONNX_FILE
+    for path in (meta_path, onnx_path):
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {path}")
+    if onnx_path.stat().st_size > MAX_ONNX_BYTES:
+        raise BundleError(f"{onnx_path} is larger than {MAX_ONNX_BYTES} bytes")
+    try:
+        return Bundle.from_parts(
+            meta_path.read_bytes(),
+            onnx_path.read_bytes(),
+            expect_metrics=expect_metrics,
+            expect_window=expect_window,
+        )
+    except BundleError as error:
+        raise BundleError(f"{folder}: {error}") from None
+
+
+def write_bundle(folder: str | Path, metadata: BundleMetadata, onnx_bytes: bytes) -> Path:
+    """Write a bundle atomically: into a temporary sibling folder, then renamed in place."""
+    folder = Path(folder)
+    if sha256_hex(onnx_bytes) != metadata.onnx_sha256:
+        raise BundleError("metadata checksum does not match the ONNX bytes being written")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    (staging / ONNX_FILE).write_bytes(onnx_bytes)
+    (staging / METADATA_FILE).write_text(metadata.to_json() + "\n")
+    if folder.exists():
+        retired = folder.with_name(f".{folder.name}.old")
+        if retired.exists():
+            _remove_tree(retired)
+        os.replace(folder, retired)
+        os.replace(staging, folder)
+        _remove_tree(retired)
+    else:
+        os.replace(staging, folder)
+    return folder
+
+
+def _remove_tree(path: Path) -> None:
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def load_default_bundle() -> Bundle:
+    """The pretrained bundle shipped inside the package for the default metrics."""
+    from vmad.schema import DEFAULT_METRICS, DEFAULT_WINDOW
+
+    return load_bundle(DEFAULT_BUNDLE_DIR, expect_metrics=DEFAULT_METRICS,
+                       expect_window=DEFAULT_WINDOW)

@@ -1,0 +1,65 @@
+"""The `vmad` command line.
+
+Each component package owns its sub-commands in a `commands.py` module exposing
+`register(commands, bench)`, where `commands` is the top-level sub-parser set and
+`bench` the one under `vmad bench`. Those modules import heavy libraries (torch) only
+inside the function that runs a command, so `vmad agent` never loads PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from vmad import __version__
+
+COMMAND_MODULES = (
+    "trainer.commands",
+    "planner.commands",
+    "edge_agent.commands",
+    "controller.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmad",
+        description="Adaptive anomaly detection and capacity planning for IaaS VMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"vmad {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench_parser = commands.add_parser("bench", help="reproducible benchmarks that print tables")
+    bench = bench_parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # A component not written yet is not an error; a broken import inside one is.
+            if error.name == module_name:
+                continue
+            raise
+        module.register(commands, bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except UsageError as error:
+        print(f"vmad {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (bad file, bad option): printed, exit code 2."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
