@@ -1,0 +1,279 @@
+"""The fleet registry: trainers, VMs, decisions and transitions, persisted in SQLite so a
+controller restart loses nothing.
+
+One database file, WAL mode (readers such as `vmad status` do not block the service), one
+connection guarded by a lock: the service writes from gRPC worker threads, and SQLite
+serializes writers anyway. Every write commits before the service answers, so an answer
+the trainer saw is on disk.
+
+Tables:
+- `trainers`: id, address, first/last seen.
+- `vms`: id, its trainer, last state (JSON of trainer/state.py's VMState), last decision.
+- `decisions`: the decision log: when, which VM, the state, the action, why, which policy.
+- `transitions`: (state, action, reward, next state) for learning policies (issue 4).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.policy import Action, Decision
+from trainer.state import VMState
+
+__all__ = ["DecisionRow", "Registry", "TrainerRow", "TransitionRow", "VMRow"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trainers (
+    trainer_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL DEFAULT '',
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    vm_id TEXT PRIMARY KEY,
+    trainer_id TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    state TEXT,
+    model_version TEXT NOT NULL DEFAULT '',
+    last_decision_id INTEGER,
+    reports INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    decision_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    vm_id TEXT NOT NULL,
+    trainer_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    action TEXT NOT NULL,
+    batches INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    policy TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_vm ON decisions (vm_id, decision_id);
+CREATE TABLE IF NOT EXISTS transitions (
+    transition_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    vm_id TEXT NOT NULL,
+    decision_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    action TEXT NOT NULL,
+    batches INTEGER NOT NULL,
+    reward REAL NOT NULL,
+    next_state TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class TrainerRow:
+    trainer_id: str
+    address: str
+    first_seen: float
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class VMRow:
+    vm_id: str
+    trainer_id: str
+    first_seen: float
+    last_seen: float
+    state: VMState | None
+    model_version: str
+    reports: int
+    last_action: Action | None
+    last_reason: str
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    decision_id: int
+    at: float
+    vm_id: str
+    trainer_id: str
+    state: VMState
+    decision: Decision
+    policy: str
+
+
+@dataclass(frozen=True)
+class TransitionRow:
+    transition_id: int
+    at: float
+    vm_id: str
+    state: VMState
+    decision: Decision
+    reward: float
+    next_state: VMState
+
+
+def _state_json(state: VMState) -> str:
+    return json.dumps(state.to_dict(), sort_keys=True)
+
+
+def _state(text: str) -> VMState:
+    return VMState.from_dict(json.loads(text))
+
+
+class Registry:
+    """SQLite-backed fleet registry. Thread-safe; `close()` when done."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a decision the trainer has been told about survives a power cut.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: registry schema {row[0]} is not "
+                                   f"{SCHEMA_VERSION}; this vmad cannot read it")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def touch_trainer(self, trainer_id: str, address: str = "", now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO trainers VALUES (?, ?, ?, ?) ON CONFLICT(trainer_id) DO UPDATE "
+                "SET last_seen=excluded.last_seen, address=CASE WHEN excluded.address != '' "
+                "THEN excluded.address ELSE trainers.address END",
+                (trainer_id, address, now, now))
+
+    def record_report(
+        self, trainer_id: str, state: VMState, decision: Decision, policy: str,
+        reward_of: Callable[[Decision, VMState], float] | None = None,
+        now: float | None = None,
+    ) -> tuple[int, TransitionRow | None]:
+        """Store a state report and the decision answering it, in one transaction.
+
+        When the VM had an earlier decision, the transition (earlier state, earlier
+        action, reward, this state) is recorded too and returned; `reward_of(decision,
+        next_state)` computes its reward. Returns (decision id, transition or None).
+        """
+        now = time.time() if now is None else now
+        state_text = _state_json(state)
+        transition: TransitionRow | None = None
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO trainers VALUES (?, '', ?, ?) ON CONFLICT(trainer_id) "
+                "DO UPDATE SET last_seen=excluded.last_seen", (trainer_id, now, now))
+            previous = db.execute(
+                "SELECT d.decision_id, d.state, d.action, d.batches, d.reason FROM vms v "
+                "JOIN decisions d ON d.decision_id = v.last_decision_id WHERE v.vm_id=?",
+                (state.vm_id,)).fetchone()
+            cursor = db.execute(
+                "INSERT INTO decisions (at, vm_id, trainer_id, state, action, batches, reason, "
+                "policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, state.vm_id, trainer_id, state_text, decision.action.value,
+                 decision.batches, decision.reason, policy))
+            decision_id = int(cursor.lastrowid or 0)
+            db.execute(
+                "INSERT INTO vms (vm_id, trainer_id, first_seen, last_seen, state, model_version,"
+                " last_decision_id, reports) VALUES (?, ?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT(vm_id) DO UPDATE SET trainer_id=excluded.trainer_id, "
+                "last_seen=excluded.last_seen, state=excluded.state, "
+                "model_version=excluded.model_version, "
+                "last_decision_id=excluded.last_decision_id, reports=vms.reports + 1",
+                (state.vm_id, trainer_id, now, now, state_text, state.model_version,
+                 decision_id))
+            if previous is not None and reward_of is not None:
+                before = _state(previous[1])
+                taken = Decision(Action(previous[2]), int(previous[3]), previous[4])
+                value = float(reward_of(taken, state))
+                cursor = db.execute(
+                    "INSERT INTO transitions (at, vm_id, decision_id, state, action, batches, "
+                    "reward, next_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (now, state.vm_id, int(previous[0]), previous[1], taken.action.value,
+                     taken.batches, value, state_text))
+                transition = TransitionRow(int(cursor.lastrowid or 0), now, state.vm_id,
+                                           before, taken, value, state)
+        return decision_id, transition
+
+    # -- reads --------------------------------------------------------------------------
+
+    def trainers(self) -> list[TrainerRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT trainer_id, address, first_seen, last_seen FROM trainers "
+                "ORDER BY trainer_id").fetchall()
+        return [TrainerRow(*row) for row in rows]
+
+    def vms(self) -> list[VMRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT v.vm_id, v.trainer_id, v.first_seen, v.last_seen, v.state, "
+                "v.model_version, v.reports, d.action, d.reason FROM vms v "
+                "LEFT JOIN decisions d ON d.decision_id = v.last_decision_id "
+                "ORDER BY v.vm_id").fetchall()
+        return [VMRow(r[0], r[1], r[2], r[3], _state(r[4]) if r[4] else None, r[5], r[6],
+                      Action(r[7]) if r[7] else None, r[8] or "") for r in rows]
+
+    def decisions(self, vm_id: str | None = None, limit: int = 100) -> list[DecisionRow]:
+        """The most recent decisions, newest first."""
+        query = ("SELECT decision_id, at, vm_id, trainer_id, state, action, batches, reason, "
+                 "policy FROM decisions")
+        args: tuple = ()
+        if vm_id is not None:
+            query += " WHERE vm_id=?"
+            args = (vm_id,)
+        query += " ORDER BY decision_id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*args, limit)).fetchall()
+        return [DecisionRow(r[0], r[1], r[2], r[3], _state(r[4]),
+                            Decision(Action(r[5]), r[6], r[7]), r[8]) for r in rows]
+
+    def transitions(self, limit: int | None = None) -> list[TransitionRow]:
+        """Transitions in the order they were recorded (oldest first)."""
+        query = ("SELECT transition_id, at, vm_id, state, action, batches, reward, next_state "
+                 "FROM transitions ORDER BY transition_id")
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db.execute(query).fetchall()
+        return [TransitionRow(r[0], r[1], r[2], _state(r[3]), Decision(Action(r[4]), r[5]),
+                              r[6], _state(r[7])) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {table: int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                    for table in ("trainers", "vms", "decisions", "transitions")}
+
+    def action_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT action, COUNT(*) FROM decisions GROUP BY action").fetchall()
+        return {action: int(n) for action, n in rows}

@@ -1,0 +1,86 @@
+"""Controller pieces without processes: the SQLite registry, the rule policy, the reward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controller.policy import ACTIONS, Action, Decision, Policy, RulePolicy, RuleSettings
+from controller.registry import Registry
+from controller.reward import reward
+from trainer.state import VMState
+
+
+def _state(vm: str = "vm-1", **kw: object) -> VMState:
+    base = dict(vm_id=vm, timestamp=1000.0, accuracy=0.95, f1=0.9, loss=0.2,
+                labelled_windows=100, recent_windows=200, summary=(0.0,) * 8,
+                seconds_since_training=math.inf, model_version="m1")
+    base.update(kw)
+    return VMState(**base)  # type: ignore[arg-type]
+
+
+def test_rule_policy_follows_its_table() -> None:
+    policy = RulePolicy(RuleSettings(min_labelled=32, min_f1=0.6, min_accuracy=0.9,
+                                     finetune_batches=50, max_batches_per_model=100,
+                                     reset_drift=3.0, cooldown_s=30.0))
+    assert isinstance(policy, Policy)
+    assert policy.decide(_state(labelled_windows=10, f1=0.0)).action is Action.KEEP
+    assert policy.decide(_state(f1=0.1, seconds_since_training=5.0)).action is Action.KEEP
+    assert policy.decide(_state()).action is Action.KEEP
+    poor = policy.decide(_state(f1=0.3))
+    assert poor == Decision(Action.FINETUNE, 50, poor.reason) and "F1 0.30" in poor.reason
+    assert policy.decide(_state(f1=0.3, finetuned=True, drift=5.0)).action \
+        is Action.RESET_FINETUNE
+    assert policy.decide(_state(f1=0.3, batches_trained=100)).action is Action.RESET_FINETUNE
+
+
+def test_reward_weights_and_terms() -> None:
+    good = _state(accuracy=1.0, loss=0.0)
+    assert reward(Decision(Action.KEEP), good) == pytest.approx(1.0)
+    # A 200-batch fine-tune costs the whole cost term (0.3) for the same result.
+    assert reward(Decision(Action.FINETUNE, 200), good) == pytest.approx(0.7)
+    unknown = _state(labelled_windows=0)
+    assert reward(Decision(Action.KEEP), unknown) == pytest.approx(0.4 * 0.5 + 0.3 * 0.5 + 0.3)
+
+
+def test_registry_persists_across_reopen(tmp_path) -> None:
+    path = tmp_path / "registry.sqlite"
+    registry = Registry(path)
+    registry.touch_trainer("t1", "127.0.0.1:1")
+    first, transition = registry.record_report("t1", _state(f1=0.2),
+                                               Decision(Action.FINETUNE, 50, "poor"), "rules",
+                                               reward_of=reward)
+    assert transition is None
+    second, transition = registry.record_report("t1", _state(f1=0.9, accuracy=1.0, loss=0.0),
+                                                Decision(Action.KEEP, 0, "good"), "rules",
+                                                reward_of=reward)
+    assert second > first and transition is not None
+    assert transition.decision.action is Action.FINETUNE
+    assert transition.state.f1 == pytest.approx(0.2)
+    assert transition.next_state.f1 == pytest.approx(0.9)
+    registry.record_report("t1", _state("vm-2"), Decision(Action.KEEP), "rules", reward)
+    registry.close()
+
+    again = Registry(path)
+    assert again.counts() == {"trainers": 1, "vms": 2, "decisions": 3, "transitions": 1}
+    assert [t.address for t in again.trainers()] == ["127.0.0.1:1"]
+    vms = {row.vm_id: row for row in again.vms()}
+    assert vms["vm-1"].reports == 2 and vms["vm-1"].last_action is Action.KEEP
+    assert vms["vm-1"].state is not None and vms["vm-1"].state.f1 == pytest.approx(0.9)
+    assert math.isinf(vms["vm-1"].state.seconds_since_training)
+    log = again.decisions("vm-1")
+    assert [d.decision.action for d in log] == [Action.KEEP, Action.FINETUNE]
+    assert again.action_counts() == {"keep": 2, "finetune": 1}
+    (stored,) = again.transitions()
+    assert stored.reward == pytest.approx(transition.reward)
+    again.close()
+
+
+def test_state_vector_has_fixed_layout() -> None:
+    state = _state(seconds_since_training=math.inf, drift=100.0, loss=50.0)
+    vector = state.to_vector()
+    assert vector.shape == (11 + 8,)
+    assert vector.min() >= -1.0 and vector.max() <= 1.0
+    assert VMState.from_dict(state.to_dict()) == state
+    assert len(ACTIONS) == 4

@@ -1,0 +1,356 @@
+"""Per-VM bounded storage on the trainer: recent samples, the agent's verdicts, labels,
+and each VM's model bookkeeping, in one SQLite file.
+
+Why SQLite and not memory: a trainer killed mid-stream and restarted must neither lose
+nor double-count a sample. A batch's samples and the VM's new acknowledgement are
+committed in one transaction *before* the ack goes back to the agent, so whatever the
+agent saw acknowledged is on disk, and whatever it replays after a restart is recognised
+by (VM id, sequence number). WAL mode with synchronous=NORMAL survives the process being
+killed (the case that matters here); a power cut may lose the last few commits, which
+the agent then replays from its spool.
+
+De-duplication: an agent streams its samples in sequence order on one stream, so the
+trainer keeps, per VM, the highest sequence number it has stored (`acked`). A sample at
+or below it is a duplicate (counted, dropped); a sample above `acked + 1` means the agent
+skipped some (its spool dropped its oldest when full): the gap is counted as `lost` and
+`acked` moves on, so one lost sample never wedges the stream.
+
+Bounds (documented in trainer.yaml): at most `max_samples` samples, `max_verdicts`
+verdicts and `max_labels` label intervals per VM; the oldest go first. Pruning runs every
+`prune_every` inserted samples, so the table may hold up to that many extra for a while.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["IngestResult", "LabelInterval", "RecentData", "TelemetryStore", "VMModelInfo"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    vm_id TEXT PRIMARY KEY,
+    metrics TEXT NOT NULL,
+    acked INTEGER NOT NULL,
+    received INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    since_prune INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    vm_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    vals BLOB NOT NULL,
+    PRIMARY KEY (vm_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS verdicts (
+    vm_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    score REAL NOT NULL,
+    anomalous INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    PRIMARY KEY (vm_id, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS labels (
+    label_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id TEXT NOT NULL,
+    start_ts REAL NOT NULL,
+    end_ts REAL NOT NULL,
+    anomalous INTEGER NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_vm ON labels (vm_id, label_id);
+CREATE TABLE IF NOT EXISTS models (
+    vm_id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    finetuned INTEGER NOT NULL,
+    batches_trained INTEGER NOT NULL,
+    trained_at REAL,
+    samples_at_training INTEGER NOT NULL,
+    threshold REAL NOT NULL,
+    pushed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one batch did: new samples stored, duplicates dropped, samples the agent
+    skipped, and the acknowledgement to send (highest sequence number stored)."""
+
+    stored: int
+    duplicates: int
+    lost: int
+    acked: int
+
+
+@dataclass(frozen=True)
+class LabelInterval:
+    start: float
+    end: float
+    anomalous: bool
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class RecentData:
+    """The most recent samples of one VM, oldest first."""
+
+    seqs: np.ndarray  # int64 [N]
+    timestamps: np.ndarray  # float64 [N], Unix seconds
+    values: np.ndarray  # float32 [N, M]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+@dataclass(frozen=True)
+class VMModelInfo:
+    """Which model a VM runs and what has been spent on it (persisted across restarts)."""
+
+    version: str
+    finetuned: bool
+    batches_trained: int
+    trained_at: float | None
+    samples_at_training: int
+    threshold: float
+    pushed: int
+
+
+@dataclass(frozen=True)
+class VMCounters:
+    vm_id: str
+    metrics: tuple[str, ...]
+    acked: int
+    received: int
+    duplicates: int
+    lost: int
+    first_seen: float
+    last_seen: float
+
+
+class TelemetryStore:
+    """Thread-safe; one instance per trainer process."""
+
+    def __init__(self, path: str | Path, *, max_samples: int = 20_000,
+                 max_verdicts: int = 20_000, max_labels: int = 1_000,
+                 prune_every: int = 1_000) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_samples = max_samples
+        self.max_verdicts = max_verdicts
+        self.max_labels = max_labels
+        self.prune_every = prune_every
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- ingest -------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        vm_id: str,
+        metrics: Sequence[str],
+        seqs: Sequence[int] | np.ndarray,
+        timestamps: Sequence[float] | np.ndarray,
+        values: np.ndarray,
+        *,
+        verdicts: Sequence[tuple[float, float, bool, str]] = (),
+        labels: Sequence[LabelInterval] = (),
+        now: float | None = None,
+    ) -> IngestResult:
+        """Store one telemetry batch atomically and return the acknowledgement.
+
+        seqs / timestamps / values: the samples, in sequence order, `values[N, M]` in the
+        order of `metrics`. verdicts: (window end timestamp, score, anomalous, model
+        version). labels: ground-truth intervals the agent shipped (e.g. an injection).
+        Raises ValueError for a batch whose shape or metric list does not fit.
+        """
+        now = time.time() if now is None else now
+        values = np.asarray(values, dtype=np.float32)
+        seqs = np.asarray(seqs, dtype=np.int64)
+        if values.ndim != 2 or values.shape != (len(seqs), len(metrics)):
+            raise ValueError(f"batch of {len(seqs)} samples has values of shape {values.shape},"
+                             f" expected ({len(seqs)}, {len(metrics)})")
+        if len(timestamps) != len(seqs):
+            raise ValueError(f"{len(seqs)} sequence numbers but {len(timestamps)} timestamps")
+        if len(seqs) > 1 and np.any(np.diff(seqs) <= 0):
+            raise ValueError("sequence numbers in a batch must strictly increase")
+        metrics_text = ",".join(metrics)
+        with self._write() as db:
+            row = db.execute("SELECT metrics, acked, since_prune FROM vms WHERE vm_id=?",
+                             (vm_id,)).fetchone()
+            if row is None:
+                # A VM's first batch sets the base: whatever came before it is not ours.
+                acked = int(seqs[0]) - 1 if len(seqs) else 0
+                since_prune = 0
+                db.execute("INSERT INTO vms (vm_id, metrics, acked, first_seen, last_seen) "
+                           "VALUES (?, ?, ?, ?, ?)", (vm_id, metrics_text, acked, now, now))
+            else:
+                if row[0] != metrics_text:
+                    raise ValueError(f"VM {vm_id} sends metrics [{metrics_text}] but earlier "
+                                     f"sent [{row[0]}]")
+                acked, since_prune = int(row[1]), int(row[2])
+            fresh = seqs > acked
+            duplicates = int(len(seqs) - fresh.sum())
+            lost = 0
+            if fresh.any():
+                first = int(seqs[fresh][0])
+                lost = max(0, first - acked - 1)
+                index = np.flatnonzero(fresh)
+                db.executemany(
+                    "INSERT INTO samples VALUES (?, ?, ?, ?)",
+                    ((vm_id, int(seqs[i]), float(timestamps[i]), values[i].tobytes())
+                     for i in index))
+                lost += int(seqs[index[-1]] - first + 1 - len(index))
+                acked = int(seqs[index[-1]])
+            stored = int(fresh.sum())
+            since_prune += stored
+            if verdicts:
+                db.executemany(
+                    "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                    ((vm_id, float(ts), float(score), int(bool(flag)), version)
+                     for ts, score, flag, version in verdicts))
+            for label in labels:
+                self._insert_label(db, vm_id, label)
+            if since_prune >= self.prune_every:
+                self._prune(db, vm_id)
+                since_prune = 0
+            db.execute(
+                "UPDATE vms SET acked=?, received=received+?, duplicates=duplicates+?, "
+                "lost=lost+?, since_prune=?, last_seen=? WHERE vm_id=?",
+                (acked, stored, duplicates, lost, since_prune, now, vm_id))
+        return IngestResult(stored, duplicates, lost, acked)
+
+    def _insert_label(self, db: sqlite3.Connection, vm_id: str, label: LabelInterval) -> None:
+        if not label.end >= label.start:
+            raise ValueError(f"label interval ends ({label.end}) before it starts "
+                             f"({label.start})")
+        db.execute("INSERT INTO labels (vm_id, start_ts, end_ts, anomalous, source) "
+                   "VALUES (?, ?, ?, ?, ?)",
+                   (vm_id, float(label.start), float(label.end), int(label.anomalous),
+                    label.source))
+
+    def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
+        with self._write() as db:
+            for label in labels:
+                self._insert_label(db, vm_id, label)
+            self._prune(db, vm_id)
+
+    def _prune(self, db: sqlite3.Connection, vm_id: str) -> None:
+        db.execute(
+            "DELETE FROM samples WHERE vm_id=? AND seq <= (SELECT seq FROM samples WHERE "
+            "vm_id=? ORDER BY seq DESC LIMIT 1 OFFSET ?)", (vm_id, vm_id, self.max_samples))
+        db.execute(
+            "DELETE FROM verdicts WHERE vm_id=? AND ts <= (SELECT ts FROM verdicts WHERE "
+            "vm_id=? ORDER BY ts DESC LIMIT 1 OFFSET ?)", (vm_id, vm_id, self.max_verdicts))
+        db.execute(
+            "DELETE FROM labels WHERE vm_id=? AND label_id <= (SELECT label_id FROM labels "
+            "WHERE vm_id=? ORDER BY label_id DESC LIMIT 1 OFFSET ?)",
+            (vm_id, vm_id, self.max_labels))
+
+    # -- reads --------------------------------------------------------------------------
+
+    def vm_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT vm_id FROM vms ORDER BY vm_id")]
+
+    def counters(self, vm_id: str) -> VMCounters | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT vm_id, metrics, acked, received, duplicates, lost, first_seen, "
+                "last_seen FROM vms WHERE vm_id=?", (vm_id,)).fetchone()
+        if row is None:
+            return None
+        return VMCounters(row[0], tuple(row[1].split(",")) if row[1] else (), *row[2:])
+
+    def acked(self, vm_id: str) -> int | None:
+        counters = self.counters(vm_id)
+        return None if counters is None else counters.acked
+
+    def recent(self, vm_id: str, limit: int | None = None) -> RecentData:
+        """The newest `limit` samples (all stored when None), oldest first."""
+        limit = self.max_samples if limit is None else limit
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, ts, vals FROM samples WHERE vm_id=? ORDER BY seq DESC LIMIT ?",
+                (vm_id, limit)).fetchall()
+        rows.reverse()
+        if not rows:
+            return RecentData(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 0), np.float32))
+        values = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+        return RecentData(np.array([r[0] for r in rows], dtype=np.int64),
+                          np.array([r[1] for r in rows], dtype=np.float64), values)
+
+    def verdicts(self, vm_id: str, limit: int = 1_000) -> tuple[np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+        """Newest `limit` verdicts, oldest first: (timestamps, scores, anomalous)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ts, score, anomalous FROM verdicts WHERE vm_id=? ORDER BY ts DESC "
+                "LIMIT ?", (vm_id, limit)).fetchall()
+        rows.reverse()
+        arr = np.array(rows, dtype=np.float64).reshape(-1, 3)
+        return arr[:, 0], arr[:, 1], arr[:, 2] > 0
+
+    def label_intervals(self, vm_id: str) -> list[LabelInterval]:
+        """Oldest first; a later interval overrides an earlier one where they overlap."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT start_ts, end_ts, anomalous, source FROM labels WHERE vm_id=? "
+                "ORDER BY label_id", (vm_id,)).fetchall()
+        return [LabelInterval(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+
+    def labels_at(self, vm_id: str, timestamps: np.ndarray) -> np.ndarray:
+        """Label per timestamp: 1 anomalous, 0 normal, -1 unknown."""
+        out = np.full(len(timestamps), -1, dtype=np.int8)
+        for label in self.label_intervals(vm_id):
+            inside = (timestamps >= label.start) & (timestamps <= label.end)
+            out[inside] = 1 if label.anomalous else 0
+        return out
+
+    # -- per-VM model bookkeeping --------------------------------------------------------
+
+    def model_info(self, vm_id: str) -> VMModelInfo | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, finetuned, batches_trained, trained_at, samples_at_training, "
+                "threshold, pushed FROM models WHERE vm_id=?", (vm_id,)).fetchone()
+        if row is None:
+            return None
+        return VMModelInfo(row[0], bool(row[1]), row[2], row[3], row[4], row[5], row[6])
+
+    def set_model_info(self, vm_id: str, info: VMModelInfo) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (vm_id, info.version, int(info.finetuned), info.batches_trained,
+                        info.trained_at, info.samples_at_training, info.threshold,
+                        info.pushed))

@@ -1,0 +1,130 @@
+"""The background action worker: runs the controller's actions (fine-tune, reset) off the
+serving threads, so a minute of training never delays a telemetry ack.
+
+The queue holds at most one pending action per VM: a newer decision for a VM replaces an
+older one that has not started (the controller answers each state report, and only its
+latest answer reflects the latest state). The number of VMs bounds the queue. Actions run
+one at a time, in the order their VMs first queued: training is CPU-bound and the
+trainer shares its node with the VMs it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controller.policy import Action, Decision
+from trainer.transfer import TrainOutcome, VMModels
+
+__all__ = ["ActionWorker", "WorkerStats"]
+
+log = logging.getLogger("vmad.trainer.worker")
+
+
+@dataclass
+class WorkerStats:
+    queued: int = 0
+    replaced: int = 0
+    done: int = 0
+    failed: int = 0
+    batches: int = 0
+    running: str = ""
+
+
+class ActionWorker:
+    """One daemon thread executing `Decision`s against `VMModels`.
+
+    on_done(outcome) is called (in the worker thread) after each action that changed a
+    VM's model, so the service can push the new bundle to the agent.
+    """
+
+    def __init__(self, models: VMModels,
+                 on_done: Callable[[TrainOutcome], None] | None = None) -> None:
+        self.models = models
+        self.on_done = on_done
+        self.stats = WorkerStats()
+        self._pending: OrderedDict[str, Decision] = OrderedDict()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="vmad-action-worker",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, vm_id: str, decision: Decision) -> None:
+        """Queue `decision` for `vm_id` (keep is a no-op and never queued)."""
+        if decision.action is Action.KEEP:
+            return
+        with self._cond:
+            if vm_id in self._pending:
+                self.stats.replaced += 1
+            self._pending[vm_id] = decision
+            self.stats.queued += 1
+            self._cond.notify()
+
+    def pending(self) -> dict[str, Decision]:
+        with self._cond:
+            return dict(self._pending)
+
+    def busy(self, vm_id: str) -> bool:
+        """True while an action for `vm_id` is queued or running."""
+        with self._cond:
+            return vm_id in self._pending or self.stats.running == vm_id
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self.stats.running
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(self.idle, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopping)
+                if self._stopping:
+                    return
+                vm_id, decision = self._pending.popitem(last=False)
+                self.stats.running = vm_id
+            try:
+                outcome = self.execute(vm_id, decision)
+            except Exception:
+                # One VM's bad data must not stop training for the others.
+                log.exception("action %s for VM %s failed", decision.action.value, vm_id)
+                with self._cond:
+                    self.stats.failed += 1
+                outcome = None
+            with self._cond:
+                self.stats.running = ""
+                if outcome is not None:
+                    self.stats.done += 1
+                    self.stats.batches += outcome.batches
+                self._cond.notify_all()
+            if outcome is not None and self.on_done is not None and outcome.action != "keep":
+                try:
+                    self.on_done(outcome)
+                except Exception:
+                    log.exception("after action for VM %s", vm_id)
+
+    def execute(self, vm_id: str, decision: Decision) -> TrainOutcome:
+        """Run one action now, in the caller's thread."""
+        if decision.action is Action.RESET:
+            return self.models.reset(vm_id)
+        outcome = self.models.finetune(
+            vm_id, decision.batches, reset=decision.action is Action.RESET_FINETUNE)
+        log.info("VM %s: %s %d batches in %.1f s -> %s%s", vm_id, outcome.action,
+                 outcome.batches, outcome.seconds, outcome.version,
+                 f" (skipped: {outcome.skipped})" if outcome.skipped else "")
+        return outcome
