@@ -135,3 +135,34 @@ def test_finetune_reset_and_worker(tiny_models, tmp_path) -> None:
     assert models.bundle("vm") is models.pretrained_bundle and not models.state("vm").finetuned
     worker.stop()
     assert worker.stats.failed == 0
+
+
+def test_core_loop_trains_and_offers_the_new_bundle(tiny_models, tmp_path) -> None:
+    """Trainer and controller logic wired together in one process (no gRPC)."""
+    from controller.core import ControlCore
+    from controller.policy import RulePolicy, RuleSettings
+    from controller.registry import Registry
+    from trainer.core import TrainerCore
+
+    models, store = tiny_models
+    core = TrainerCore(store, models)
+    control = ControlCore(Registry(tmp_path / "r.sqlite"),
+                          RulePolicy(RuleSettings(min_labelled=10, finetune_batches=20,
+                                                  min_f1=1.01)))
+    with pytest.raises(ValueError, match="metrics"):
+        core.ingest("vm", METRICS[::-1], *_batch(1, 4))
+    for first in range(1, 201, 50):
+        seqs, ts, values = _batch(first, 50, anomalous=first >= 151)
+        core.ingest("vm", METRICS, seqs, ts, values,
+                    labels=[LabelInterval(151 * 5.0, 200 * 5.0, True, "inject")]
+                    if first == 151 else ())
+    core.start(None, 1.0)
+    pretrained = models.pretrained_version
+    assert core.next_bundle("vm", "something-else", 0.1).metadata.version == pretrained
+    assert core.next_bundle("vm", pretrained, 0.05) is None
+    answered = core.report_round(lambda state: control.report("t1", state)[1])
+    assert [(vm, d.action) for vm, d in answered] == [("vm", Action.FINETUNE)]
+    bundle = core.next_bundle("vm", pretrained, 60)
+    assert bundle is not None and bundle.metadata.version.endswith("-ft1")
+    core.stop()
+    assert control.registry.counts()["decisions"] == 1

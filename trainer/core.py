@@ -1,0 +1,148 @@
+"""The trainer's logic, apart from gRPC: ingest telemetry into the store, hand bundles to
+the agents that watch for them, and report VM states to the controller on a timer,
+queueing whatever it answers on the action worker.
+
+trainer/service.py adapts this to the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.policy import Action, Decision
+from trainer.state import VMState
+from trainer.store import IngestResult, LabelInterval, TelemetryStore
+from trainer.transfer import TrainOutcome, VMModels
+from trainer.worker import ActionWorker
+from vmad.bundle import Bundle
+
+__all__ = ["ReportStats", "TrainerCore"]
+
+log = logging.getLogger("vmad.trainer")
+
+# Decide(state) -> decision; raises on a failed call (controller down, deadline).
+ReportFn = Callable[[VMState], Decision]
+
+
+@dataclass
+class ReportStats:
+    rounds: int = 0
+    reports: int = 0
+    failures: int = 0
+    last_error: str = ""
+    actions: dict[str, int] | None = None
+    bundles_pushed: int = 0
+
+
+class TrainerCore:
+    def __init__(self, store: TelemetryStore, models: VMModels) -> None:
+        self.store = store
+        self.models = models
+        self.worker = ActionWorker(models, on_done=self._model_changed)
+        self.stats = ReportStats(actions={a.value: 0 for a in Action})
+        self._bundle_cond = threading.Condition()
+        # Bumped whenever a VM's model changes; watchers wake and compare versions.
+        self._generation: dict[str, int] = {}
+        self._stopping = threading.Event()
+        self._reporter: threading.Thread | None = None
+
+    # -- telemetry --------------------------------------------------------------------
+
+    def ingest(self, vm_id: str, metrics: Sequence[str], seqs: np.ndarray,
+               timestamps: np.ndarray, values: np.ndarray,
+               verdicts: Sequence[tuple[float, float, bool, str]] = (),
+               labels: Sequence[LabelInterval] = ()) -> IngestResult:
+        if tuple(metrics) != self.models.metrics:
+            raise ValueError(f"VM {vm_id} sends metrics {list(metrics)}; this trainer's "
+                             f"model takes {list(self.models.metrics)}")
+        return self.store.ingest(vm_id, metrics, seqs, timestamps, values,
+                                 verdicts=verdicts, labels=labels)
+
+    def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
+        self.store.add_labels(vm_id, labels)
+
+    # -- bundles ----------------------------------------------------------------------
+
+    def _model_changed(self, outcome: TrainOutcome) -> None:
+        with self._bundle_cond:
+            self._generation[outcome.vm_id] = self._generation.get(outcome.vm_id, 0) + 1
+            self._bundle_cond.notify_all()
+
+    def next_bundle(self, vm_id: str, running_version: str, timeout: float) -> Bundle | None:
+        """The bundle `vm_id` should run if it is not `running_version`, waiting up to
+        `timeout` seconds for one to appear; None when there is nothing new."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._bundle_cond:
+                generation = self._generation.get(vm_id, 0)
+            bundle = self.models.bundle(vm_id)
+            if bundle.metadata.version != running_version:
+                return bundle
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                return None
+            with self._bundle_cond:
+                self._bundle_cond.wait_for(
+                    lambda seen=generation: self._generation.get(vm_id, 0) != seen
+                    or self._stopping.is_set(), remaining)
+
+    def bundle_sent(self) -> None:
+        with self._bundle_cond:
+            self.stats.bundles_pushed += 1
+
+    # -- reporting --------------------------------------------------------------------
+
+    def report_round(self, report: ReportFn) -> list[tuple[str, Decision]]:
+        """Report every VM not busy training once; queue the answers. One failed call
+        ends the round (the controller is down; the next round tries again)."""
+        answered: list[tuple[str, Decision]] = []
+        self.stats.rounds += 1
+        for vm_id in self.store.vm_ids():
+            if self._stopping.is_set():
+                break
+            if self.worker.busy(vm_id):
+                # Its state is about to change; report the new model next round.
+                continue
+            state = self.models.state(vm_id)
+            try:
+                decision = report(state)
+            except Exception as error:  # grpc.RpcError and friends: keep serving agents
+                self.stats.failures += 1
+                self.stats.last_error = str(error).splitlines()[0][:200]
+                log.warning("state report for VM %s failed: %s", vm_id, self.stats.last_error)
+                break
+            self.stats.reports += 1
+            assert self.stats.actions is not None
+            self.stats.actions[decision.action.value] += 1
+            self.worker.submit(vm_id, decision)
+            answered.append((vm_id, decision))
+        return answered
+
+    def start(self, report: ReportFn | None, interval_s: float) -> None:
+        self.worker.start()
+        if report is None:
+            return
+
+        def loop() -> None:
+            while not self._stopping.wait(interval_s):
+                try:
+                    self.report_round(report)
+                except Exception:
+                    log.exception("state report round failed")
+
+        self._reporter = threading.Thread(target=loop, name="vmad-reporter", daemon=True)
+        self._reporter.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._bundle_cond:
+            self._bundle_cond.notify_all()
+        self.worker.stop()
+        if self._reporter is not None:
+            self._reporter.join(5)
