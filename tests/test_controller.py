@@ -84,3 +84,31 @@ def test_state_vector_has_fixed_layout() -> None:
     assert vector.min() >= -1.0 and vector.max() <= 1.0
     assert VMState.from_dict(state.to_dict()) == state
     assert len(ACTIONS) == 4
+
+
+def test_status_renders_registry(tmp_path, capsys) -> None:
+    from vmad.cli import main
+
+    registry = Registry(tmp_path / "r.sqlite")
+    registry.record_report("t1", _state(f1=0.2), Decision(Action.FINETUNE, 50, "poor"),
+                           "rules", reward)
+    registry.close()
+    assert main(["status", "--database", str(tmp_path / "r.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert "vm-1" in out and "finetune" in out and "1 decisions" in out
+    assert main(["status", "--database", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_event_scoring() -> None:
+    import numpy as np
+
+    from vmad.replay import runs, score_events
+
+    labels = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0])
+    flagged = np.array([0, 0, 0, 1, 0, 1, 1, 0, 0, 0])
+    assert runs(labels) == [(2, 3), (7, 7)]
+    score = score_events(labels, flagged, np.ones(10, bool))
+    assert (score.events, score.detected, score.missed, score.false_alarms) == (2, 1, 1, 1)
+    # A segment never scored (before the first full window) is left out, not "missed".
+    unscored = np.arange(10) >= 5
+    assert score_events(labels, flagged, unscored).events == 1

@@ -17,6 +17,7 @@ from vmad import __version__
 
 COMMAND_MODULES = (
     "trainer.commands",
+    "trainer.service_commands",
     "planner.commands",
     "edge_agent.commands",
     "controller.commands",
