@@ -124,3 +124,149 @@ def load_smd(folder: str | Path, machines: int, n_samples: int,
         out.append(ReplaySeries(f"smd-{machine.name}", values[start:start + n_samples],
                                 labels[start:start + n_samples], "smd"))
     return out
+
+
+class ReplayAgent:
+    """A simulated agent: replays one series to a trainer over the same gRPC calls a real
+    agent uses (telemetry stream with acks, bundle watch), scoring windows with the
+    bundle it was last sent. Sample i has sequence number i + 1 and timestamp
+    `t0 + i * interval_s`; each labelled anomaly segment is shipped as a label interval
+    in the batch that completes it (ground truth arrives after the fact, as it would
+    from an operator).
+
+    Not thread-safe except `start_watch`, which swaps the bundle from its own thread.
+    """
+
+    def __init__(self, address: str, vm_id: str, series: ReplaySeries, *,
+                 t0: float = 0.0, interval_s: float = 5.0, batch_size: int = 12,
+                 bundle: object | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS,
+                 timeout: float = 10.0) -> None:
+        import grpc
+
+        self.address, self.vm_id, self.series = address, vm_id, series
+        self.t0, self.interval_s, self.batch_size = t0, interval_s, batch_size
+        self.metrics, self.timeout = metrics, timeout
+        self.bundle = bundle
+        self.acked = 0
+        self.sent = 0  # index of the next sample to send
+        self.resent = 0
+        self.bundles_received: list[str] = []
+        self.scores = np.full(len(series.values), np.nan, dtype=np.float32)
+        self.flagged = np.zeros(len(series.values), dtype=bool)
+        self._segments = runs(series.labels)
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(address)
+        self._watch: object | None = None
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()  # type: ignore[attr-defined]
+        self._channel.close()
+
+    def reconnect(self) -> None:
+        self._channel.close()
+        self._channel = self._grpc.insecure_channel(self.address)
+
+    def timestamp(self, index: int) -> float:
+        return self.t0 + index * self.interval_s
+
+    def _score(self, start: int, stop: int) -> list[list[object]]:
+        bundle = self.bundle
+        if bundle is None:
+            return []
+        window = bundle.window  # type: ignore[attr-defined]
+        ends = np.arange(max(start, window - 1), stop)
+        if len(ends) == 0:
+            return []
+        values = self.series.values
+        raw = np.stack([values[e - window + 1:e + 1].T for e in ends])
+        scores = bundle.score(raw)  # type: ignore[attr-defined]
+        flags = bundle.verdicts(scores)  # type: ignore[attr-defined]
+        self.scores[ends], self.flagged[ends] = scores, flags
+        version = bundle.metadata.version  # type: ignore[attr-defined]
+        return [[self.timestamp(int(e)), float(s), bool(f), version]
+                for e, s, f in zip(ends, scores, flags, strict=True)]
+
+    def _batch(self, start: int, stop: int) -> dict[str, object]:
+        labels = [[self.timestamp(s), self.timestamp(e), True, "replay"]
+                  for s, e in self._segments if start <= e < stop]
+        return {
+            "vm_id": self.vm_id, "metrics": list(self.metrics),
+            "samples": [[i + 1, self.timestamp(i), self.series.values[i].tolist()]
+                        for i in range(start, stop)],
+            "verdicts": self._score(start, stop), "labels": labels,
+        }
+
+    def send_until(self, stop: int) -> int:
+        """Send every sample not yet acknowledged, up to index `stop` (exclusive), on one
+        stream, lock-step (batch, ack). Resumes after the last ack, so after a lost
+        connection unacknowledged samples are sent again. Returns the new ack; raises
+        grpc.RpcError when the trainer is unreachable."""
+        from trainer.wire import TELEMETRY_SERVICE, decode, encode, method
+
+        stop = min(stop, len(self.series.values))
+        if self.sent > self.acked:
+            self.resent += self.sent - self.acked
+        self.sent = self.acked
+        if self.sent >= stop:
+            return self.acked
+        import queue
+
+        outbox: queue.Queue = queue.Queue()
+
+        def requests():
+            while True:
+                item = outbox.get()
+                if item is None:
+                    return
+                yield item
+
+        call = self._channel.stream_stream(method(TELEMETRY_SERVICE, "Telemetry"),
+                                           request_serializer=encode,
+                                           response_deserializer=decode)
+        responses = call(requests(), timeout=self.timeout + 60)
+        try:
+            while self.sent < stop:
+                end = min(stop, self.sent + self.batch_size)
+                outbox.put(self._batch(self.sent, end))
+                self.sent = end
+                reply = next(responses)
+                if "error" in reply:
+                    raise ValueError(f"trainer refused a batch of {self.vm_id}: "
+                                     f"{reply['error']}")
+                self.acked = int(reply["acked"])
+        finally:
+            outbox.put(None)
+            responses.cancel()
+        return self.acked
+
+    def start_watch(self) -> None:
+        """Receive bundles in a background thread and swap them in when they verify."""
+        import base64
+        import threading
+
+        from trainer.wire import TELEMETRY_SERVICE, decode, encode, method
+        from vmad.bundle import Bundle, BundleError
+
+        running = self.bundle.metadata.version if self.bundle is not None else ""  # type: ignore[attr-defined]
+        call = self._channel.unary_stream(method(TELEMETRY_SERVICE, "WatchBundles"),
+                                          request_serializer=encode,
+                                          response_deserializer=decode)
+        stream = call({"vm_id": self.vm_id, "running_version": running})
+        self._watch = stream
+
+        def loop() -> None:
+            try:
+                for message in stream:
+                    try:
+                        bundle = Bundle.from_parts(
+                            message["metadata"], base64.b64decode(message["onnx_b64"]),
+                            expect_metrics=self.metrics)
+                    except (BundleError, KeyError, ValueError):
+                        continue  # never run a bundle that failed verification
+                    self.bundle = bundle
+                    self.bundles_received.append(bundle.metadata.version)
+            except self._grpc.RpcError:
+                return
+
+        threading.Thread(target=loop, name=f"watch-{self.vm_id}", daemon=True).start()

@@ -1,0 +1,157 @@
+"""Real trainer and controller processes on loopback, driven by simulated agents over
+gRPC. Small windows and tiny models keep these under a minute on two cores."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from vmad.launch import Process, free_port, start, wait_serving
+from vmad.replay import ReplayAgent, ReplaySeries
+from vmad.schema import DEFAULT_METRICS
+
+pytestmark = pytest.mark.integration
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    from trainer.checkpoint import Checkpoint, save_checkpoint
+    from trainer.models import build_model
+    from vmad.windows import Normalizer
+
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
+    folder = tmp_path_factory.mktemp("pretrained")
+    save_checkpoint(folder, Checkpoint(build_model("mlp", 4, WINDOW), "mlp", DEFAULT_METRICS,
+                                       WINDOW, normalizer, 0.5))
+    return folder
+
+
+def _series(n: int, seed: int = 0) -> ReplaySeries:
+    rng = np.random.default_rng(seed)
+    values = rng.normal(30, 3, size=(n, 4)).astype(np.float32)
+    labels = np.zeros(n, dtype=np.int8)
+    for first in range(60, n - 20, 80):
+        values[first:first + 15, 1] += 40
+        labels[first:first + 15] = 1
+    return ReplaySeries("test", values, labels, "test")
+
+
+def _trainer_config(path: Path, port: int, checkpoint: Path, controller: str | None,
+                    **extra: object) -> Path:
+    config = {
+        "trainer_id": "node-test", "listen": f"127.0.0.1:{port}",
+        "data_dir": str(path.parent / "trainer-data"),
+        "controller": {"address": controller, "report_interval_s": 0.5, "timeout_s": 2},
+        "model": {"pretrained": str(checkpoint)},
+        "training": {"batch_size": 16, "assume_normal_unlabelled": True},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _controller_config(path: Path, port: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "database": str(path.parent / "registry.sqlite"),
+        "policy": {"rules": {"min_labelled": 16, "min_f1": 1.0, "finetune_batches": 20,
+                             "cooldown_s": 1.0}},
+    }))
+    return path
+
+
+def _start(name: str, role: str, config: Path, tmp_path: Path, port: int) -> Process:
+    process = start(name, [role, "--config", str(config)], tmp_path / "logs")
+    wait_serving(f"127.0.0.1:{port}", 60, process=process)
+    return process
+
+
+def test_trainer_killed_mid_stream_receives_every_sample_once(tmp_path, checkpoint_dir):
+    from trainer.store import TelemetryStore
+
+    port = free_port()
+    config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)
+    trainer = _start("trainer", "trainer", config, tmp_path, port)
+    total = 600
+    agent = ReplayAgent(f"127.0.0.1:{port}", "vm-a", _series(total), batch_size=10)
+    try:
+        assert agent.send_until(100) == 100  # telemetry arrives and is acknowledged
+        trainer.kill()  # SIGKILL while the agent keeps streaming
+        with pytest.raises(grpc.RpcError):
+            agent.send_until(total)
+        trainer = _start("trainer", "trainer", config, tmp_path, port)
+        # Replay more than needed on purpose: the trainer must drop what it already has.
+        agent.acked = max(0, agent.acked - 30)
+        agent.reconnect()
+        assert agent.send_until(total) == total
+    finally:
+        agent.close()
+        trainer.stop()
+    store = TelemetryStore(tmp_path / "trainer-data" / "store.sqlite")
+    counters = store.counters("vm-a")
+    assert counters is not None
+    assert counters.received == total and counters.lost == 0
+    assert counters.duplicates >= 30
+    recent = store.recent("vm-a")
+    assert recent.seqs.tolist() == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize("role", ["trainer", "controller"])
+def test_bad_yaml_key_fails_start_with_its_name(tmp_path, checkpoint_dir, role):
+    import subprocess
+    import sys
+
+    if role == "trainer":
+        config = _trainer_config(tmp_path / "t.yaml", free_port(), checkpoint_dir, None,
+                                 training={"learning_rat": 0.1})
+        key = "training.learning_rat"
+    else:
+        config = _controller_config(tmp_path / "c.yaml", free_port())
+        config.write_text(config.read_text() + "polcy: {}\n")
+        key = "polcy"
+    result = subprocess.run([sys.executable, "-m", "vmad.cli", role, "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert key in result.stderr and str(config) in result.stderr
+
+
+def test_controller_decides_trainer_pushes_and_restart_keeps_registry(tmp_path, checkpoint_dir):
+    from controller.service import fetch_fleet
+    from vmad.bundle import Bundle
+
+    c_port, t_port = free_port(), free_port()
+    c_config = _controller_config(tmp_path / "controller.yaml", c_port)
+    controller = _start("controller", "controller", c_config, tmp_path, c_port)
+    t_config = _trainer_config(tmp_path / "trainer.yaml", t_port, checkpoint_dir,
+                               f"127.0.0.1:{c_port}")
+    trainer = _start("trainer", "trainer", t_config, tmp_path, t_port)
+    agent = ReplayAgent(f"127.0.0.1:{t_port}", "vm-b", _series(400), batch_size=20)
+    try:
+        agent.start_watch()
+        agent.send_until(400)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any("-ft" in v for v in
+                                                      agent.bundles_received):
+            time.sleep(0.3)
+        assert any("-ft" in v for v in agent.bundles_received), agent.bundles_received
+        assert isinstance(agent.bundle, Bundle) and "-ft" in agent.bundle.metadata.version
+        fleet = fetch_fleet(c_config, 100)
+        assert [vm["vm_id"] for vm in fleet["vms"]] == ["vm-b"]
+        assert fleet["actions"].get("finetune", 0) >= 1
+        before = fleet["counts"]
+        controller.stop()
+        controller = _start("controller", "controller", c_config, tmp_path, c_port)
+        after = fetch_fleet(c_config, 100)["counts"]
+        assert after["vms"] == 1 and after["decisions"] >= before["decisions"]
+        assert after["trainers"] == 1
+    finally:
+        agent.close()
+        trainer.stop()
+        controller.stop()
