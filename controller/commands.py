@@ -29,6 +29,14 @@ def register(commands: Any, bench: Any) -> None:
                         help="also list this many recent decisions (default 10)")
     status.set_defaults(run=run_status)
 
+    # `vmad demo` is the distributed demo (vmad/demo.py). An older, offline demo may still
+    # be registered by trainer/commands.py; argparse refuses two, so the first one stays
+    # until that registration is removed.
+    if "demo" not in commands.choices:
+        from vmad.demo import register as register_demo
+
+        register_demo(commands)
+
 
 def run_controller(args: argparse.Namespace) -> int:
     from controller.service import serve_from_config
