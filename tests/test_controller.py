@@ -112,3 +112,16 @@ def test_event_scoring() -> None:
     # A segment never scored (before the first full window) is left out, not "missed".
     unscored = np.arange(10) >= 5
     assert score_events(labels, flagged, unscored).events == 1
+
+
+def test_example_configs_load() -> None:
+    from controller.config import ControllerConfig
+    from tests.conftest import REPO_ROOT
+    from trainer.config import TrainerConfig
+    from trainer.config_loading import load_component_config
+
+    controller = load_component_config(REPO_ROOT / "deploy" / "controller.yaml",
+                                       ControllerConfig)
+    assert controller.policy.rules.settings() == RuleSettings()
+    trainer = load_component_config(REPO_ROOT / "deploy" / "trainer.yaml", TrainerConfig)
+    assert trainer.controller.address == "127.0.0.1:50071"
