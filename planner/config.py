@@ -1,0 +1,96 @@
+"""`planner.yaml`: the planner's configuration schema (detectors, planning, prices).
+
+Loaded with ``yaml.safe_load`` and validated with pydantic at start-up; an unknown key or
+a wrong type is a ``ConfigError`` naming the key and the file. deploy/planner.yaml is the
+documented example, and tests load it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ConfigError", "PlannerConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LAConfig(_Strict):
+    lower: float | None = Field(None, description="static lower limit; learned if absent")
+    upper: float | None = Field(None, description="static upper limit; learned if absent")
+    learn: int = Field(288, ge=1, description="samples used to learn a missing limit")
+    slack: float = Field(0.1, ge=0, description="learned limits widened by this share of range")
+
+
+class DLAConfig(_Strict):
+    window: int = Field(288, ge=3, description="moving-median length in samples")
+    tolerance: float = Field(4.0, gt=0, description="band half-width in robust std devs")
+
+
+class WHAConfig(_Strict):
+    window: int = Field(288, ge=5)
+    half_life: float = Field(144.0, gt=0, description="age in samples at which weight halves")
+    tolerance: float = Field(4.0, gt=0)
+    weights: tuple[float, float, float] = Field(
+        (1.0, 1.0, 1.0), description="median, kalman, savgol"
+    )
+    sg_window: int = Field(13, ge=3)
+    sg_order: int = Field(2, ge=0)
+    kalman_q: float = Field(0.05, gt=0)
+    threshold: float = Field(0.5, gt=0, le=1)
+
+    def model_post_init(self, _context: object) -> None:
+        if any(not 0.0 <= w <= 1.0 for w in self.weights):
+            raise ValueError(f"wha.weights must each be in [0, 1], got {self.weights}")
+
+
+class RecurrenceConfig(_Strict):
+    periods_h: tuple[float, ...] = Field((24.0, 168.0), description="periods watched, hours")
+    find_periods: bool = Field(True, description="also watch autocorrelation peaks in the history")
+    slack: int = Field(1, ge=0, description="samples a repeat may drift")
+    decay: float = Field(0.5, gt=0, lt=1, description="confidence kept per missed repeat")
+
+
+class PlanningConfig(_Strict):
+    sizes: tuple[float, ...] = Field((1, 2, 4, 8, 16), description="reservation sizes (GB)")
+    prices: tuple[float, ...] | None = Field(
+        None, description="price per period per size; default = size"
+    )
+    period_h: int = Field(168, ge=1, description="reservation period (hours)")
+    horizon_h: int = Field(672, ge=1, description="how far ahead to plan (hours)")
+    margin: float = Field(0.1, ge=0, description="safety margin added to the forecast (share)")
+    lookback_h: int = Field(24 * 28, ge=24, description="history the forecaster trains on")
+
+
+class PlannerConfig(_Strict):
+    la: LAConfig = LAConfig()
+    dla: DLAConfig = DLAConfig()
+    wha: WHAConfig = WHAConfig()
+    recurrence: RecurrenceConfig = RecurrenceConfig()
+    planning: PlanningConfig = PlanningConfig()
+
+
+def load_config(path: str | Path | None) -> PlannerConfig:
+    """Read and validate a YAML file; None gives the documented defaults."""
+    if path is None:
+        return PlannerConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from error
+    try:
+        return PlannerConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from error

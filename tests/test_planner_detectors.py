@@ -1,0 +1,119 @@
+"""One contract for every planner detector, plus hand-made series for each one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from planner.config import ConfigError, load_config
+from planner.detectors import DLA, LA, BadSampleError, Detector
+from planner.recurrence import RecurrenceDetector, find_periods
+from planner.wha import WHA
+
+REPO = Path(__file__).resolve().parent.parent
+
+FACTORIES: dict[str, Callable[[], Detector]] = {
+    "la": lambda: LA(learn=48),
+    "dla": lambda: DLA(window=48),
+    "wha": lambda: WHA(window=48, half_life=24),
+    "recurrence": lambda: RecurrenceDetector(WHA(window=48, half_life=24), (24, 168)),
+}
+
+
+def _noisy(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return 10.0 + rng.normal(0.0, 0.5, n)
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def detector(request: pytest.FixtureRequest) -> Detector:
+    return FACTORIES[request.param]()
+
+
+def test_scores_in_unit_interval(detector: Detector) -> None:
+    x = _noisy(400)
+    x[200] += 50
+    x[300] -= 50
+    scores, verdicts = detector.score_series(x)
+    assert scores.shape == x.shape and verdicts.dtype == bool
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_no_state_leak_between_series(name: str) -> None:
+    a, b = _noisy(300, 1), _noisy(300, 2) * 3
+    a[100] += 40
+    fresh = FACTORIES[name]().score_series(b)[0]
+    used = FACTORIES[name]()
+    used.score_series(a)
+    np.testing.assert_array_equal(fresh, used.score_series(b)[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
+def test_bad_sample_is_a_clear_error(detector: Detector, bad: object) -> None:
+    detector.update(1.0)
+    with pytest.raises(BadSampleError, match="sample 1"):
+        detector.update(bad)  # type: ignore[arg-type]
+
+
+def test_constant_series_raises_no_alarm(detector: Detector) -> None:
+    _, verdicts = detector.score_series(np.full(300, 4.0))
+    assert not verdicts.any()
+
+
+@pytest.mark.parametrize("make", [lambda: DLA(window=48), lambda: WHA(window=48, half_life=24)])
+def test_lone_spike_is_flagged(make: Callable[[], Detector]) -> None:
+    x = _noisy(200)
+    x[150] += 20
+    _, verdicts = make().score_series(x)
+    assert verdicts[150]
+    assert verdicts.sum() <= 3
+
+
+def test_la_static_limits() -> None:
+    d = LA(lower=0.0, upper=10.0)
+    assert d.update(5.0) == (0.0, False)
+    score, bad = d.update(11.0)
+    assert bad and 0.5 <= score <= 1.0
+
+
+def test_weekly_spike_becomes_recurrent_after_second_repeat_and_decays() -> None:
+    week = 168
+    x = _noisy(week * 6)
+    spikes = [30 + week * k for k in range(4)]
+    x[spikes] += 15
+    x[500 % week + 2 * week + 7] += 20  # a lone spike elsewhere
+    det = RecurrenceDetector(WHA(window=48, half_life=24), (24, week))
+    kinds: dict[int, tuple[bool, bool]] = {}
+    for i, v in enumerate(x):
+        _, recurrent = det.update(v)
+        if det.last_point:
+            kinds[i] = (True, recurrent)
+    assert kinds[spikes[0]] == (True, False)
+    assert kinds[spikes[1]] == (True, False)  # one repeat: not yet
+    assert kinds[spikes[2]] == (True, True)  # second repeat: recurrent
+    assert kinds[spikes[3]] == (True, True)
+    assert not kinds[500 % week + 2 * week + 7][1]
+    # The job stopped after week 4: two missed repeats decay its confidence.
+    assert det.confidence[week] < 0.5
+
+
+def test_find_periods_sees_a_daily_cycle() -> None:
+    t = np.arange(24 * 30)
+    x = np.sin(2 * np.pi * t / 24) + 0.1 * np.random.default_rng(0).normal(size=t.size)
+    assert 24 in find_periods(x, 12, 200, top=3)
+
+
+def test_example_config_loads_and_unknown_key_is_named(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "deploy" / "planner.yaml")
+    assert cfg.planning.sizes == (1, 2, 4, 8, 16)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("wha:\n  tolerence: 3\n")
+    with pytest.raises(ConfigError, match=r"wha\.tolerence"):
+        load_config(bad)
+    bad.write_text("wha:\n  weights: [2, 1, 1]\n")
+    with pytest.raises(ConfigError, match="weights"):
+        load_config(bad)
