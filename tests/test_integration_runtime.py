@@ -155,3 +155,34 @@ def test_controller_decides_trainer_pushes_and_restart_keeps_registry(tmp_path, 
         agent.close()
         trainer.stop()
         controller.stop()
+
+
+def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint_dir):
+    from trainer.wire import MAX_MESSAGE_BYTES, TELEMETRY_SERVICE, decode, encode, method
+
+    port = free_port()
+    config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)
+    trainer = _start("trainer", "trainer", config, tmp_path, port)
+    good = ReplayAgent(f"127.0.0.1:{port}", "vm-good", _series(100), batch_size=10)
+    try:
+        assert good.send_until(50) == 50
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(method(TELEMETRY_SERVICE, "Telemetry"),
+                                         request_serializer=encode,
+                                         response_deserializer=decode)
+            nan = {"vm_id": "vm-bad", "metrics": list(DEFAULT_METRICS),
+                   "samples": [[1, 0.0, [1.0, float("nan"), 1.0, 1.0]]]}
+            wrong = {"vm_id": "vm-bad", "metrics": ["cpu"], "samples": [[2, 0.0, [1.0]]]}
+            replies = list(call(iter([nan, wrong, {"no": "vm"}]), timeout=10))
+            assert len(replies) == 3 and all("error" in r for r in replies)
+            assert "NaN" in replies[0]["error"] and "metrics" in replies[1]["error"]
+            huge = {"vm_id": "vm-huge", "metrics": list(DEFAULT_METRICS),
+                    "samples": [[1, 0.0, [0.0] * 4]], "pad": "x" * (MAX_MESSAGE_BYTES + 1)}
+            with pytest.raises(grpc.RpcError) as refused:
+                list(call(iter([huge]), timeout=10))
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert good.send_until(100) == 100  # the well-behaved agent never noticed
+        assert trainer.alive()
+    finally:
+        good.close()
+        trainer.stop()
