@@ -125,3 +125,6 @@ def test_example_configs_load() -> None:
     assert controller.policy.rules.settings() == RuleSettings()
     trainer = load_component_config(REPO_ROOT / "deploy" / "trainer.yaml", TrainerConfig)
     assert trainer.controller.address == "127.0.0.1:50071"
+    load_component_config(REPO_ROOT / "deploy" / "demo" / "controller.yaml", ControllerConfig)
+    demo = load_component_config(REPO_ROOT / "deploy" / "demo" / "trainer.yaml", TrainerConfig)
+    assert demo.training.assume_normal_unlabelled
