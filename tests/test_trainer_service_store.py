@@ -166,3 +166,19 @@ def test_core_loop_trains_and_offers_the_new_bundle(tiny_models, tmp_path) -> No
     assert bundle is not None and bundle.metadata.version.endswith("-ft1")
     core.stop()
     assert control.registry.counts()["decisions"] == 1
+
+
+def test_report_round_survives_an_unreachable_controller(tiny_models) -> None:
+    from trainer.core import TrainerCore
+
+    models, store = tiny_models
+    core = TrainerCore(store, models)
+    core.ingest("vm", METRICS, *_batch(1, 20))
+
+    def down(state):
+        raise ConnectionError("controller unreachable\ndetails")
+
+    assert core.report_round(down) == []
+    assert core.stats.failures == 1 and core.stats.last_error == "controller unreachable"
+    # Serving goes on: the next batch is stored and acknowledged.
+    assert core.ingest("vm", METRICS, *_batch(21, 5)).acked == 25
