@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["DLA", "LA", "BadSampleError", "Detector", "deviation_score"]
+__all__ = ["DLA", "LA", "BadSampleError", "Detector", "deviation_score", "robust_scale"]
 
 
 class BadSampleError(ValueError):
@@ -33,6 +33,18 @@ def deviation_score(deviation: float, tolerance: float) -> float:
     if deviation <= 0.0:
         return 0.0
     return float(deviation / (deviation + tolerance))
+
+
+def robust_scale(window: np.ndarray, centre: float, mad: float) -> float:
+    """The deviation unit: the MAD as a standard deviation, floored.
+
+    Usage series sit flat for hours (MAD = 0), and then any wiggle would be "infinitely"
+    anomalous and every score would saturate at 1, which leaves nothing to rank. The floors
+    (a tenth of the window's standard deviation, 1 % of its range, 0.1 % of the level)
+    keep a flat stretch's first change large but finite.
+    """
+    spread = float(window.max() - window.min())
+    return max(1.4826 * mad, 0.1 * float(window.std()), 0.01 * spread, 1e-3 * abs(centre), 1e-6)
 
 
 class Detector(ABC):
@@ -148,8 +160,8 @@ class DLA(Detector):
             return 0.0
         arr = np.fromiter(self._buf, dtype=np.float64)
         med = float(np.median(arr))
-        mad = 1.4826 * float(np.median(np.abs(arr - med)))
-        scale = max(mad, self.min_scale, 1e-3 * abs(med))
+        mad = float(np.median(np.abs(arr - med)))
+        scale = max(robust_scale(arr, med, mad), self.min_scale)
         self.estimate = med
         self._buf.append(x)
         return deviation_score(abs(x - med) / scale, self.tolerance)

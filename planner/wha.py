@@ -24,7 +24,7 @@ from collections import deque
 import numpy as np
 from scipy.signal import savgol_coeffs
 
-from planner.detectors import Detector, deviation_score
+from planner.detectors import Detector, deviation_score, robust_scale
 
 __all__ = ["WHA"]
 
@@ -91,8 +91,7 @@ class WHA(Detector):
         raw = np.fromiter(self._raw, dtype=np.float64)
         w = self._decay[-len(raw) :]
         med = _weighted_median(raw, w)
-        mad = 1.4826 * _weighted_median(np.abs(raw - med), w)
-        scale = max(mad, 1e-3 * abs(med), 1e-6)
+        scale = robust_scale(raw, med, _weighted_median(np.abs(raw - med), w))
         sg = float(np.dot(self._sg, np.fromiter(self._clean, dtype=np.float64)))
         # Kalman local-level model in units of scale^2: predict, compare, then update.
         r = scale * scale

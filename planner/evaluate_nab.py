@@ -1,0 +1,100 @@
+"""Run the planner's detectors over the NAB corpus and score them (``vmad bench nab``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from planner.config import PlannerConfig
+from planner.detectors import Detector
+from planner.history import read_history
+from planner.nab import FileScoring, best_threshold, corpus_score
+
+__all__ = ["PUBLISHED", "NabResult", "evaluate_nab", "make_detector"]
+
+# Standard-profile scores on realAWSCloudwatch from ../shared/datasets/README.md.
+PUBLISHED = {
+    "numenta HTM": 73.4,
+    "contextOSE": 71.5,
+    "ARTime": 69.5,
+    "knncad": 60.7,
+    "randomCutForest": 57.6,
+    "skyline": 49.3,
+    "windowedGaussian": 31.2,
+    "null": 0.0,
+}
+
+
+def make_detector(name: str, config: PlannerConfig, learn: int | None = None) -> Detector:
+    """A fresh detector by name, from the YAML config."""
+    from planner.detectors import DLA, LA
+    from planner.wha import WHA
+
+    if name == "la":
+        settings = config.la.model_dump()
+        if learn is not None:
+            settings["learn"] = learn
+        return LA(**settings)
+    if name == "dla":
+        return DLA(**config.dla.model_dump())
+    if name == "wha":
+        return WHA(**config.wha.model_dump())
+    raise ValueError(f"unknown detector {name!r}; choose la, dla or wha")
+
+
+def _stamp(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+
+
+@dataclass
+class NabResult:
+    detector: str
+    threshold: float
+    score: float
+    at_default: float  # at the detector's own verdict threshold (no corpus tuning)
+
+
+def evaluate_nab(root: Path, detectors: list[str], config: PlannerConfig) -> list[NabResult]:
+    windows = json.loads((root / "windows.json").read_text())
+    files = sorted(windows)
+    scoring, histories = [], []
+    for rel in files:
+        hist = read_history(root / rel, strict_order=False)
+        histories.append(hist)
+        spans = [(_stamp(a), _stamp(b)) for a, b in windows[rel]]
+        scoring.append(FileScoring.build(hist.timestamps, spans))
+    results = []
+    for name in detectors:
+        scores = []
+        for hist in histories:
+            # LA learns its limits over NAB's probation period, the part NAB does not score.
+            learn = int(min(math.floor(0.15 * len(hist.values)), 750))
+            det = make_detector(name, config, learn=learn)
+            scores.append(det.score_series(hist.values)[0])
+        threshold, score = best_threshold(scoring, scores)
+        own = make_detector(name, config).threshold
+        results.append(NabResult(name, threshold, score, corpus_score(scoring, scores, own)))
+    return results
+
+
+def nab_table(results: list[NabResult]) -> str:
+    rows = [
+        (
+            r.detector.upper() + " (this project)",
+            r.score,
+            f"{r.threshold:.3f}",
+            f"{r.at_default:.1f}",
+        )
+        for r in results
+    ]
+    rows += [(name + " (published)", score, "-", "-") for name, score in PUBLISHED.items()]
+    rows.sort(key=lambda row: -row[1])
+    lines = [
+        "| detector | standard score (corpus-optimised threshold) | threshold | score at 0.5 |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {n} | {s:.1f} | {t} | {d} |" for n, s, t, d in rows]
+    return "\n".join(lines)
