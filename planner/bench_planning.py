@@ -14,6 +14,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ class Tally:
 def week_bounds(timestamps: np.ndarray) -> list[tuple[int, int]]:
     edges = timestamps[0] + WEEK * np.arange(int((timestamps[-1] - timestamps[0]) // WEEK) + 2)
     idx = np.searchsorted(timestamps, edges)
-    return [(int(a), int(b)) for a, b in zip(idx[:-1], idx[1:], strict=True) if b > a]
+    return [(int(a), int(b)) for a, b in pairwise(idx) if b > a]
 
 
 def evaluate(
@@ -158,7 +159,8 @@ def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
     lines = [
         f"**{title}**",
         "",
-        "| method | saving vs always-max | time under-provisioned | unserved demand | idle reserved | VM-weeks |",
+        "| method | saving vs always-max | time under-provisioned | unserved demand "
+        "| idle reserved | VM-weeks |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
