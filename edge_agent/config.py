@@ -1,0 +1,68 @@
+"""`agent.yaml`: the edge agent's configuration schema (validated at start-up by
+vmad/config.py; every key documented here and in deploy/agent.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmad.schema import DEFAULT_INTERVAL_S
+from vmad.security import SecurityConfig
+
+__all__ = ["AgentConfig", "InjectSettings", "MetricsSettings", "SpoolSettings",
+           "TrainerLink"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpoolSettings(_Strict):
+    """The on-disk queue of unacknowledged telemetry (edge_agent/spool.py). When either
+    bound is reached the oldest entries are dropped first and counted
+    (`vmad_agent_spool_dropped_total`)."""
+
+    path: Path = Field(Path("/var/lib/vmad/agent/spool.db"), description="SQLite file")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="bound on stored payload bytes")
+    max_rows: int = Field(500_000, ge=10, description="bound on spooled samples")
+
+
+class TrainerLink(_Strict):
+    """Where telemetry goes. `address: null` runs the agent alone (detect and spool)."""
+
+    address: str | None = Field(None, description="trainer host:port")
+    batch_max: int = Field(256, ge=1, le=10_000, description="samples per telemetry message")
+    flush_s: float = Field(5.0, gt=0, description="seconds between sends")
+    timeout_s: float = Field(10.0, gt=0, description="deadline for connecting and each ack")
+    backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(60.0, gt=0, description="reconnect delay cap (full jitter)")
+
+
+class MetricsSettings(_Strict):
+    listen: str | None = Field("127.0.0.1:9108", description="Prometheus /metrics host:port; "
+                               "null = off")
+
+
+class InjectSettings(_Strict):
+    """Where `vmad inject` / `vmad label --local` record intervals for this agent, and
+    the safety caps of `vmad inject`."""
+
+    labels_file: Path = Field(Path("/var/lib/vmad/agent/labels.jsonl"),
+                              description="JSON-lines file of labelled intervals")
+    max_memory_share: float = Field(0.25, gt=0, le=0.9, description="of total RAM")
+    max_disk_share: float = Field(0.10, gt=0, le=0.9, description="of free disk")
+    max_disk_bytes: int = Field(2 * 1024**3, ge=1024**2, description="absolute disk cap")
+
+
+class AgentConfig(_Strict):
+    vm_id: str = Field(..., min_length=1, description="this VM's id (unique in the fleet)")
+    interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, description="seconds between samples")
+    bundle: Path | None = Field(None, description="bundle folder; null = the packaged default")
+    bundle_dir: Path = Field(Path("/var/lib/vmad/agent/bundles"),
+                             description="where pushed bundles are kept (current + previous)")
+    trainer: TrainerLink = Field(default_factory=TrainerLink)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    inject: InjectSettings = Field(default_factory=InjectSettings)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
