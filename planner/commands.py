@@ -48,6 +48,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     planning.add_argument("--plot", type=Path, help="write the frontier plot (PNG) here")
     planning.add_argument("--markdown", type=Path, help="also write the tables here")
     planning.add_argument("--config", type=Path)
+    planning.add_argument("--workers", type=int, default=2, help="processes (one VM each)")
+    planning.add_argument("--no-lstm", action="store_true", help="rules and baselines only")
     planning.set_defaults(run=run_bench_planning)
 
 

@@ -53,7 +53,7 @@ class WHAConfig(_Strict):
 
 
 class RecurrenceConfig(_Strict):
-    periods_h: tuple[float, ...] = Field((24.0, 168.0), description="periods watched, hours")
+    periods_h: tuple[float, ...] = Field((24.0, 168.0, 672.0), description="periods watched, hours")
     find_periods: bool = Field(True, description="also watch autocorrelation peaks in the history")
     slack: int = Field(1, ge=0, description="samples a repeat may drift")
     decay: float = Field(0.5, gt=0, lt=1, description="confidence kept per missed repeat")

@@ -16,6 +16,7 @@ __all__ = [
     "percentile_rule",
     "smallest_covering",
     "vpa_recommendation",
+    "vpa_target",
 ]
 
 
@@ -53,20 +54,25 @@ def oracle(actual_period: np.ndarray, sizes: tuple[float, ...]) -> float:
     return smallest_covering(float(np.max(actual_period)), sizes)
 
 
-def vpa_recommendation(
+def vpa_target(
     history: np.ndarray,
     step_s: float,
-    sizes: tuple[float, ...],
     q: float = 95.0,
     half_life_s: float = 24 * 3600.0,
     margin: float = 0.15,
 ) -> float:
-    """Kubernetes-VPA-style: a high percentile of an exponentially decaying histogram of
-    usage (VPA's recommender: half-life 24 h, memory target from peaks, +15 % margin)."""
+    """Kubernetes-VPA-style target: a high percentile of an exponentially decaying
+    histogram of usage (VPA's recommender: half-life 24 h, +15 % margin for memory)."""
     x = np.asarray(history, dtype=np.float64)
     ages = (x.size - 1 - np.arange(x.size)) * step_s
     weights = 0.5 ** (ages / half_life_s)
     order = np.argsort(x)
     cum = np.cumsum(weights[order])
-    value = float(x[order][np.searchsorted(cum, q / 100.0 * cum[-1])])
-    return smallest_covering(value * (1.0 + margin), sizes)
+    return float(x[order][np.searchsorted(cum, q / 100.0 * cum[-1])]) * (1.0 + margin)
+
+
+def vpa_recommendation(
+    history: np.ndarray, step_s: float, sizes: tuple[float, ...], margin: float = 0.15
+) -> float:
+    """The VPA-style target rounded up to a size."""
+    return smallest_covering(vpa_target(history, step_s, margin=margin), sizes)
