@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["History", "HistoryError", "check_values", "read_history"]
+__all__ = ["History", "HistoryError", "check_values", "read_columns", "read_history"]
 
 
 class HistoryError(ValueError):
@@ -56,6 +56,17 @@ def check_values(values: np.ndarray, where: str) -> np.ndarray:
     if bad.size:
         raise HistoryError(f"{where}: value at row {int(bad[0]) + 1} is {values[bad[0]]}")
     return values
+
+
+def read_columns(path: str | Path) -> list[str]:
+    """The header of a CSV (plain or .gz), to pick a column before reading."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt") as handle:  # type: ignore[operator]
+            return [c.strip() for c in handle.readline().strip().split(",")]
+    except OSError as error:
+        raise HistoryError(f"{path}: cannot read: {error}") from error
 
 
 def read_history(
