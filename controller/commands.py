@@ -119,5 +119,5 @@ def render_fleet(fleet: dict[str, Any]) -> list[Any]:
     counts = fleet["counts"]
     actions = ", ".join(f"{k} {v}" for k, v in sorted(fleet["actions"].items())) or "none"
     summary = (f"{counts['trainers']} trainers, {counts['vms']} VMs, {counts['decisions']} "
-               f"decisions ({actions}), {counts['transitions']} transitions")
+               f"decisions ({actions}), {counts.get('transitions', '?')} transitions")
     return [trainers, vms, decisions, summary]

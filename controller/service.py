@@ -1,8 +1,9 @@
-"""The controller's gRPC service: `Report` (a VM state -> a decision) and `Fleet`.
+"""The controller's gRPC service (protos/vmad/v1/control.proto): `Report` (a VM state ->
+a decision) and `Fleet`.
 
-Speaks the interim JSON wire (trainer/wire.py) until protos/ land; the logic is in
-controller/core.py. Serves the standard gRPC health service. Bad requests are answered
-with INVALID_ARGUMENT naming the problem and never stop the process.
+The logic is in controller/core.py. Serves the standard gRPC health service. Bad
+requests are answered with INVALID_ARGUMENT naming the problem and never stop the
+process.
 """
 
 from __future__ import annotations
@@ -23,12 +24,33 @@ from controller.core import ControlCore
 from controller.policy import build_policy
 from controller.registry import Registry
 from controller.reward import reward
-from trainer.state import VMState
-from trainer.wire import CONTROL_SERVICE, decode, encode, server_options
+from protos.vmad.v1 import control_pb2, control_pb2_grpc
+from trainer.wire import (
+    decision_from_message,
+    decision_to_message,
+    server_options,
+    state_from_message,
+    state_to_message,
+)
 
-__all__ = ["ControllerServer", "fetch_fleet", "serve_from_config"]
+__all__ = ["CONTROL_SERVICE", "ControllerServer", "fetch_fleet", "serve_from_config"]
 
 log = logging.getLogger("vmad.controller")
+
+CONTROL_SERVICE = "vmad.v1.ControlService"
+
+
+class _Servicer(control_pb2_grpc.ControlServiceServicer):
+    def __init__(self, owner: ControllerServer) -> None:
+        self.owner = owner
+
+    def Report(self, request: control_pb2.StateReport,
+               context: grpc.ServicerContext) -> control_pb2.Decision:
+        return self.owner.report(request, context)
+
+    def Fleet(self, request: control_pb2.FleetRequest,
+              context: grpc.ServicerContext) -> control_pb2.FleetReply:
+        return self.owner.fleet(request, context)
 
 
 class ControllerServer:
@@ -44,14 +66,7 @@ class ControllerServer:
                                           push_cost=settings.push_cost))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
                                   options=server_options())
-        handlers = {
-            "Report": grpc.unary_unary_rpc_method_handler(
-                self._report, request_deserializer=decode, response_serializer=encode),
-            "Fleet": grpc.unary_unary_rpc_method_handler(
-                self._fleet, request_deserializer=decode, response_serializer=encode),
-        }
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(CONTROL_SERVICE, handlers),))
+        control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(config.listen)
@@ -72,34 +87,71 @@ class ControllerServer:
         self.server.stop(grace).wait()
         self.registry.close()
 
-    def _report(self, request: Any, context: grpc.ServicerContext) -> dict[str, Any]:
+    def report(self, request: control_pb2.StateReport,
+               context: grpc.ServicerContext) -> control_pb2.Decision:
         try:
-            trainer_id = str(request["trainer_id"])
-            state = VMState.from_dict(request["state"])
-        except (KeyError, TypeError, ValueError) as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad state report: {error!r}")
-        decision_id, decision = self.core.report(trainer_id, state,
-                                                 str(request.get("address", "")))
-        return {"decision_id": decision_id, "action": decision.action.value,
-                "batches": decision.batches, "reason": decision.reason}
+            if not request.trainer_id:
+                raise ValueError("state report has no trainer_id")
+            state = state_from_message(request.state)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad state report: {error}")
+        decision_id, decision = self.core.report(request.trainer_id, state, request.address)
+        return decision_to_message(decision, decision_id)
 
-    def _fleet(self, request: Any, context: grpc.ServicerContext) -> dict[str, Any]:
-        from controller.commands import fleet_from_registry
-
-        limit = int((request or {}).get("decisions", 10))
-        return fleet_from_registry(self.registry, max(0, min(limit, 1000)))
+    def fleet(self, request: control_pb2.FleetRequest,
+              context: grpc.ServicerContext) -> control_pb2.FleetReply:
+        reply = control_pb2.FleetReply(
+            trainers=[t.trainer_id for t in self.registry.trainers()])
+        for vm in self.registry.vms():
+            entry = reply.vms.add(vm_id=vm.vm_id, trainer_id=vm.trainer_id,
+                                  last_report=vm.last_seen)
+            if vm.state is not None:
+                entry.state.CopyFrom(state_to_message(vm.state))
+            last = self.registry.decisions(vm.vm_id, limit=1)
+            if last:
+                entry.last_decision.CopyFrom(
+                    decision_to_message(last[0].decision, last[0].decision_id))
+        for d in self.registry.decisions(limit=min(int(request.decisions), 10_000)):
+            reply.decisions.add(timestamp=d.at, vm_id=d.vm_id,
+                                decision=decision_to_message(d.decision, d.decision_id))
+        return reply
 
 
 def fetch_fleet(config_path: Path, decisions: int = 10, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the controller configured in `config_path` for its fleet."""
+    """Ask the controller configured in `config_path` for its fleet, as the plain data
+    `vmad status` prints. Counts of decisions and actions cover the decisions returned
+    (the Fleet message carries no totals)."""
     from trainer.config_loading import load_component_config
-    from trainer.wire import method
 
     config = load_component_config(config_path, ControllerConfig)
     with grpc.insecure_channel(config.listen) as channel:
-        call = channel.unary_unary(method(CONTROL_SERVICE, "Fleet"),
-                                   request_serializer=encode, response_deserializer=decode)
-        return call({"decisions": decisions}, timeout=timeout)
+        reply = control_pb2_grpc.ControlServiceStub(channel).Fleet(
+            control_pb2.FleetRequest(decisions=decisions), timeout=timeout)
+    vms, actions = [], {}
+    for vm in reply.vms:
+        state = state_from_message(vm.state) if vm.state.vm_id else None
+        last = decision_from_message(vm.last_decision) if vm.HasField("last_decision") \
+            else None
+        vms.append({"vm_id": vm.vm_id, "trainer_id": vm.trainer_id,
+                    "last_seen": vm.last_report, "reports": "",
+                    "model_version": state.model_version if state else "",
+                    "last_action": last.action.value if last else "",
+                    "last_reason": last.reason if last else "",
+                    "state": state.to_dict() if state else None})
+    records = []
+    for d in reply.decisions:
+        decision = decision_from_message(d.decision)
+        actions[decision.action.value] = actions.get(decision.action.value, 0) + 1
+        records.append({"decision_id": d.decision.decision_id, "at": d.timestamp,
+                        "vm_id": d.vm_id, "action": decision.action.value,
+                        "batches": decision.batches, "reason": decision.reason,
+                        "policy": ""})
+    last_seen = max((v["last_seen"] for v in vms), default=0.0)
+    return {"trainers": [{"trainer_id": t, "address": "", "last_seen": last_seen}
+                         for t in reply.trainers],
+            "vms": vms, "decisions": records, "actions": actions,
+            "counts": {"trainers": len(reply.trainers), "vms": len(vms),
+                       "decisions": len(records)}}
 
 
 def run_until_signalled(stop: Callable[[], None]) -> None:

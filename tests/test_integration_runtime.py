@@ -158,7 +158,9 @@ def test_controller_decides_trainer_pushes_and_restart_keeps_registry(tmp_path, 
 
 
 def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint_dir):
-    from trainer.wire import MAX_MESSAGE_BYTES, TELEMETRY_SERVICE, decode, encode, method
+    from protos.vmad.v1 import telemetry_pb2 as pb
+    from protos.vmad.v1 import telemetry_pb2_grpc
+    from trainer.wire import MAX_MESSAGE_BYTES
 
     port = free_port()
     config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)
@@ -167,19 +169,18 @@ def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint
     try:
         assert good.send_until(50) == 50
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.stream_stream(method(TELEMETRY_SERVICE, "Telemetry"),
-                                         request_serializer=encode,
-                                         response_deserializer=decode)
-            nan = {"vm_id": "vm-bad", "metrics": list(DEFAULT_METRICS),
-                   "samples": [[1, 0.0, [1.0, float("nan"), 1.0, 1.0]]]}
-            wrong = {"vm_id": "vm-bad", "metrics": ["cpu"], "samples": [[2, 0.0, [1.0]]]}
-            replies = list(call(iter([nan, wrong, {"no": "vm"}]), timeout=10))
-            assert len(replies) == 3 and all("error" in r for r in replies)
-            assert "NaN" in replies[0]["error"] and "metrics" in replies[1]["error"]
-            huge = {"vm_id": "vm-huge", "metrics": list(DEFAULT_METRICS),
-                    "samples": [[1, 0.0, [0.0] * 4]], "pad": "x" * (MAX_MESSAGE_BYTES + 1)}
+            stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
+            nan = pb.TelemetryBatch(vm_id="vm-bad", metrics=list(DEFAULT_METRICS), samples=[
+                pb.Sample(seq=1, values=[1.0, float("nan"), 1.0, 1.0])])
+            wrong = pb.TelemetryBatch(vm_id="vm-bad", metrics=["cpu"],
+                                      samples=[pb.Sample(seq=2, values=[1.0])])
+            replies = list(stub.Stream(iter([nan, wrong, pb.TelemetryBatch()]), timeout=10))
+            assert len(replies) == 3 and all(r.error for r in replies)
+            assert "NaN" in replies[0].error and "metrics" in replies[1].error
+            huge = pb.TelemetryBatch(vm_id="vm-huge",
+                                     metrics=["m" * 1000] * (MAX_MESSAGE_BYTES // 1000 + 1))
             with pytest.raises(grpc.RpcError) as refused:
-                list(call(iter([huge]), timeout=10))
+                list(stub.Stream(iter([huge]), timeout=20))
             assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert good.send_until(100) == 100  # the well-behaved agent never noticed
         assert trainer.alive()

@@ -1,14 +1,14 @@
-"""The trainer's gRPC service: telemetry stream with acks, labels, bundle push; and the
-client side that reports VM states to the controller.
+"""The trainer's gRPC service (protos/vmad/v1/telemetry.proto: telemetry stream with
+acks, labels, bundle push) and the client side that reports VM states to the
+controller (control.proto).
 
-Speaks the interim JSON wire (trainer/wire.py) until protos/ land; the logic is in
-trainer/core.py. A bad batch is answered with an error message on the stream (counted)
-and the stream stays open: one agent's bug never stops the trainer or other agents.
+The logic is in trainer/core.py. A bad batch is answered with an Ack whose `error`
+names the problem (counted) and the stream stays open: one agent's bug never stops the
+trainer or other agents.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import sys
 from collections.abc import Iterator
@@ -19,27 +19,47 @@ from typing import Any
 import grpc
 import numpy as np
 
-from controller.policy import Action, Decision
+from controller.policy import Decision
+from protos.vmad.v1 import (
+    bundle_pb2,
+    control_pb2,
+    control_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
+)
 from trainer.config import TrainerConfig
 from trainer.core import TrainerCore
 from trainer.state import VMState
-from trainer.store import LabelInterval, TelemetryStore
+from trainer.store import TelemetryStore
 from trainer.wire import (
-    CONTROL_SERVICE,
-    TELEMETRY_SERVICE,
-    decode,
-    encode,
-    method,
+    decision_from_message,
+    labels_from_messages,
     server_options,
+    state_to_message,
 )
 
-__all__ = ["TrainerServer", "serve_from_config"]
+__all__ = ["TELEMETRY_SERVICE", "TrainerServer", "serve_from_config"]
 
 log = logging.getLogger("vmad.trainer")
 
+TELEMETRY_SERVICE = "vmad.v1.TelemetryService"
 
-def _labels(raw: Any) -> list[LabelInterval]:
-    return [LabelInterval(float(s), float(e), bool(a), str(src)) for s, e, a, src in raw or ()]
+
+class _Servicer(telemetry_pb2_grpc.TelemetryServiceServicer):
+    def __init__(self, owner: TrainerServer) -> None:
+        self.owner = owner
+
+    def Stream(self, requests: Iterator[telemetry_pb2.TelemetryBatch],
+               context: grpc.ServicerContext) -> Iterator[telemetry_pb2.Ack]:
+        return self.owner.stream(requests, context)
+
+    def WatchBundles(self, request: telemetry_pb2.WatchBundlesRequest,
+                     context: grpc.ServicerContext) -> Iterator[bundle_pb2.ModelBundle]:
+        return self.owner.watch_bundles(request, context)
+
+    def Label(self, request: telemetry_pb2.LabelRequest,
+              context: grpc.ServicerContext) -> telemetry_pb2.LabelReply:
+        return self.owner.label(request, context)
 
 
 class TrainerServer:
@@ -63,16 +83,7 @@ class TrainerServer:
         self.bad_batches = 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
                                   options=server_options())
-        handlers = {
-            "Telemetry": grpc.stream_stream_rpc_method_handler(
-                self._telemetry, request_deserializer=decode, response_serializer=encode),
-            "Label": grpc.unary_unary_rpc_method_handler(
-                self._label, request_deserializer=decode, response_serializer=encode),
-            "WatchBundles": grpc.unary_stream_rpc_method_handler(
-                self._watch_bundles, request_deserializer=decode, response_serializer=encode),
-        }
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(TELEMETRY_SERVICE, handlers),))
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(config.listen)
@@ -93,15 +104,13 @@ class TrainerServer:
         report = None
         if link.address:
             self._channel = grpc.insecure_channel(link.address, options=server_options())
-            call = self._channel.unary_unary(method(CONTROL_SERVICE, "Report"),
-                                             request_serializer=encode,
-                                             response_deserializer=decode)
+            stub = control_pb2_grpc.ControlServiceStub(self._channel)
 
             def report(state: VMState) -> Decision:
-                answer = call({"trainer_id": self.config.trainer_id, "address": self.address,
-                               "state": state.to_dict()}, timeout=link.timeout_s)
-                return Decision(Action(answer["action"]), int(answer["batches"]),
-                                str(answer.get("reason", "")))
+                answer = stub.Report(control_pb2.StateReport(
+                    trainer_id=self.config.trainer_id, address=self.address,
+                    state=state_to_message(state)), timeout=link.timeout_s)
+                return decision_from_message(answer)
 
         self.core.start(report, link.report_interval_s)
 
@@ -115,49 +124,59 @@ class TrainerServer:
 
     # -- handlers ---------------------------------------------------------------------
 
-    def _telemetry(self, requests: Iterator[Any],
-                   context: grpc.ServicerContext) -> Iterator[dict[str, Any]]:
+    def stream(self, requests: Iterator[telemetry_pb2.TelemetryBatch],
+               context: grpc.ServicerContext) -> Iterator[telemetry_pb2.Ack]:
         for batch in requests:
             try:
-                vm_id = str(batch["vm_id"])
-                samples = batch.get("samples") or []
-                seqs = np.array([s[0] for s in samples], dtype=np.int64)
-                ts = np.array([s[1] for s in samples], dtype=np.float64)
-                values = np.array([s[2] for s in samples], dtype=np.float32).reshape(
-                    len(samples), len(batch["metrics"]))
+                if not batch.vm_id:
+                    raise ValueError("batch has no vm_id")
+                n, m = len(batch.samples), len(batch.metrics)
+                seqs = np.fromiter((s.seq for s in batch.samples), dtype=np.int64, count=n)
+                ts = np.fromiter((s.timestamp for s in batch.samples), dtype=np.float64,
+                                 count=n)
+                rows = [list(s.values) for s in batch.samples]
+                if any(len(r) != m for r in rows):
+                    raise ValueError(f"a sample does not have one value per metric ({m})")
+                values = np.array(rows, dtype=np.float32).reshape(n, m)
                 if not np.all(np.isfinite(values)):
                     raise ValueError("batch holds a NaN or infinite metric value")
-                verdicts = [(float(t), float(s), bool(a), str(v))
-                            for t, s, a, v in batch.get("verdicts") or ()]
-                result = self.core.ingest(vm_id, batch["metrics"], seqs, ts, values,
-                                          verdicts=verdicts, labels=_labels(batch.get("labels")))
-            except (KeyError, TypeError, ValueError, IndexError) as error:
+                verdicts = [(v.timestamp, v.score, v.anomalous, v.model_version)
+                            for v in batch.verdicts]
+                result = self.core.ingest(batch.vm_id, tuple(batch.metrics), seqs, ts, values,
+                                          verdicts=verdicts,
+                                          labels=labels_from_messages(batch.labels))
+            except ValueError as error:
                 self.bad_batches += 1
-                log.warning("bad telemetry batch: %s", error)
-                yield {"error": f"bad batch: {error}"}
+                log.warning("bad telemetry batch from %r: %s", batch.vm_id, error)
+                yield telemetry_pb2.Ack(batch_id=batch.batch_id, error=f"bad batch: {error}",
+                                        acked_seq=max(0, self.store.acked(batch.vm_id) or 0))
                 continue
-            yield {"acked": result.acked, "stored": result.stored,
-                   "duplicates": result.duplicates, "lost": result.lost}
+            yield telemetry_pb2.Ack(batch_id=batch.batch_id, acked_seq=max(0, result.acked),
+                                    stored=result.stored, duplicates=result.duplicates,
+                                    lost=result.lost)
 
-    def _label(self, request: Any, context: grpc.ServicerContext) -> dict[str, Any]:
+    def label(self, request: telemetry_pb2.LabelRequest,
+              context: grpc.ServicerContext) -> telemetry_pb2.LabelReply:
         try:
-            self.core.add_labels(str(request["vm_id"]), _labels(request["labels"]))
-        except (KeyError, TypeError, ValueError) as error:
+            labels = labels_from_messages(request.labels)
+            self.core.add_labels(request.vm_id, labels)
+        except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad labels: {error}")
-        return {"ok": True}
+        return telemetry_pb2.LabelReply(accepted=len(labels))
 
-    def _watch_bundles(self, request: Any,
-                       context: grpc.ServicerContext) -> Iterator[dict[str, Any]]:
-        vm_id = str(request.get("vm_id", ""))
-        running = str(request.get("running_version", ""))
+    def watch_bundles(self, request: telemetry_pb2.WatchBundlesRequest,
+                      context: grpc.ServicerContext) -> Iterator[bundle_pb2.ModelBundle]:
+        running = request.running_version
         while context.is_active():
-            bundle = self.core.next_bundle(vm_id, running, timeout=1.0)
+            bundle = self.core.next_bundle(request.vm_id, running, timeout=1.0)
             if bundle is None:
                 continue
             running = bundle.metadata.version
             self.core.bundle_sent()
-            yield {"version": running, "metadata": bundle.metadata.to_json(),
-                   "onnx_b64": base64.b64encode(bundle.onnx_bytes).decode()}
+            yield bundle_pb2.ModelBundle(
+                version=running, sha256=bundle.metadata.onnx_sha256, onnx=bundle.onnx_bytes,
+                metadata_json=bundle.metadata.to_json(),
+                vm_id=request.vm_id if bundle is not self.models.pretrained_bundle else "")
 
 
 def _load_pretrained(config: TrainerConfig) -> Any:

@@ -1,46 +1,33 @@
-"""Interim wire format: JSON messages over gRPC generic handlers.
+"""Conversions between the gRPC messages (protos/vmad/v1/*.proto, the only definition of
+every message) and the Python objects the trainer and controller logic use.
 
-The contracts belong in `protos/vmad/v1/*.proto` (issue 3); they had not landed when the
-trainer and controller services were written, so these services speak JSON over real
-gRPC (HTTP/2, deadlines, health service, message size limits) with method names matching
-the planned services. Replacing this module's codec with the generated stubs changes no
-service logic: trainer/core.py and controller/core.py never see the wire.
-
-Messages (all JSON objects):
-- TelemetryService/Telemetry (stream -> stream): {"vm_id", "metrics": [...],
-  "samples": [[seq, ts, [values...]], ...], "verdicts": [[ts, score, anomalous, version]],
-  "labels": [[start, end, anomalous, source]]} -> {"acked", "stored", "duplicates",
-  "lost"} or {"error": "..."} (the stream stays open after a bad batch).
-- TelemetryService/Label (unary): {"vm_id", "labels": [...]} -> {"ok": true}.
-- TelemetryService/WatchBundles (unary -> stream): {"vm_id", "running_version"} ->
-  {"version", "metadata": "<bundle.json>", "onnx_b64": "..."} each time the VM's model
-  changes.
-- ControlService/Report (unary): {"trainer_id", "address", "state": VMState.to_dict()}
-  -> {"decision_id", "action", "batches", "reason"}.
-- ControlService/Fleet (unary): {"decisions": N} -> the fleet as `vmad status` prints it.
+trainer/core.py and controller/core.py never see a message; the services and the
+simulated agent convert here, in one place.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import math
 
-__all__ = ["CONTROL_SERVICE", "MAX_MESSAGE_BYTES", "TELEMETRY_SERVICE", "decode", "encode",
-           "server_options"]
+from controller.policy import Action, Decision
+from protos.vmad.v1 import control_pb2, telemetry_pb2
+from trainer.state import VMState
+from trainer.store import LabelInterval
 
-TELEMETRY_SERVICE = "vmad.v1.TelemetryService"
-CONTROL_SERVICE = "vmad.v1.ControlService"
+__all__ = ["MAX_MESSAGE_BYTES", "decision_from_message", "decision_to_message",
+           "labels_from_messages", "labels_to_messages", "server_options",
+           "state_from_message", "state_to_message"]
+
 # A telemetry batch of a few hundred samples is a few tens of kB; a bundle is under
 # 1 MB. 16 MB leaves room and still refuses a runaway client before it costs memory.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-
-def encode(message: Any) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode()
-
-
-def decode(data: bytes) -> Any:
-    return json.loads(data)
+_ACTIONS = {Action.KEEP: control_pb2.KEEP, Action.FINETUNE: control_pb2.FINETUNE,
+            Action.RESET: control_pb2.RESET, Action.RESET_FINETUNE: control_pb2.RESET_FINETUNE}
+_KINDS = {kind: action for action, kind in _ACTIONS.items()}
+_SOURCES = {"injection": telemetry_pb2.LABEL_SOURCE_INJECTION,
+            "operator": telemetry_pb2.LABEL_SOURCE_OPERATOR}
+_SOURCE_NAMES = {value: name for name, value in _SOURCES.items()}
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -54,5 +41,59 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
-def method(service: str, name: str) -> str:
-    return f"/{service}/{name}"
+def state_to_message(state: VMState) -> control_pb2.VMState:
+    message = control_pb2.VMState(
+        vm_id=state.vm_id, timestamp=state.timestamp, accuracy=state.accuracy, f1=state.f1,
+        loss=state.loss, labelled_windows=state.labelled_windows,
+        recent_windows=state.recent_windows, flagged_share=state.flagged_share,
+        labelled_anomalous_share=state.labelled_anomalous_share, drift=state.drift,
+        summary=list(state.summary), samples_since_training=max(0, state.samples_since_training),
+        batches_trained=state.batches_trained, finetuned=state.finetuned,
+        model_version=state.model_version)
+    if math.isfinite(state.seconds_since_training):
+        message.seconds_since_training = state.seconds_since_training
+    return message
+
+
+def state_from_message(message: control_pb2.VMState) -> VMState:
+    since = (message.seconds_since_training if message.HasField("seconds_since_training")
+             else math.inf)
+    if not message.vm_id:
+        raise ValueError("state report has no vm_id")
+    return VMState(
+        vm_id=message.vm_id, timestamp=message.timestamp, accuracy=message.accuracy,
+        f1=message.f1, loss=message.loss, labelled_windows=message.labelled_windows,
+        recent_windows=message.recent_windows, flagged_share=message.flagged_share,
+        labelled_anomalous_share=message.labelled_anomalous_share, drift=message.drift,
+        summary=tuple(message.summary), seconds_since_training=since,
+        samples_since_training=message.samples_since_training,
+        batches_trained=message.batches_trained, finetuned=message.finetuned,
+        model_version=message.model_version)
+
+
+def decision_to_message(decision: Decision, decision_id: int = 0) -> control_pb2.Decision:
+    return control_pb2.Decision(decision_id=decision_id, action=_ACTIONS[decision.action],
+                                n_batches=decision.batches, reason=decision.reason)
+
+
+def decision_from_message(message: control_pb2.Decision) -> Decision:
+    if message.action not in _KINDS:
+        raise ValueError(f"unknown action {message.action}")
+    return Decision(_KINDS[message.action], int(message.n_batches), message.reason)
+
+
+def labels_from_messages(messages: object) -> list[LabelInterval]:
+    out = []
+    for m in messages:  # type: ignore[attr-defined]
+        source = _SOURCE_NAMES.get(m.source, "unspecified")
+        out.append(LabelInterval(m.start, m.end, m.anomalous,
+                                 f"{source}:{m.kind}" if m.kind else source))
+    return out
+
+
+def labels_to_messages(labels: list[LabelInterval]) -> list[telemetry_pb2.LabelInterval]:
+    return [telemetry_pb2.LabelInterval(
+        start=label.start, end=label.end, anomalous=label.anomalous,
+        source=_SOURCES.get(label.source.split(":")[0], 0),
+        kind=label.source.split(":", 1)[1] if ":" in label.source else "")
+        for label in labels]

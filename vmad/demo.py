@@ -167,11 +167,11 @@ def run_demo(args: argparse.Namespace) -> int:
             while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
                 time.sleep(1.0)
                 with contextlib.suppress(Exception):
-                    fleet = fetch_fleet(c_config, 0, timeout=2.0)
+                    fleet = fetch_fleet(c_config, 10_000, timeout=2.0)
                 live.update(_table(agents, fleet))
         stop.set()
         with contextlib.suppress(Exception):
-            fleet = fetch_fleet(c_config, 0, timeout=2.0)
+            fleet = fetch_fleet(c_config, 10_000, timeout=2.0)
         for agent in agents:
             agent.close()
         # Summary: event-wise, each VM's verdicts against its labels.

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,6 +159,7 @@ class ReplayAgent:
         self._grpc = grpc
         self._channel = grpc.insecure_channel(address)
         self._watch: object | None = None
+        self._batch_id = 0
 
     def close(self) -> None:
         if self._watch is not None:
@@ -170,7 +173,9 @@ class ReplayAgent:
     def timestamp(self, index: int) -> float:
         return self.t0 + index * self.interval_s
 
-    def _score(self, start: int, stop: int) -> list[list[object]]:
+    def _score(self, start: int, stop: int) -> list[Any]:
+        from protos.vmad.v1 import telemetry_pb2
+
         bundle = self.bundle
         if bundle is None:
             return []
@@ -184,25 +189,32 @@ class ReplayAgent:
         flags = bundle.verdicts(scores)  # type: ignore[attr-defined]
         self.scores[ends], self.flagged[ends] = scores, flags
         version = bundle.metadata.version  # type: ignore[attr-defined]
-        return [[self.timestamp(int(e)), float(s), bool(f), version]
-                for e, s, f in zip(ends, scores, flags, strict=True)]
+        return [telemetry_pb2.Verdict(end_seq=int(e) + 1, timestamp=self.timestamp(int(e)),
+                                      score=float(sc), anomalous=bool(f), model_version=version)
+                for e, sc, f in zip(ends, scores, flags, strict=True)]
 
-    def _batch(self, start: int, stop: int) -> dict[str, object]:
-        labels = [[self.timestamp(s), self.timestamp(e), True, "replay"]
-                  for s, e in self._segments if start <= e < stop]
-        return {
-            "vm_id": self.vm_id, "metrics": list(self.metrics),
-            "samples": [[i + 1, self.timestamp(i), self.series.values[i].tolist()]
-                        for i in range(start, stop)],
-            "verdicts": self._score(start, stop), "labels": labels,
-        }
+    def _batch(self, start: int, stop: int, batch_id: int) -> Any:
+        from protos.vmad.v1 import telemetry_pb2
+
+        labels = [telemetry_pb2.LabelInterval(
+            start=self.timestamp(s), end=self.timestamp(e), anomalous=True,
+            source=telemetry_pb2.LABEL_SOURCE_OPERATOR, kind="replay", id=f"{self.vm_id}-{s}")
+            for s, e in self._segments if start <= e < stop]
+        return telemetry_pb2.TelemetryBatch(
+            vm_id=self.vm_id, metrics=list(self.metrics), interval_s=self.interval_s,
+            samples=[telemetry_pb2.Sample(seq=i + 1, timestamp=self.timestamp(i),
+                                          values=self.series.values[i].tolist())
+                     for i in range(start, stop)],
+            verdicts=self._score(start, stop), labels=labels, batch_id=batch_id)
 
     def send_until(self, stop: int) -> int:
         """Send every sample not yet acknowledged, up to index `stop` (exclusive), on one
         stream, lock-step (batch, ack). Resumes after the last ack, so after a lost
         connection unacknowledged samples are sent again. Returns the new ack; raises
         grpc.RpcError when the trainer is unreachable."""
-        from trainer.wire import TELEMETRY_SERVICE, decode, encode, method
+        import queue
+
+        from protos.vmad.v1 import telemetry_pb2_grpc
 
         stop = min(stop, len(self.series.values))
         if self.sent > self.acked:
@@ -210,31 +222,27 @@ class ReplayAgent:
         self.sent = self.acked
         if self.sent >= stop:
             return self.acked
-        import queue
-
         outbox: queue.Queue = queue.Queue()
 
-        def requests():
+        def requests() -> Iterator[Any]:
             while True:
                 item = outbox.get()
                 if item is None:
                     return
                 yield item
 
-        call = self._channel.stream_stream(method(TELEMETRY_SERVICE, "Telemetry"),
-                                           request_serializer=encode,
-                                           response_deserializer=decode)
-        responses = call(requests(), timeout=self.timeout + 60)
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
+        responses = stub.Stream(requests(), timeout=self.timeout + 60)
         try:
             while self.sent < stop:
                 end = min(stop, self.sent + self.batch_size)
-                outbox.put(self._batch(self.sent, end))
+                self._batch_id += 1
+                outbox.put(self._batch(self.sent, end, self._batch_id))
                 self.sent = end
                 reply = next(responses)
-                if "error" in reply:
-                    raise ValueError(f"trainer refused a batch of {self.vm_id}: "
-                                     f"{reply['error']}")
-                self.acked = int(reply["acked"])
+                if reply.error:
+                    raise ValueError(f"trainer refused a batch of {self.vm_id}: {reply.error}")
+                self.acked = int(reply.acked_seq)
         finally:
             outbox.put(None)
             responses.cancel()
@@ -242,27 +250,24 @@ class ReplayAgent:
 
     def start_watch(self) -> None:
         """Receive bundles in a background thread and swap them in when they verify."""
-        import base64
         import threading
 
-        from trainer.wire import TELEMETRY_SERVICE, decode, encode, method
+        from protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
         from vmad.bundle import Bundle, BundleError
 
         running = self.bundle.metadata.version if self.bundle is not None else ""  # type: ignore[attr-defined]
-        call = self._channel.unary_stream(method(TELEMETRY_SERVICE, "WatchBundles"),
-                                          request_serializer=encode,
-                                          response_deserializer=decode)
-        stream = call({"vm_id": self.vm_id, "running_version": running})
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
+        stream = stub.WatchBundles(telemetry_pb2.WatchBundlesRequest(
+            vm_id=self.vm_id, running_version=running))
         self._watch = stream
 
         def loop() -> None:
             try:
                 for message in stream:
                     try:
-                        bundle = Bundle.from_parts(
-                            message["metadata"], base64.b64decode(message["onnx_b64"]),
-                            expect_metrics=self.metrics)
-                    except (BundleError, KeyError, ValueError):
+                        bundle = Bundle.from_parts(message.metadata_json, message.onnx,
+                                                   expect_metrics=self.metrics)
+                    except BundleError:
                         continue  # never run a bundle that failed verification
                     self.bundle = bundle
                     self.bundles_received.append(bundle.metadata.version)
