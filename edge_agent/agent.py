@@ -1,0 +1,211 @@
+"""The edge agent process: sample -> window -> verdict -> spool -> trainer.
+
+Threads: the sampling loop (this module, every `interval_s`), the telemetry stream and the
+bundle watch (edge_agent/link.py), and prometheus_client's /metrics server. Detection
+never waits on the network: samples and verdicts go to the spool, and the stream thread
+ships whatever the spool holds whenever the trainer is reachable.
+
+Anomaly start/end events are logged (`anomaly start vm=... score=...` / `anomaly end`).
+Labelled intervals written by `vmad inject` or `vmad label --labels-file` to
+`inject.labels_file` (JSON lines) are read incrementally and shipped as ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edge_agent.config import AgentConfig
+from edge_agent.detector import BundleSlot, Detector
+from edge_agent.sampler import METRICS, Reading, Sampler
+from edge_agent.spool import Spool
+from protos.vmad.v1 import telemetry_pb2
+from vmad.schema import DEFAULT_WINDOW
+
+__all__ = ["Agent", "AgentMetrics"]
+
+log = logging.getLogger("vmad.agent")
+
+
+class AgentMetrics:
+    """The agent's Prometheus metrics, in a registry of its own (no process globals)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.score = Gauge("vmad_agent_anomaly_score", "score of the newest window", registry=r)
+        self.anomalous = Gauge("vmad_agent_anomalous", "1 while the newest window is anomalous",
+                               registry=r)
+        self.verdicts = Counter("vmad_agent_verdicts", "windows scored", ["verdict"],
+                                registry=r)
+        self.samples = Counter("vmad_agent_samples", "samples taken", registry=r)
+        self.spool_depth = Gauge("vmad_agent_spool_depth", "samples waiting in the spool",
+                                 registry=r)
+        self.spool_bytes = Gauge("vmad_agent_spool_bytes", "payload bytes in the spool",
+                                 registry=r)
+        self.dropped = Gauge("vmad_agent_spool_dropped_total",
+                             "samples dropped from the full spool (oldest first), ever",
+                             registry=r)
+        self.model = Info("vmad_agent_model", "the running bundle", registry=r)
+        self.latency = Histogram(
+            "vmad_agent_inference_seconds", "bundle inference time per window", registry=r,
+            buckets=(25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 5e-3, 25e-3, 0.1))
+        self.rejected = Gauge("vmad_agent_bundles_rejected_total",
+                              "bundles refused by verification, ever", registry=r)
+        self.connected = Gauge("vmad_agent_trainer_connected", "1 while streaming", registry=r)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig,
+                 source: Callable[[], Reading] | None = None) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.stop_event = threading.Event()
+        self.sampler = Sampler(source)
+        self.spool = Spool(config.spool.path, config.spool.max_bytes, config.spool.max_rows)
+        self.slot = BundleSlot(config.bundle_dir, METRICS, DEFAULT_WINDOW)
+        self.slot.load_initial(config.bundle)
+        self.detector = Detector(self.slot)
+        self._in_anomaly = False
+        self._threads: list[threading.Thread] = []
+        self._http: object | None = None
+        from edge_agent.link import ActiveCalls
+
+        self._active = ActiveCalls()
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        if self.config.metrics.listen:
+            from prometheus_client import start_http_server
+
+            host, _, port = self.config.metrics.listen.rpartition(":")
+            self._http = start_http_server(int(port), addr=host or "0.0.0.0",
+                                           registry=self.metrics.registry)
+        if self.config.trainer.address:
+            from edge_agent.link import stream_loop, watch_loop
+
+            self._threads += [
+                threading.Thread(target=stream_loop, name="stream", daemon=True,
+                                 args=(self.config, self.spool, self.stop_event, self._active,
+                                       self._version, METRICS, self.metrics.connected.set)),
+                threading.Thread(target=watch_loop, name="bundles", daemon=True,
+                                 args=(self.config, self.slot, self.stop_event, self._active)),
+            ]
+        for thread in self._threads:
+            thread.start()
+        log.info("agent %s started: interval %.1fs, trainer %s", self.config.vm_id,
+                 self.config.interval_s, self.config.trainer.address or "none")
+
+    def run(self, duration_s: float | None = None) -> None:
+        """Sample every interval_s until stop() (or for `duration_s`)."""
+        self.start()
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        next_tick = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                self.tick()
+                next_tick += self.config.interval_s
+                now = time.monotonic()
+                if next_tick < now:  # fell behind (suspended VM): do not burst to catch up
+                    next_tick = now + self.config.interval_s
+                if deadline is not None and next_tick > deadline:
+                    break
+                self.stop_event.wait(next_tick - now)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._active.cancel_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._http is not None:
+            server = self._http[0] if isinstance(self._http, tuple) else self._http
+            shutdown = getattr(server, "shutdown", None)
+            if shutdown:
+                shutdown()
+            self._http = None
+        self.spool.close()
+
+    def _version(self) -> str:
+        bundle = self.slot.current
+        return bundle.metadata.version if bundle else ""
+
+    # -- one sampling step -------------------------------------------------------
+    def tick(self) -> None:
+        self._read_labels()
+        sample = self.sampler.sample()
+        if sample is None:
+            return
+        timestamp, values = sample
+        seq = self.spool.next_seq()
+        result = self.detector.push(values)
+        self.metrics.samples.inc()
+        verdict_bytes = None
+        if result is not None:
+            score, anomalous, version = result
+            self.metrics.score.set(score)
+            self.metrics.anomalous.set(1 if anomalous else 0)
+            self.metrics.verdicts.labels("anomalous" if anomalous else "normal").inc()
+            self.metrics.latency.observe(self.detector.last_latency_s)
+            verdict_bytes = telemetry_pb2.Verdict(
+                end_seq=seq, timestamp=timestamp, score=score, anomalous=anomalous,
+                model_version=version).SerializeToString()
+            if anomalous != self._in_anomaly:
+                self._in_anomaly = anomalous
+                log.warning("anomaly %s vm=%s seq=%d score=%.3f model=%s",
+                            "start" if anomalous else "end", self.config.vm_id, seq, score,
+                            version)
+        self.spool.append(seq, telemetry_pb2.Sample(seq=seq, timestamp=timestamp,
+                                                    values=values).SerializeToString(),
+                          verdict_bytes)
+        self.metrics.spool_depth.set(self.spool.rows)
+        self.metrics.spool_bytes.set(self.spool.bytes)
+        self.metrics.dropped.set(self.spool.dropped)
+        self.metrics.rejected.set(self.slot.rejected)
+        bundle = self.slot.current
+        if bundle is not None:
+            self.metrics.model.info({"version": bundle.metadata.version,
+                                     "kind": bundle.metadata.model_kind})
+
+    def _read_labels(self) -> None:
+        """Pick up lines appended to the labels file since the last read (offset kept in
+        the spool so a restart neither loses nor re-reads them)."""
+        path = Path(self.config.inject.labels_file)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        offset = self.spool.get_meta("labels_offset", 0)
+        if size < offset:  # file replaced or truncated: start over (ids de-duplicate)
+            offset = 0
+        if size == offset:
+            return
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a half-written last line waits
+        for line in complete.splitlines():
+            try:
+                item = json.loads(line)
+                if item.get("vm_id") not in (None, "", self.config.vm_id):
+                    continue
+                label = telemetry_pb2.LabelInterval(
+                    start=float(item["start"]), end=float(item["end"]),
+                    anomalous=bool(item["anomalous"]),
+                    source=telemetry_pb2.LabelSource.Value(
+                        "LABEL_SOURCE_" + str(item.get("source", "operator")).upper()),
+                    kind=str(item.get("kind", "")), id=str(item["id"]))
+            except (ValueError, KeyError, TypeError) as error:
+                log.error("ignoring bad line in %s: %s", path, error)
+                continue
+            self.spool.add_label(label.id, label.SerializeToString())
+            log.info("label %s [%.0f, %.0f) anomalous=%s", label.kind or label.id,
+                     label.start, label.end, label.anomalous)
+        self.spool.set_meta("labels_offset", offset + len(complete))

@@ -1,0 +1,140 @@
+"""The agent's model: the last T samples, the current bundle, verdicts.
+
+`BundleSlot` holds the running bundle and the previous one. A new bundle (pushed by the
+trainer) is verified completely first — checksum from the wire against the bytes, the
+bundle's own metadata checks, the metric names and window this agent samples — and only
+then written to disk (`current/`, the old one moved to `previous/`) and swapped in with
+one reference assignment, so inference never sees a half-installed model. A bundle that
+fails any check never runs: it is counted in `rejected` and the old one keeps running.
+`rollback()` swaps back to the previous bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vmad.bundle import Bundle, BundleError, load_bundle, sha256_hex
+
+__all__ = ["BundleSlot", "Detector"]
+
+log = logging.getLogger(__name__)
+
+
+class BundleSlot:
+    def __init__(self, directory: str | Path, metrics: tuple[str, ...], window: int) -> None:
+        self.directory = Path(directory)
+        self.metrics = metrics
+        self.window = window
+        self._lock = threading.Lock()
+        self.current: Bundle | None = None
+        self.previous: Bundle | None = None
+        self.rejected = 0
+        self.last_error = ""
+
+    def load_initial(self, configured: str | Path | None) -> Bundle | None:
+        """Start with bundle_dir/current (the last pushed one), else `configured`, else
+        the packaged default. Each candidate is verified; a bad one is skipped, logged."""
+        candidates: list[tuple[str, object]] = [("pushed", self.directory / "current")]
+        if configured is not None:
+            candidates.append(("configured", Path(configured)))
+        candidates.append(("default", None))
+        for name, where in candidates:
+            if isinstance(where, Path) and not where.exists():
+                continue
+            try:
+                if where is None:
+                    from vmad.bundle import load_default_bundle
+
+                    bundle = load_default_bundle()
+                else:
+                    bundle = load_bundle(where, expect_metrics=self.metrics,
+                                         expect_window=self.window)
+            except BundleError as error:
+                log.warning("not using the %s bundle: %s", name, error)
+                continue
+            prev_dir = self.directory / "previous"
+            if prev_dir.exists():
+                try:
+                    self.previous = load_bundle(prev_dir, expect_metrics=self.metrics,
+                                                expect_window=self.window)
+                except BundleError:
+                    self.previous = None
+            self.current = bundle
+            log.info("running %s bundle %s", name, bundle.metadata.version)
+            return bundle
+        log.warning("no usable bundle: sampling and shipping telemetry without verdicts")
+        return None
+
+    def install(self, metadata_json: str | bytes, onnx_bytes: bytes,
+                sha256: str | None = None) -> Bundle:
+        """Verify, persist and swap in a bundle; raise BundleError (counted) if it fails."""
+        try:
+            if sha256 is not None and sha256.lower() != sha256_hex(onnx_bytes):
+                raise BundleError(f"ONNX checksum mismatch: message says {sha256[:12]}..., "
+                                  f"bytes are {sha256_hex(onnx_bytes)[:12]}...")
+            bundle = Bundle.from_parts(metadata_json, onnx_bytes, expect_metrics=self.metrics,
+                                       expect_window=self.window)
+        except BundleError as error:
+            with self._lock:
+                self.rejected += 1
+                self.last_error = str(error)
+            log.error("refused bundle: %s", error)
+            raise
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            current, previous = self.directory / "current", self.directory / "previous"
+            bundle.save(self.directory / "incoming")
+            if current.exists():
+                if previous.exists():
+                    shutil.rmtree(previous)
+                os.replace(current, previous)
+            os.replace(self.directory / "incoming", current)
+            self.previous, self.current = self.current, bundle
+        log.info("installed bundle %s", bundle.metadata.version)
+        return bundle
+
+    def rollback(self) -> Bundle:
+        """Run the previous bundle again (disk and memory); raise if there is none."""
+        with self._lock:
+            if self.previous is None:
+                raise BundleError("no previous bundle to roll back to")
+            current, previous = self.directory / "current", self.directory / "previous"
+            if current.exists() and previous.exists():
+                swap = self.directory / "swap"
+                os.replace(current, swap)
+                os.replace(previous, current)
+                os.replace(swap, previous)
+            self.current, self.previous = self.previous, self.current
+            return self.current
+
+
+class Detector:
+    """Ring of the last `window` samples; scores the newest window with the slot's bundle."""
+
+    def __init__(self, slot: BundleSlot) -> None:
+        self.slot = slot
+        self._ring = np.zeros((len(slot.metrics), slot.window), dtype=np.float32)
+        self._filled = 0
+        self._head = 0  # next column to write
+        self.last_latency_s = 0.0
+
+    def push(self, values: list[float]) -> tuple[float, bool, str] | None:
+        """Add a sample; return (score, anomalous, bundle version) once a window is full."""
+        self._ring[:, self._head] = values
+        self._head = (self._head + 1) % self._ring.shape[1]
+        self._filled = min(self._filled + 1, self._ring.shape[1])
+        bundle = self.slot.current  # one read: a concurrent swap is seen whole or not at all
+        if bundle is None or self._filled < self._ring.shape[1]:
+            return None
+        window = np.roll(self._ring, -self._head, axis=1)[None]  # oldest first
+        start = time.perf_counter()
+        score = float(bundle.score(window)[0])
+        self.last_latency_s = time.perf_counter() - start
+        return score, score >= bundle.metadata.threshold, bundle.metadata.version

@@ -1,0 +1,224 @@
+"""Edge agent units with real files, real ONNX Runtime and a real gRPC server on loopback:
+sampler (recorded readings, counter resets), spool (bound, drop-oldest count, restart),
+bundle swap (corrupt refused, old keeps running, rollback), streaming with replay."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edge_agent.config import AgentConfig
+from edge_agent.detector import BundleSlot, Detector
+from edge_agent.link import Backoff
+from edge_agent.sampler import METRICS, Reading, Sampler, counter_delta
+from edge_agent.spool import Spool
+from protos.vmad.v1 import bundle_pb2, telemetry_pb2_grpc
+from tests.agent_fixtures import RecordingTrainer, tiny_bundle
+from vmad import security
+from vmad.bundle import BundleError
+from vmad.schema import DEFAULT_WINDOW
+
+
+# -- sampler -------------------------------------------------------------------------
+def recorded(readings: list[tuple[float, float, float, int, int]]):
+    iterator = iter([Reading(*r) for r in readings])
+    return lambda: next(iterator)
+
+
+def test_sampler_rates_and_counter_reset() -> None:
+    sampler = Sampler(recorded([
+        (0.0, 10.0, 50.0, 0, 0),
+        (5.0, 20.0, 51.0, 5_000_000, 10_000_000),          # 1 MB/s disk, 2 MB/s net
+        (10.0, 30.0, 52.0, 1_000_000, 2**32 - 1_000_000),   # disk reset to zero
+        (15.0, 40.0, 53.0, 6_000_000, 4_000_000),           # net 32-bit wrap
+    ]))
+    assert sampler.sample() is None  # a rate needs two readings
+    assert sampler.sample() == (5.0, [20.0, 51.0, 1.0, 2.0])
+    _, values = sampler.sample()
+    assert values[2] == pytest.approx(0.2)  # bytes since the reset, not negative
+    assert values[3] > 0
+    _, values = sampler.sample()
+    assert values[3] == pytest.approx((1_000_000 + 4_000_000) / 5 / 1e6)  # across the wrap
+    assert values[2] == pytest.approx(1.0)
+    assert sampler.resets == 2
+
+
+def test_counter_delta_never_negative() -> None:
+    assert counter_delta(100, 150) == 50
+    assert counter_delta(2**64 - 10, 5) == 15
+    assert counter_delta(1000, 10) == 10
+
+
+def test_backoff_grows_with_jitter_to_a_cap() -> None:
+    backoff = Backoff(0.5, 8.0)
+    delays = [backoff.next_delay() for _ in range(12)]
+    assert all(0 <= d <= 8.0 for d in delays)
+    assert len(set(delays)) > 1
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+# -- spool ---------------------------------------------------------------------------
+def test_spool_bound_drops_oldest_and_counts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=10_000, max_rows=50)
+    for seq in range(1, 81):
+        spool.append(seq, b"x" * 20)
+    assert spool.rows == 50 and spool.dropped == 30
+    assert spool.pending(0, 1)[0][0] == 31  # the oldest went first
+    spool.append(81, b"y" * 5000)
+    spool.append(82, b"y" * 5000)
+    assert spool.bytes <= 10_000 and spool.pending(0, 100)[-1][0] == 82
+
+
+def test_spool_survives_restart_and_acks(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 20, max_rows=5)
+    for _ in range(8):
+        spool.append(spool.next_seq(), b"sample", b"verdict")
+    spool.add_label("a", b"label")
+    assert spool.ack(6) == 3 and spool.rows == 2
+    spool.close()
+    again = Spool(tmp_path / "s.db", max_bytes=1 << 20, max_rows=5)
+    assert again.dropped == 3 and again.rows == 2
+    assert [row[0] for row in again.pending(0, 10)] == [7, 8]
+    assert again.next_seq() == 9  # sequence numbers keep growing across restarts
+    assert again.labels() == [("a", b"label")]
+
+
+# -- bundles -------------------------------------------------------------------------
+def test_bundle_swap_refuses_corrupt_and_rolls_back(tmp_path: Path) -> None:
+    slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    slot.install(*tiny_bundle("v1", bias=-5.0))
+    detector = Detector(slot)
+    results = [detector.push([1.0, 1.0, 1.0, 1.0]) for _ in range(DEFAULT_WINDOW)]
+    assert results[-2] is None and results[-1][2] == "v1" and not results[-1][1]
+
+    metadata, onnx = tiny_bundle("v2", bias=+5.0)
+    corrupt = bytearray(onnx)
+    corrupt[-1] ^= 0xFF
+    with pytest.raises(BundleError, match="checksum"):
+        slot.install(metadata, bytes(corrupt))
+    with pytest.raises(BundleError, match="metrics"):
+        slot.install(*tiny_bundle("v3", metrics=("a", "b", "c", "d")))
+    assert slot.rejected == 2 and slot.current.metadata.version == "v1"
+    assert detector.push([1.0] * 4)[2] == "v1"  # the old one keeps running
+
+    slot.install(metadata, onnx)
+    score, anomalous, version = detector.push([1.0] * 4)
+    assert version == "v2" and anomalous and score > 0.99
+    assert slot.rollback().metadata.version == "v1"
+    # On disk too: a restarted agent comes back with what ran last.
+    fresh = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    assert fresh.load_initial(None).metadata.version == "v1"
+
+
+# -- the agent against a real gRPC server ----------------------------------------------
+def fake_source():
+    counter = itertools.count()
+
+    def read() -> Reading:
+        i = next(counter)
+        return Reading(time.time(), 10.0 + i % 3, 40.0, i * 1_000_000, i * 500_000)
+
+    return read
+
+
+def agent_config(tmp_path: Path, port: int | None, **extra) -> AgentConfig:
+    return AgentConfig.model_validate({
+        "vm_id": "vm-1", "interval_s": 0.01, "bundle_dir": str(tmp_path / "bundles"),
+        "trainer": {"address": f"127.0.0.1:{port}" if port else None, "flush_s": 0.05,
+                    "timeout_s": 1.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2,
+                    "batch_max": 50},
+        "spool": {"path": str(tmp_path / "spool.db")},
+        "metrics": {"listen": None},
+        "inject": {"labels_file": str(tmp_path / "labels.jsonl")},
+        "security": {"insecure": True, "client_id": "vm-1", "token": "t1"},
+        **extra,
+    })
+
+
+def start_trainer(port: int = 0) -> tuple[grpc.Server, int, RecordingTrainer]:
+    config = security.SecurityConfig(insecure=True, tokens={"vm-1": "t1"})
+    server, _ = security.make_server(config, max_workers=8)
+    trainer = RecordingTrainer()
+    telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(trainer, server)
+    port = security.add_port(server, f"127.0.0.1:{port}", config)
+    server.start()
+    return server, port, trainer
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_agent_spools_while_trainer_away_then_replays_exactly_once(tmp_path: Path) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.inject import append_label
+
+    slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    slot.install(*tiny_bundle("v1"))
+    server, port, trainer = start_trainer()
+    server.stop(None)  # the trainer is down when the agent starts
+    append_label(tmp_path / "labels.jsonl", 1.0, 2.0, True, "cpu-hog", "injection", "vm-1")
+    agent = Agent(agent_config(tmp_path, port), source=fake_source())
+    agent.start()
+    for _ in range(120):
+        agent.tick()
+    assert agent.spool.rows == 119  # nothing lost, all waiting
+    server, _, trainer = start_trainer(port)
+    try:
+        wait_for(lambda: trainer.acked.get("vm-1", 0) >= 119)
+        for _ in range(30):
+            agent.tick()
+        wait_for(lambda: trainer.acked.get("vm-1", 0) >= 149)
+        wait_for(lambda: agent.spool.rows == 0)
+        assert sorted(seq for _, seq in trainer.samples) == list(range(1, 150))
+        assert trainer.verdicts == 149 - DEFAULT_WINDOW + 1
+        assert len(trainer.labels) == 1
+        assert trainer.metadata[0]["authorization"] == "Bearer t1"
+
+        metadata, onnx = tiny_bundle("v2", bias=3.0)
+        with trainer.lock:
+            trainer.bundles.append(bundle_pb2.ModelBundle(
+                version="bad", onnx=onnx + b"x", metadata_json=metadata))
+            trainer.bundles.append(bundle_pb2.ModelBundle(
+                version="v2", onnx=onnx, metadata_json=metadata))
+        wait_for(lambda: agent.slot.current.metadata.version == "v2")
+        assert agent.slot.rejected == 1
+    finally:
+        agent.stop()
+        server.stop(None)
+
+
+def test_metrics_endpoint_serves_agent_metrics(tmp_path: Path) -> None:
+    import urllib.request
+
+    from edge_agent.agent import Agent
+
+    slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    slot.install(*tiny_bundle("v1"))
+    from vmad.launch import free_port
+
+    port = free_port()
+    config = agent_config(tmp_path, None, metrics={"listen": f"127.0.0.1:{port}"})
+    agent = Agent(config, source=fake_source())
+    agent.start()
+    try:
+        for _ in range(DEFAULT_WINDOW + 2):
+            agent.tick()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        agent.stop()
+    text = text.decode()
+    for name in ("vmad_agent_anomaly_score", "vmad_agent_spool_depth",
+                 "vmad_agent_inference_seconds_bucket", 'version="v1"',
+                 "vmad_agent_bundles_rejected_total", "vmad_agent_samples_total"):
+        assert name in text
+    assert np.isfinite(agent.metrics.score._value.get())
