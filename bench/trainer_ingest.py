@@ -116,7 +116,8 @@ def main() -> int:
             "trainer_id": "bench", "listen": f"127.0.0.1:{port}",
             "data_dir": str(folder / "data"), "log_level": "WARNING",
             "controller": {"address": None},
-            "model": {"pretrained": str(_checkpoint(folder / "pretrained"))}}))
+            "model": {"pretrained": str(_checkpoint(folder / "pretrained"))},
+            "security": {"insecure": True}}))
         trainer = start("trainer", ["trainer", "--config", str(config)], folder)
         try:
             wait_serving(f"127.0.0.1:{port}", 90, process=trainer)

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.policy import RuleSettings
+from vmad.security import SecurityConfig
 
 __all__ = ["ControllerConfig", "PolicyConfig", "RewardConfig", "RulesConfig"]
 
@@ -53,3 +54,5 @@ class ControllerConfig(_Strict):
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     policy: PolicyConfig = PolicyConfig()
     reward: RewardConfig = RewardConfig()
+    # mTLS and the trainers' accepted tokens (`tokens: {trainer_id: token}`).
+    security: SecurityConfig = SecurityConfig()

@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,10 @@ from protos.vmad.v1 import control_pb2, control_pb2_grpc
 from trainer.wire import (
     decision_from_message,
     decision_to_message,
-    server_options,
     state_from_message,
     state_to_message,
 )
+from vmad.security import add_port, call_metadata, make_server, open_channel
 
 __all__ = ["CONTROL_SERVICE", "ControllerServer", "fetch_fleet", "serve_from_config"]
 
@@ -64,14 +63,11 @@ class ControllerServer:
             self.registry, build_policy(config.policy.kind, config.policy.rules.settings()),
             reward_of=lambda d, s: reward(d, s, batch_budget=settings.batch_budget,
                                           push_cost=settings.push_cost))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                                  options=server_options())
+        self.server, self.token_check = make_server(config.security, max_workers=16)
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(config.listen)
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {config.listen}")
+        self.port = add_port(self.server, config.listen, config.security)
         host = config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self._serving = health_pb2.HealthCheckResponse.SERVING
@@ -124,9 +120,11 @@ def fetch_fleet(config_path: Path, decisions: int = 10, timeout: float = 5.0) ->
     from trainer.config_loading import load_component_config
 
     config = load_component_config(config_path, ControllerConfig)
-    with grpc.insecure_channel(config.listen) as channel:
+    # An operator's `vmad status` presents the controller's own identity and token.
+    with open_channel(config.listen, config.security) as channel:
         reply = control_pb2_grpc.ControlServiceStub(channel).Fleet(
-            control_pb2.FleetRequest(decisions=decisions), timeout=timeout)
+            control_pb2.FleetRequest(decisions=decisions), timeout=timeout,
+            metadata=call_metadata(config.security))
     vms, actions = [], {}
     for vm in reply.vms:
         state = state_from_message(vm.state) if vm.state.vm_id else None

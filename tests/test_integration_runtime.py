@@ -52,6 +52,7 @@ def _trainer_config(path: Path, port: int, checkpoint: Path, controller: str | N
         "controller": {"address": controller, "report_interval_s": 0.5, "timeout_s": 2},
         "model": {"pretrained": str(checkpoint)},
         "training": {"batch_size": 16, "assume_normal_unlabelled": True},
+        "security": {"insecure": True},
         **extra,
     }
     path.write_text(yaml.safe_dump(config))
@@ -63,6 +64,7 @@ def _controller_config(path: Path, port: int) -> Path:
         "listen": f"127.0.0.1:{port}", "database": str(path.parent / "registry.sqlite"),
         "policy": {"rules": {"min_labelled": 16, "min_f1": 1.0, "finetune_batches": 20,
                              "cooldown_s": 1.0}},
+        "security": {"insecure": True},
     }))
     return path
 
@@ -186,4 +188,34 @@ def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint
         assert trainer.alive()
     finally:
         good.close()
+        trainer.stop()
+
+
+def test_wrong_token_is_refused(tmp_path, checkpoint_dir):
+    from vmad.security import SecurityConfig
+
+    port = free_port()
+    config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None,
+                             security={"insecure": True, "tokens": {"vm-t": "right"}})
+    trainer = _start("trainer", "trainer", config, tmp_path, port)
+    address = f"127.0.0.1:{port}"
+    try:
+        for client in (SecurityConfig(insecure=True, client_id="vm-t", token="wrong"),
+                       SecurityConfig(insecure=True),
+                       SecurityConfig(insecure=True, client_id="vm-x", token="right")):
+            agent = ReplayAgent(address, "vm-t", _series(20), security=client)
+            with pytest.raises(grpc.RpcError) as refused:
+                agent.send_until(20)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            agent.close()
+        right = SecurityConfig(insecure=True, client_id="vm-t", token="right")
+        agent = ReplayAgent(address, "vm-t", _series(20), security=right)
+        assert agent.send_until(20) == 20
+        agent.close()
+        # A valid token speaks only for its own VM.
+        other = ReplayAgent(address, "vm-other", _series(20), security=right)
+        with pytest.raises(ValueError, match="may not send"):
+            other.send_until(20)
+        other.close()
+    finally:
         trainer.stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.transfer import TransferSettings
+from vmad.security import SecurityConfig
 
 __all__ = ["ControllerLink", "ModelSettings", "StoreSettings", "TrainerConfig",
            "TrainingSettings"]
@@ -72,3 +73,5 @@ class TrainerConfig(_Strict):
     model: ModelSettings = ModelSettings()
     store: StoreSettings = StoreSettings()
     training: TrainingSettings = TrainingSettings()
+    # mTLS, this trainer's token towards the controller, the agents' accepted tokens.
+    security: SecurityConfig = SecurityConfig()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,13 @@ from trainer.config import TrainerConfig
 from trainer.core import TrainerCore
 from trainer.state import VMState
 from trainer.store import TelemetryStore
-from trainer.wire import (
-    decision_from_message,
-    labels_from_messages,
-    server_options,
-    state_to_message,
+from trainer.wire import decision_from_message, labels_from_messages, state_to_message
+from vmad.security import (
+    CLIENT_ID_HEADER,
+    add_port,
+    call_metadata,
+    make_server,
+    open_channel,
 )
 
 __all__ = ["TELEMETRY_SERVICE", "TrainerServer", "serve_from_config"]
@@ -81,14 +82,11 @@ class TrainerServer:
                                config.training.transfer(), seed=config.training.seed)
         self.core = TrainerCore(self.store, self.models)
         self.bad_batches = 0
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                                  options=server_options())
+        self.server, self.token_check = make_server(config.security, max_workers=64)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(config.listen)
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {config.listen}")
+        self.port = add_port(self.server, config.listen, config.security)
         self.address = f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
         self._serving = health_pb2.HealthCheckResponse.SERVING
         self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -103,13 +101,14 @@ class TrainerServer:
         link = self.config.controller
         report = None
         if link.address:
-            self._channel = grpc.insecure_channel(link.address, options=server_options())
+            self._channel = open_channel(link.address, self.config.security)
             stub = control_pb2_grpc.ControlServiceStub(self._channel)
+            metadata = call_metadata(self.config.security)
 
             def report(state: VMState) -> Decision:
                 answer = stub.Report(control_pb2.StateReport(
                     trainer_id=self.config.trainer_id, address=self.address,
-                    state=state_to_message(state)), timeout=link.timeout_s)
+                    state=state_to_message(state)), timeout=link.timeout_s, metadata=metadata)
                 return decision_from_message(answer)
 
         self.core.start(report, link.report_interval_s)
@@ -126,10 +125,14 @@ class TrainerServer:
 
     def stream(self, requests: Iterator[telemetry_pb2.TelemetryBatch],
                context: grpc.ServicerContext) -> Iterator[telemetry_pb2.Ack]:
+        client_id = dict(context.invocation_metadata() or ()).get(CLIENT_ID_HEADER)
         for batch in requests:
             try:
                 if not batch.vm_id:
                     raise ValueError("batch has no vm_id")
+                if self.token_check is not None and batch.vm_id != client_id:
+                    # The token vouches for the client id; it may only speak for itself.
+                    raise ValueError(f"client {client_id!r} may not send for {batch.vm_id!r}")
                 n, m = len(batch.samples), len(batch.metrics)
                 seqs = np.fromiter((s.seq for s in batch.samples), dtype=np.int64, count=n)
                 ts = np.fromiter((s.timestamp for s in batch.samples), dtype=np.float64,

@@ -112,6 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "listen": f"127.0.0.1:{c_port}", "database": str(workdir / "registry.sqlite"),
         "policy": {"rules": {"min_labelled": 64, "finetune_batches": 60, "cooldown_s": 15.0,
                              "min_f1": 0.6, "min_accuracy": 0.9}},
+        "security": {"insecure": True},
     }))
     t_config = workdir / "trainer.yaml"
     t_config.write_text(yaml.safe_dump({
@@ -121,6 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "model": {"pretrained": str(checkpoint)},
         "training": {"assume_normal_unlabelled": True, "batch_size": 64,
                      "max_windows": 2000},
+        "security": {"insecure": True},
     }))
     processes = []
     try:

@@ -142,7 +142,7 @@ class ReplayAgent:
     def __init__(self, address: str, vm_id: str, series: ReplaySeries, *,
                  t0: float = 0.0, interval_s: float = 5.0, batch_size: int = 12,
                  bundle: object | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, security: Any | None = None) -> None:
         import grpc
 
         self.address, self.vm_id, self.series = address, vm_id, series
@@ -157,7 +157,13 @@ class ReplayAgent:
         self.flagged = np.zeros(len(series.values), dtype=bool)
         self._segments = runs(series.labels)
         self._grpc = grpc
-        self._channel = grpc.insecure_channel(address)
+        self.security = security
+        self._metadata = ()
+        if security is not None:
+            from vmad.security import call_metadata
+
+            self._metadata = call_metadata(security)
+        self._channel = self._open()
         self._watch: object | None = None
         self._batch_id = 0
 
@@ -168,7 +174,14 @@ class ReplayAgent:
 
     def reconnect(self) -> None:
         self._channel.close()
-        self._channel = self._grpc.insecure_channel(self.address)
+        self._channel = self._open()
+
+    def _open(self) -> Any:
+        if self.security is None:
+            return self._grpc.insecure_channel(self.address)
+        from vmad.security import open_channel
+
+        return open_channel(self.address, self.security)
 
     def timestamp(self, index: int) -> float:
         return self.t0 + index * self.interval_s
@@ -232,7 +245,8 @@ class ReplayAgent:
                 yield item
 
         stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
-        responses = stub.Stream(requests(), timeout=self.timeout + 60)
+        responses = stub.Stream(requests(), timeout=self.timeout + 60,
+                                metadata=self._metadata)
         try:
             while self.sent < stop:
                 end = min(stop, self.sent + self.batch_size)
@@ -258,7 +272,7 @@ class ReplayAgent:
         running = self.bundle.metadata.version if self.bundle is not None else ""  # type: ignore[attr-defined]
         stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)
         stream = stub.WatchBundles(telemetry_pb2.WatchBundlesRequest(
-            vm_id=self.vm_id, running_version=running))
+            vm_id=self.vm_id, running_version=running), metadata=self._metadata)
         self._watch = stream
 
         def loop() -> None:
