@@ -74,7 +74,9 @@ def test_vmad_validate_command(tmp_path: Path) -> None:
     assert "bad-agent.yaml: nope: unknown key" in result.stderr
 
 
-def test_deploy_agent_example_loads() -> None:
+def test_deploy_agent_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMAD_VM_ID", "vm-example")
+    monkeypatch.setenv("VMAD_AGENT_TOKEN", "example-token")
     path = ROOT / "deploy" / "agent.yaml"
     if not path.exists():
         pytest.skip("deploy/agent.yaml not written yet")

@@ -1,0 +1,86 @@
+"""The real `vmad agent` process on loopback with a real gRPC trainer stand-in, a real
+`vmad inject` whose labelled interval reaches the trainer, clean SIGTERM, bad config."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from edge_agent.detector import BundleSlot
+from edge_agent.sampler import METRICS
+from tests.agent_fixtures import tiny_bundle
+from tests.test_agent import start_trainer, wait_for
+from vmad.schema import DEFAULT_WINDOW
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, port: int, **extra) -> Path:
+    config = {
+        "vm_id": "vm-1", "interval_s": 0.05, "bundle_dir": str(tmp_path / "bundles"),
+        "trainer": {"address": f"127.0.0.1:{port}", "flush_s": 0.1, "timeout_s": 2.0,
+                    "backoff_initial_s": 0.05, "backoff_max_s": 0.5},
+        "spool": {"path": str(tmp_path / "spool.db")},
+        "metrics": {"listen": None},
+        "inject": {"labels_file": str(tmp_path / "labels.jsonl"), "max_memory_share": 0.05},
+        "security": {"insecure": True, "client_id": "vm-1", "token": "t1"},
+        **extra,
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def vmad(*args: str) -> list[str]:
+    # The installed entry point, as operators run it (`python -m vmad.cli` would make
+    # vmad.cli `__main__` and its UsageError a different class).
+    return [str(Path(sys.executable).parent / "vmad"), *args]
+
+
+def test_agent_process_streams_and_ships_injected_fault_label(tmp_path: Path) -> None:
+    BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW).install(*tiny_bundle("v1"))
+    server, port, trainer = start_trainer()
+    config = write_config(tmp_path, port)
+    agent = subprocess.Popen(vmad("agent", "--config", str(config)), cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(trainer.samples) >= 5, timeout=30)
+        injected = subprocess.run(
+            vmad("inject", "memory-leak", "--duration", "1", "--intensity", "0.2",
+                 "--config", str(config)), cwd=ROOT, capture_output=True, text=True,
+            timeout=60)
+        assert injected.returncode == 0, injected.stderr
+        wait_for(lambda: any(label.kind == "memory-leak" and label.anomalous
+                             for label in trainer.labels.values()), timeout=20)
+        wait_for(lambda: trainer.verdicts > 0, timeout=30)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=20)
+        server.stop(None)
+    assert agent.returncode == 0, stderr
+    seqs = sorted(seq for _, seq in trainer.samples)
+    assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate
+
+
+def test_agent_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 1, spool={"path": str(tmp_path / "s.db"), "max_bytes": "x"})
+    started = time.monotonic()
+    result = subprocess.run(vmad("agent", "--config", str(config)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "agent.yaml: spool.max_bytes: Input should be a valid integer" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_inject_refuses_out_of_range_intensity(tmp_path: Path) -> None:
+    result = subprocess.run(
+        vmad("inject", "cpu-hog", "--duration", "1", "--intensity", "3",
+             "--labels-file", str(tmp_path / "l.jsonl")),
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "intensity" in result.stderr
+    assert not (tmp_path / "l.jsonl").exists()
