@@ -48,6 +48,8 @@ def register(commands: Any, bench: Any) -> None:
     label.add_argument("--config", default=None,
                        help="agent.yaml: send to its trainer with its security settings")
     label.add_argument("--trainer", default=None, help="trainer host:port (overrides config)")
+    label.add_argument("--insecure", action="store_true",
+                       help="plaintext, no token (only when calling --trainer without --config)")
     label.add_argument("--labels-file", default=None,
                        help="append to this agent labels file instead of calling a trainer")
     label.set_defaults(run=_run_label)
@@ -125,6 +127,8 @@ def _run_label(args: argparse.Namespace) -> int:
     address = args.trainer or (config.trainer.address if config else None)
     if not address:
         raise UsageError("give --trainer, --config with trainer.address, or --labels-file")
+    if config is None and not args.insecure:
+        raise UsageError("give --config (certificates and token) or --insecure")
     sec = config.security if config else security.SecurityConfig(insecure=True)
     request = telemetry_pb2.LabelRequest(vm_id=args.vm, labels=[telemetry_pb2.LabelInterval(
         start=args.start, end=args.end, anomalous=anomalous, kind=args.kind,

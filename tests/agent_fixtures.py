@@ -81,6 +81,13 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
             yield telemetry_pb2.Ack(batch_id=batch.batch_id, acked_seq=acked, stored=stored,
                                     duplicates=len(batch.samples) - stored)
 
+    def Label(self, request: telemetry_pb2.LabelRequest,
+              context: grpc.ServicerContext) -> telemetry_pb2.LabelReply:
+        with self.lock:
+            for label in request.labels:
+                self.labels[label.id] = label
+        return telemetry_pb2.LabelReply(accepted=len(request.labels))
+
     def WatchBundles(self, request: telemetry_pb2.WatchBundlesRequest,
                      context: grpc.ServicerContext) -> Iterator[bundle_pb2.ModelBundle]:
         sent = 0

@@ -84,3 +84,23 @@ def test_inject_refuses_out_of_range_intensity(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "intensity" in result.stderr
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_operator_label_reaches_the_trainer_with_token(tmp_path: Path) -> None:
+    server, port, trainer = start_trainer()
+    try:
+        config = write_config(tmp_path, port)
+        result = subprocess.run(
+            vmad("label", "--vm", "vm-1", "--start", "100", "--end", "200", "--normal",
+                 "--config", str(config)), cwd=ROOT, capture_output=True, text=True,
+            timeout=60)
+        assert result.returncode == 0, result.stderr
+        (label,) = trainer.labels.values()
+        assert (label.start, label.end, label.anomalous) == (100, 200, False)
+        refused = subprocess.run(
+            vmad("label", "--vm", "vm-1", "--start", "1", "--end", "2", "--anomalous",
+                 "--trainer", f"127.0.0.1:{port}", "--insecure"), cwd=ROOT,
+            capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    finally:
+        server.stop(None)
