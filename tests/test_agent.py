@@ -222,3 +222,21 @@ def test_metrics_endpoint_serves_agent_metrics(tmp_path: Path) -> None:
                  "vmad_agent_bundles_rejected_total", "vmad_agent_samples_total"):
         assert name in text
     assert np.isfinite(agent.metrics.score._value.get())
+
+
+def test_agent_with_wrong_token_is_refused_and_keeps_everything(tmp_path: Path) -> None:
+    from edge_agent.agent import Agent
+
+    server, port, trainer = start_trainer()
+    config = agent_config(tmp_path, port).model_copy(update={
+        "security": security.SecurityConfig(insecure=True, client_id="vm-1", token="wrong")})
+    agent = Agent(config, source=fake_source())
+    agent.start()
+    try:
+        for _ in range(20):
+            agent.tick()
+        time.sleep(0.5)  # several refused connection attempts
+        assert trainer.received == 0 and agent.spool.rows == 19
+    finally:
+        agent.stop()
+        server.stop(None)
