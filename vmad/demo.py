@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import tempfile
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from vmad.schema import DEFAULT_WINDOW
+
 __all__ = ["register", "run_demo"]
 
 SMD_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "smd"
@@ -33,7 +36,7 @@ SMD_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "smd"
 def register(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="controller + trainer + simulated agents on loopback, live, < 3 minutes")
-    demo.add_argument("--seconds", type=float, default=120.0, help="replay time (default 120)")
+    demo.add_argument("--seconds", type=float, default=100.0, help="replay time (default 100)")
     demo.add_argument("--synthetic", type=int, default=3, help="synthetic VMs (default 3)")
     demo.add_argument("--smd", type=int, default=2, help="SMD machines when present (default 2)")
     demo.add_argument("--rate", type=float, default=20.0, help="samples/s per simulated VM")
@@ -96,7 +99,10 @@ def run_demo(args: argparse.Namespace) -> int:
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="vmad-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]vmad demo[/]: configs, logs and data in {workdir}")
-    window = 32
+    # The agent takes the default window (vmad/schema.py); the fallback model matches it.
+    window = DEFAULT_WINDOW
+    # The demo runs plaintext on purpose and says so once; not on every status poll.
+    logging.getLogger("vmad.security").setLevel(logging.ERROR)
     checkpoint = _pretrained(workdir / "pretrained", window, args.seed)
     from trainer.checkpoint import load_checkpoint
     from trainer.export import export_bundle
@@ -135,11 +141,9 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_serving(f"127.0.0.1:{t_port}", 90, process=trainer)
         console.print(f"controller on 127.0.0.1:{c_port}, trainer on 127.0.0.1:{t_port} "
                       f"(logs in {workdir / 'logs'}); insecure loopback, demo only")
-        try:
-            import edge_agent.commands  # noqa: F401
-        except ImportError:
-            console.print("[yellow]the real edge agent is not in this checkout: running "
-                          "simulated agents only, no `vmad inject` fault[/]")
+        real = _start_real_agent(workdir, initial, t_port, console)
+        if real is not None:
+            processes.append(real[0])
         t0 = time.time()
         agents = [ReplayAgent(f"127.0.0.1:{t_port}", s.name, s, t0=t0, batch_size=10,
                               bundle=initial) for s in series]
@@ -165,12 +169,21 @@ def run_demo(args: argparse.Namespace) -> int:
             thread.start()
         fleet: dict[str, Any] = {"vms": [], "actions": {}, "counts": {}}
         deadline = time.monotonic() + args.seconds + 20
+        injection = None
+        inject_at = time.monotonic() + min(40.0, args.seconds * 0.35)
         with Live(_table(agents, fleet), console=console, refresh_per_second=2) as live:
             while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
                 time.sleep(1.0)
                 with contextlib.suppress(Exception):
                     fleet = fetch_fleet(c_config, 10_000, timeout=2.0)
                 live.update(_table(agents, fleet))
+                if real is not None and injection is None and time.monotonic() >= inject_at:
+                    # A real fault on this host: the agent sees it through psutil and
+                    # ships the labelled interval `vmad inject` records.
+                    injection = start("inject", [
+                        "inject", "memory-leak", "--duration",
+                        f"{max(10.0, args.seconds * 0.3):.0f}", "--intensity", "1.0",
+                        "--config", str(real[1])], workdir / "logs")
         stop.set()
         with contextlib.suppress(Exception):
             fleet = fetch_fleet(c_config, 10_000, timeout=2.0)
@@ -183,6 +196,9 @@ def run_demo(args: argparse.Namespace) -> int:
             s = score_events(agent.series.labels, agent.flagged, scored, grace=window // 4)
             totals += (s.events, s.detected, s.missed, s.false_alarms)
         pushed = sum(len(a.bundles_received) for a in agents)
+        if injection is not None:
+            injection.popen.wait(60)
+            console.print(_real_fault_summary(workdir, real_vm_id(), window))
         console.print(
             f"\n[bold]Summary[/] ({time.monotonic() - started:.0f} s, {len(agents)} simulated "
             f"VMs, {sum(a.acked for a in agents)} samples acknowledged): faults "
@@ -224,3 +240,75 @@ def _table(agents: list[Any], fleet: dict[str, Any]) -> Any:
     actions = ", ".join(f"{k} {v}" for k, v in sorted(fleet.get("actions", {}).items()))
     table.caption = f"controller decisions: {actions or 'none yet'}"
     return table
+
+
+def real_vm_id() -> str:
+    import socket
+
+    return f"real-{socket.gethostname()}"[:60]
+
+
+def _start_real_agent(workdir: Path, initial: Any, trainer_port: int,
+                      console: Any) -> tuple[Any, Path] | None:
+    """The real edge agent on this host (when edge_agent/ provides it): samples every
+    0.5 s so a window fills within the demo, starts with the demo's pretrained bundle."""
+    try:
+        import edge_agent.agent_commands  # noqa: F401
+    except ImportError:
+        console.print("[yellow]the real edge agent is not in this checkout: simulated "
+                      "agents only, no `vmad inject` fault[/]")
+        return None
+    from vmad.launch import start
+
+    agent_dir = workdir / "agent"
+    initial.save(agent_dir / "initial-bundle")
+    config = workdir / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "vm_id": real_vm_id(), "interval_s": 0.5, "bundle": str(agent_dir / "initial-bundle"),
+        "bundle_dir": str(agent_dir / "bundles"),
+        "trainer": {"address": f"127.0.0.1:{trainer_port}", "flush_s": 1.0},
+        "spool": {"path": str(agent_dir / "spool.db")},
+        "metrics": {"listen": None},
+        "inject": {"labels_file": str(agent_dir / "labels.jsonl"), "max_memory_share": 0.1},
+        "security": {"insecure": True},
+    }))
+    process = start("agent", ["agent", "--config", str(config)], workdir / "logs")
+    time.sleep(2.0)
+    if not process.alive():
+        console.print(f"[yellow]the real agent did not start; see {process.log_path}[/]")
+        return None
+    console.print(f"real agent {real_vm_id()} on this host (0.5 s interval); a scripted "
+                  "`vmad inject memory-leak` follows")
+    return process, config
+
+
+def _real_fault_summary(workdir: Path, vm_id: str, window: int) -> str:
+    """Was the real injected fault flagged? Read from the trainer's store: the labelled
+    interval the agent shipped, and the verdicts it sent."""
+    import json
+
+    from trainer.store import TelemetryStore
+
+    labels_file = workdir / "agent" / "labels.jsonl"
+    try:
+        lines = [json.loads(line) for line in labels_file.read_text().splitlines() if line]
+    except FileNotFoundError:
+        return "real fault: `vmad inject` recorded no interval"
+    if not lines:
+        return "real fault: `vmad inject` recorded no interval"
+    start, end = float(lines[-1]["start"]), float(lines[-1]["end"])
+    store = TelemetryStore(workdir / "trainer" / "store.sqlite")
+    try:
+        ts, scores, flagged = store.verdicts(vm_id, 100_000)
+    finally:
+        store.close()
+    grace = window * 0.5  # window samples at 0.5 s
+    during = (ts >= start) & (ts <= end + grace)
+    hits = ts[during & flagged]
+    if not during.any():
+        return f"real memory leak [{end - start:.0f} s]: no verdicts reached the trainer"
+    if len(hits):
+        return (f"real memory leak [{end - start:.0f} s]: DETECTED {hits[0] - start:.1f} s "
+                f"after it started (max score {scores[during].max():.2f})")
+    return (f"real memory leak [{end - start:.0f} s]: missed (max score "
+            f"{scores[during].max():.2f}, {int(during.sum())} windows scored)")
