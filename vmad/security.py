@@ -269,7 +269,7 @@ def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.
     paths = {f"{n}{s}": directory / f"{n}{s}.pem" for n in names for s in ("", "-key")}
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass overwrite to replace it")
+        raise FileExistsError(f"{existing[0]} exists; use --force (overwrite=True) to replace it")
     now = dt.datetime.now(dt.UTC)
 
     def name(common: str) -> x509.Name:
