@@ -219,3 +219,36 @@ def test_wrong_token_is_refused(tmp_path, checkpoint_dir):
         other.close()
     finally:
         trainer.stop()
+
+
+def test_real_agent_telemetry_arrives(tmp_path, checkpoint_dir):
+    """The real edge agent process (runtime-A's) streams this host's samples to our
+    trainer process."""
+    pytest.importorskip("edge_agent.agent_commands")
+    from trainer.store import TelemetryStore
+
+    port = free_port()
+    config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)
+    trainer = _start("trainer", "trainer", config, tmp_path, port)
+    agent_config = tmp_path / "agent.yaml"
+    agent_config.write_text(yaml.safe_dump({
+        "vm_id": "real-test", "interval_s": 0.2, "bundle_dir": str(tmp_path / "bundles"),
+        "trainer": {"address": f"127.0.0.1:{port}", "flush_s": 0.5},
+        "spool": {"path": str(tmp_path / "spool.db")}, "metrics": {"listen": None},
+        "inject": {"labels_file": str(tmp_path / "labels.jsonl")},
+        "security": {"insecure": True}}))
+    agent = start("agent", ["agent", "--config", str(agent_config)], tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 30
+        received = 0
+        while time.monotonic() < deadline and received < 10:
+            time.sleep(0.5)
+            assert agent.alive(), agent.log_text()[-2000:]
+            store = TelemetryStore(tmp_path / "trainer-data" / "store.sqlite")
+            counters = store.counters("real-test")
+            store.close()
+            received = counters.received if counters else 0
+        assert received >= 10, agent.log_text()[-2000:]
+    finally:
+        agent.stop()
+        trainer.stop()

@@ -307,8 +307,16 @@ def _real_fault_summary(workdir: Path, vm_id: str, window: int) -> str:
     hits = ts[during & flagged]
     if not during.any():
         return f"real memory leak [{end - start:.0f} s]: no verdicts reached the trainer"
+    # Shares before and after too: an agent that flags everything "detects" every fault.
+    before, after = ts < start, ts > end + grace
+
+    def share(mask: np.ndarray) -> str:
+        return f"{flagged[mask].mean():.0%} of {int(mask.sum())}" if mask.any() else "none"
+
+    shares = (f"windows flagged before {share(before)}, during {share(during)}, "
+              f"after {share(after)}")
     if len(hits):
-        return (f"real memory leak [{end - start:.0f} s]: DETECTED {hits[0] - start:.1f} s "
-                f"after it started (max score {scores[during].max():.2f})")
+        return (f"real memory leak [{end - start:.0f} s]: flagged {hits[0] - start:.1f} s "
+                f"after it started (max score {scores[during].max():.2f}); {shares}")
     return (f"real memory leak [{end - start:.0f} s]: missed (max score "
-            f"{scores[during].max():.2f}, {int(during.sum())} windows scored)")
+            f"{scores[during].max():.2f}); {shares}")
