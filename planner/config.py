@@ -1,22 +1,20 @@
 """`planner.yaml`: the planner's configuration schema (detectors, planning, prices).
 
-Loaded with ``yaml.safe_load`` and validated with pydantic at start-up; an unknown key or
-a wrong type is a ``ConfigError`` naming the key and the file. deploy/planner.yaml is the
-documented example, and tests load it.
+Loaded by the project's one loader (vmad/config.py) and validated with pydantic at
+start-up; an unknown key or a wrong type is a ``ConfigError`` naming the key and the
+file. deploy/planner.yaml is the documented example, and tests load it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmad import config as vmad_config
+from vmad.config import ConfigError
 
 __all__ = ["ConfigError", "PlannerConfig", "load_config"]
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; the message names the key."""
 
 
 class _Strict(BaseModel):
@@ -79,18 +77,8 @@ class PlannerConfig(_Strict):
 
 
 def load_config(path: str | Path | None) -> PlannerConfig:
-    """Read and validate a YAML file; None gives the documented defaults."""
+    """Read and validate a YAML file with the project's one loader (vmad/config.py:
+    ``${ENV}`` substitution, errors naming file and key); None gives the defaults."""
     if path is None:
         return PlannerConfig()
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read: {error}") from error
-    try:
-        return PlannerConfig.model_validate(data)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from error
+    return vmad_config.load_config(path, PlannerConfig)
