@@ -1,0 +1,192 @@
+"""`vmad pretrain`, `vmad finetune`, `vmad bench detection`. Torch is imported only inside
+the functions that run them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from vmad.schema import DEFAULT_WINDOW
+
+TABLE_COLUMNS = ("point_f1", "event_f1", "precision", "recall", "false_alarm_rate", "auc")
+
+
+def register(commands: Any, bench: Any) -> None:
+    pretrain = commands.add_parser(
+        "pretrain", help="train a detector on the synthetic source (and labelled series)")
+    pretrain.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    pretrain.add_argument("--bundle", type=Path, help="also export an agent bundle here")
+    pretrain.add_argument("--kind", default="zoom-cnn", help="model kind (default zoom-cnn)")
+    pretrain.add_argument("--data", type=Path,
+                          help="folder of series folders whose labelled test parts join the source")
+    pretrain.add_argument("--synthetic-vms", type=int, default=16)
+    pretrain.add_argument("--synthetic-samples", type=int, default=20_000)
+    pretrain.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    pretrain.add_argument("--batches", type=int, default=1500, help="mini-batches at most")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(run=run_pretrain)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a pretrained checkpoint on one VM's labelled series")
+    finetune.add_argument("--from", dest="source", required=True, type=Path,
+                          help="pretrained checkpoint folder")
+    finetune.add_argument("--data", required=True, type=Path,
+                          help="labelled CSV (timestamp,<metrics>,label)")
+    finetune.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    finetune.add_argument("--bundle", type=Path, help="also export an agent bundle here")
+    finetune.add_argument("--batches", type=int, default=200, help="mini-batches at most")
+    finetune.add_argument("--freeze-early", action="store_true",
+                          help="train only the classifier, keep the feature layers fixed")
+    finetune.add_argument("--keep-normalization", action="store_true",
+                          help="keep the checkpoint's statistics instead of refitting on --data")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.set_defaults(run=run_finetune)
+
+    detection = bench.add_parser(
+        "detection", help="pretrain / fine-tune / evaluate protocol on a folder of series")
+    detection.add_argument("--data", required=True, type=Path,
+                           help="folder of series folders with train and labelled test parts")
+    detection.add_argument("--detectors", default="zoom-cnn,cnn,mlp,zoom-2,zoom-4,pca")
+    detection.add_argument("--json", type=Path, help="write the results here")
+    detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
+    detection.add_argument("--folds", type=int, default=0,
+                           help="0 = leave-one-out pretraining per target (the protocol); "
+                                "K = leave one fold of K out, K times fewer pretrainings")
+    detection.add_argument("--pretrain-batches", type=int)
+    detection.add_argument("--max-series", type=int)
+    detection.add_argument("--seed", type=int, default=0)
+    detection.set_defaults(run=run_bench_detection)
+
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from trainer.checkpoint import Checkpoint, save_checkpoint
+    from trainer.datasets import WindowPool, WindowSource
+    from trainer.export import export_bundle
+    from trainer.models import build_model
+    from trainer.training import TrainConfig, predict_proba, train
+    from vmad.evaluation import best_f1_threshold
+    from vmad.series import list_series_folders, read_series_folder
+    from vmad.synthetic import generate_fleet
+    from vmad.windows import Normalizer
+
+    series = generate_fleet(args.seed, args.synthetic_vms, args.synthetic_samples)
+    if args.data is not None:
+        series += [read_series_folder(folder)[1] for folder in list_series_folders(args.data)]
+    metrics = series[0].metrics
+    series = [s.select(metrics) for s in series]
+    # One set of statistics for every source: the bundle carries one normalizer, and a
+    # fresh VM is normalized with it until the trainer refits on that VM's own data.
+    normalizer = Normalizer.fit(np.concatenate([s.values for s in series]))
+    cut = [int(len(s) * 0.85) for s in series]
+    fit = WindowPool([WindowSource.from_series(s, normalizer, args.window, stop=c)
+                      for s, c in zip(series, cut, strict=True)])
+    held = WindowPool([WindowSource.from_series(s, normalizer, args.window, start=c)
+                       for s, c in zip(series, cut, strict=True)])
+    validation = (held[np.arange(len(held))], held.labels)
+    model = build_model(args.kind, len(metrics), args.window)
+    config = TrainConfig(max_batches=args.batches, batch_size=128, eval_every=50, patience=5,
+                         seed=args.seed)
+    result = train(model, fit, fit.labels, config, validation=validation, progress="pretrain")
+    threshold = best_f1_threshold(validation[1], predict_proba(model, validation[0]))
+    provenance = {
+        "command": "vmad pretrain", "seed": args.seed, "synthetic_vms": args.synthetic_vms,
+        "synthetic_samples": args.synthetic_samples, "data": str(args.data or ""),
+        "batches": result.batches, "validation_loss": result.best_validation_loss,
+    }
+    checkpoint = Checkpoint(model, args.kind, metrics, args.window, normalizer, threshold,
+                            provenance)
+    save_checkpoint(args.out, checkpoint)
+    print(f"pretrained {args.kind}: {result.batches} batches in {result.seconds:.1f} s, "
+          f"validation loss {result.best_validation_loss}, threshold {threshold:.3f} "
+          f"-> {args.out}")
+    if args.bundle is not None:
+        bundle = export_bundle(checkpoint, f"{args.kind}-pretrained-s{args.seed}", args.bundle)
+        print(f"bundle {bundle.metadata.version} sha256 {bundle.metadata.onnx_sha256[:12]} "
+              f"-> {args.bundle}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.datasets import WindowSource
+    from trainer.export import export_bundle
+    from trainer.training import TrainConfig, predict_proba, train
+    from vmad.evaluation import best_f1_threshold
+    from vmad.series import read_series
+    from vmad.windows import Normalizer
+
+    checkpoint = load_checkpoint(args.source)
+    series = read_series(args.data, required_metrics=checkpoint.metrics).select(checkpoint.metrics)
+    if series.labels is None:
+        from vmad.cli import UsageError
+
+        raise UsageError(f"{args.data} has no label column: fine-tuning needs labels")
+    if not args.keep_normalization:
+        checkpoint.normalizer = Normalizer.fit(series.values)
+    source = WindowSource.from_series(series, checkpoint.normalizer, checkpoint.window)
+    windows = source.gather(np.arange(len(source)))
+    config = TrainConfig(max_batches=args.batches, lr=3e-4, freeze_early=args.freeze_early,
+                         seed=args.seed)
+    result = train(checkpoint.model, windows, source.labels, config, progress="fine-tune")
+    if source.labels.any():
+        checkpoint.threshold = best_f1_threshold(
+            source.labels, predict_proba(checkpoint.model, windows))
+    checkpoint.provenance = {**checkpoint.provenance, "finetuned_on": str(args.data),
+                             "finetune_batches": result.batches, "seed": args.seed}
+    save_checkpoint(args.out, checkpoint)
+    print(f"fine-tuned {checkpoint.kind}: {result.batches} batches in {result.seconds:.1f} s "
+          f"-> {args.out}")
+    if args.bundle is not None:
+        export_bundle(checkpoint, f"{checkpoint.kind}-{series.name}", args.bundle)
+        print(f"bundle -> {args.bundle}")
+    return 0
+
+
+def run_bench_detection(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from trainer.evaluate import QUICK, ProtocolConfig, run_detection_benchmark, write_json
+
+    config = QUICK if args.quick else ProtocolConfig()
+    config = replace(config, folds=args.folds, seed=args.seed)
+    if args.max_series is not None:
+        config = replace(config, max_series=args.max_series)
+    if args.pretrain_batches is not None:
+        config = replace(config, pretrain=replace(config.pretrain,
+                                                  max_batches=args.pretrain_batches))
+    detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    result = run_detection_benchmark(
+        args.data, detectors, config, progress=True,
+        on_result=lambda s, d, r: print(f"{s:>16} {d:>9}  point F1 {r.point_f1:.3f}  "
+                                        f"event F1 {r.event_f1:.3f}", flush=True),
+    )
+    print_table(result)
+    if args.json is not None:
+        write_json(result, args.json)
+        print(f"results -> {args.json}")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    detectors = result["protocol"]["detectors"]
+    table = Table(title="Detection: point-wise and event-wise, no point adjustment")
+    table.add_column("series")
+    table.add_column("detector")
+    for column in TABLE_COLUMNS:
+        table.add_column(column, justify="right")
+    rows = [*result["series"].items(), ("MEAN", result["mean"])]
+    for name, scores in rows:
+        for detector in detectors:
+            table.add_row(name, detector,
+                          *(f"{scores[detector][c]:.3f}" for c in TABLE_COLUMNS))
+        table.add_section()
+    Console().print(table)

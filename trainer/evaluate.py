@@ -1,0 +1,241 @@
+"""The detection benchmark protocol (`vmad bench detection`).
+
+For each target series folder in DIR (train part unlabelled, test part labelled):
+1. pretrain a fresh model on the synthetic source plus the *other* series' labelled test
+   parts (leave-one-out; `folds` > 0 groups series into folds to save compute, and then
+   a target's pretraining leaves its whole fold out), early-stopping on the last
+   `validation_share` of each source;
+2. fine-tune on the first `finetune_share` (30 %) of the target's test part, at most
+   200 mini-batches;
+3. pick the threshold that maximizes point-wise F1 on that same 30 %;
+4. score every sample of the remaining 70 % (a sample's score is that of the window
+   ending at it) with point-wise and event-wise metrics, never point-adjusted.
+Each series is normalized with statistics of its own train part, as a deployed bundle
+carries statistics of its own VM. `pca` is fitted on the target's train part only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from trainer.datasets import WindowPool, WindowSource, align_metrics
+from trainer.models import MODEL_KINDS, build_model
+from trainer.pca_detector import PCADetector
+from trainer.training import TrainConfig, predict_proba, train
+from vmad.evaluation import DetectionScores, best_f1_threshold, score_detection
+from vmad.series import Series, list_series_folders, read_series_folder
+from vmad.synthetic import generate_fleet
+from vmad.windows import Normalizer
+
+__all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
+
+DETECTORS: tuple[str, ...] = (*MODEL_KINDS, "pca")
+SYNTHETIC_SOURCE = "synthetic"
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """window: samples per window (T). finetune_share: head of the target's test part used
+    to fine-tune and pick the threshold. synthetic_*: the generated source domain (VMs,
+    samples each, share of pretraining draws). max_samples: cut each part to this many
+    samples (quick runs). folds: 0 = leave-one-out pretraining per target."""
+
+    window: int = 64
+    finetune_share: float = 0.3
+    validation_share: float = 0.15
+    validation_windows: int = 3000
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_batches=600, batch_size=128, lr=1e-3, eval_every=50, patience=4))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_batches=200, batch_size=64, lr=3e-4))
+    synthetic_vms: int = 8
+    synthetic_samples: int = 20_000
+    synthetic_share: float = 0.1
+    max_series: int | None = None
+    max_samples: int | None = None
+    folds: int = 0
+    seed: int = 0
+
+
+QUICK = ProtocolConfig(
+    window=32,
+    validation_windows=300,
+    pretrain=TrainConfig(max_batches=30, batch_size=64, eval_every=10, patience=2),
+    finetune=TrainConfig(max_batches=15, batch_size=32, lr=3e-4),
+    synthetic_vms=2,
+    synthetic_samples=2_000,
+    max_series=3,
+    max_samples=3_000,
+)
+
+
+@dataclass
+class _Target:
+    name: str
+    train: Series
+    test: Series
+    normalizer: Normalizer
+
+
+def _load(data_dir: Path, config: ProtocolConfig) -> list[_Target]:
+    folders = list_series_folders(data_dir)
+    if not folders:
+        raise ValueError(f"{data_dir} holds no series folders (each with train and test files)")
+    folders = folders[: config.max_series] if config.max_series else folders
+    targets = []
+    for folder in folders:
+        train_part, test_part = read_series_folder(folder)
+        if config.max_samples:
+            train_part = train_part.slice(0, config.max_samples)
+            test_part = test_part.slice(0, config.max_samples)
+        if test_part.labels is None:
+            raise ValueError(f"{folder}: the test part has no label column")
+        normalizer = Normalizer.fit(train_part.values)
+        targets.append(_Target(folder.name, train_part, test_part, normalizer))
+    metrics = targets[0].test.metrics
+    for target in targets:
+        if target.test.metrics != metrics or target.train.metrics != metrics:
+            raise ValueError(f"series {target.name} has other metrics than {targets[0].name}")
+    return targets
+
+
+def _synthetic_sources(config: ProtocolConfig, metrics: Sequence[str]) -> list[Series]:
+    fleet = generate_fleet(config.seed + 1000, config.synthetic_vms, config.synthetic_samples)
+    aligned = [align_metrics(vm, metrics) for vm in fleet]
+    return [vm for vm in aligned if vm is not None]
+
+
+def _fold_of(index: int, folds: int) -> int:
+    return index if folds <= 0 else index % folds
+
+
+def _source_split(series: Series, normalizer: Normalizer, config: ProtocolConfig,
+                  name: str) -> tuple[WindowSource, WindowSource]:
+    cut = int(len(series) * (1 - config.validation_share))
+    fit = WindowSource.from_series(series, normalizer, config.window, stop=cut)
+    held_out = WindowSource.from_series(series, normalizer, config.window, start=cut)
+    return replace(fit, name=name), held_out
+
+
+def _pretraining_data(
+    targets: list[_Target], target_index: int, synthetic: list[Series], config: ProtocolConfig,
+) -> tuple[WindowPool, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    fold = _fold_of(target_index, config.folds)
+    fit_sources, held_out = [], []
+    for i, other in enumerate(targets):
+        if _fold_of(i, config.folds) == fold:
+            continue
+        fit, val = _source_split(other.test, other.normalizer, config, other.name)
+        fit_sources.append(fit)
+        held_out.append(val)
+    for vm in synthetic:
+        fit, _ = _source_split(vm, Normalizer.fit(vm.values), config, SYNTHETIC_SOURCE)
+        fit_sources.append(fit)
+    pool = WindowPool(fit_sources)
+    has_synthetic = any(s.name == SYNTHETIC_SOURCE for s in pool.sources)
+    shares = {SYNTHETIC_SOURCE: config.synthetic_share} if has_synthetic else {}
+    # Several synthetic VMs share one name: weights split that share by size among them.
+    weights = pool.source_weights(shares)
+    validation_pool = WindowPool(held_out)
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.choice(len(validation_pool),
+                              min(config.validation_windows, len(validation_pool)), replace=False))
+    return pool, weights, (validation_pool[pick], validation_pool.labels[pick])
+
+
+def _evaluate_neural(
+    kind: str, target: _Target, pretraining: tuple[WindowPool, np.ndarray, tuple],
+    config: ProtocolConfig, progress: bool,
+) -> tuple[DetectionScores, dict[str, float]]:
+    pool, weights, validation = pretraining
+    n_metrics = len(target.test.metrics)
+    model = build_model(kind, n_metrics, config.window)
+    started = time.perf_counter()
+    pre = train(model, pool, pool.labels, config.pretrain, validation=validation,
+                sample_weights=weights,
+                progress=f"{target.name} {kind} pretrain" if progress else None)
+    cut = int(len(target.test) * config.finetune_share)
+    tune = WindowSource.from_series(target.test, target.normalizer, config.window, stop=cut)
+    tune_windows = tune.gather(np.arange(len(tune)))
+    fine = train(model, tune_windows, tune.labels, config.finetune,
+                 progress=f"{target.name} {kind} fine-tune" if progress else None)
+    threshold = _threshold(tune.labels, predict_proba(model, tune_windows))
+    held = WindowSource.from_series(target.test, target.normalizer, config.window, start=cut)
+    scores = predict_proba(model, WindowPool([held]))
+    cost = {"pretrain_batches": pre.batches, "finetune_batches": fine.batches,
+            "seconds": time.perf_counter() - started}
+    return score_detection(held.labels, scores, threshold), cost
+
+
+def _evaluate_pca(target: _Target, config: ProtocolConfig) -> tuple[DetectionScores, dict]:
+    started = time.perf_counter()
+    detector = PCADetector().fit(target.normalizer.apply(target.train.values))
+    scores = detector.score(target.normalizer.apply(target.test.values))
+    labels = target.test.labels
+    assert labels is not None
+    cut = int(len(target.test) * config.finetune_share)
+    # The first window - 1 samples have no full window for the neural detectors: score the
+    # same samples for every detector.
+    first = max(cut, config.window - 1)
+    threshold = _threshold(labels[:cut], scores[:cut])
+    result = score_detection(labels[first:], scores[first:], threshold)
+    return result, {"seconds": time.perf_counter() - started}
+
+
+def _threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    # With no anomaly in the fine-tuning part there is nothing to fit: fall back to the
+    # highest score seen there, i.e. flag only what is more extreme than anything normal.
+    if not np.any(labels):
+        return float(np.nextafter(np.max(scores), np.inf)) if len(scores) else 0.5
+    return best_f1_threshold(labels, scores)
+
+
+def run_detection_benchmark(
+    data_dir: str | Path,
+    detectors: Sequence[str] = DETECTORS,
+    config: ProtocolConfig = ProtocolConfig(),
+    *,
+    progress: bool = False,
+    on_result: Callable[[str, str, DetectionScores], None] | None = None,
+) -> dict:
+    """Run the protocol; returns the JSON-ready result (`mean` and per-`series` scores)."""
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown:
+        raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
+    targets = _load(Path(data_dir), config)
+    synthetic = _synthetic_sources(config, targets[0].test.metrics) if config.synthetic_vms else []
+    per_series: dict[str, dict[str, dict[str, float]]] = {}
+    for index, target in enumerate(targets):
+        per_series[target.name] = {}
+        neural = [d for d in detectors if d != "pca"]
+        pretraining = _pretraining_data(targets, index, synthetic, config) if neural else None
+        for detector in detectors:
+            if detector == "pca":
+                scores, cost = _evaluate_pca(target, config)
+            else:
+                scores, cost = _evaluate_neural(detector, target, pretraining, config, progress)
+            per_series[target.name][detector] = {**scores.to_dict(), **cost}
+            if on_result is not None:
+                on_result(target.name, detector, scores)
+    mean = {
+        detector: {
+            key: float(np.nanmean([per_series[s][detector][key] for s in per_series]))
+            for key in per_series[targets[0].name][detector]
+        }
+        for detector in detectors
+    }
+    return {
+        "protocol": {**asdict(config), "data": str(data_dir), "detectors": list(detectors)},
+        "mean": mean,
+        "series": per_series,
+    }
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,40 @@
+"""PCA reconstruction error: the unsupervised baseline of the detection benchmark.
+
+Fitted on a series' (unlabelled, mostly normal) train part; a sample's score is the
+squared distance between it and its projection on the principal subspace that explains
+`variance` of the training variance. Scores are not probabilities: thresholds are picked
+on labelled data like every other detector's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["PCADetector"]
+
+
+class PCADetector:
+    def __init__(self, variance: float = 0.9) -> None:
+        if not 0.0 < variance <= 1.0:
+            raise ValueError(f"variance must lie in (0, 1], got {variance}")
+        self.variance = variance
+        self.mean: np.ndarray | None = None
+        self.components: np.ndarray | None = None
+
+    def fit(self, values: np.ndarray) -> PCADetector:
+        """Fit on normalized `values[N, M]`."""
+        values = np.asarray(values, dtype=np.float64)
+        self.mean = values.mean(axis=0)
+        _, singular, vt = np.linalg.svd(values - self.mean, full_matrices=False)
+        explained = np.cumsum(singular**2) / max(float(np.sum(singular**2)), 1e-12)
+        keep = int(np.searchsorted(explained, self.variance) + 1)
+        self.components = vt[: min(keep, len(vt))]
+        return self
+
+    def score(self, values: np.ndarray) -> np.ndarray:
+        """Squared reconstruction error per sample of normalized `values[N, M]`."""
+        if self.mean is None or self.components is None:
+            raise RuntimeError("PCADetector.score called before fit")
+        centred = np.asarray(values, dtype=np.float64) - self.mean
+        residual = centred - (centred @ self.components.T) @ self.components
+        return np.sum(residual**2, axis=1)

@@ -1,0 +1,126 @@
+"""Detection scores: point-wise and event-wise, never with point adjustment.
+
+A sample is flagged when its score >= the threshold. Point-wise scores count samples.
+Event-wise scores count segments: an *event* is a maximal run of labelled samples, and a
+*detection* a maximal run of flagged samples. Event recall is the share of events with
+at least one flagged sample inside; event precision is the share of detections that
+overlap an event. Unlike point adjustment, a hit does not relabel the rest of the
+event as found, so point-wise scores are left as they are.
+NumPy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["DetectionScores", "best_f1_threshold", "events", "roc_auc", "score_detection"]
+
+
+@dataclass(frozen=True)
+class DetectionScores:
+    precision: float
+    recall: float
+    point_f1: float
+    false_alarm_rate: float  # flagged normal samples / normal samples
+    accuracy: float
+    auc: float  # NaN when only one class is present
+    event_precision: float
+    event_recall: float
+    event_f1: float
+    threshold: float
+    samples: int
+    anomalous_samples: int
+    events: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+def events(labels: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of non-zero entries as (start, stop) with stop exclusive."""
+    flags = np.asarray(labels).astype(bool).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags, [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be equal 1-D")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return labels, scores
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half); NaN with one class."""
+    labels, scores = _check(labels, scores)
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    rank_sum = ranks[labels].sum()
+    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def score_detection(labels: np.ndarray, scores: np.ndarray, threshold: float) -> DetectionScores:
+    labels, scores = _check(labels, scores)
+    flagged = scores >= threshold
+    tp = int(np.sum(flagged & labels))
+    fp = int(np.sum(flagged & ~labels))
+    fn = int(np.sum(~flagged & labels))
+    tn = len(labels) - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    true_events = events(labels)
+    detections = events(flagged)
+    found = sum(1 for a, b in true_events if flagged[a:b].any())
+    right = sum(1 for a, b in detections if labels[a:b].any())
+    event_recall = found / len(true_events) if true_events else 0.0
+    event_precision = right / len(detections) if detections else 0.0
+    return DetectionScores(
+        precision=precision,
+        recall=recall,
+        point_f1=_f1(precision, recall),
+        false_alarm_rate=fp / (fp + tn) if fp + tn else 0.0,
+        accuracy=(tp + tn) / len(labels) if len(labels) else 0.0,
+        auc=roc_auc(labels, scores),
+        event_precision=event_precision,
+        event_recall=event_recall,
+        event_f1=_f1(event_precision, event_recall),
+        threshold=float(threshold),
+        samples=len(labels),
+        anomalous_samples=int(labels.sum()),
+        events=len(true_events),
+    )
+
+
+def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold (one of the scores) maximizing point-wise F1; among equals, the
+    highest (fewest alarms). With no labelled sample, just above the highest score."""
+    labels, scores = _check(labels, scores)
+    if not labels.any() or len(scores) == 0:
+        return float(np.nextafter(scores.max(), np.inf)) if len(scores) else 0.5
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores = scores[order]
+    tp = np.cumsum(labels[order])
+    flagged = np.arange(1, len(scores) + 1)
+    # Only the last position of each run of equal scores is a reachable cut.
+    last = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+    f1 = 2 * tp[last] / (flagged[last] + labels.sum())
+    best = last[int(np.argmax(f1))]  # first maximum = highest threshold
+    return float(sorted_scores[best])
