@@ -1,4 +1,5 @@
-"""`vmad controller --config controller.yaml` and `vmad status`.
+"""`vmad controller --config controller.yaml`, `vmad controller train-policy`,
+`vmad bench control` and `vmad status`.
 
 Heavy imports (grpc servers) happen inside the run functions.
 """
@@ -16,8 +17,39 @@ __all__ = ["register"]
 def register(commands: Any, bench: Any) -> None:
     controller = commands.add_parser(
         "controller", help="run the central control module (fleet registry + policy)")
-    controller.add_argument("--config", required=True, type=Path, help="controller.yaml")
+    controller.add_argument("--config", type=Path, help="controller.yaml (to run it)")
     controller.set_defaults(run=run_controller)
+    tasks = controller.add_subparsers(dest="controller_task", metavar="TASK")
+    train = tasks.add_parser(
+        "train-policy", help="train the DQN policy offline in the control environment")
+    train.add_argument("--out", required=True, type=Path,
+                       help="folder for policy.npz, checkpoints/ and steps.csv")
+    train.add_argument("--steps", type=int, default=10_000, help="decisions (default 10000)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--config", dest="train_config", type=Path,
+                       help="controller.yaml whose `reward:` (weights, R1, gamma) to train for")
+    train.add_argument("--r1", choices=("accuracy", "f1"), help="override reward.r1")
+    train.add_argument("--kind", help="detector kind in the environment (default mlp)")
+    train.add_argument("--checkpoint-every", type=int, default=2_000)
+    train.add_argument("--quick", action="store_true", help="tiny episodes, for CI")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=run_train_policy)
+
+    control = bench.add_parser(
+        "control", help="DQN vs fixed retraining policies on held-out episodes")
+    control.add_argument("--policy", type=Path, action="append",
+                         help="policy.npz to evaluate (repeatable; default: the shipped one)")
+    control.add_argument("--episodes", type=int, help="held-out episodes (default 20; quick 2)")
+    control.add_argument("--seed", type=int, default=0, help="first held-out episode")
+    control.add_argument("--k", type=int, default=4, help="K of 'retrain every K steps'")
+    control.add_argument("--drift", type=float, default=1.5,
+                         help="threshold of 'retrain when drift exceeds'")
+    control.add_argument("--r1", choices=("accuracy", "f1"),
+                         help="R1 of the reported reward (default f1)")
+    control.add_argument("--kind", help="detector kind in the environment (default mlp)")
+    control.add_argument("--json", type=Path, help="write the results here")
+    control.add_argument("--quick", action="store_true", help="CI-sized: well under a minute")
+    control.set_defaults(run=run_bench_control)
 
     status = commands.add_parser("status", help="print the fleet as the controller sees it")
     where = status.add_mutually_exclusive_group(required=True)
@@ -41,7 +73,54 @@ def register(commands: Any, bench: Any) -> None:
 def run_controller(args: argparse.Namespace) -> int:
     from controller.service import serve_from_config
 
+    if args.config is None:
+        from vmad.cli import UsageError
+
+        raise UsageError("--config controller.yaml is required to run the controller")
     return serve_from_config(args.config)
+
+
+def run_train_policy(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from controller.bench import QUICK
+    from controller.env import EnvSettings
+    from controller.training import TrainSettings, train_policy
+
+    env = QUICK if args.quick else EnvSettings()
+    gamma = TrainSettings.gamma
+    if args.train_config is not None:
+        from controller.config import ControllerConfig
+        from trainer.config_loading import ConfigFileError, load_component_config
+
+        try:
+            config = load_component_config(args.train_config, ControllerConfig)
+        except (ConfigFileError, ValueError) as error:
+            from vmad.cli import UsageError
+
+            raise UsageError(f"config error: {error}") from None
+        env = replace(env, reward=config.reward.settings())
+        gamma = config.reward.gamma
+    if args.r1:
+        env = replace(env, reward=replace(env.reward, r1=args.r1))
+    if args.kind:
+        env = replace(env, kind=args.kind)
+    settings = TrainSettings(steps=args.steps, seed=args.seed, gamma=gamma,
+                             checkpoint_every=args.checkpoint_every,
+                             learning_starts=min(TrainSettings.learning_starts,
+                                                 max(1, args.steps // 4)),
+                             env=replace(env, seed=args.seed))
+    started = time.monotonic()
+    path = train_policy(args.out, settings, progress=not args.no_progress)
+    print(f"policy -> {path} ({args.steps} steps in {time.monotonic() - started:.0f} s, "
+          f"R1 = {env.reward.r1}, gamma {gamma}); per-step log {args.out / 'steps.csv'}")
+    return 0
+
+
+def run_bench_control(args: argparse.Namespace) -> int:
+    from controller.bench import bench_command
+
+    return bench_command(args)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -78,7 +157,8 @@ def fleet_from_registry(registry: Any, decisions: int) -> dict[str, Any]:
                  "state": v.state.to_dict() if v.state else None} for v in registry.vms()],
         "decisions": [{"decision_id": d.decision_id, "at": d.at, "vm_id": d.vm_id,
                        "action": d.decision.action.value, "batches": d.decision.batches,
-                       "reason": d.decision.reason, "policy": d.policy}
+                       "reason": d.decision.reason, "policy": d.policy,
+                       "q_values": list(d.decision.q_values)}
                       for d in registry.decisions(limit=decisions)],
         "counts": registry.counts(),
         "actions": registry.action_counts(),
@@ -114,6 +194,7 @@ def render_fleet(fleet: dict[str, Any]) -> list[Any]:
     for column in ("#", "VM", "action", "batches", "why", "policy"):
         decisions.add_column(column)
     for d in fleet["decisions"]:
+        # A DQN decision's reason already lists its Q-values by action.
         decisions.add_row(str(d["decision_id"]), d["vm_id"], d["action"], str(d["batches"]),
                           d["reason"], d["policy"])
     counts = fleet["counts"]

@@ -1,8 +1,9 @@
 """Policies: turn one VM's state into an action for its trainer.
 
 Every policy honours `Policy` (`decide` a state, `observe` a finished transition), so the
-controller service does not care whether a rule table or the DQN (issue 4) answers. The
-DQN learns from the transitions the controller records; the rule policy ignores them.
+controller service does not care whether a rule table or the DQN (controller/dqn.py)
+answers. The DQN learns from the transitions the controller records; the rule policy
+ignores them.
 
 Actions are the paper's (Jiang 2024, central control module): keep the model, fine-tune
 it on the VM's recent labelled data, reset it to the pretrained weights, or reset and
@@ -18,7 +19,8 @@ from typing import Protocol, runtime_checkable
 
 from trainer.state import VMState
 
-__all__ = ["Action", "Decision", "Policy", "RulePolicy", "RuleSettings", "build_policy"]
+__all__ = ["ACTIONS", "CONTROL_ACTIONS", "Action", "Decision", "Policy", "RulePolicy",
+           "RuleSettings", "action_index", "build_policy"]
 
 
 class Action(enum.Enum):
@@ -33,14 +35,43 @@ class Action(enum.Enum):
 
 
 ACTIONS: tuple[Action, ...] = tuple(Action)
-"""Fixed order: the index of an action here is the DQN's discrete action number."""
+"""The kinds of action, in a fixed order."""
 
 
 @dataclass(frozen=True)
 class Decision:
+    """An action for one VM's trainer.
+
+    q_values: the DQN's action values for the state, in `CONTROL_ACTIONS` order, kept so
+        every decision can be explained afterwards (empty for other policies).
+    """
+
     action: Action
     batches: int = 0
     reason: str = ""
+    q_values: tuple[float, ...] = ()
+
+
+CONTROL_ACTIONS: tuple[Decision, ...] = (
+    Decision(Action.KEEP, 0),
+    Decision(Action.FINETUNE, 10),
+    Decision(Action.FINETUNE, 50),
+    Decision(Action.FINETUNE, 200),
+    Decision(Action.RESET, 0),
+    Decision(Action.RESET_FINETUNE, 50),
+)
+"""The DQN's discrete actions: index i is action number i of its Q-network and of the
+control environment (controller/env.py). Fine-tunes of 10, 50 and 200 mini-batches span
+"a nudge" to the paper's upper bound; reset + fine-tune gets 50, enough to adapt the
+pretrained model without paying for 200."""
+
+
+def action_index(decision: Decision) -> int:
+    """The `CONTROL_ACTIONS` number closest to `decision`: the same kind of action with
+    the nearest batch count. Lets a learning policy use transitions whose decisions came
+    from elsewhere (the rule policy fine-tunes 100 batches, say)."""
+    same = [i for i, a in enumerate(CONTROL_ACTIONS) if a.action is decision.action]
+    return min(same, key=lambda i: (abs(CONTROL_ACTIONS[i].batches - decision.batches), i))
 
 
 @runtime_checkable
@@ -56,6 +87,10 @@ class Policy(Protocol):
     def observe(self, state: VMState, decision: Decision, reward: float,
                 next_state: VMState) -> None:
         """A transition finished: `decision` taken in `state` led to `next_state`."""
+        ...
+
+    def close(self) -> None:
+        """The controller is stopping: persist whatever was learned."""
         ...
 
 
@@ -86,7 +121,7 @@ class RuleSettings:
 
 
 class RulePolicy:
-    """A documented rule table, the stand-in until the DQN (issue 4) lands.
+    """A documented rule table: the policy when no DQN is configured or loaded.
 
     In order, the first rule that matches wins:
     1. fewer than `min_labelled` labelled windows -> keep (nothing to judge on);
@@ -126,8 +161,13 @@ class RulePolicy:
                 next_state: VMState) -> None:
         """Rules do not learn."""
 
+    def close(self) -> None:
+        """Nothing to persist."""
+
 
 def build_policy(kind: str, rules: RuleSettings | None = None) -> Policy:
+    """The rule policy. A DQN needs its settings and files: controller/dqn.py builds it."""
     if kind == "rules":
         return RulePolicy(rules)
-    raise ValueError(f"unknown policy {kind!r}: this version has 'rules'")
+    raise ValueError(f"unknown policy {kind!r}: build_policy makes 'rules'; "
+                     f"'dqn' is built by controller.dqn.build_dqn_policy")

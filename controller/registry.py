@@ -9,8 +9,10 @@ the trainer saw is on disk.
 Tables:
 - `trainers`: id, address, first/last seen.
 - `vms`: id, its trainer, last state (JSON of trainer/state.py's VMState), last decision.
-- `decisions`: the decision log: when, which VM, the state, the action, why, which policy.
-- `transitions`: (state, action, reward, next state) for learning policies (issue 4).
+- `decisions`: the decision log: when, which VM, the state, the action, why, which policy,
+  and the DQN's Q-values behind it (a JSON list, empty for other policies).
+- `transitions`: (state, action, reward, next state) for learning policies
+  (controller/dqn.py refills its replay buffer from them after a restart).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from trainer.state import VMState
 
 __all__ = ["DecisionRow", "Registry", "TrainerRow", "TransitionRow", "VMRow"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each older schema lacks, applied in order when an older registry is opened.
+_MIGRATIONS = {
+    1: "ALTER TABLE decisions ADD COLUMN q_values TEXT NOT NULL DEFAULT '[]'",
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,7 +64,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     action TEXT NOT NULL,
     batches INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    policy TEXT NOT NULL
+    policy TEXT NOT NULL,
+    q_values TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS decisions_vm ON decisions (vm_id, decision_id);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -138,14 +145,22 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a decision the trainer has been told about survives a power cut.
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
         with self._write() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: registry schema {row[0]} is not "
+            has_meta = db.execute("SELECT name FROM sqlite_master WHERE type='table' AND "
+                                  "name='meta'").fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() \
+                if has_meta else None
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: registry schema {row[0]} is newer than "
                                    f"{SCHEMA_VERSION}; this vmad cannot read it")
+            if row is not None:
+                for version in range(int(row[0]), SCHEMA_VERSION):
+                    db.execute(_MIGRATIONS[version])
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -197,9 +212,9 @@ class Registry:
                 (state.vm_id,)).fetchone()
             cursor = db.execute(
                 "INSERT INTO decisions (at, vm_id, trainer_id, state, action, batches, reason, "
-                "policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "policy, q_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (now, state.vm_id, trainer_id, state_text, decision.action.value,
-                 decision.batches, decision.reason, policy))
+                 decision.batches, decision.reason, policy, json.dumps(decision.q_values)))
             decision_id = int(cursor.lastrowid or 0)
             db.execute(
                 "INSERT INTO vms (vm_id, trainer_id, first_seen, last_seen, state, model_version,"
@@ -245,7 +260,7 @@ class Registry:
     def decisions(self, vm_id: str | None = None, limit: int = 100) -> list[DecisionRow]:
         """The most recent decisions, newest first."""
         query = ("SELECT decision_id, at, vm_id, trainer_id, state, action, batches, reason, "
-                 "policy FROM decisions")
+                 "policy, q_values FROM decisions")
         args: tuple = ()
         if vm_id is not None:
             query += " WHERE vm_id=?"
@@ -254,16 +269,22 @@ class Registry:
         with self._lock:
             rows = self._db.execute(query, (*args, limit)).fetchall()
         return [DecisionRow(r[0], r[1], r[2], r[3], _state(r[4]),
-                            Decision(Action(r[5]), r[6], r[7]), r[8]) for r in rows]
+                            Decision(Action(r[5]), r[6], r[7],
+                                     tuple(float(v) for v in json.loads(r[9]))), r[8])
+                for r in rows]
 
-    def transitions(self, limit: int | None = None) -> list[TransitionRow]:
-        """Transitions in the order they were recorded (oldest first)."""
+    def transitions(self, limit: int | None = None, *, newest: bool = False
+                    ) -> list[TransitionRow]:
+        """Transitions in the order they were recorded (oldest first): the first `limit`,
+        or with `newest` the last `limit` (what a replay buffer of that size holds)."""
         query = ("SELECT transition_id, at, vm_id, state, action, batches, reward, next_state "
-                 "FROM transitions ORDER BY transition_id")
+                 "FROM transitions ORDER BY transition_id" + (" DESC" if newest else ""))
         if limit is not None:
             query += f" LIMIT {int(limit)}"
         with self._lock:
             rows = self._db.execute(query).fetchall()
+        if newest:
+            rows.reverse()
         return [TransitionRow(r[0], r[1], r[2], _state(r[3]), Decision(Action(r[4]), r[5]),
                               r[6], _state(r[7])) for r in rows]
 

@@ -1,43 +1,99 @@
 """The reward of one transition, as the central control module learns from it.
 
-Jiang 2024 defines R = a1*R1 + a2*R2 + a3*R3 with a1 = 0.4 (R1: accuracy on the batch),
-a2 = 0.3 (R2: a loss term) and a3 = 0.3 (R3: a compression / cost term), without fixing
-the terms' exact forms. Ours, each in [0, 1] so the weights mean what they say:
+Jiang 2024 (central control module) defines R = a1*R1 + a2*R2 + a3*R3 with a1 = 0.4
+(R1: accuracy on the batch), a2 = 0.3 (R2: a loss term, 1 - 1/Loss) and a3 = 0.3 (R3: a
+compression term). Ours keeps the weights (configurable, `reward:` in controller.yaml)
+and makes each term lie in [0, 1], so the weights mean what they say:
 
-- R1 = accuracy of the model *after* the action on the VM's recent labelled windows
-  (`next_state.accuracy`). With no labelled windows there is nothing to measure and
-  R1 = 0.5, neither praise nor blame.
-- R2 = exp(-loss) of that model on the same windows: 1 for a perfect, confident model,
-  falling smoothly as the class-balanced cross-entropy grows. (The paper's loss term is
-  not bounded; exp keeps R in [0, 1].)
-- R3 = 1 - cost of the action, cost = fine-tuning batches / `batch_budget` (the paper
-  fine-tunes with fewer than 200 batches) plus `push_cost` when a new bundle goes to the
-  agent (any action but keep). This is where we depart from "compression": what the
-  controller can trade against accuracy in this system is compute and model churn.
+- R1 = accuracy of the model *after* the action on a batch of labelled windows, or, with
+  `r1: f1`, its F1 there. Accuracy is the paper's; on data with a few percent anomalies
+  a model that never alarms scores about 0.95 on it, so the reward barely separates a
+  useful detector from a mute one. F1 does (docs/control.md measures both). F1 of a
+  batch without anomalies and without alarms is 1, with alarms 0 (trainer/state.py).
+  With no labelled window there is nothing to measure: R1 = 0.5, neither praise nor
+  blame.
+- R2 = exp(-loss), loss being that model's class-balanced cross-entropy on the same
+  windows: 1 for a perfect, confident model, falling smoothly and monotonically as the
+  loss grows. The paper's 1 - 1/Loss is unbounded below (and rewards a *higher* loss),
+  so we depart from it; exp keeps R in [0, 1]. 0.5 with no labelled windows.
+- R3 = 1 - cost of the action: the paper's "compression" term rewarded sending less; the
+  controller's levers here are training compute and bundle traffic, so cost =
+  fine-tuning batches / `batch_budget` (training time grows linearly with batches; the
+  paper fine-tunes with fewer than 200) plus `push_cost` for the bundle any action but
+  keep sends to the agent (bundles of one model kind all have the same size, so bytes
+  sent are proportional to pushes), capped at 1.
+
+Where the batch comes from: the control environment (controller/env.py) measures R1 and
+R2 on the windows that arrive *after* the action, scored by the model the action left
+in place: what the agent will actually see. The live controller only has the trainer's
+next state report, whose accuracy / F1 / loss cover the VM's recent labelled windows,
+some of which a fine-tune has just trained on; that reward is optimistic for training
+actions, which is one reason the live policy starts from one trained offline.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 from controller.policy import Action, Decision
 from trainer.state import VMState
 
-__all__ = ["WEIGHTS", "reward"]
+__all__ = ["WEIGHTS", "RewardSettings", "RewardTerms", "reward", "reward_terms"]
 
 WEIGHTS: tuple[float, float, float] = (0.4, 0.3, 0.3)
+"""The paper's (a1, a2, a3)."""
 
 
-def reward(decision: Decision, next_state: VMState, *, batch_budget: int = 200,
-           push_cost: float = 0.1) -> float:
-    if next_state.labelled_windows > 0:
-        r1 = next_state.accuracy
-        r2 = math.exp(-max(next_state.loss, 0.0))
+@dataclass(frozen=True)
+class RewardSettings:
+    """a1 / a2 / a3: weights of R1 / R2 / R3 (sum 1 keeps R in [0, 1]).
+    r1: "accuracy" (the paper's) or "f1" as R1.
+    batch_budget: fine-tuning batches that cost all of R3.
+    push_cost: share of R3 one bundle push costs.
+    """
+
+    a1: float = WEIGHTS[0]
+    a2: float = WEIGHTS[1]
+    a3: float = WEIGHTS[2]
+    r1: Literal["accuracy", "f1"] = "f1"
+    batch_budget: int = 200
+    push_cost: float = 0.1
+
+
+@dataclass(frozen=True)
+class RewardTerms:
+    r1: float
+    r2: float
+    r3: float
+    total: float
+
+
+def action_cost(decision: Decision, settings: RewardSettings) -> float:
+    """The normalized cost in [0, 1] of carrying out `decision`."""
+    cost = min(decision.batches / settings.batch_budget, 1.0) if decision.action.trains else 0.0
+    if decision.action is not Action.KEEP:
+        cost = min(cost + settings.push_cost, 1.0)
+    return cost
+
+
+def reward_terms(decision: Decision, *, accuracy: float, f1: float, loss: float,
+                 labelled: int, settings: RewardSettings | None = None) -> RewardTerms:
+    """R and its terms for `decision` given how the model did on `labelled` windows."""
+    s = settings or RewardSettings()
+    if labelled > 0:
+        r1 = f1 if s.r1 == "f1" else accuracy
+        r2 = math.exp(-max(loss, 0.0))
     else:
         r1 = r2 = 0.5
-    cost = min(decision.batches / batch_budget, 1.0) if decision.action.trains else 0.0
-    if decision.action is not Action.KEEP:
-        cost = min(cost + push_cost, 1.0)
-    r3 = 1.0 - cost
-    a1, a2, a3 = WEIGHTS
-    return a1 * r1 + a2 * r2 + a3 * r3
+    r3 = 1.0 - action_cost(decision, s)
+    return RewardTerms(r1, r2, r3, s.a1 * r1 + s.a2 * r2 + s.a3 * r3)
+
+
+def reward(decision: Decision, next_state: VMState,
+           settings: RewardSettings | None = None) -> float:
+    """R of a transition as the live controller sees it: from the next state report."""
+    return reward_terms(decision, accuracy=next_state.accuracy, f1=next_state.f1,
+                        loss=next_state.loss, labelled=next_state.labelled_windows,
+                        settings=settings).total

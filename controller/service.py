@@ -20,7 +20,7 @@ import grpc
 
 from controller.config import ControllerConfig
 from controller.core import ControlCore
-from controller.policy import build_policy
+from controller.policy import Policy, build_policy
 from controller.registry import Registry
 from controller.reward import reward
 from protos.vmad.v1 import control_pb2, control_pb2_grpc
@@ -58,11 +58,14 @@ class ControllerServer:
 
         self.config = config
         self.registry = Registry(config.database)
-        settings = config.reward
-        self.core = ControlCore(
-            self.registry, build_policy(config.policy.kind, config.policy.rules.settings()),
-            reward_of=lambda d, s: reward(d, s, batch_budget=settings.batch_budget,
-                                          push_cost=settings.push_cost))
+        settings = config.reward.settings()
+        try:
+            policy = make_policy(config, self.registry)
+        except Exception:
+            self.registry.close()
+            raise
+        self.core = ControlCore(self.registry, policy,
+                                reward_of=lambda d, s: reward(d, s, settings))
         self.server, self.token_check = make_server(config.security, max_workers=16)
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
@@ -81,6 +84,7 @@ class ControllerServer:
     def stop(self, grace: float = 5.0) -> None:
         self.health.set("", self._not_serving)
         self.server.stop(grace).wait()
+        self.core.policy.close()
         self.registry.close()
 
     def report(self, request: control_pb2.StateReport,
@@ -111,6 +115,32 @@ class ControllerServer:
             reply.decisions.add(timestamp=d.at, vm_id=d.vm_id,
                                 decision=decision_to_message(d.decision, d.decision_id))
         return reply
+
+
+def make_policy(config: ControllerConfig, registry: Registry) -> Policy:
+    """The configured policy. For `dqn`: the controller's own learned weights, else the
+    configured or shipped initial ones, its replay buffer refilled from the registry;
+    the rules when there is no policy file at all. PyTorch is imported only here."""
+    rules = build_policy("rules", config.policy.rules.settings())
+    if config.policy.kind == "rules":
+        return rules
+    from controller.dqn import DQNSettings, build_dqn_policy
+
+    d = config.policy.dqn
+    settings = DQNSettings(
+        learning_starts=d.learning_starts, buffer_size=d.buffer_size, batch_size=d.batch_size,
+        learning_rate=d.learning_rate, train_every=d.train_every,
+        target_update=d.target_update, save_every=d.save_every, gamma=config.reward.gamma,
+        epsilon=d.epsilon, learn=d.learn, seed=d.seed)
+    state_path = d.state or config.database.with_name("policy.npz")
+    dqn = build_dqn_policy(settings, state_path=state_path, initial=d.initial,
+                           fallback=rules)  # type: ignore[arg-type]
+    if dqn is None:
+        return rules
+    restored = dqn.restore((t.state, t.decision, t.reward, t.next_state)
+                           for t in registry.transitions(d.buffer_size, newest=True))
+    log.info("DQN replay buffer: %d transitions restored from %s", restored, config.database)
+    return dqn
 
 
 def fetch_fleet(config_path: Path, decisions: int = 10, timeout: float = 5.0) -> dict[str, Any]:
@@ -175,7 +205,13 @@ def serve_from_config(path: Path) -> int:
         return 2
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = ControllerServer(config)
+    from controller.dqn import PolicyFileError
+
+    try:
+        server = ControllerServer(config)
+    except PolicyFileError as error:
+        print(f"vmad controller: policy error: {error}", file=sys.stderr)
+        return 2
     server.start()
     print(f"vmad controller: listening on {server.address}, registry {config.database}",
           flush=True)

@@ -36,7 +36,7 @@ def test_rule_policy_follows_its_table() -> None:
 
 
 def test_reward_weights_and_terms() -> None:
-    good = _state(accuracy=1.0, loss=0.0)
+    good = _state(accuracy=1.0, f1=1.0, loss=0.0)
     assert reward(Decision(Action.KEEP), good) == pytest.approx(1.0)
     # A 200-batch fine-tune costs the whole cost term (0.3) for the same result.
     assert reward(Decision(Action.FINETUNE, 200), good) == pytest.approx(0.7)

@@ -30,7 +30,7 @@ import numpy as np
 
 from vmad.windows import Normalizer
 
-__all__ = ["FEATURES", "VMState", "compute_state", "drift_score", "summary_of"]
+__all__ = ["FEATURES", "VMState", "compute_state", "drift_score", "quality_of", "summary_of"]
 
 # Scales that map unbounded quantities into about [0, 1] so that one feature does not
 # dominate a neural policy: a day is "long ago", 10 robust units of drift is "extreme".
@@ -125,6 +125,30 @@ class VMState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def quality_of(probabilities: np.ndarray, labels: np.ndarray,
+               threshold: float) -> tuple[float, float, float]:
+    """(accuracy, F1, class-balanced cross-entropy) of anomaly `probabilities` against 0/1
+    `labels` at `threshold`; all 0 for no windows. The state's and the control reward's
+    measure of a model (controller/reward.py)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if not len(labels):
+        return 0.0, 0.0, 0.0
+    predicted = probabilities >= threshold
+    accuracy = float(np.mean(predicted == labels))
+    tp = int(np.sum(predicted & labels))
+    fp = int(np.sum(predicted & ~labels))
+    fn = int(np.sum(~predicted & labels))
+    # F1 of a VM with no anomalies and no alarms is perfect, not undefined.
+    f1 = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    p = np.clip(probabilities, 1e-6, 1 - 1e-6)
+    losses = np.where(labels, -np.log(p), -np.log(1 - p))
+    # Class-balanced, as in training: rare anomalies are not drowned by normal windows.
+    parts = [losses[labels].mean() if labels.any() else None,
+             losses[~labels].mean() if (~labels).any() else None]
+    return accuracy, float(f1), float(np.mean([x for x in parts if x is not None]))
+
+
 def summary_of(values: np.ndarray, normalizer: Normalizer) -> tuple[float, ...]:
     """Per-metric mean then standard deviation of `values[N, M]` after normalization."""
     if len(values) == 0:
@@ -175,23 +199,8 @@ def compute_state(
         labelled window and that window's 0/1 label (same length; may be empty).
     agent_verdicts: the verdicts the agent reported on recent windows.
     """
-    probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
-    accuracy = f1 = loss = 0.0
-    if len(labels):
-        predicted = probabilities >= threshold
-        accuracy = float(np.mean(predicted == labels))
-        tp = int(np.sum(predicted & labels))
-        fp = int(np.sum(predicted & ~labels))
-        fn = int(np.sum(~predicted & labels))
-        # F1 of a VM with no anomalies and no alarms is perfect, not undefined.
-        f1 = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-        p = np.clip(probabilities, 1e-6, 1 - 1e-6)
-        losses = np.where(labels, -np.log(p), -np.log(1 - p))
-        # Class-balanced, as in training: rare anomalies are not drowned by normal windows.
-        parts = [losses[labels].mean() if labels.any() else None,
-                 losses[~labels].mean() if (~labels).any() else None]
-        loss = float(np.mean([x for x in parts if x is not None]))
+    accuracy, f1, loss = quality_of(probabilities, labels, threshold)
     verdicts = np.asarray(agent_verdicts, dtype=bool)
     since = math.inf if last_trained_at is None else max(0.0, timestamp - last_trained_at)
     return VMState(
