@@ -39,6 +39,12 @@ class PolicyResult:
     batches: float
     seconds: float
     actions: dict[str, int]
+    episode_f1: tuple[float, ...]
+
+    @property
+    def f1_se(self) -> float:
+        """Standard error of the mean F1 over episodes."""
+        return self.f1_std / max(1, self.episodes - 1) ** 0.5
 
 
 def fixed_policies(k: int = 4, drift: float = 1.5, batches: int = 50) -> list[Policy]:
@@ -62,8 +68,7 @@ def play(env: VMLifeEnv, policy: Policy, seed: int) -> dict[str, Any]:
         rewards.append(reward)
         batches += info["batches"]
         seconds += info["train_seconds"]
-        key = decision.action.value + (f" {decision.batches}" if decision.batches else "")
-        actions[key] = actions.get(key, 0) + 1
+        actions[decision.label] = actions.get(decision.label, 0) + 1
         if terminated or truncated:
             break
     tp, fp, fn, tn = (int(c) for c in counts)
@@ -92,7 +97,8 @@ def run_control_bench(policies: list[Policy], episodes: int, settings: EnvSettin
                 float(np.mean([r["far"] for r in runs])),
                 float(np.mean([r["reward"] for r in runs])),
                 float(np.mean([r["batches"] for r in runs])),
-                float(np.mean([r["seconds"] for r in runs])), actions)
+                float(np.mean([r["seconds"] for r in runs])), actions,
+                tuple(r["f1"] for r in runs))
             results.append(result)
             if progress:
                 print(f"{policy.name:>26}: F1 {result.f1:.3f}  false alarms "
@@ -108,15 +114,34 @@ def render(results: list[PolicyResult], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("policy", "mean F1", "F1 std", "false-alarm rate", "mean reward",
+    for column in ("policy", "mean F1", "± SE", "false-alarm rate", "mean reward",
                    "batches / episode", "seconds / episode", "actions"):
         table.add_column(column, justify="left" if column in ("policy", "actions")
                          else "right")
     for r in results:
         actions = ", ".join(f"{k} {v}" for k, v in sorted(r.actions.items()))
-        table.add_row(r.policy, f"{r.f1:.3f}", f"{r.f1_std:.3f}", f"{r.false_alarm_rate:.4f}",
+        table.add_row(r.policy, f"{r.f1:.3f}", f"{r.f1_se:.3f}", f"{r.false_alarm_rate:.4f}",
                       f"{r.reward:.3f}", f"{r.batches:.0f}", f"{r.seconds:.1f}", actions)
     return table
+
+
+def paired_against_best_fixed(results: list[PolicyResult]) -> list[str]:
+    """For each DQN row: its F1 minus the best fixed policy's on the same episodes, with
+    the standard error of that paired difference (episodes differ far more from each
+    other than policies do on one episode, so unpaired errors would hide real gaps)."""
+    fixed = [r for r in results if not r.policy.startswith("dqn")]
+    if not fixed:
+        return []
+    best = max(fixed, key=lambda r: r.f1)
+    lines = []
+    for r in results:
+        if r.policy.startswith("dqn"):
+            diff = np.subtract(r.episode_f1, best.episode_f1)
+            se = float(np.std(diff) / max(1, len(diff) - 1) ** 0.5)
+            lines.append(f"{r.policy} - {best.policy}: F1 {diff.mean():+.3f} ± {se:.3f} "
+                         f"(paired over {len(diff)} episodes), compute "
+                         f"{r.batches:.0f} vs {best.batches:.0f} batches / episode")
+    return lines
 
 
 def bench_command(args: Any) -> int:
@@ -143,7 +168,12 @@ def bench_command(args: Any) -> int:
     title = (f"Control on {episodes} held-out episodes x {settings.steps} decisions "
              f"({settings.kind}, window {settings.window}, R1 = {settings.reward.r1}), "
              f"{time.perf_counter() - started:.0f} s")
-    Console().print(render(results, title))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)  # logs and docs: one row per policy
+    console.print(render(results, title))
+    for line in paired_against_best_fixed(results):
+        console.print(line)
     if args.json is not None:
         args.json.write_text(json.dumps({"settings": _jsonable(asdict(settings)),
                                          "episodes": episodes,

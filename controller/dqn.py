@@ -297,8 +297,8 @@ class DQNPolicy:
             index, how = int(self._rng.integers(len(CONTROL_ACTIONS))), "explore"
         chosen = CONTROL_ACTIONS[index]
         values = tuple(round(float(v), 4) for v in q)
-        listing = " ".join(f"{_short(a)}={v:.3f}" for a, v in zip(CONTROL_ACTIONS, values,
-                                                                   strict=True))
+        listing = " ".join(f"{a.label}={v:.3f}" for a, v in zip(CONTROL_ACTIONS, values,
+                                                                 strict=True))
         reason = f"dqn {how}: Q {listing}"
         log.info("VM %s: %s %d (%s)", state.vm_id, chosen.action.value, chosen.batches, reason)
         return Decision(chosen.action, chosen.batches, reason, values)
@@ -357,12 +357,6 @@ class DQNPolicy:
 
     def close(self) -> None:
         self.save()
-
-
-def _short(decision: Decision) -> str:
-    names = {"keep": "keep", "finetune": "ft", "reset": "reset", "reset_finetune": "reset+ft"}
-    name = names[decision.action.value]
-    return f"{name}{decision.batches}" if decision.batches else name
 
 
 def build_dqn_policy(settings: DQNSettings, *, state_path: Path, initial: Path | None,

@@ -51,6 +51,13 @@ class Decision:
     reason: str = ""
     q_values: tuple[float, ...] = ()
 
+    @property
+    def label(self) -> str:
+        """Short name for tables and logs: keep, ft50, reset, reset+ft50."""
+        name = {Action.KEEP: "keep", Action.FINETUNE: "ft", Action.RESET: "reset",
+                Action.RESET_FINETUNE: "reset+ft"}[self.action]
+        return f"{name}{self.batches}" if self.action.trains else name
+
 
 CONTROL_ACTIONS: tuple[Decision, ...] = (
     Decision(Action.KEEP, 0),
