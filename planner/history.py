@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vmad.errors import InputError
+
 __all__ = ["History", "HistoryError", "check_values", "read_columns", "read_history"]
 
 
-class HistoryError(ValueError):
+class HistoryError(InputError):
     """A history file or array the planner cannot use; the message says why."""
 
 

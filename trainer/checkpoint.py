@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from trainer.models import build_model
+from vmad.errors import InputError
 from vmad.windows import Normalizer
 
 __all__ = [
@@ -32,7 +33,7 @@ META_FILE = "checkpoint.json"
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "default_checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, corrupt, or does not fit its own description."""
 
 

@@ -10,6 +10,8 @@ from typing import Any
 from vmad.schema import DEFAULT_WINDOW
 
 TABLE_COLUMNS = ("point_f1", "event_f1", "precision", "recall", "false_alarm_rate", "auc")
+TABLE_HEADERS = {"point_f1": "point F1", "event_f1": "event F1", "precision": "precision",
+                 "recall": "recall", "false_alarm_rate": "false alarms", "auc": "AUC"}
 
 
 def register(commands: Any, bench: Any) -> None:
@@ -24,6 +26,11 @@ def register(commands: Any, bench: Any) -> None:
     pretrain.add_argument("--synthetic-samples", type=int, default=20_000)
     pretrain.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     pretrain.add_argument("--batches", type=int, default=1500, help="mini-batches at most")
+    pretrain.add_argument("--false-alarm-rate", type=float, default=0.002,
+                          help="threshold so that this share of normal windows on unseen "
+                               "synthetic VMs is flagged (default 0.002)")
+    pretrain.add_argument("--calibration-vms", type=int, default=4,
+                          help="unseen synthetic VMs the threshold is set on")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=run_pretrain)
 
@@ -91,12 +98,18 @@ def run_pretrain(args: argparse.Namespace) -> int:
     config = TrainConfig(max_batches=args.batches, batch_size=128, eval_every=50, patience=5,
                          seed=args.seed)
     result = train(model, fit, fit.labels, config, validation=validation, progress="pretrain")
-    threshold = best_f1_threshold(validation[1], predict_proba(model, validation[0]))
     provenance = {
         "command": "vmad pretrain", "seed": args.seed, "synthetic_vms": args.synthetic_vms,
         "synthetic_samples": args.synthetic_samples, "data": str(args.data or ""),
         "batches": result.batches, "validation_loss": result.best_validation_loss,
     }
+    if args.data is None and args.calibration_vms > 0:
+        threshold, calibration = _calibrate(model, normalizer, args)
+        provenance["calibration"] = calibration
+        print(f"calibrated on {args.calibration_vms} unseen VMs: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in calibration.items() if isinstance(v, float)))
+    else:
+        threshold = best_f1_threshold(validation[1], predict_proba(model, validation[0]))
     checkpoint = Checkpoint(model, args.kind, metrics, args.window, normalizer, threshold,
                             provenance)
     save_checkpoint(args.out, checkpoint)
@@ -108,6 +121,34 @@ def run_pretrain(args: argparse.Namespace) -> int:
         print(f"bundle {bundle.metadata.version} sha256 {bundle.metadata.onnx_sha256[:12]} "
               f"-> {args.bundle}")
     return 0
+
+
+def _calibrate(model: Any, normalizer: Any, args: argparse.Namespace) -> tuple[float, dict]:
+    """The threshold flagging `args.false_alarm_rate` of normal windows on synthetic VMs
+    the model never saw (their own seeds), and what it catches there. Not on held-out
+    tails of the training VMs: a fresh VM's levels are new, and scores there run higher."""
+    import numpy as np
+
+    from trainer.datasets import WindowSource
+    from trainer.training import predict_proba
+    from vmad.evaluation import score_detection
+    from vmad.synthetic import generate_fleet
+
+    fleet = generate_fleet(args.seed + 10_000, args.calibration_vms, args.synthetic_samples)
+    sources = [WindowSource.from_series(vm, normalizer, args.window) for vm in fleet]
+    scores = np.concatenate([predict_proba(model, s.gather(np.arange(len(s)))) for s in sources])
+    labels = np.concatenate([s.labels for s in sources]).astype(bool)
+    threshold = float(np.quantile(scores[~labels], 1 - args.false_alarm_rate))
+    # Strictly above that quantile, so ties at a saturated score are not all flagged.
+    threshold = float(np.nextafter(np.float32(threshold), np.float32(np.inf)))
+    result = score_detection(labels, scores, threshold)
+    return threshold, {
+        "vms": args.calibration_vms, "seed": args.seed + 10_000,
+        "target_false_alarm_rate": args.false_alarm_rate,
+        **{k: float(getattr(result, k)) for k in (
+            "false_alarm_rate", "precision", "recall", "point_f1", "event_recall",
+            "event_precision", "auc")},
+    }
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -151,7 +192,13 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_bench_detection(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from trainer.evaluate import QUICK, ProtocolConfig, run_detection_benchmark, write_json
+    from trainer.evaluate import (
+        DETECTORS,
+        QUICK,
+        ProtocolConfig,
+        run_detection_benchmark,
+        write_json,
+    )
 
     config = QUICK if args.quick else ProtocolConfig()
     config = replace(config, folds=args.folds, seed=args.seed)
@@ -161,10 +208,17 @@ def run_bench_detection(args: argparse.Namespace) -> int:
         config = replace(config, pretrain=replace(config.pretrain,
                                                   max_batches=args.pretrain_batches))
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown or not detectors:
+        from vmad.cli import UsageError
+
+        raise UsageError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
     result = run_detection_benchmark(
         args.data, detectors, config, progress=True,
-        on_result=lambda s, d, r: print(f"{s:>16} {d:>9}  point F1 {r.point_f1:.3f}  "
-                                        f"event F1 {r.event_f1:.3f}", flush=True),
+        on_result=lambda s, d, r: print(
+            f"{s:>16} {d:>9}  point F1 {r.point_f1:.3f}  event F1 {r.event_f1:.3f}  "
+            f"precision {r.precision:.3f}  recall {r.recall:.3f}  "
+            f"false alarms {r.false_alarm_rate:.4f}  AUC {r.auc:.3f}", flush=True),
     )
     print_table(result)
     if args.json is not None:
@@ -179,14 +233,15 @@ def print_table(result: dict) -> None:
 
     detectors = result["protocol"]["detectors"]
     table = Table(title="Detection: point-wise and event-wise, no point adjustment")
-    table.add_column("series")
-    table.add_column("detector")
+    table.add_column("series", no_wrap=True)
+    table.add_column("detector", no_wrap=True)
     for column in TABLE_COLUMNS:
-        table.add_column(column, justify="right")
+        table.add_column(TABLE_HEADERS[column], justify="right")
     rows = [*result["series"].items(), ("MEAN", result["mean"])]
     for name, scores in rows:
         for detector in detectors:
             table.add_row(name, detector,
                           *(f"{scores[detector][c]:.3f}" for c in TABLE_COLUMNS))
         table.add_section()
-    Console().print(table)
+    # Wide enough for every column: a log file must not get a truncated table.
+    Console(width=max(120, Console().width)).print(table)

@@ -115,6 +115,11 @@ def train(
     labels_f = np.asarray(labels, dtype=np.float32)
     started = time.perf_counter()
     best_loss, best_state, stale, stopped_early = None, None, 0, False
+    if validation is not None:
+        # The starting weights are a candidate too: fine-tuning a pretrained model on a
+        # few target events can make it worse, and then the pretrained weights should stay.
+        best_loss = validation_loss(model, *validation)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     running = float("nan")
     batches = 0
     bar = _ProgressBar(progress, config.max_batches)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from vmad.errors import InputError
 from vmad.windows import Normalizer
 
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ MAX_ONNX_BYTES = 64 * 1024 * 1024
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle that is malformed, corrupt, or does not fit what the caller expects."""
 
 

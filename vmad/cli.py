@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from vmad import __version__
+from vmad.errors import InputError
 
 COMMAND_MODULES = (
     "trainer.commands",
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.run(args)
     except KeyboardInterrupt:
         return 130
-    except UsageError as error:
+    except (UsageError, InputError) as error:
         print(f"vmad {args.command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)

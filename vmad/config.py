@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from vmad.errors import InputError
+
 __all__ = ["COMPONENT_SCHEMAS", "ConfigError", "component_of", "load_config", "read_yaml",
            "schema_for", "validate_file"]
 
@@ -43,7 +45,7 @@ COMPONENT_SCHEMAS: dict[str, str] = {
 _ENV = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file that cannot be read, is not YAML, or does not fit its schema.
 
     The message always starts with the file name; `problems` holds one

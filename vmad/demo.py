@@ -4,8 +4,9 @@ Starts a controller and a trainer as real processes on loopback, then several si
 agents (vmad/replay.py) that replay labelled series — synthetic, and SMD machines from
 `../shared/datasets/smd` when present — through the same gRPC calls a real agent makes,
 about 20 samples a second each (a day of 5-second samples in a few minutes). The trainer
-reports each VM's state to the controller every few seconds; the controller's rule policy
-answers (keep, fine-tune, reset); fine-tuned bundles are pushed back to the agents,
+reports each VM's state to the controller every few seconds; the controller's DQN (the
+policy shipped with vmad, controller/dqn.py) answers (keep, fine-tune, reset) and logs
+its Q-values; fine-tuned bundles are pushed back to the agents,
 which score the rest of their series with them. A live table shows it; a summary ends it.
 
 The real edge agent and the scripted `vmad inject memory-leak` join the demo when the
@@ -116,7 +117,9 @@ def run_demo(args: argparse.Namespace) -> int:
     c_config = workdir / "controller.yaml"
     c_config.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{c_port}", "database": str(workdir / "registry.sqlite"),
-        "policy": {"rules": {"min_labelled": 64, "finetune_batches": 60, "cooldown_s": 15.0,
+        # The shipped DQN decides; the rules answer only states it cannot read.
+        "policy": {"kind": "dqn",
+                   "rules": {"min_labelled": 64, "finetune_batches": 60, "cooldown_s": 15.0,
                              "min_f1": 0.6, "min_accuracy": 0.9}},
         "security": {"insecure": True},
     }))
@@ -239,6 +242,10 @@ def _table(agents: list[Any], fleet: dict[str, Any]) -> Any:
                       str(len(agent.bundles_received)))
     actions = ", ".join(f"{k} {v}" for k, v in sorted(fleet.get("actions", {}).items()))
     table.caption = f"controller decisions: {actions or 'none yet'}"
+    if fleet.get("decisions"):
+        latest = fleet["decisions"][0]
+        table.caption += (f"\nlatest: {latest['vm_id']} {latest['action']} "
+                          f"{latest['batches']} ({latest['reason']})")
     return table
 
 

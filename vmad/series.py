@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vmad.errors import InputError
+
 __all__ = [
     "DEFAULT_MAX_FILL",
     "Series",
@@ -38,7 +40,7 @@ DEFAULT_MAX_FILL = 3
 MISSING = {"", "nan", "NaN", "NAN", "null", "NULL", "NA"}
 
 
-class SeriesFormatError(ValueError):
+class SeriesFormatError(InputError):
     """A series file that cannot be read as it stands; names where and why."""
 
     def __init__(self, path: str | Path, message: str, *, line: int | None = None,
