@@ -49,42 +49,10 @@ def register(commands: Any) -> None:
 def _sources(args: argparse.Namespace, n_samples: int) -> list[Any]:
     from vmad import replay
 
-    try:
-        series = replay.synthetic_series(args.seed, args.synthetic, n_samples)
-    except ImportError:
-        series = replay.simple_series(args.seed, args.synthetic, n_samples)
+    series = replay.synthetic_series(args.seed, args.synthetic, n_samples)
     if args.smd > 0 and SMD_DIR.is_dir():
         series += replay.load_smd(SMD_DIR, args.smd, n_samples)
     return series
-
-
-def _pretrained(folder: Path, window: int, seed: int) -> Path:
-    """The shipped pretrained checkpoint, or (when this checkout has none yet) a small
-    Zoom-CNN pretrained here on generated series not used for replay."""
-    from trainer.checkpoint import (
-        DEFAULT_CHECKPOINT_DIR,
-        Checkpoint,
-        save_checkpoint,
-    )
-
-    if (DEFAULT_CHECKPOINT_DIR / "checkpoint.json").is_file():
-        return DEFAULT_CHECKPOINT_DIR
-    from trainer.models import build_model
-    from trainer.training import TrainConfig, train
-    from vmad.replay import simple_series
-    from vmad.schema import DEFAULT_METRICS
-    from vmad.windows import Normalizer, make_windows, window_labels
-
-    series = simple_series(seed + 99, 4, 3000)
-    normalizer = Normalizer.fit(np.concatenate([s.values for s in series]))
-    windows = np.concatenate([make_windows(normalizer.apply(s.values), window)
-                              for s in series])
-    labels = np.concatenate([window_labels(s.labels, window) for s in series])
-    model = build_model("zoom-cnn", len(DEFAULT_METRICS), window)
-    train(model, windows, labels, TrainConfig(max_batches=150, batch_size=64, seed=seed))
-    save_checkpoint(folder, Checkpoint(model, "zoom-cnn", DEFAULT_METRICS, window,
-                                       normalizer, 0.5, {"command": "vmad demo (fallback)"}))
-    return folder
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -92,19 +60,21 @@ def run_demo(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from controller.service import fetch_fleet
+    from trainer.checkpoint import DEFAULT_CHECKPOINT_DIR
     from vmad.launch import free_port, start, wait_serving
     from vmad.replay import ReplayAgent, score_events
 
-    console = Console()
+    # Wide enough for every column also when stdout is a pipe or a CI log.
+    console = Console(width=max(140, Console().width))
     started = time.monotonic()
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="vmad-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]vmad demo[/]: configs, logs and data in {workdir}")
-    # The agent takes the default window (vmad/schema.py); the fallback model matches it.
+    # The agent takes the default window (vmad/schema.py); the shipped model matches it.
     window = DEFAULT_WINDOW
     # The demo runs plaintext on purpose and says so once; not on every status poll.
     logging.getLogger("vmad.security").setLevel(logging.ERROR)
-    checkpoint = _pretrained(workdir / "pretrained", window, args.seed)
+    checkpoint = DEFAULT_CHECKPOINT_DIR
     from trainer.checkpoint import load_checkpoint
     from trainer.export import export_bundle
 

@@ -289,27 +289,3 @@ class ReplayAgent:
                 return
 
         threading.Thread(target=loop, name=f"watch-{self.vm_id}", daemon=True).start()
-
-
-def simple_series(seed: int, n_vms: int, n_samples: int) -> list[ReplaySeries]:
-    """A stand-in generator used only when vmad/synthetic.py is not installed: a daily
-    cycle plus noise, with memory leaks (ramps) and CPU hogs (plateaus) labelled."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n_vms):
-        t = np.arange(n_samples)
-        base = np.array([35, 45, 5, 8], dtype=np.float32) * rng.uniform(0.7, 1.3, 4)
-        cycle = np.sin(2 * np.pi * t / 720.0)[:, None] * base * 0.15
-        values = (base + cycle + rng.normal(0, 1, (n_samples, 4)) * base * 0.05)
-        labels = np.zeros(n_samples, dtype=np.int8)
-        for start in range(int(rng.integers(200, 400)), n_samples - 120,
-                           int(rng.integers(450, 650))):
-            length = int(rng.integers(40, 100))
-            if rng.random() < 0.5:
-                values[start:start + length, 1] += np.linspace(0, 40, length)
-            else:
-                values[start:start + length, 0] += 45
-            labels[start:start + length] = 1
-        out.append(ReplaySeries(f"generated-{i}", np.clip(values, 0, None).astype(np.float32),
-                                labels, "generated"))
-    return out
