@@ -5,8 +5,9 @@ name the column to use. Timestamps may be epoch seconds or ISO-8601 / "YYYY-MM-D
 Bad input is a ``HistoryError`` naming the file and the problem: an empty file, a NaN or
 non-numeric value, timestamps out of order.
 
-TODO(core): switch to ``vmad.series.read_series`` once vmad/series.py lands, so the
-project has one CSV reader; this module then only keeps the checks the planner adds.
+Why not ``vmad.series.read_series``: NAB is scored row by row and one of its files steps
+back in time (a clock change), which the shared reader rightly refuses; this reader can
+keep file order (``strict_order=False``) and reads one named column of a wide file.
 """
 
 from __future__ import annotations
