@@ -55,6 +55,7 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self.received = 0
         self.labels: dict[str, telemetry_pb2.LabelInterval] = {}
         self.verdicts = 0
+        self.flagged: list[float] = []  # timestamps of anomalous verdicts
         self.acked: dict[str, int] = {}
         self.bundles: list[bundle_pb2.ModelBundle] = []
         self.metadata: list[dict[str, str]] = []
@@ -72,6 +73,7 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
                         self.samples[key] = sample
                         stored += 1
                 self.verdicts += len(batch.verdicts)
+                self.flagged += [v.timestamp for v in batch.verdicts if v.anomalous]
                 for label in batch.labels:
                     self.labels[label.id] = label
                 acked = max(self.acked.get(batch.vm_id, 0), batch.first_seq - 1)
