@@ -46,7 +46,9 @@ def test_bench_detection_quick_writes_the_documented_json(series_dir: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "detection.json"
     result = vmad("bench", "detection", "--quick", "--data", str(series_dir),
-                  "--detectors", "zoom-cnn,mlp,pca", "--json", str(out))
+                  "--detectors", "zoom-cnn,mlp,pca", "--json", str(out),
+                  "--markdown", str(tmp_path / "detection.md"))
+    assert "| zoom-cnn |" in (tmp_path / "detection.md").read_text()
     assert "MEAN" in result.stdout and "point F1" in result.stdout
     data = json.loads(out.read_text())
     keys = {"point_f1", "event_f1", "precision", "recall", "false_alarm_rate", "auc"}

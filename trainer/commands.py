@@ -56,6 +56,7 @@ def register(commands: Any, bench: Any) -> None:
                            help="folder of series folders with train and labelled test parts")
     detection.add_argument("--detectors", default="zoom-cnn,cnn,mlp,zoom-2,zoom-4,pca")
     detection.add_argument("--json", type=Path, help="write the results here")
+    detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     detection.add_argument("--folds", type=int, default=0,
                            help="0 = leave-one-out pretraining per target (the protocol); "
@@ -224,7 +225,29 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(result, args.json)
         print(f"results -> {args.json}")
+    if args.markdown is not None:
+        args.markdown.write_text(markdown_tables(result))
+        print(f"tables -> {args.markdown}")
     return 0
+
+
+def markdown_tables(result: dict) -> str:
+    """The mean table (one row per detector) and the per-series point-wise F1 table."""
+    detectors = result["protocol"]["detectors"]
+    header = "| detector | " + " | ".join(TABLE_HEADERS[c] for c in TABLE_COLUMNS) + " |"
+    lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for detector in detectors:
+        scores = result["mean"][detector]
+        lines.append(f"| {detector} | " + " | ".join(f"{scores[c]:.3f}" for c in TABLE_COLUMNS)
+                     + " |")
+    lines += ["", "Point-wise F1 per series:", "",
+              "| series | " + " | ".join(detectors) + " |", "|---" * (len(detectors) + 1) + "|"]
+    for name, scores in result["series"].items():
+        best = max(scores[d]["point_f1"] for d in detectors)
+        cells = [f"**{scores[d]['point_f1']:.3f}**" if scores[d]["point_f1"] == best
+                 else f"{scores[d]['point_f1']:.3f}" for d in detectors]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(result: dict) -> None:
