@@ -90,7 +90,10 @@ def _callbacks(out: Path, settings: TrainSettings, progress: bool) -> list[Any]:
             info = self.locals["infos"][0]
             self.step_in_episode += 1
             reward = float(self.locals["rewards"][0])
-            epsilon = float(self.model.exploration_rate)
+            # The schedule's value now: the model updates `exploration_rate` only after
+            # the callbacks of a step have run.
+            epsilon = float(self.model.exploration_schedule(
+                self.model._current_progress_remaining))
             self.writer.writerow([self.episode, self.step_in_episode, info["action"],
                                   f"{reward:.5f}", f"{info['accuracy']:.5f}",
                                   f"{info['f1']:.5f}", f"{info['loss']:.5f}", info["batches"],
