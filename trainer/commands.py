@@ -62,6 +62,8 @@ def register(commands: Any, bench: Any) -> None:
                            help="0 = leave-one-out pretraining per target (the protocol); "
                                 "K = leave one fold of K out, K times fewer pretrainings")
     detection.add_argument("--pretrain-batches", type=int)
+    detection.add_argument("--finetune-batches", type=int,
+                           help="at most this many fine-tuning batches (0 = pretrained only)")
     detection.add_argument("--max-series", type=int)
     detection.add_argument("--seed", type=int, default=0)
     detection.set_defaults(run=run_bench_detection)
@@ -208,6 +210,9 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     if args.pretrain_batches is not None:
         config = replace(config, pretrain=replace(config.pretrain,
                                                   max_batches=args.pretrain_batches))
+    if args.finetune_batches is not None:
+        config = replace(config, finetune=replace(config.finetune,
+                                                  max_batches=args.finetune_batches))
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown or not detectors:
