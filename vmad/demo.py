@@ -246,7 +246,7 @@ def _start_real_agent(workdir: Path, initial: Any, trainer_port: int,
         "trainer": {"address": f"127.0.0.1:{trainer_port}", "flush_s": 1.0},
         "spool": {"path": str(agent_dir / "spool.db")},
         "metrics": {"listen": None},
-        "inject": {"labels_file": str(agent_dir / "labels.jsonl"), "max_memory_share": 0.1},
+        "inject": {"labels_file": str(agent_dir / "labels.jsonl"), "max_memory_share": 0.25},
         "security": {"insecure": True},
     }))
     process = start("agent", ["agent", "--config", str(config)], workdir / "logs")
