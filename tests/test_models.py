@@ -102,3 +102,17 @@ def test_checkpoint_round_trip_and_corruption(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_fine_tuning_that_never_helps_keeps_the_starting_weights() -> None:
+    """A model already good on the validation windows, then trained on inverted labels:
+    every evaluation is worse than the start, so the start is what comes back."""
+    windows, labels = _separable_problem()
+    model = build_model("mlp", 4, 32)
+    train(model, windows, labels, TrainConfig(max_batches=80, batch_size=32, seed=1))
+    before = predict_proba(model, windows)
+    result = train(model, windows, 1 - labels,
+                   TrainConfig(max_batches=40, eval_every=10, patience=10, seed=2),
+                   validation=(windows, labels))
+    assert result.batches == 40
+    np.testing.assert_array_equal(predict_proba(model, windows), before)
