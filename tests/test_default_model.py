@@ -37,3 +37,17 @@ def test_detects_faults_on_an_unseen_vm() -> None:
                              bundle.metadata.threshold)
     assert faults and result.event_recall >= 0.5
     assert result.false_alarm_rate <= 0.01
+
+
+def test_normalization_bench_quick_runs() -> None:
+    """bench/normalization.py --quick: both variants scored, the totals table printed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "bench/normalization.py", "--quick", "--vms", "2",
+                             "--samples", "2000"], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pooled (shipped)" in result.stdout and "per-VM first hour" in result.stdout
