@@ -24,7 +24,7 @@ from trainer.checkpoint import load_default_checkpoint
 from trainer.datasets import WindowPool, WindowSource
 from trainer.models import build_model
 from trainer.training import TrainConfig, predict_proba, train
-from vmad.evaluation import score_detection
+from vmad.evaluation import false_alarm_threshold, score_detection
 from vmad.synthetic import generate_fleet, generate_vm
 from vmad.windows import Normalizer
 
@@ -67,8 +67,7 @@ def main() -> None:
                    validation=(held[np.arange(len(held))], held.labels), progress="pretrain")
     calibration = own_sources(generate_fleet(10_000, 4, n_samples), args.warmup, window)
     scores, labels = scores_of(model, calibration)
-    normal = scores[~labels.astype(bool)]
-    threshold = float(np.nextafter(np.float32(np.quantile(normal, 0.998)), np.float32(1)))
+    threshold = false_alarm_threshold(scores[~labels.astype(bool)], 0.002)
     seconds = time.perf_counter() - started
 
     variants = {"pooled (shipped)": (shipped.model, shipped.threshold, False),

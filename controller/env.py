@@ -43,6 +43,7 @@ from gymnasium import spaces
 from controller.policy import CONTROL_ACTIONS, Action, Decision
 from controller.reward import RewardSettings, reward_terms
 from trainer.state import FEATURES, quality_of
+from vmad.evaluation import events
 from vmad.schema import DEFAULT_METRICS
 
 __all__ = ["SMD_DIR", "EnvSettings", "Stream", "VMLifeEnv", "make_stream",
@@ -230,9 +231,7 @@ def pretrained_checkpoint(kind: str, window: int, batches: int, seed: int) -> An
 
 
 def _anomalous_runs(labels: np.ndarray, timestamps: np.ndarray) -> list[tuple[float, float]]:
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], labels.astype(np.int8), [0]])))
-    return [(float(timestamps[a]), float(timestamps[b - 1]))
-            for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return [(float(timestamps[a]), float(timestamps[b - 1])) for a, b in events(labels)]
 
 
 class VMLifeEnv(gym.Env):

@@ -134,16 +134,14 @@ def _calibrate(model: Any, normalizer: Any, args: argparse.Namespace) -> tuple[f
 
     from trainer.datasets import WindowSource
     from trainer.training import predict_proba
-    from vmad.evaluation import score_detection
+    from vmad.evaluation import false_alarm_threshold, score_detection
     from vmad.synthetic import generate_fleet
 
     fleet = generate_fleet(args.seed + 10_000, args.calibration_vms, args.synthetic_samples)
     sources = [WindowSource.from_series(vm, normalizer, args.window) for vm in fleet]
     scores = np.concatenate([predict_proba(model, s.gather(np.arange(len(s)))) for s in sources])
     labels = np.concatenate([s.labels for s in sources]).astype(bool)
-    threshold = float(np.quantile(scores[~labels], 1 - args.false_alarm_rate))
-    # Strictly above that quantile, so ties at a saturated score are not all flagged.
-    threshold = float(np.nextafter(np.float32(threshold), np.float32(np.inf)))
+    threshold = false_alarm_threshold(scores[~labels], args.false_alarm_rate)
     result = score_detection(labels, scores, threshold)
     return threshold, {
         "vms": args.calibration_vms, "seed": args.seed + 10_000,

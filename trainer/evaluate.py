@@ -183,7 +183,7 @@ def _evaluate_neural(
     fine = train(model, tune_windows[~held_blocks], tune.labels[~held_blocks], config.finetune,
                  validation=validation,
                  progress=f"{target.name} {kind} fine-tune" if progress else None)
-    threshold = _threshold(tune.labels, predict_proba(model, tune_windows))
+    threshold = best_f1_threshold(tune.labels, predict_proba(model, tune_windows))
     held = WindowSource.from_series(target.test, target.normalizer, config.window, start=cut)
     scores = predict_proba(model, WindowPool([held]))
     cost = {"pretrain_batches": pre_batches, "finetune_batches": fine.batches,
@@ -208,17 +208,9 @@ def _evaluate_pca(target: _Target, config: ProtocolConfig) -> tuple[DetectionSco
     # The first window - 1 samples have no full window for the neural detectors: score the
     # same samples for every detector.
     first = max(cut, config.window - 1)
-    threshold = _threshold(labels[:cut], scores[:cut])
+    threshold = best_f1_threshold(labels[:cut], scores[:cut])
     result = score_detection(labels[first:], scores[first:], threshold)
     return result, {"seconds": time.perf_counter() - started}
-
-
-def _threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    # With no anomaly in the fine-tuning part there is nothing to fit: fall back to the
-    # highest score seen there, i.e. flag only what is more extreme than anything normal.
-    if not np.any(labels):
-        return float(np.nextafter(np.max(scores), np.inf)) if len(scores) else 0.5
-    return best_f1_threshold(labels, scores)
 
 
 def run_detection_benchmark(

@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from vmad.schema import DEFAULT_WINDOW
-
 __all__ = ["register", "run_demo"]
 
 SMD_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "smd"
@@ -70,14 +68,13 @@ def run_demo(args: argparse.Namespace) -> int:
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="vmad-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]vmad demo[/]: configs, logs and data in {workdir}")
-    # The agent takes the default window (vmad/schema.py); the shipped model matches it.
-    window = DEFAULT_WINDOW
     # The demo runs plaintext on purpose and says so once; not on every status poll.
     logging.getLogger("vmad.security").setLevel(logging.ERROR)
     checkpoint = DEFAULT_CHECKPOINT_DIR
     from trainer.checkpoint import load_checkpoint
     from trainer.export import export_bundle
 
+    # The shipped model has the default window (vmad/schema.py), the one the agent takes.
     initial = export_bundle(load_checkpoint(checkpoint), "initial")
     window = initial.window
     n_samples = int(args.seconds * args.rate)

@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["DetectionScores", "best_f1_threshold", "events", "roc_auc", "score_detection"]
+__all__ = [
+    "DetectionScores",
+    "best_f1_threshold",
+    "events",
+    "false_alarm_threshold",
+    "roc_auc",
+    "score_detection",
+]
 
 
 @dataclass(frozen=True)
@@ -124,3 +131,11 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     f1 = 2 * tp[last] / (flagged[last] + labels.sum())
     best = last[int(np.argmax(f1))]  # first maximum = highest threshold
     return float(sorted_scores[best])
+
+
+def false_alarm_threshold(normal_scores: np.ndarray, rate: float) -> float:
+    """The threshold flagging at most `rate` of `normal_scores` (float32 model outputs):
+    just above their (1 - rate) quantile, so ties at a saturated score are not all
+    flagged."""
+    cut = np.float32(np.quantile(np.asarray(normal_scores), 1 - rate))
+    return float(np.nextafter(cut, np.float32(np.inf)))

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from vmad.evaluation import events
 from vmad.schema import DEFAULT_METRICS
 
 __all__ = ["EventScore", "ReplaySeries", "load_smd", "runs", "score_events",
@@ -54,10 +55,7 @@ class EventScore:
 
 def runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """[start, end] (inclusive) of each run of true values."""
-    flags = np.asarray(flags, dtype=bool).astype(np.int8)
-    edges = np.diff(np.concatenate([[0], flags, [0]]))
-    return list(zip(np.flatnonzero(edges == 1).tolist(),
-                    (np.flatnonzero(edges == -1) - 1).tolist(), strict=True))
+    return [(start, stop - 1) for start, stop in events(flags)]
 
 
 def score_events(labels: np.ndarray, flagged: np.ndarray, scored: np.ndarray,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vmad.errors import InputError
+from vmad.evaluation import events
 
 __all__ = [
     "DEFAULT_MAX_FILL",
@@ -145,16 +146,14 @@ def _parse_column(path: Path, name: str, cells: list[str], max_fill: int) -> np.
 
 def _forward_fill(path: Path, name: str, values: np.ndarray, missing: np.ndarray,
                   max_fill: int) -> None:
-    padded = np.concatenate([[False], missing, [False]])
-    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
-    for start, stop in zip(edges[::2], edges[1::2], strict=True):
+    for start, stop in events(missing):
         if start == 0:
             raise SeriesFormatError(path, "the first value is missing (nothing to fill from)",
                                     line=2, column=name)
         if stop - start > max_fill:
             raise SeriesFormatError(
                 path, f"{stop - start} missing values in a row (lines {start + 2}-{stop + 1}); "
-                f"at most {max_fill} are forward-filled", line=int(start) + 2, column=name)
+                f"at most {max_fill} are forward-filled", line=start + 2, column=name)
         values[start:stop] = values[start - 1]
 
 
