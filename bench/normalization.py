@@ -20,12 +20,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from trainer.checkpoint import load_default_checkpoint
-from trainer.datasets import WindowPool, WindowSource
-from trainer.models import build_model
-from trainer.training import TrainConfig, predict_proba, train
 from vmad.evaluation import false_alarm_threshold, score_detection
 from vmad.synthetic import generate_fleet, generate_vm
+from vmad.trainer.checkpoint import load_default_checkpoint
+from vmad.trainer.datasets import WindowPool, WindowSource
+from vmad.trainer.models import build_model
+from vmad.trainer.training import TrainConfig, predict_proba, train
 from vmad.windows import Normalizer
 
 COLUMNS = ("false_alarm_rate", "precision", "recall", "point_f1", "event_recall", "auc")

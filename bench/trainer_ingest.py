@@ -30,8 +30,8 @@ from vmad.schema import DEFAULT_METRICS
 
 
 def _checkpoint(folder: Path) -> Path:
-    from trainer.checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpoint, save_checkpoint
-    from trainer.models import build_model
+    from vmad.trainer.checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpoint, save_checkpoint
+    from vmad.trainer.models import build_model
     from vmad.windows import Normalizer
 
     if (DEFAULT_CHECKPOINT_DIR / "checkpoint.json").is_file():

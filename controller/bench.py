@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from controller.env import EnvSettings, VMLifeEnv
-from controller.policy import Policy, RulePolicy, action_index
+from vmad.controller.env import EnvSettings, VMLifeEnv
+from vmad.controller.policy import Policy, RulePolicy, action_index
 
 __all__ = ["QUICK", "PolicyResult", "fixed_policies", "run_control_bench"]
 
@@ -48,7 +48,7 @@ class PolicyResult:
 
 
 def fixed_policies(k: int = 4, drift: float = 1.5, batches: int = 50) -> list[Policy]:
-    from controller.baselines import AlwaysFinetune, EveryK, NeverRetrain, OnDrift
+    from vmad.controller.baselines import AlwaysFinetune, EveryK, NeverRetrain, OnDrift
 
     return [NeverRetrain(), EveryK(k, batches), OnDrift(drift, batches), AlwaysFinetune(200),
             RulePolicy()]
@@ -147,7 +147,7 @@ def paired_against_best_fixed(results: list[PolicyResult]) -> list[str]:
 def bench_command(args: Any) -> int:
     from rich.console import Console
 
-    from controller.dqn import DEFAULT_POLICY, DQNPolicy, DQNSettings, load_policy_file
+    from vmad.controller.dqn import DEFAULT_POLICY, DQNPolicy, DQNSettings, load_policy_file
 
     settings = QUICK if args.quick else EnvSettings()
     if args.kind:

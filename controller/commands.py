@@ -71,7 +71,7 @@ def register(commands: Any, bench: Any) -> None:
 
 
 def run_controller(args: argparse.Namespace) -> int:
-    from controller.service import serve_from_config
+    from vmad.controller.service import serve_from_config
 
     if args.config is None:
         from vmad.cli import UsageError
@@ -83,15 +83,15 @@ def run_controller(args: argparse.Namespace) -> int:
 def run_train_policy(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from controller.bench import QUICK
-    from controller.env import EnvSettings
-    from controller.training import TrainSettings, train_policy
+    from vmad.controller.bench import QUICK
+    from vmad.controller.env import EnvSettings
+    from vmad.controller.training import TrainSettings, train_policy
 
     env = QUICK if args.quick else EnvSettings()
     gamma = TrainSettings.gamma
     if args.train_config is not None:
-        from controller.config import ControllerConfig
-        from trainer.config_loading import ConfigFileError, load_component_config
+        from vmad.controller.config import ControllerConfig
+        from vmad.trainer.config_loading import ConfigFileError, load_component_config
 
         try:
             config = load_component_config(args.train_config, ControllerConfig)
@@ -118,7 +118,7 @@ def run_train_policy(args: argparse.Namespace) -> int:
 
 
 def run_bench_control(args: argparse.Namespace) -> int:
-    from controller.bench import bench_command
+    from vmad.controller.bench import bench_command
 
     return bench_command(args)
 
@@ -127,7 +127,7 @@ def run_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     if args.database is not None:
-        from controller.registry import Registry
+        from vmad.controller.registry import Registry
 
         if not args.database.is_file():
             from vmad.cli import UsageError
@@ -139,7 +139,7 @@ def run_status(args: argparse.Namespace) -> int:
         finally:
             registry.close()
     else:
-        from controller.service import fetch_fleet
+        from vmad.controller.service import fetch_fleet
 
         fleet = fetch_fleet(args.config, args.decisions)
     Console().print(*render_fleet(fleet))

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from controller.policy import RuleSettings
-from controller.reward import RewardSettings
+from vmad.controller.policy import RuleSettings
+from vmad.controller.reward import RewardSettings
 from vmad.security import SecurityConfig
 
 __all__ = ["ControllerConfig", "DQNConfig", "PolicyConfig", "RewardConfig", "RulesConfig"]

@@ -11,10 +11,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-from controller.policy import Decision, Policy
-from controller.registry import Registry
-from controller.reward import reward
-from trainer.state import VMState
+from vmad.controller.policy import Decision, Policy
+from vmad.controller.registry import Registry
+from vmad.controller.reward import reward
+from vmad.trainer.state import VMState
 
 __all__ = ["ControlCore"]
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from controller.policy import CONTROL_ACTIONS, Decision, RulePolicy, action_index
-from trainer.state import FEATURES, VMState
+from vmad.controller.policy import CONTROL_ACTIONS, Decision, RulePolicy, action_index
+from vmad.trainer.state import FEATURES, VMState
 
 __all__ = ["DEFAULT_POLICY", "DQNPolicy", "DQNSettings", "PolicyFile", "PolicyFileError",
            "build_dqn_policy", "load_policy_file", "save_policy_file"]

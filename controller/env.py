@@ -40,11 +40,11 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from controller.policy import CONTROL_ACTIONS, Action, Decision
-from controller.reward import RewardSettings, reward_terms
-from trainer.state import FEATURES, quality_of
+from vmad.controller.policy import CONTROL_ACTIONS, Action, Decision
+from vmad.controller.reward import RewardSettings, reward_terms
 from vmad.evaluation import events
 from vmad.schema import DEFAULT_METRICS
+from vmad.trainer.state import FEATURES, quality_of
 
 __all__ = ["SMD_DIR", "EnvSettings", "Stream", "VMLifeEnv", "make_stream",
            "pretrained_checkpoint", "smd_machines"]
@@ -207,11 +207,11 @@ def make_stream(seed: int, split: Split, settings: EnvSettings) -> Stream:
 def pretrained_checkpoint(kind: str, window: int, batches: int, seed: int) -> Any:
     """A detector of `kind` pretrained on synthetic VMs from the pretraining split (no
     episode of either split uses them), threshold picked on held-back windows."""
-    from trainer.checkpoint import Checkpoint
-    from trainer.models import build_model
-    from trainer.training import TrainConfig, predict_proba, train
     from vmad.evaluation import best_f1_threshold
     from vmad.synthetic import generate_vm
+    from vmad.trainer.checkpoint import Checkpoint
+    from vmad.trainer.models import build_model
+    from vmad.trainer.training import TrainConfig, predict_proba, train
     from vmad.windows import Normalizer, make_windows, window_labels
 
     series = [generate_vm(s, 6_000, fault_rate=0.08)[0] for s in _seeds(seed, "pretrain", 8)]
@@ -271,8 +271,8 @@ class VMLifeEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        from trainer.store import TelemetryStore
-        from trainer.transfer import TransferSettings, VMModels
+        from vmad.trainer.store import TelemetryStore
+        from vmad.trainer.transfer import TransferSettings, VMModels
 
         super().reset(seed=seed)
         if seed is None:
@@ -348,8 +348,8 @@ class VMLifeEnv(gym.Env):
         with the VM's current model, then ship samples, verdicts and labels. Returns
         the confusion counts (tp, fp, fn, tn) and (accuracy, F1, loss) of those windows;
         windows too early to be whole are not scored."""
-        from trainer.store import LabelInterval
-        from trainer.training import predict_proba
+        from vmad.trainer.store import LabelInterval
+        from vmad.trainer.training import predict_proba
         from vmad.windows import make_windows
 
         assert self.stream is not None

@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from trainer.state import VMState
+from vmad.trainer.state import VMState
 
 __all__ = ["ACTIONS", "CONTROL_ACTIONS", "Action", "Decision", "Policy", "RulePolicy",
            "RuleSettings", "action_index", "build_policy"]

@@ -18,19 +18,19 @@ from typing import Any
 
 import grpc
 
-from controller.config import ControllerConfig
-from controller.core import ControlCore
-from controller.policy import Policy, build_policy
-from controller.registry import Registry
-from controller.reward import reward
-from protos.vmad.v1 import control_pb2, control_pb2_grpc
-from trainer.wire import (
+from vmad.controller.config import ControllerConfig
+from vmad.controller.core import ControlCore
+from vmad.controller.policy import Policy, build_policy
+from vmad.controller.registry import Registry
+from vmad.controller.reward import reward
+from vmad.protos.vmad.v1 import control_pb2, control_pb2_grpc
+from vmad.security import add_port, call_metadata, make_server, open_channel
+from vmad.trainer.wire import (
     decision_from_message,
     decision_to_message,
     state_from_message,
     state_to_message,
 )
-from vmad.security import add_port, call_metadata, make_server, open_channel
 
 __all__ = ["CONTROL_SERVICE", "ControllerServer", "fetch_fleet", "serve_from_config"]
 
@@ -124,7 +124,7 @@ def make_policy(config: ControllerConfig, registry: Registry) -> Policy:
     rules = build_policy("rules", config.policy.rules.settings())
     if config.policy.kind == "rules":
         return rules
-    from controller.dqn import DQNSettings, build_dqn_policy
+    from vmad.controller.dqn import DQNSettings, build_dqn_policy
 
     d = config.policy.dqn
     settings = DQNSettings(
@@ -147,7 +147,7 @@ def fetch_fleet(config_path: Path, decisions: int = 10, timeout: float = 5.0) ->
     """Ask the controller configured in `config_path` for its fleet, as the plain data
     `vmad status` prints. Counts of decisions and actions cover the decisions returned
     (the Fleet message carries no totals)."""
-    from trainer.config_loading import load_component_config
+    from vmad.trainer.config_loading import load_component_config
 
     config = load_component_config(config_path, ControllerConfig)
     # An operator's `vmad status` presents the controller's own identity and token.
@@ -196,7 +196,7 @@ def run_until_signalled(stop: Callable[[], None]) -> None:
 
 
 def serve_from_config(path: Path) -> int:
-    from trainer.config_loading import ConfigFileError, load_component_config
+    from vmad.trainer.config_loading import ConfigFileError, load_component_config
 
     try:
         config = load_component_config(path, ControllerConfig)
@@ -205,7 +205,7 @@ def serve_from_config(path: Path) -> int:
         return 2
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from controller.dqn import PolicyFileError
+    from vmad.controller.dqn import PolicyFileError
 
     try:
         server = ControllerServer(config)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.env import EnvSettings, VMLifeEnv
+from vmad.controller.env import EnvSettings, VMLifeEnv
 
 __all__ = ["TrainSettings", "train_policy"]
 
@@ -123,7 +123,7 @@ def train_policy(out: Path, settings: TrainSettings, *, progress: bool = True) -
     from stable_baselines3 import DQN
     from stable_baselines3.common.monitor import Monitor
 
-    from controller.dqn import policy_file_of, save_policy_file
+    from vmad.controller.dqn import policy_file_of, save_policy_file
 
     out.mkdir(parents=True, exist_ok=True)
     env = Monitor(VMLifeEnv(settings.env, split="train"))

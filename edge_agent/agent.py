@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent.config import AgentConfig
-from edge_agent.detector import BundleSlot, Detector
-from edge_agent.sampler import METRICS, Reading, Sampler
-from edge_agent.spool import Spool
-from protos.vmad.v1 import telemetry_pb2
+from vmad.edge_agent.config import AgentConfig
+from vmad.edge_agent.detector import BundleSlot, Detector
+from vmad.edge_agent.sampler import METRICS, Reading, Sampler
+from vmad.edge_agent.spool import Spool
+from vmad.protos.vmad.v1 import telemetry_pb2
 from vmad.schema import DEFAULT_WINDOW
 
 __all__ = ["Agent", "AgentMetrics"]
@@ -75,7 +75,7 @@ class Agent:
         self._in_anomaly = False
         self._threads: list[threading.Thread] = []
         self._http: object | None = None
-        from edge_agent.link import ActiveCalls
+        from vmad.edge_agent.link import ActiveCalls
 
         self._active = ActiveCalls()
 
@@ -88,7 +88,7 @@ class Agent:
             self._http = start_http_server(int(port), addr=host or "0.0.0.0",
                                            registry=self.metrics.registry)
         if self.config.trainer.address:
-            from edge_agent.link import stream_loop, watch_loop
+            from vmad.edge_agent.link import stream_loop, watch_loop
 
             self._threads += [
                 threading.Thread(target=stream_loop, name="stream", daemon=True,

@@ -25,7 +25,7 @@ def register(commands: Any, bench: Any) -> None:
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(run=_run_agent)
 
-    from edge_agent.inject import FAULTS
+    from vmad.edge_agent.inject import FAULTS
 
     inject = commands.add_parser("inject", help="really cause a fault on this machine and "
                                  "record it as a labelled interval")
@@ -62,9 +62,9 @@ def register(commands: Any, bench: Any) -> None:
 
 
 def _load(path: str) -> Any:
-    from edge_agent.config import AgentConfig
     from vmad.cli import UsageError
     from vmad.config import ConfigError, load_config
+    from vmad.edge_agent.config import AgentConfig
 
     try:
         return load_config(path, AgentConfig)
@@ -76,7 +76,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _load(args.config)
-    from edge_agent.agent import Agent
+    from vmad.edge_agent.agent import Agent
 
     agent = Agent(config)
     # SIGTERM (systemd, Kubernetes) stops as cleanly as Ctrl-C: spool closed, calls ended.
@@ -86,9 +86,9 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_inject(args: argparse.Namespace) -> int:
-    from edge_agent.config import InjectSettings
-    from edge_agent.inject import inject
     from vmad.cli import UsageError
+    from vmad.edge_agent.config import InjectSettings
+    from vmad.edge_agent.inject import inject
 
     settings, vm_id = InjectSettings(), None
     if args.config:
@@ -112,7 +112,7 @@ def _run_label(args: argparse.Namespace) -> int:
         raise UsageError("--end must be after --start")
     anomalous = bool(args.anomalous)
     if args.labels_file:
-        from edge_agent.inject import append_label
+        from vmad.edge_agent.inject import append_label
 
         item = append_label(args.labels_file, args.start, args.end, anomalous, args.kind,
                             "operator", args.vm)
@@ -120,8 +120,8 @@ def _run_label(args: argparse.Namespace) -> int:
         return 0
     import uuid
 
-    from protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
     from vmad import security
+    from vmad.protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
 
     config = _load(args.config) if args.config else None
     address = args.trainer or (config.trainer.address if config else None)
@@ -147,7 +147,7 @@ def _run_label(args: argparse.Namespace) -> int:
 
 
 def _run_overhead(args: argparse.Namespace) -> int:
-    from bench.agent_overhead import main
+    from vmad.edge_agent.overhead import main
 
     argv = ["--quick"] if args.quick else []
     if args.duration:

@@ -36,9 +36,9 @@ def register(commands: Any, bench: Any) -> None:
     import importlib
 
     try:
-        agent_commands = importlib.import_module("edge_agent.agent_commands")
+        agent_commands = importlib.import_module("vmad.edge_agent.agent_commands")
     except ModuleNotFoundError as error:
-        if error.name != "edge_agent.agent_commands":
+        if error.name != "vmad.edge_agent.agent_commands":
             raise
     else:
         agent_commands.register(commands, bench)

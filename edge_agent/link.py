@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from edge_agent.config import AgentConfig
-from edge_agent.detector import BundleSlot
-from edge_agent.spool import Spool
-from protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
 from vmad import security
 from vmad.bundle import BundleError
+from vmad.edge_agent.config import AgentConfig
+from vmad.edge_agent.detector import BundleSlot
+from vmad.edge_agent.spool import Spool
+from vmad.protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 __all__ = ["ActiveCalls", "Backoff", "stream_loop", "watch_loop"]
 

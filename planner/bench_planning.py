@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from planner import sizing
-from planner.config import PlannerConfig
-from planner.scores import overestimate, underestimate, underestimate_frequency
+from vmad.planner import sizing
+from vmad.planner.config import PlannerConfig
+from vmad.planner.scores import overestimate, underestimate, underestimate_frequency
 
 __all__ = ["VM", "bench_command", "compute_needs", "load_bitbrains", "score_needs"]
 
@@ -40,7 +40,7 @@ class VM:
 
 def load_bitbrains(root: Path, max_gb: float = 16.0, limit: int | None = None) -> list[VM]:
     """Memory usage in GB (kB / 2^20) of the VMs whose usage fits the largest size."""
-    from planner.history import read_history
+    from vmad.planner.history import read_history
 
     vms = []
     for path in sorted(root.glob("vm-*.csv*")):
@@ -132,8 +132,8 @@ def forecast_needs(vm: VM, config: PlannerConfig, quick: bool) -> dict[str, list
     """Per planned week, the peak of each forecasting method's forecast for that week."""
     import torch
 
-    from planner.filtering import filter_history, hourly_peaks
-    from planner.forecast import LSTMForecaster, seasonal_naive
+    from vmad.planner.filtering import filter_history, hourly_peaks
+    from vmad.planner.forecast import LSTMForecaster, seasonal_naive
 
     torch.set_num_threads(1)  # one process per VM; threads would only fight for cores
     first_hour, peaks = hourly_peaks(vm.timestamps, vm.usage)
@@ -279,13 +279,13 @@ def frontier_table(frontier: dict[float, dict[str, dict[str, float]]]) -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from planner.config import load_config
+    from vmad.planner.config import load_config
 
     config = load_config(args.config)
     sizes = tuple(float(s) for s in config.planning.sizes)
     started = time.perf_counter()
     if str(args.data) == "synthetic":
-        from planner.synthetic import synthetic_fleet
+        from vmad.planner.synthetic import synthetic_fleet
 
         vms = synthetic_fleet(n=4 if args.quick else 24, weeks=8 if args.quick else 16)
         title = "synthetic VMs (growth, weekly cycle, point spikes, monthly jobs)"

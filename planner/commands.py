@@ -62,10 +62,10 @@ def _usage(error: Exception) -> Exception:
 def run_detect(args: argparse.Namespace) -> int:
     import csv
 
-    from planner.config import ConfigError, load_config
-    from planner.detectors import BadSampleError
-    from planner.evaluate_nab import make_detector
-    from planner.history import HistoryError, read_history
+    from vmad.planner.config import ConfigError, load_config
+    from vmad.planner.detectors import BadSampleError
+    from vmad.planner.evaluate_nab import make_detector
+    from vmad.planner.history import HistoryError, read_history
 
     try:
         config = load_config(args.config)
@@ -89,8 +89,8 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_bench_nab(args: argparse.Namespace) -> int:
-    from planner.config import load_config
-    from planner.evaluate_nab import evaluate_nab, nab_table
+    from vmad.planner.config import load_config
+    from vmad.planner.evaluate_nab import evaluate_nab, nab_table
 
     results = evaluate_nab(args.data, ["wha", "dla", "la"], load_config(args.config))
     print(nab_table(results))
@@ -101,12 +101,12 @@ def run_bench_nab(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from planner.run_plan import plan_command
+    from vmad.planner.run_plan import plan_command
 
     return plan_command(args)
 
 
 def run_bench_planning(args: argparse.Namespace) -> int:
-    from planner.bench_planning import bench_command
+    from vmad.planner.bench_planning import bench_command
 
     return bench_command(args)

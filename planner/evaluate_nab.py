@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from planner.config import PlannerConfig
-from planner.detectors import Detector
-from planner.history import read_history
-from planner.nab import FileScoring, best_threshold, corpus_score
+from vmad.planner.config import PlannerConfig
+from vmad.planner.detectors import Detector
+from vmad.planner.history import read_history
+from vmad.planner.nab import FileScoring, best_threshold, corpus_score
 
 __all__ = ["PUBLISHED", "NabResult", "evaluate_nab", "make_detector"]
 
@@ -30,8 +30,8 @@ PUBLISHED = {
 
 def make_detector(name: str, config: PlannerConfig, learn: int | None = None) -> Detector:
     """A fresh detector by name, from the YAML config."""
-    from planner.detectors import DLA, LA
-    from planner.wha import WHA
+    from vmad.planner.detectors import DLA, LA
+    from vmad.planner.wha import WHA
 
     if name == "la":
         settings = config.la.model_dump()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.config import PlannerConfig
-from planner.detectors import DLA, LA, Detector
-from planner.recurrence import RecurrenceDetector, find_periods
-from planner.wha import WHA
+from vmad.planner.config import PlannerConfig
+from vmad.planner.detectors import DLA, LA, Detector
+from vmad.planner.recurrence import RecurrenceDetector, find_periods
+from vmad.planner.wha import WHA
 
 __all__ = ["FilterResult", "filter_history", "hourly_detector", "hourly_peaks"]
 

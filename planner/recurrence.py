@@ -14,7 +14,7 @@ from collections import deque
 
 import numpy as np
 
-from planner.detectors import Detector
+from vmad.planner.detectors import Detector
 
 __all__ = ["RecurrenceDetector", "find_periods"]
 

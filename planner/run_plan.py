@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.config import PlannerConfig
+from vmad.planner.config import PlannerConfig
 
 __all__ = ["Plan", "make_plan", "parse_duration_h", "plan_command"]
 
@@ -58,9 +58,9 @@ def make_plan(
     margin: float = 0.1,
     epochs: int = 30,
 ) -> Plan:
-    from planner.filtering import filter_history, hourly_peaks
-    from planner.forecast import LSTMForecaster, seasonal_naive
-    from planner.sizing import smallest_covering
+    from vmad.planner.filtering import filter_history, hourly_peaks
+    from vmad.planner.forecast import LSTMForecaster, seasonal_naive
+    from vmad.planner.sizing import smallest_covering
 
     first_hour, peaks = hourly_peaks(timestamps, values)
     if peaks.size < 96:
@@ -157,9 +157,9 @@ def write_report(plan: Plan, path: Path, title: str, unit: str) -> None:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from planner.config import ConfigError, load_config
-    from planner.history import HistoryError, read_columns, read_history
     from vmad.cli import UsageError
+    from vmad.planner.config import ConfigError, load_config
+    from vmad.planner.history import HistoryError, read_columns, read_history
 
     try:
         config = load_config(args.config)

@@ -24,7 +24,7 @@ from collections import deque
 import numpy as np
 from scipy.signal import savgol_coeffs
 
-from planner.detectors import Detector, deviation_score, robust_scale
+from vmad.planner.detectors import Detector, deviation_score, robust_scale
 
 __all__ = ["WHA"]
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from protos.vmad.v1 import bundle_pb2, telemetry_pb2, telemetry_pb2_grpc
 from vmad.bundle import BundleMetadata, sha256_hex
+from vmad.protos.vmad.v1 import bundle_pb2, telemetry_pb2, telemetry_pb2_grpc
 from vmad.schema import DEFAULT_METRICS, DEFAULT_WINDOW
 from vmad.windows import Normalizer
 

@@ -12,15 +12,15 @@ import grpc
 import numpy as np
 import pytest
 
-from edge_agent.config import AgentConfig
-from edge_agent.detector import BundleSlot, Detector
-from edge_agent.link import Backoff
-from edge_agent.sampler import METRICS, Reading, Sampler, counter_delta
-from edge_agent.spool import Spool
-from protos.vmad.v1 import bundle_pb2, telemetry_pb2_grpc
 from tests.agent_fixtures import RecordingTrainer, tiny_bundle
 from vmad import security
 from vmad.bundle import BundleError
+from vmad.edge_agent.config import AgentConfig
+from vmad.edge_agent.detector import BundleSlot, Detector
+from vmad.edge_agent.link import Backoff
+from vmad.edge_agent.sampler import METRICS, Reading, Sampler, counter_delta
+from vmad.edge_agent.spool import Spool
+from vmad.protos.vmad.v1 import bundle_pb2, telemetry_pb2_grpc
 from vmad.schema import DEFAULT_WINDOW
 
 
@@ -159,8 +159,8 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def test_agent_spools_while_trainer_away_then_replays_exactly_once(tmp_path: Path) -> None:
-    from edge_agent.agent import Agent
-    from edge_agent.inject import append_label
+    from vmad.edge_agent.agent import Agent
+    from vmad.edge_agent.inject import append_label
 
     slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
     slot.install(*tiny_bundle("v1"))
@@ -200,7 +200,7 @@ def test_agent_spools_while_trainer_away_then_replays_exactly_once(tmp_path: Pat
 def test_metrics_endpoint_serves_agent_metrics(tmp_path: Path) -> None:
     import urllib.request
 
-    from edge_agent.agent import Agent
+    from vmad.edge_agent.agent import Agent
 
     slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
     slot.install(*tiny_bundle("v1"))
@@ -225,7 +225,7 @@ def test_metrics_endpoint_serves_agent_metrics(tmp_path: Path) -> None:
 
 
 def test_agent_with_wrong_token_is_refused_and_keeps_everything(tmp_path: Path) -> None:
-    from edge_agent.agent import Agent
+    from vmad.edge_agent.agent import Agent
 
     server, port, trainer = start_trainer()
     config = agent_config(tmp_path, port).model_copy(update={

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from edge_agent.detector import BundleSlot
-from edge_agent.sampler import METRICS
 from tests.agent_fixtures import tiny_bundle
 from tests.test_agent import start_trainer, wait_for
+from vmad.edge_agent.detector import BundleSlot
+from vmad.edge_agent.sampler import METRICS
 from vmad.schema import DEFAULT_WINDOW
 
 ROOT = Path(__file__).resolve().parents[1]

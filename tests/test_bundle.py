@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.checkpoint import Checkpoint
-from trainer.export import export_bundle
-from trainer.models import MODEL_KINDS, build_model
-from trainer.training import predict_proba
 from vmad.bundle import METADATA_FILE, ONNX_FILE, Bundle, BundleError, load_bundle
+from vmad.trainer.checkpoint import Checkpoint
+from vmad.trainer.export import export_bundle
+from vmad.trainer.models import MODEL_KINDS, build_model
+from vmad.trainer.training import predict_proba
 from vmad.windows import Normalizer
 
 METRICS = ("cpu_percent", "memory_percent", "disk_mb_s", "net_mb_s")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import AgentConfig
 from vmad.config import ConfigError, component_of, load_config
+from vmad.edge_agent.config import AgentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

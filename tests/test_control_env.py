@@ -9,10 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from controller.env import EnvSettings, VMLifeEnv, make_stream, smd_machines
-from controller.policy import CONTROL_ACTIONS, Action, Decision, action_index
-from controller.reward import RewardSettings, reward, reward_terms
-from trainer.state import FEATURES, VMState
+from vmad.controller.env import EnvSettings, VMLifeEnv, make_stream, smd_machines
+from vmad.controller.policy import CONTROL_ACTIONS, Action, Decision, action_index
+from vmad.controller.reward import RewardSettings, reward, reward_terms
+from vmad.trainer.state import FEATURES, VMState
 
 TINY = EnvSettings(kind="mlp", window=16, steps=4, step_samples=60, warmup_samples=240,
                    mean_regime_steps=2.0, max_windows=300, pretrain_batches=30,
@@ -138,8 +138,8 @@ def test_reward_against_hand_computed_values() -> None:
 
 
 def test_reward_config_is_validated(tmp_path) -> None:
-    from controller.config import ControllerConfig
-    from trainer.config_loading import load_component_config
+    from vmad.controller.config import ControllerConfig
+    from vmad.trainer.config_loading import load_component_config
 
     good = tmp_path / "controller.yaml"
     good.write_text("database: r.sqlite\nreward: {a1: 0.5, a2: 0.25, a3: 0.25, r1: accuracy,"
@@ -169,8 +169,8 @@ def test_action_table_and_mapping() -> None:
 
 
 def test_fixed_policies_and_bench_compute_accounting() -> None:
-    from controller.baselines import AlwaysFinetune, EveryK, NeverRetrain, OnDrift
-    from controller.bench import render, run_control_bench
+    from vmad.controller.baselines import AlwaysFinetune, EveryK, NeverRetrain, OnDrift
+    from vmad.controller.bench import render, run_control_bench
 
     every = EveryK(3, 10)
     actions = [every.decide(_state()).action for _ in range(6)]
@@ -194,8 +194,8 @@ def test_fixed_policies_and_bench_compute_accounting() -> None:
 def test_offline_training_writes_policy_checkpoints_and_step_log(tmp_path) -> None:
     import csv
 
-    from controller.dqn import DQNPolicy, load_policy_file
-    from controller.training import TrainSettings, train_policy
+    from vmad.controller.dqn import DQNPolicy, load_policy_file
+    from vmad.controller.training import TrainSettings, train_policy
 
     settings = TrainSettings(steps=24, learning_starts=8, checkpoint_every=12,
                              target_update_interval=4, net_arch=(16,), env=TINY)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from controller.dqn import (
+from tests.conftest import REPO_ROOT
+from vmad.controller.dqn import (
     DEFAULT_POLICY,
     DQNPolicy,
     DQNSettings,
@@ -25,9 +26,8 @@ from controller.dqn import (
     policy_file_of,
     save_policy_file,
 )
-from controller.policy import CONTROL_ACTIONS, Action, Decision
-from tests.conftest import REPO_ROOT
-from trainer.state import FEATURES, VMState
+from vmad.controller.policy import CONTROL_ACTIONS, Action, Decision
+from vmad.trainer.state import FEATURES, VMState
 
 LEARNING_STARTS = 6
 
@@ -35,7 +35,7 @@ LEARNING_STARTS = 6
 @pytest.fixture(scope="module")
 def recorded_states() -> list[VMState]:
     """The trainer's state reports over one small episode, mixed actions."""
-    from controller.env import EnvSettings, VMLifeEnv
+    from vmad.controller.env import EnvSettings, VMLifeEnv
 
     env = VMLifeEnv(EnvSettings(window=16, steps=12, step_samples=60, warmup_samples=240,
                                 mean_regime_steps=3.0, max_windows=300, pretrain_batches=30,
@@ -73,8 +73,8 @@ def _controller_config(folder: Path, port: int, initial: Path) -> Path:
 
 
 def _report(stub: object, state: VMState) -> Decision:
-    from protos.vmad.v1 import control_pb2
-    from trainer.wire import decision_from_message, state_to_message
+    from vmad.protos.vmad.v1 import control_pb2
+    from vmad.trainer.wire import decision_from_message, state_to_message
 
     reply = stub.Report(control_pb2.StateReport(trainer_id="node-1",  # type: ignore[attr-defined]
                                                 state=state_to_message(state)), timeout=10)
@@ -97,8 +97,8 @@ def test_live_dqn_decides_logs_learns_and_survives_a_restart(tmp_path, recorded_
                                                              initial_policy) -> None:
     import grpc
 
-    from protos.vmad.v1 import control_pb2_grpc
     from vmad.launch import free_port, start, wait_serving
+    from vmad.protos.vmad.v1 import control_pb2_grpc
 
     port = free_port()
     config = _controller_config(tmp_path, port, initial_policy)
@@ -263,7 +263,7 @@ def test_rules_controller_never_imports_torch() -> None:
 
 
 def test_registry_of_the_previous_schema_is_upgraded(tmp_path) -> None:
-    from controller.registry import Registry
+    from vmad.controller.registry import Registry
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:

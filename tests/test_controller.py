@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from controller.policy import ACTIONS, Action, Decision, Policy, RulePolicy, RuleSettings
-from controller.registry import Registry
-from controller.reward import reward
-from trainer.state import VMState
+from vmad.controller.policy import ACTIONS, Action, Decision, Policy, RulePolicy, RuleSettings
+from vmad.controller.registry import Registry
+from vmad.controller.reward import reward
+from vmad.trainer.state import VMState
 
 
 def _state(vm: str = "vm-1", **kw: object) -> VMState:
@@ -115,10 +115,10 @@ def test_event_scoring() -> None:
 
 
 def test_example_configs_load() -> None:
-    from controller.config import ControllerConfig
     from tests.conftest import REPO_ROOT
-    from trainer.config import TrainerConfig
-    from trainer.config_loading import load_component_config
+    from vmad.controller.config import ControllerConfig
+    from vmad.trainer.config import TrainerConfig
+    from vmad.trainer.config_loading import load_component_config
 
     controller = load_component_config(REPO_ROOT / "deploy" / "controller.yaml",
                                        ControllerConfig)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.datasets import WindowPool, WindowSource, align_metrics
-from trainer.pca_detector import PCADetector
 from vmad.series import Series
+from vmad.trainer.datasets import WindowPool, WindowSource, align_metrics
+from vmad.trainer.pca_detector import PCADetector
 from vmad.windows import Normalizer, make_windows
 
 

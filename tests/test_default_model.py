@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.checkpoint import load_default_checkpoint
-from trainer.training import predict_proba
 from vmad.bundle import load_default_bundle
 from vmad.evaluation import score_detection
 from vmad.schema import DEFAULT_METRICS, DEFAULT_WINDOW
 from vmad.synthetic import generate_vm
+from vmad.trainer.checkpoint import load_default_checkpoint
+from vmad.trainer.training import predict_proba
 from vmad.windows import make_windows, window_labels
 
 

@@ -11,11 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from edge_agent.detector import BundleSlot
-from edge_agent.sampler import METRICS
 from tests.test_agent import start_trainer, wait_for
 from tests.test_agent_process import vmad, write_config
 from vmad.bundle import BundleMetadata, sha256_hex
+from vmad.edge_agent.detector import BundleSlot
+from vmad.edge_agent.sampler import METRICS
 from vmad.schema import DEFAULT_WINDOW
 from vmad.windows import Normalizer
 

@@ -22,8 +22,8 @@ WINDOW = 8
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory) -> Path:
-    from trainer.checkpoint import Checkpoint, save_checkpoint
-    from trainer.models import build_model
+    from vmad.trainer.checkpoint import Checkpoint, save_checkpoint
+    from vmad.trainer.models import build_model
     from vmad.windows import Normalizer
 
     rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def _start(name: str, role: str, config: Path, tmp_path: Path, port: int) -> Pro
 
 
 def test_trainer_killed_mid_stream_receives_every_sample_once(tmp_path, checkpoint_dir):
-    from trainer.store import TelemetryStore
+    from vmad.trainer.store import TelemetryStore
 
     port = free_port()
     config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)
@@ -125,8 +125,8 @@ def test_bad_yaml_key_fails_start_with_its_name(tmp_path, checkpoint_dir, role):
 
 
 def test_controller_decides_trainer_pushes_and_restart_keeps_registry(tmp_path, checkpoint_dir):
-    from controller.service import fetch_fleet
     from vmad.bundle import Bundle
+    from vmad.controller.service import fetch_fleet
 
     c_port, t_port = free_port(), free_port()
     c_config = _controller_config(tmp_path / "controller.yaml", c_port)
@@ -160,9 +160,9 @@ def test_controller_decides_trainer_pushes_and_restart_keeps_registry(tmp_path, 
 
 
 def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint_dir):
-    from protos.vmad.v1 import telemetry_pb2 as pb
-    from protos.vmad.v1 import telemetry_pb2_grpc
-    from trainer.wire import MAX_MESSAGE_BYTES
+    from vmad.protos.vmad.v1 import telemetry_pb2 as pb
+    from vmad.protos.vmad.v1 import telemetry_pb2_grpc
+    from vmad.trainer.wire import MAX_MESSAGE_BYTES
 
     port = free_port()
     config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)
@@ -224,8 +224,8 @@ def test_wrong_token_is_refused(tmp_path, checkpoint_dir):
 def test_real_agent_telemetry_arrives(tmp_path, checkpoint_dir):
     """The real edge agent process (runtime-A's) streams this host's samples to our
     trainer process."""
-    pytest.importorskip("edge_agent.agent_commands")
-    from trainer.store import TelemetryStore
+    pytest.importorskip("vmad.edge_agent.agent_commands")
+    from vmad.trainer.store import TelemetryStore
 
     port = free_port()
     config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)

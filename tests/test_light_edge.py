@@ -6,13 +6,13 @@ import pkgutil
 import subprocess
 import sys
 
-import edge_agent
+import vmad.edge_agent
 from tests.conftest import REPO_ROOT
 
 
 def test_edge_agent_never_imports_torch() -> None:
-    modules = ["edge_agent", "vmad.bundle", "vmad.windows", "vmad.series", "vmad.cli"]
-    modules += [f"edge_agent.{m.name}" for m in pkgutil.iter_modules(edge_agent.__path__)]
+    modules = ["vmad.edge_agent", "vmad.bundle", "vmad.windows", "vmad.series", "vmad.cli"]
+    modules += [f"vmad.edge_agent.{m.name}" for m in pkgutil.iter_modules(vmad.edge_agent.__path__)]
     code = (
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from trainer.models import MODEL_KINDS, ZoomCNN, ZoomLayer, build_model, early_layers
-from trainer.training import TrainConfig, predict_proba, train
+from vmad.trainer.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from vmad.trainer.models import MODEL_KINDS, ZoomCNN, ZoomLayer, build_model, early_layers
+from vmad.trainer.training import TrainConfig, predict_proba, train
 from vmad.windows import Normalizer
 
 

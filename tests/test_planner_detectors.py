@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner.config import ConfigError, load_config
-from planner.detectors import DLA, LA, BadSampleError, Detector
-from planner.recurrence import RecurrenceDetector, find_periods
-from planner.wha import WHA
+from vmad.planner.config import ConfigError, load_config
+from vmad.planner.detectors import DLA, LA, BadSampleError, Detector
+from vmad.planner.recurrence import RecurrenceDetector, find_periods
+from vmad.planner.wha import WHA
 
 REPO = Path(__file__).resolve().parent.parent
 

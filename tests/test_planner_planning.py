@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner import sizing
-from planner.config import PlannerConfig
-from planner.filtering import filter_history, hourly_peaks
-from planner.history import HistoryError, read_history
-from planner.nab import STANDARD, FileScoring, best_threshold, corpus_score, scaled_sigmoid
-from planner.scores import (
+from vmad.cli import main
+from vmad.planner import sizing
+from vmad.planner.config import PlannerConfig
+from vmad.planner.filtering import filter_history, hourly_peaks
+from vmad.planner.history import HistoryError, read_history
+from vmad.planner.nab import STANDARD, FileScoring, best_threshold, corpus_score, scaled_sigmoid
+from vmad.planner.scores import (
     cost,
     cross_correlation,
     overestimate,
     underestimate,
     underestimate_frequency,
 )
-from vmad.cli import main
 
 SIZES = (1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -121,7 +121,7 @@ def test_hourly_peaks_fill_gaps() -> None:
 
 
 def test_lstm_learns_a_weekly_shape_quickly() -> None:
-    from planner.forecast import LSTMForecaster, seasonal_naive
+    from vmad.planner.forecast import LSTMForecaster, seasonal_naive
 
     t = np.arange(168 * 3)
     x = 3 + np.sin(2 * np.pi * t / 24) + (t % 168 < 24)
@@ -153,7 +153,7 @@ def test_detect_command_writes_nab_format(tmp_path: Path) -> None:
 
 
 def test_plan_command_and_report(tmp_path: Path) -> None:
-    from planner.synthetic import synthetic_vm
+    from vmad.planner.synthetic import synthetic_vm
 
     vm = synthetic_vm(0, weeks=3)
     src = tmp_path / "h.csv"
@@ -215,7 +215,7 @@ def test_bench_planning_quick_synthetic(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_bitbrains_rules_reproduce_reference(shared_datasets: Path) -> None:
     """The issue's reference points for the simple rules, on a few real VMs (opt-in data)."""
-    from planner.bench_planning import compute_needs, load_bitbrains, score_needs
+    from vmad.planner.bench_planning import compute_needs, load_bitbrains, score_needs
 
     vms = load_bitbrains(shared_datasets / "bitbrains-rnd", limit=6)
     needs = compute_needs(vms, PlannerConfig(), quick=True, with_lstm=False, workers=1)

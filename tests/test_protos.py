@@ -24,7 +24,7 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
 
 
 def test_stubs_import_and_round_trip() -> None:
-    from protos.vmad.v1 import bundle_pb2, control_pb2, telemetry_pb2, telemetry_pb2_grpc
+    from vmad.protos.vmad.v1 import bundle_pb2, control_pb2, telemetry_pb2, telemetry_pb2_grpc
 
     batch = telemetry_pb2.TelemetryBatch(
         vm_id="vm-1", metrics=["cpu"], samples=[telemetry_pb2.Sample(seq=1, values=[0.5])]

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
 from vmad import security
+from vmad.protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
 from vmad.security import SecurityConfig
 
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from controller.policy import Action, Decision
-from trainer.state import compute_state, drift_score
-from trainer.store import LabelInterval, TelemetryStore
+from vmad.controller.policy import Action, Decision
+from vmad.trainer.state import compute_state, drift_score
+from vmad.trainer.store import LabelInterval, TelemetryStore
 from vmad.windows import Normalizer
 
 METRICS = ("cpu_percent", "memory_percent", "disk_mb_s", "net_mb_s")
@@ -87,9 +87,9 @@ def test_drift_and_state() -> None:
 
 @pytest.fixture
 def tiny_models(tmp_path):
-    from trainer.checkpoint import Checkpoint
-    from trainer.models import build_model
-    from trainer.transfer import TransferSettings, VMModels
+    from vmad.trainer.checkpoint import Checkpoint
+    from vmad.trainer.models import build_model
+    from vmad.trainer.transfer import TransferSettings, VMModels
 
     rng = np.random.default_rng(0)
     normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
@@ -100,8 +100,8 @@ def tiny_models(tmp_path):
 
 
 def test_finetune_reset_and_worker(tiny_models, tmp_path) -> None:
-    from trainer.transfer import VMModels
-    from trainer.worker import ActionWorker
+    from vmad.trainer.transfer import VMModels
+    from vmad.trainer.worker import ActionWorker
 
     models, store = tiny_models
     for first in range(1, 301, 50):
@@ -139,10 +139,10 @@ def test_finetune_reset_and_worker(tiny_models, tmp_path) -> None:
 
 def test_core_loop_trains_and_offers_the_new_bundle(tiny_models, tmp_path) -> None:
     """Trainer and controller logic wired together in one process (no gRPC)."""
-    from controller.core import ControlCore
-    from controller.policy import RulePolicy, RuleSettings
-    from controller.registry import Registry
-    from trainer.core import TrainerCore
+    from vmad.controller.core import ControlCore
+    from vmad.controller.policy import RulePolicy, RuleSettings
+    from vmad.controller.registry import Registry
+    from vmad.trainer.core import TrainerCore
 
     models, store = tiny_models
     core = TrainerCore(store, models)
@@ -169,7 +169,7 @@ def test_core_loop_trains_and_offers_the_new_bundle(tiny_models, tmp_path) -> No
 
 
 def test_report_round_survives_an_unreachable_controller(tiny_models) -> None:
-    from trainer.core import TrainerCore
+    from vmad.trainer.core import TrainerCore
 
     models, store = tiny_models
     core = TrainerCore(store, models)

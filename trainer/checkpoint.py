@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.models import build_model
 from vmad.errors import InputError
+from vmad.trainer.models import build_model
 from vmad.windows import Normalizer
 
 __all__ = [

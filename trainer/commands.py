@@ -73,14 +73,14 @@ def register(commands: Any, bench: Any) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from trainer.checkpoint import Checkpoint, save_checkpoint
-    from trainer.datasets import WindowPool, WindowSource
-    from trainer.export import export_bundle
-    from trainer.models import build_model
-    from trainer.training import TrainConfig, predict_proba, train
     from vmad.evaluation import best_f1_threshold
     from vmad.series import list_series_folders, read_series_folder
     from vmad.synthetic import generate_fleet
+    from vmad.trainer.checkpoint import Checkpoint, save_checkpoint
+    from vmad.trainer.datasets import WindowPool, WindowSource
+    from vmad.trainer.export import export_bundle
+    from vmad.trainer.models import build_model
+    from vmad.trainer.training import TrainConfig, predict_proba, train
     from vmad.windows import Normalizer
 
     series = generate_fleet(args.seed, args.synthetic_vms, args.synthetic_samples)
@@ -132,10 +132,10 @@ def _calibrate(model: Any, normalizer: Any, args: argparse.Namespace) -> tuple[f
     tails of the training VMs: a fresh VM's levels are new, and scores there run higher."""
     import numpy as np
 
-    from trainer.datasets import WindowSource
-    from trainer.training import predict_proba
     from vmad.evaluation import false_alarm_threshold, score_detection
     from vmad.synthetic import generate_fleet
+    from vmad.trainer.datasets import WindowSource
+    from vmad.trainer.training import predict_proba
 
     fleet = generate_fleet(args.seed + 10_000, args.calibration_vms, args.synthetic_samples)
     sources = [WindowSource.from_series(vm, normalizer, args.window) for vm in fleet]
@@ -155,12 +155,12 @@ def _calibrate(model: Any, normalizer: Any, args: argparse.Namespace) -> tuple[f
 def run_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from trainer.checkpoint import load_checkpoint, save_checkpoint
-    from trainer.datasets import WindowSource
-    from trainer.export import export_bundle
-    from trainer.training import TrainConfig, predict_proba, train
     from vmad.evaluation import best_f1_threshold
     from vmad.series import read_series
+    from vmad.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from vmad.trainer.datasets import WindowSource
+    from vmad.trainer.export import export_bundle
+    from vmad.trainer.training import TrainConfig, predict_proba, train
     from vmad.windows import Normalizer
 
     checkpoint = load_checkpoint(args.source)
@@ -193,7 +193,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_bench_detection(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from trainer.evaluate import (
+    from vmad.trainer.evaluate import (
         DETECTORS,
         QUICK,
         ProtocolConfig,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.transfer import TransferSettings
 from vmad.security import SecurityConfig
+from vmad.trainer.transfer import TransferSettings
 
 __all__ = ["ControllerLink", "ModelSettings", "StoreSettings", "TrainerConfig",
            "TrainingSettings"]

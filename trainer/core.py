@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller.policy import Action, Decision
-from trainer.state import VMState
-from trainer.store import IngestResult, LabelInterval, TelemetryStore
-from trainer.transfer import TrainOutcome, VMModels
-from trainer.worker import ActionWorker
 from vmad.bundle import Bundle
+from vmad.controller.policy import Action, Decision
+from vmad.trainer.state import VMState
+from vmad.trainer.store import IngestResult, LabelInterval, TelemetryStore
+from vmad.trainer.transfer import TrainOutcome, VMModels
+from vmad.trainer.worker import ActionWorker
 
 __all__ = ["ReportStats", "TrainerCore"]
 

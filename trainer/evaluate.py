@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.datasets import WindowPool, WindowSource, align_metrics
-from trainer.models import MODEL_KINDS, build_model
-from trainer.pca_detector import PCADetector
-from trainer.training import TrainConfig, predict_proba, train
 from vmad.evaluation import DetectionScores, best_f1_threshold, score_detection
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
+from vmad.trainer.datasets import WindowPool, WindowSource, align_metrics
+from vmad.trainer.models import MODEL_KINDS, build_model
+from vmad.trainer.pca_detector import PCADetector
+from vmad.trainer.training import TrainConfig, predict_proba, train
 from vmad.windows import Normalizer
 
 __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.checkpoint import Checkpoint
 from vmad.bundle import Bundle, BundleMetadata, sha256_hex
+from vmad.trainer.checkpoint import Checkpoint
 
 __all__ = ["export_bundle", "onnx_bytes"]
 

@@ -18,19 +18,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from controller.policy import Decision
-from protos.vmad.v1 import (
+from vmad.controller.policy import Decision
+from vmad.protos.vmad.v1 import (
     bundle_pb2,
     control_pb2,
     control_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
-from trainer.config import TrainerConfig
-from trainer.core import TrainerCore
-from trainer.state import VMState
-from trainer.store import TelemetryStore
-from trainer.wire import decision_from_message, labels_from_messages, state_to_message
 from vmad.security import (
     CLIENT_ID_HEADER,
     add_port,
@@ -38,6 +33,11 @@ from vmad.security import (
     make_server,
     open_channel,
 )
+from vmad.trainer.config import TrainerConfig
+from vmad.trainer.core import TrainerCore
+from vmad.trainer.state import VMState
+from vmad.trainer.store import TelemetryStore
+from vmad.trainer.wire import decision_from_message, labels_from_messages, state_to_message
 
 __all__ = ["TELEMETRY_SERVICE", "TrainerServer", "serve_from_config"]
 
@@ -67,7 +67,7 @@ class TrainerServer:
     def __init__(self, config: TrainerConfig, checkpoint: Any | None = None) -> None:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        from trainer.transfer import VMModels
+        from vmad.trainer.transfer import VMModels
 
         self.config = config
         data_dir = Path(config.data_dir)
@@ -183,7 +183,7 @@ class TrainerServer:
 
 
 def _load_pretrained(config: TrainerConfig) -> Any:
-    from trainer.checkpoint import load_checkpoint, load_default_checkpoint
+    from vmad.trainer.checkpoint import load_checkpoint, load_default_checkpoint
 
     if config.model.pretrained is not None:
         return load_checkpoint(config.model.pretrained)
@@ -191,8 +191,8 @@ def _load_pretrained(config: TrainerConfig) -> Any:
 
 
 def serve_from_config(path: Path) -> int:
-    from controller.service import run_until_signalled
-    from trainer.config_loading import ConfigFileError, load_component_config
+    from vmad.controller.service import run_until_signalled
+    from vmad.trainer.config_loading import ConfigFileError, load_component_config
 
     try:
         config = load_component_config(path, TrainerConfig)

@@ -21,6 +21,6 @@ def register(commands: Any, bench: Any) -> None:
 
 
 def run_trainer(args: argparse.Namespace) -> int:
-    from trainer.service import serve_from_config
+    from vmad.trainer.service import serve_from_config
 
     return serve_from_config(args.config)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.models import early_layers
+from vmad.trainer.models import early_layers
 
 __all__ = ["TrainConfig", "TrainResult", "predict_proba", "train"]
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from trainer.state import VMState, compute_state
-from trainer.store import TelemetryStore, VMModelInfo
 from vmad.bundle import Bundle
+from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from vmad.trainer.state import VMState, compute_state
+from vmad.trainer.store import TelemetryStore, VMModelInfo
 from vmad.windows import Normalizer, make_windows
 
 __all__ = ["LabelledWindows", "TrainOutcome", "TransferSettings", "VMModels"]
@@ -87,7 +87,7 @@ class VMModels:
 
     def __init__(self, pretrained: Checkpoint, store: TelemetryStore, models_dir: str | Path,
                  settings: TransferSettings | None = None, seed: int = 0) -> None:
-        from trainer.export import export_bundle
+        from vmad.trainer.export import export_bundle
 
         self.pretrained = pretrained
         self.store = store
@@ -151,7 +151,7 @@ class VMModels:
             cached = self._bundles.get(vm_id)
         if cached is not None and cached.metadata.version == info.version:
             return cached
-        from trainer.export import export_bundle
+        from vmad.trainer.export import export_bundle
 
         bundle = export_bundle(self.checkpoint(vm_id), info.version)
         with self._lock:
@@ -184,7 +184,7 @@ class VMModels:
 
     def state(self, vm_id: str, now: float | None = None) -> VMState:
         """The VM's state for the controller (see trainer/state.py)."""
-        from trainer.training import predict_proba
+        from vmad.trainer.training import predict_proba
 
         now = time.time() if now is None else now
         checkpoint = self.checkpoint(vm_id)
@@ -229,8 +229,8 @@ class VMModels:
                  now: float | None = None) -> TrainOutcome:
         """Fine-tune the VM's model (or the pretrained one when `reset`) for `batches`
         mini-batches on its labelled windows, export, and make it current."""
-        from trainer.export import export_bundle
-        from trainer.training import TrainConfig, train
+        from vmad.trainer.export import export_bundle
+        from vmad.trainer.training import TrainConfig, train
 
         started = time.perf_counter()
         info = self.info(vm_id)

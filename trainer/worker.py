@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controller.policy import Action, Decision
-from trainer.transfer import TrainOutcome, VMModels
+from vmad.controller.policy import Action, Decision
+from vmad.trainer.transfer import TrainOutcome, VMModels
 
 __all__ = ["ActionWorker", "WorkerStats"]
 

@@ -17,11 +17,11 @@ from vmad import __version__
 from vmad.errors import InputError
 
 COMMAND_MODULES = (
-    "trainer.commands",
-    "trainer.service_commands",
-    "planner.commands",
-    "edge_agent.commands",
-    "controller.commands",
+    "vmad.trainer.commands",
+    "vmad.trainer.service_commands",
+    "vmad.planner.commands",
+    "vmad.edge_agent.commands",
+    "vmad.controller.commands",
 )
 
 

@@ -36,10 +36,10 @@ Schema = TypeVar("Schema", bound=BaseModel)
 
 # "module:Class" so that importing this module imports no component (and no torch).
 COMPONENT_SCHEMAS: dict[str, str] = {
-    "agent": "edge_agent.config:AgentConfig",
-    "trainer": "trainer.config:TrainerConfig",
-    "controller": "controller.config:ControllerConfig",
-    "planner": "planner.config:PlannerConfig",
+    "agent": "vmad.edge_agent.config:AgentConfig",
+    "trainer": "vmad.trainer.config:TrainerConfig",
+    "controller": "vmad.controller.config:ControllerConfig",
+    "planner": "vmad.planner.config:PlannerConfig",
 }
 
 _ENV = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -57,10 +57,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from controller.service import fetch_fleet
-    from trainer.checkpoint import DEFAULT_CHECKPOINT_DIR
+    from vmad.controller.service import fetch_fleet
     from vmad.launch import free_port, start, wait_serving
     from vmad.replay import ReplayAgent, score_events
+    from vmad.trainer.checkpoint import DEFAULT_CHECKPOINT_DIR
 
     # Wide enough for every column also when stdout is a pipe or a CI log.
     console = Console(width=max(140, Console().width))
@@ -71,8 +71,8 @@ def run_demo(args: argparse.Namespace) -> int:
     # The demo runs plaintext on purpose and says so once; not on every status poll.
     logging.getLogger("vmad.security").setLevel(logging.ERROR)
     checkpoint = DEFAULT_CHECKPOINT_DIR
-    from trainer.checkpoint import load_checkpoint
-    from trainer.export import export_bundle
+    from vmad.trainer.checkpoint import load_checkpoint
+    from vmad.trainer.export import export_bundle
 
     # The shipped model has the default window (vmad/schema.py), the one the agent takes.
     initial = export_bundle(load_checkpoint(checkpoint), "initial")
@@ -227,7 +227,7 @@ def _start_real_agent(workdir: Path, initial: Any, trainer_port: int,
     """The real edge agent on this host (when edge_agent/ provides it): samples every
     0.5 s so a window fills within the demo, starts with the demo's pretrained bundle."""
     try:
-        import edge_agent.agent_commands  # noqa: F401
+        import vmad.edge_agent.agent_commands  # noqa: F401
     except ImportError:
         console.print("[yellow]the real edge agent is not in this checkout: simulated "
                       "agents only, no `vmad inject` fault[/]")
@@ -261,7 +261,7 @@ def _real_fault_summary(workdir: Path, vm_id: str, window: int) -> str:
     interval the agent shipped, and the verdicts it sent."""
     import json
 
-    from trainer.store import TelemetryStore
+    from vmad.trainer.store import TelemetryStore
 
     labels_file = workdir / "agent" / "labels.jsonl"
     try:

@@ -185,7 +185,7 @@ class ReplayAgent:
         return self.t0 + index * self.interval_s
 
     def _score(self, start: int, stop: int) -> list[Any]:
-        from protos.vmad.v1 import telemetry_pb2
+        from vmad.protos.vmad.v1 import telemetry_pb2
 
         bundle = self.bundle
         if bundle is None:
@@ -205,7 +205,7 @@ class ReplayAgent:
                 for e, sc, f in zip(ends, scores, flags, strict=True)]
 
     def _batch(self, start: int, stop: int, batch_id: int) -> Any:
-        from protos.vmad.v1 import telemetry_pb2
+        from vmad.protos.vmad.v1 import telemetry_pb2
 
         labels = [telemetry_pb2.LabelInterval(
             start=self.timestamp(s), end=self.timestamp(e), anomalous=True,
@@ -225,7 +225,7 @@ class ReplayAgent:
         grpc.RpcError when the trainer is unreachable."""
         import queue
 
-        from protos.vmad.v1 import telemetry_pb2_grpc
+        from vmad.protos.vmad.v1 import telemetry_pb2_grpc
 
         stop = min(stop, len(self.series.values))
         if self.sent > self.acked:
@@ -264,8 +264,8 @@ class ReplayAgent:
         """Receive bundles in a background thread and swap them in when they verify."""
         import threading
 
-        from protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
         from vmad.bundle import Bundle, BundleError
+        from vmad.protos.vmad.v1 import telemetry_pb2, telemetry_pb2_grpc
 
         running = self.bundle.metadata.version if self.bundle is not None else ""  # type: ignore[attr-defined]
         stub = telemetry_pb2_grpc.TelemetryServiceStub(self._channel)

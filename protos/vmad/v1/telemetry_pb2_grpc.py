@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from protos.vmad.v1 import bundle_pb2 as vmad_dot_v1_dot_bundle__pb2
-from protos.vmad.v1 import telemetry_pb2 as vmad_dot_v1_dot_telemetry__pb2
+from vmad.protos.vmad.v1 import bundle_pb2 as vmad_dot_v1_dot_bundle__pb2
+from vmad.protos.vmad.v1 import telemetry_pb2 as vmad_dot_v1_dot_telemetry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,0 +1,150 @@
+"""Edge agent overhead: RSS, CPU share of one core, inference latency.
+
+Runs the real agent (`vmad agent`, its own process, default 5 s interval, Prometheus
+endpoint on, no trainer so only the agent's own work counts) for `--duration` seconds
+(default 120, `--quick` 20) and samples the process every second with psutil: peak and
+final RSS, CPU seconds / wall seconds after a 2 s start-up allowance.
+
+Inference latency: the first window is complete only after 64 samples (320 s at 5 s),
+so a 2-minute run scores no window. Latency is therefore measured in this process on the
+same code path the agent runs per sample (`Detector.push` on a full ring: ring copy,
+normalization, ONNX Runtime with one thread), 2,000 times, p50 and p99.
+
+The bundle is the packaged default when it exists, else an untrained Zoom-CNN exported by
+the trainer here (same architecture, same cost; needs the `train` extra for torch).
+
+    vmad bench agent-overhead [--quick]          # 2 minutes; --quick 20 s
+    .venv/bin/python bench/agent_overhead.py     # the same, from a checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = {"rss_mb": 80.0, "cpu_percent": 1.0, "p50_us": 100.0}
+
+
+def bundle_folder(work: Path) -> Path | None:
+    """None = the packaged default; else an exported untrained Zoom-CNN."""
+    from vmad.bundle import DEFAULT_BUNDLE_DIR
+
+    if (DEFAULT_BUNDLE_DIR / "bundle.json").exists():
+        return None
+    from vmad.schema import DEFAULT_METRICS, DEFAULT_WINDOW
+    from vmad.trainer.checkpoint import Checkpoint
+    from vmad.trainer.export import export_bundle
+    from vmad.trainer.models import build_model
+    from vmad.windows import Normalizer
+
+    model = build_model("zoom-cnn", len(DEFAULT_METRICS), DEFAULT_WINDOW)
+    normalizer = Normalizer((20.0, 50.0, 1.0, 1.0), (10.0, 5.0, 2.0, 2.0))
+    checkpoint = Checkpoint(model, "zoom-cnn", DEFAULT_METRICS, DEFAULT_WINDOW, normalizer,
+                            0.5, {"bench": "untrained"})
+    folder = work / "bundle"
+    export_bundle(checkpoint, "bench-untrained", folder)
+    return folder
+
+
+def inference_latency(bundle: Path | None, runs: int = 2000) -> tuple[float, float, str]:
+    from vmad.edge_agent.detector import BundleSlot, Detector
+    from vmad.edge_agent.sampler import METRICS
+    from vmad.schema import DEFAULT_WINDOW
+
+    with tempfile.TemporaryDirectory() as scratch:
+        slot = BundleSlot(scratch, METRICS, DEFAULT_WINDOW)
+        loaded = slot.load_initial(bundle)
+        assert loaded is not None, "no usable bundle"
+        detector = Detector(slot)
+        rng = np.random.default_rng(0)
+        for _ in range(DEFAULT_WINDOW):
+            detector.push(list(rng.random(4) * 50))
+        times = []
+        for _ in range(runs):
+            values = list(rng.random(4) * 50)
+            start = time.perf_counter()
+            detector.push(values)
+            times.append(time.perf_counter() - start)
+    micro = np.asarray(times) * 1e6
+    return float(np.percentile(micro, 50)), float(np.percentile(micro, 99)), \
+        f"{loaded.metadata.model_kind} {loaded.metadata.version}"
+
+
+def run_agent(bundle: Path | None, duration: float, interval: float,
+              work: Path) -> dict[str, float]:
+    import psutil
+    import yaml
+
+    from vmad.launch import free_port
+
+    config = {
+        "vm_id": "bench", "interval_s": interval, "bundle": str(bundle) if bundle else None,
+        "bundle_dir": str(work / "bundles"),
+        "trainer": {"address": None},
+        "spool": {"path": str(work / "spool.db")},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "inject": {"labels_file": str(work / "labels.jsonl")},
+        "security": {"insecure": True},
+    }
+    path = work / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmad.cli", "agent", "--config", str(path),
+         "--log-level", "WARNING"], cwd=work)
+    proc = psutil.Process(process.pid)
+    try:
+        time.sleep(2.0)  # imports and start-up are not steady-state overhead
+        cpu0, wall0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        peak = 0
+        while time.monotonic() - wall0 < duration:
+            if process.poll() is not None:
+                raise RuntimeError(f"agent exited early with code {process.returncode}")
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(1.0)
+        cpu1, wall1 = sum(proc.cpu_times()[:2]), time.monotonic()
+        final = proc.memory_info().rss
+        # USS: pages only this process holds (shared libraries' clean pages excluded).
+        uss = proc.memory_full_info().uss
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    return {"rss_peak_mb": peak / 2**20, "rss_final_mb": final / 2**20,
+            "uss_final_mb": uss / 2**20,
+            "cpu_percent": 100.0 * (cpu1 - cpu0) / (wall1 - wall0), "seconds": wall1 - wall0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 s instead of 120 s")
+    parser.add_argument("--duration", type=float, default=None)
+    parser.add_argument("--interval", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    duration = args.duration or (20.0 if args.quick else 120.0)
+    with tempfile.TemporaryDirectory(prefix="vmad-bench-agent-") as scratch:
+        work = Path(scratch)
+        bundle = bundle_folder(work)
+        p50, p99, which = inference_latency(bundle)
+        usage = run_agent(bundle, duration, args.interval, work)
+    rows = [
+        ("RSS peak (MB)", usage["rss_peak_mb"], TARGETS["rss_mb"]),
+        ("RSS final (MB)", usage["rss_final_mb"], TARGETS["rss_mb"]),
+        ("USS final (MB)", usage["uss_final_mb"], None),
+        ("CPU (% of one core)", usage["cpu_percent"], TARGETS["cpu_percent"]),
+        ("inference p50 (us)", p50, TARGETS["p50_us"]),
+        ("inference p99 (us)", p99, None),
+    ]
+    print(f"agent overhead: {usage['seconds']:.0f} s at interval {args.interval:g} s, "
+          f"bundle {which}")
+    print(f"{'measure':24s} {'value':>10s} {'target':>8s}  ok")
+    for name, value, target in rows:
+        ok = "" if target is None else ("yes" if value <= target else "NO")
+        shown = "" if target is None else f"{target:g}"
+        print(f"{name:24s} {value:10.2f} {shown:>8s}  {ok}")
+    return 0
+
