@@ -13,8 +13,8 @@ the controller would, one state report at a time:
 
 from __future__ import annotations
 
-from vmad.controller.policy import Action, Decision
-from vmad.trainer.state import VMState
+from vmad.actions import Action, Decision
+from vmad.state import VMState
 
 __all__ = ["AlwaysFinetune", "EveryK", "NeverRetrain", "OnDrift"]
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from vmad.actions import action_index
 from vmad.controller.env import EnvSettings, VMLifeEnv
-from vmad.controller.policy import Policy, RulePolicy, action_index
+from vmad.controller.policy import Policy, RulePolicy
 
 __all__ = ["QUICK", "PolicyResult", "fixed_policies", "run_control_bench"]
 

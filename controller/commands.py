@@ -61,20 +61,12 @@ def register(commands: Any, bench: Any) -> None:
                         help="also list this many recent decisions (default 10)")
     status.set_defaults(run=run_status)
 
-    # `vmad demo` is the distributed demo (vmad/demo.py). An older, offline demo may still
-    # be registered by trainer/commands.py; argparse refuses two, so the first one stays
-    # until that registration is removed.
-    if "demo" not in commands.choices:
-        from vmad.demo import register as register_demo
-
-        register_demo(commands)
-
 
 def run_controller(args: argparse.Namespace) -> int:
     from vmad.controller.service import serve_from_config
 
     if args.config is None:
-        from vmad.cli import UsageError
+        from vmad.errors import UsageError
 
         raise UsageError("--config controller.yaml is required to run the controller")
     return serve_from_config(args.config)
@@ -90,13 +82,13 @@ def run_train_policy(args: argparse.Namespace) -> int:
     env = QUICK if args.quick else EnvSettings()
     gamma = TrainSettings.gamma
     if args.train_config is not None:
+        from vmad.config import ConfigError, load_config
         from vmad.controller.config import ControllerConfig
-        from vmad.trainer.config_loading import ConfigFileError, load_component_config
 
         try:
-            config = load_component_config(args.train_config, ControllerConfig)
-        except (ConfigFileError, ValueError) as error:
-            from vmad.cli import UsageError
+            config = load_config(args.train_config, ControllerConfig)
+        except (ConfigError, ValueError) as error:
+            from vmad.errors import UsageError
 
             raise UsageError(f"config error: {error}") from None
         env = replace(env, reward=config.reward.settings())
@@ -130,7 +122,7 @@ def run_status(args: argparse.Namespace) -> int:
         from vmad.controller.registry import Registry
 
         if not args.database.is_file():
-            from vmad.cli import UsageError
+            from vmad.errors import UsageError
 
             raise UsageError(f"{args.database}: no such registry file")
         registry = Registry(args.database)

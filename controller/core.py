@@ -11,10 +11,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from vmad.controller.policy import Decision, Policy
+from vmad.actions import Decision
+from vmad.controller.policy import Policy
 from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
-from vmad.trainer.state import VMState
+from vmad.state import VMState
 
 __all__ = ["ControlCore"]
 

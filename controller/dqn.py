@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from vmad.controller.policy import CONTROL_ACTIONS, Decision, RulePolicy, action_index
-from vmad.trainer.state import FEATURES, VMState
+from vmad.actions import CONTROL_ACTIONS, Decision, action_index
+from vmad.controller.policy import RulePolicy
+from vmad.state import FEATURES, VMState
 
 __all__ = ["DEFAULT_POLICY", "DQNPolicy", "DQNSettings", "PolicyFile", "PolicyFileError",
            "build_dqn_policy", "load_policy_file", "save_policy_file"]

@@ -40,11 +40,11 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from vmad.controller.policy import CONTROL_ACTIONS, Action, Decision
+from vmad.actions import CONTROL_ACTIONS, Action, Decision
 from vmad.controller.reward import RewardSettings, reward_terms
 from vmad.evaluation import events
 from vmad.schema import DEFAULT_METRICS
-from vmad.trainer.state import FEATURES, quality_of
+from vmad.state import FEATURES, quality_of
 
 __all__ = ["SMD_DIR", "EnvSettings", "Stream", "VMLifeEnv", "make_stream",
            "pretrained_checkpoint", "smd_machines"]
@@ -348,7 +348,7 @@ class VMLifeEnv(gym.Env):
         with the VM's current model, then ship samples, verdicts and labels. Returns
         the confusion counts (tp, fp, fn, tn) and (accuracy, F1, loss) of those windows;
         windows too early to be whole are not scored."""
-        from vmad.trainer.store import LabelInterval
+        from vmad.labels import LabelInterval
         from vmad.trainer.training import predict_proba
         from vmad.windows import make_windows
 

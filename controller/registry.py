@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmad.controller.policy import Action, Decision
-from vmad.trainer.state import VMState
+from vmad.actions import Action, Decision
+from vmad.state import VMState
 
 __all__ = ["DecisionRow", "Registry", "TrainerRow", "TransitionRow", "VMRow"]
 

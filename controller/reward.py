@@ -37,8 +37,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from vmad.controller.policy import Action, Decision
-from vmad.trainer.state import VMState
+from vmad.actions import Action, Decision
+from vmad.state import VMState
 
 __all__ = ["WEIGHTS", "RewardSettings", "RewardTerms", "reward", "reward_terms"]
 

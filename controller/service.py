@@ -9,15 +9,13 @@ process.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from vmad.config import ConfigError, load_config
 from vmad.controller.config import ControllerConfig
 from vmad.controller.core import ControlCore
 from vmad.controller.policy import Policy, build_policy
@@ -25,7 +23,8 @@ from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
 from vmad.protos.vmad.v1 import control_pb2, control_pb2_grpc
 from vmad.security import add_port, call_metadata, make_server, open_channel
-from vmad.trainer.wire import (
+from vmad.signals import run_until_signalled
+from vmad.wire import (
     decision_from_message,
     decision_to_message,
     state_from_message,
@@ -147,9 +146,8 @@ def fetch_fleet(config_path: Path, decisions: int = 10, timeout: float = 5.0) ->
     """Ask the controller configured in `config_path` for its fleet, as the plain data
     `vmad status` prints. Counts of decisions and actions cover the decisions returned
     (the Fleet message carries no totals)."""
-    from vmad.trainer.config_loading import load_component_config
 
-    config = load_component_config(config_path, ControllerConfig)
+    config = load_config(config_path, ControllerConfig)
     # An operator's `vmad status` presents the controller's own identity and token.
     with open_channel(config.listen, config.security) as channel:
         reply = control_pb2_grpc.ControlServiceStub(channel).Fleet(
@@ -182,25 +180,11 @@ def fetch_fleet(config_path: Path, decisions: int = 10, timeout: float = 5.0) ->
                        "decisions": len(records)}}
 
 
-def run_until_signalled(stop: Callable[[], None]) -> None:
-    """Block until SIGTERM/SIGINT, then call `stop` (graceful shutdown)."""
-    done = threading.Event()
-
-    def handler(signum: int, frame: object) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    done.wait()
-    stop()
-
-
 def serve_from_config(path: Path) -> int:
-    from vmad.trainer.config_loading import ConfigFileError, load_component_config
 
     try:
-        config = load_component_config(path, ControllerConfig)
-    except (ConfigFileError, ValueError) as error:
+        config = load_config(path, ControllerConfig)
+    except (ConfigError, ValueError) as error:
         print(f"vmad controller: config error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level,

@@ -62,9 +62,9 @@ def register(commands: Any, bench: Any) -> None:
 
 
 def _load(path: str) -> Any:
-    from vmad.cli import UsageError
     from vmad.config import ConfigError, load_config
     from vmad.edge_agent.config import AgentConfig
+    from vmad.errors import UsageError
 
     try:
         return load_config(path, AgentConfig)
@@ -86,9 +86,9 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_inject(args: argparse.Namespace) -> int:
-    from vmad.cli import UsageError
     from vmad.edge_agent.config import InjectSettings
     from vmad.edge_agent.inject import inject
+    from vmad.errors import UsageError
 
     settings, vm_id = InjectSettings(), None
     if args.config:
@@ -106,7 +106,7 @@ def _run_inject(args: argparse.Namespace) -> int:
 
 
 def _run_label(args: argparse.Namespace) -> int:
-    from vmad.cli import UsageError
+    from vmad.errors import UsageError
 
     if args.end <= args.start:
         raise UsageError("--end must be after --start")

@@ -33,15 +33,9 @@ def register(commands: Any, bench: Any) -> None:
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(run=_run_certs_init)
 
-    import importlib
+    from vmad.edge_agent.agent_commands import register as register_agent
 
-    try:
-        agent_commands = importlib.import_module("vmad.edge_agent.agent_commands")
-    except ModuleNotFoundError as error:
-        if error.name != "vmad.edge_agent.agent_commands":
-            raise
-    else:
-        agent_commands.register(commands, bench)
+    register_agent(commands, bench)
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -60,7 +54,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_certs_init(args: argparse.Namespace) -> int:
-    from vmad.cli import UsageError
+    from vmad.errors import UsageError
     from vmad.security import make_certs
 
     hosts = args.host or ["localhost", "127.0.0.1"]

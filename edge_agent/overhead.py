@@ -10,8 +10,7 @@ so a 2-minute run scores no window. Latency is therefore measured in this proces
 same code path the agent runs per sample (`Detector.push` on a full ring: ring copy,
 normalization, ONNX Runtime with one thread), 2,000 times, p50 and p99.
 
-The bundle is the packaged default when it exists, else an untrained Zoom-CNN exported by
-the trainer here (same architecture, same cost; needs the `train` extra for torch).
+The bundle is the packaged default, the one a fresh agent runs.
 
     vmad bench agent-overhead [--quick]          # 2 minutes; --quick 20 s
     .venv/bin/python bench/agent_overhead.py     # the same, from a checkout
@@ -29,27 +28,6 @@ from pathlib import Path
 import numpy as np
 
 TARGETS = {"rss_mb": 80.0, "cpu_percent": 1.0, "p50_us": 100.0}
-
-
-def bundle_folder(work: Path) -> Path | None:
-    """None = the packaged default; else an exported untrained Zoom-CNN."""
-    from vmad.bundle import DEFAULT_BUNDLE_DIR
-
-    if (DEFAULT_BUNDLE_DIR / "bundle.json").exists():
-        return None
-    from vmad.schema import DEFAULT_METRICS, DEFAULT_WINDOW
-    from vmad.trainer.checkpoint import Checkpoint
-    from vmad.trainer.export import export_bundle
-    from vmad.trainer.models import build_model
-    from vmad.windows import Normalizer
-
-    model = build_model("zoom-cnn", len(DEFAULT_METRICS), DEFAULT_WINDOW)
-    normalizer = Normalizer((20.0, 50.0, 1.0, 1.0), (10.0, 5.0, 2.0, 2.0))
-    checkpoint = Checkpoint(model, "zoom-cnn", DEFAULT_METRICS, DEFAULT_WINDOW, normalizer,
-                            0.5, {"bench": "untrained"})
-    folder = work / "bundle"
-    export_bundle(checkpoint, "bench-untrained", folder)
-    return folder
 
 
 def inference_latency(bundle: Path | None, runs: int = 2000) -> tuple[float, float, str]:
@@ -128,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (20.0 if args.quick else 120.0)
     with tempfile.TemporaryDirectory(prefix="vmad-bench-agent-") as scratch:
         work = Path(scratch)
-        bundle = bundle_folder(work)
+        bundle = None  # the packaged default
         p50, p99, which = inference_latency(bundle)
         usage = run_agent(bundle, duration, args.interval, work)
     rows = [

@@ -294,7 +294,7 @@ def bench_command(args: argparse.Namespace) -> int:
         vms = load_bitbrains(args.data, max_gb=max(sizes), limit=limit)
         title = f"Bitbrains Rnd, {len(vms)} VMs that fit {max(sizes):g} GB"
     if not vms:
-        from vmad.cli import UsageError
+        from vmad.errors import UsageError
 
         raise UsageError(f"{args.data}: no VMs found")
     needs = compute_needs(vms, config, args.quick, with_lstm=not args.no_lstm, workers=args.workers)

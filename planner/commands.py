@@ -54,7 +54,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 
 
 def _usage(error: Exception) -> Exception:
-    from vmad.cli import UsageError
+    from vmad.errors import UsageError
 
     return UsageError(str(error))
 

@@ -157,7 +157,7 @@ def write_report(plan: Plan, path: Path, title: str, unit: str) -> None:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from vmad.cli import UsageError
+    from vmad.errors import UsageError
     from vmad.planner.config import ConfigError, load_config
     from vmad.planner.history import HistoryError, read_columns, read_history
 

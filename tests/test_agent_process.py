@@ -37,8 +37,7 @@ def write_config(tmp_path: Path, port: int, **extra) -> Path:
 
 
 def vmad(*args: str) -> list[str]:
-    # The installed entry point, as operators run it (`python -m vmad.cli` would make
-    # vmad.cli `__main__` and its UsageError a different class).
+    # The installed entry point, as operators run it.
     return [str(Path(sys.executable).parent / "vmad"), *args]
 
 

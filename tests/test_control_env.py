@@ -9,10 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vmad.actions import CONTROL_ACTIONS, Action, Decision, action_index
 from vmad.controller.env import EnvSettings, VMLifeEnv, make_stream, smd_machines
-from vmad.controller.policy import CONTROL_ACTIONS, Action, Decision, action_index
 from vmad.controller.reward import RewardSettings, reward, reward_terms
-from vmad.trainer.state import FEATURES, VMState
+from vmad.state import FEATURES, VMState
 
 TINY = EnvSettings(kind="mlp", window=16, steps=4, step_samples=60, warmup_samples=240,
                    mean_regime_steps=2.0, max_windows=300, pretrain_batches=30,
@@ -138,13 +138,13 @@ def test_reward_against_hand_computed_values() -> None:
 
 
 def test_reward_config_is_validated(tmp_path) -> None:
+    from vmad.config import load_config
     from vmad.controller.config import ControllerConfig
-    from vmad.trainer.config_loading import load_component_config
 
     good = tmp_path / "controller.yaml"
     good.write_text("database: r.sqlite\nreward: {a1: 0.5, a2: 0.25, a3: 0.25, r1: accuracy,"
                     " gamma: 0.8}\npolicy: {kind: dqn, dqn: {learning_starts: 10}}\n")
-    config = load_component_config(good, ControllerConfig)
+    config = load_config(good, ControllerConfig)
     assert config.reward.settings() == RewardSettings(0.5, 0.25, 0.25, "accuracy")
     assert config.reward.gamma == 0.8 and config.policy.dqn.learning_starts == 10
     for text, problem in [("reward: {a4: 0.1}", "a4"), ("reward: {a1: 0.5}", "must be 1"),
@@ -155,7 +155,7 @@ def test_reward_config_is_validated(tmp_path) -> None:
         bad = tmp_path / "bad.yaml"
         bad.write_text(f"database: r.sqlite\n{text}\n")
         with pytest.raises(ValueError, match=problem) as error:
-            load_component_config(bad, ControllerConfig)
+            load_config(bad, ControllerConfig)
         assert "bad.yaml" in str(error.value)
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from vmad.actions import CONTROL_ACTIONS, Action, Decision
 from vmad.controller.dqn import (
     DEFAULT_POLICY,
     DQNPolicy,
@@ -26,8 +27,7 @@ from vmad.controller.dqn import (
     policy_file_of,
     save_policy_file,
 )
-from vmad.controller.policy import CONTROL_ACTIONS, Action, Decision
-from vmad.trainer.state import FEATURES, VMState
+from vmad.state import FEATURES, VMState
 
 LEARNING_STARTS = 6
 
@@ -74,7 +74,7 @@ def _controller_config(folder: Path, port: int, initial: Path) -> Path:
 
 def _report(stub: object, state: VMState) -> Decision:
     from vmad.protos.vmad.v1 import control_pb2
-    from vmad.trainer.wire import decision_from_message, state_to_message
+    from vmad.wire import decision_from_message, state_to_message
 
     reply = stub.Report(control_pb2.StateReport(trainer_id="node-1",  # type: ignore[attr-defined]
                                                 state=state_to_message(state)), timeout=10)

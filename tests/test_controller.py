@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from vmad.controller.policy import ACTIONS, Action, Decision, Policy, RulePolicy, RuleSettings
+from vmad.actions import ACTIONS, Action, Decision
+from vmad.controller.policy import Policy, RulePolicy, RuleSettings
 from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
-from vmad.trainer.state import VMState
+from vmad.state import VMState
 
 
 def _state(vm: str = "vm-1", **kw: object) -> VMState:
@@ -116,15 +117,15 @@ def test_event_scoring() -> None:
 
 def test_example_configs_load() -> None:
     from tests.conftest import REPO_ROOT
+    from vmad.config import load_config
     from vmad.controller.config import ControllerConfig
     from vmad.trainer.config import TrainerConfig
-    from vmad.trainer.config_loading import load_component_config
 
-    controller = load_component_config(REPO_ROOT / "deploy" / "controller.yaml",
+    controller = load_config(REPO_ROOT / "deploy" / "controller.yaml",
                                        ControllerConfig)
     assert controller.policy.rules.settings() == RuleSettings()
-    trainer = load_component_config(REPO_ROOT / "deploy" / "trainer.yaml", TrainerConfig)
+    trainer = load_config(REPO_ROOT / "deploy" / "trainer.yaml", TrainerConfig)
     assert trainer.controller.address == "127.0.0.1:50071"
-    load_component_config(REPO_ROOT / "deploy" / "demo" / "controller.yaml", ControllerConfig)
-    demo = load_component_config(REPO_ROOT / "deploy" / "demo" / "trainer.yaml", TrainerConfig)
+    load_config(REPO_ROOT / "deploy" / "demo" / "controller.yaml", ControllerConfig)
+    demo = load_config(REPO_ROOT / "deploy" / "demo" / "trainer.yaml", TrainerConfig)
     assert demo.training.assume_normal_unlabelled

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vmad.controller.policy import Action, Decision
-from vmad.trainer.state import compute_state, drift_score
+from vmad.actions import Action, Decision
+from vmad.state import compute_state, drift_score
 from vmad.trainer.store import LabelInterval, TelemetryStore
 from vmad.windows import Normalizer
 

@@ -166,7 +166,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.source)
     series = read_series(args.data, required_metrics=checkpoint.metrics).select(checkpoint.metrics)
     if series.labels is None:
-        from vmad.cli import UsageError
+        from vmad.errors import UsageError
 
         raise UsageError(f"{args.data} has no label column: fine-tuning needs labels")
     if not args.keep_normalization:
@@ -214,7 +214,7 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     detectors = [d.strip() for d in args.detectors.split(",") if d.strip()]
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown or not detectors:
-        from vmad.cli import UsageError
+        from vmad.errors import UsageError
 
         raise UsageError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
     result = run_detection_benchmark(

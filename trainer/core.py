@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vmad.actions import Action, Decision
 from vmad.bundle import Bundle
-from vmad.controller.policy import Action, Decision
-from vmad.trainer.state import VMState
+from vmad.state import VMState
 from vmad.trainer.store import IngestResult, LabelInterval, TelemetryStore
 from vmad.trainer.transfer import TrainOutcome, VMModels
 from vmad.trainer.worker import ActionWorker

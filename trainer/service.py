@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from vmad.controller.policy import Decision
+from vmad.actions import Decision
+from vmad.config import ConfigError, load_config
 from vmad.protos.vmad.v1 import (
     bundle_pb2,
     control_pb2,
@@ -33,11 +34,11 @@ from vmad.security import (
     make_server,
     open_channel,
 )
+from vmad.state import VMState
 from vmad.trainer.config import TrainerConfig
 from vmad.trainer.core import TrainerCore
-from vmad.trainer.state import VMState
 from vmad.trainer.store import TelemetryStore
-from vmad.trainer.wire import decision_from_message, labels_from_messages, state_to_message
+from vmad.wire import decision_from_message, labels_from_messages, state_to_message
 
 __all__ = ["TELEMETRY_SERVICE", "TrainerServer", "serve_from_config"]
 
@@ -191,12 +192,11 @@ def _load_pretrained(config: TrainerConfig) -> Any:
 
 
 def serve_from_config(path: Path) -> int:
-    from vmad.controller.service import run_until_signalled
-    from vmad.trainer.config_loading import ConfigFileError, load_component_config
+    from vmad.signals import run_until_signalled
 
     try:
-        config = load_component_config(path, TrainerConfig)
-    except (ConfigFileError, ValueError) as error:
+        config = load_config(path, TrainerConfig)
+    except (ConfigError, ValueError) as error:
         print(f"vmad trainer: config error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level,

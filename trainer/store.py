@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IngestResult", "LabelInterval", "RecentData", "TelemetryStore", "VMModelInfo"]
+from vmad.labels import LabelInterval
+
+__all__ = ["IngestResult", "RecentData", "TelemetryStore", "VMModelInfo"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -92,14 +94,6 @@ class IngestResult:
     duplicates: int
     lost: int
     acked: int
-
-
-@dataclass(frozen=True)
-class LabelInterval:
-    start: float
-    end: float
-    anomalous: bool
-    source: str = ""
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from vmad.bundle import Bundle
+from vmad.state import VMState, compute_state
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from vmad.trainer.state import VMState, compute_state
 from vmad.trainer.store import TelemetryStore, VMModelInfo
 from vmad.windows import Normalizer, make_windows
 

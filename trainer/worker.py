@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmad.controller.policy import Action, Decision
+from vmad.actions import Action, Decision
 from vmad.trainer.transfer import TrainOutcome, VMModels
 
 __all__ = ["ActionWorker", "WorkerStats"]

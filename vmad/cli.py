@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from vmad import __version__
-from vmad.errors import InputError
+from vmad.errors import InputError, UsageError
 
 COMMAND_MODULES = (
     "vmad.trainer.commands",
@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "vmad.planner.commands",
     "vmad.edge_agent.commands",
     "vmad.controller.commands",
+    "vmad.demo",
 )
 
 
@@ -35,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="reproducible benchmarks that print tables")
     bench = bench_parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # A component not written yet is not an error; a broken import inside one is.
-            if error.name == module_name:
-                continue
-            raise
-        module.register(commands, bench)
+        importlib.import_module(module_name).register(commands, bench)
     return parser
 
 
@@ -57,10 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vmad {args.command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for (bad file, bad option): printed, exit code 2."""
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ __all__ = ["register", "run_demo"]
 SMD_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "smd"
 
 
-def register(commands: Any) -> None:
+def register(commands: Any, bench: Any) -> None:
     demo = commands.add_parser(
         "demo", help="controller + trainer + simulated agents on loopback, live, < 3 minutes")
     demo.add_argument("--seconds", type=float, default=100.0, help="replay time (default 100)")

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input named by its message; raised by readers and loaders across the project."""
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (bad file, bad option): printed, exit code 2."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from vmad.controller.policy import Action, Decision
+from vmad.actions import Action, Decision
+from vmad.labels import LabelInterval
 from vmad.protos.vmad.v1 import control_pb2, telemetry_pb2
-from vmad.trainer.state import VMState
-from vmad.trainer.store import LabelInterval
+from vmad.state import VMState
 
 __all__ = ["MAX_MESSAGE_BYTES", "decision_from_message", "decision_to_message",
            "labels_from_messages", "labels_to_messages", "server_options",
