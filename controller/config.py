@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from vmad.config import StrictModel
 from vmad.controller.policy import RuleSettings
 from vmad.controller.reward import RewardSettings
 from vmad.security import SecurityConfig
@@ -18,11 +19,7 @@ from vmad.security import SecurityConfig
 __all__ = ["ControllerConfig", "DQNConfig", "PolicyConfig", "RewardConfig", "RulesConfig"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RulesConfig(_Strict):
+class RulesConfig(StrictModel):
     """The rule policy's thresholds; controller/policy.py's RuleSettings explains each."""
 
     min_labelled: int = Field(32, ge=0)
@@ -37,7 +34,7 @@ class RulesConfig(_Strict):
         return RuleSettings(**self.model_dump())
 
 
-class DQNConfig(_Strict):
+class DQNConfig(StrictModel):
     """The learning policy (controller/dqn.py's DQNPolicy explains each key)."""
 
     initial: Path | None = Field(
@@ -60,14 +57,14 @@ class DQNConfig(_Strict):
     seed: int = Field(0, description="exploration and batch sampling")
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(StrictModel):
     kind: Literal["rules", "dqn"] = Field("rules",
                                           description="which policy answers state reports")
     rules: RulesConfig = RulesConfig()
     dqn: DQNConfig = DQNConfig()
 
 
-class RewardConfig(_Strict):
+class RewardConfig(StrictModel):
     """R = a1*R1 + a2*R2 + a3*R3 and its discount; controller/reward.py defines the terms."""
 
     a1: float = Field(0.4, ge=0, le=1, description="weight of R1 (accuracy or F1)")
@@ -90,7 +87,7 @@ class RewardConfig(_Strict):
                               batch_budget=self.batch_budget, push_cost=self.push_cost)
 
 
-class ControllerConfig(_Strict):
+class ControllerConfig(StrictModel):
     listen: str = Field("127.0.0.1:50071", description="host:port trainers connect to")
     database: Path = Field(..., description="SQLite registry file (created if missing)")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")

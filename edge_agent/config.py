@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from vmad.config import StrictModel
 from vmad.schema import DEFAULT_INTERVAL_S
 from vmad.security import SecurityConfig
 
@@ -14,11 +15,7 @@ __all__ = ["AgentConfig", "InjectSettings", "MetricsSettings", "SpoolSettings",
            "TrainerLink"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SpoolSettings(_Strict):
+class SpoolSettings(StrictModel):
     """The on-disk queue of unacknowledged telemetry (edge_agent/spool.py). When either
     bound is reached the oldest entries are dropped first and counted
     (`vmad_agent_spool_dropped_total`)."""
@@ -28,7 +25,7 @@ class SpoolSettings(_Strict):
     max_rows: int = Field(500_000, ge=10, description="bound on spooled samples")
 
 
-class TrainerLink(_Strict):
+class TrainerLink(StrictModel):
     """Where telemetry goes. `address: null` runs the agent alone (detect and spool)."""
 
     address: str | None = Field(None, description="trainer host:port")
@@ -39,12 +36,12 @@ class TrainerLink(_Strict):
     backoff_max_s: float = Field(60.0, gt=0, description="reconnect delay cap (full jitter)")
 
 
-class MetricsSettings(_Strict):
+class MetricsSettings(StrictModel):
     listen: str | None = Field("127.0.0.1:9108", description="Prometheus /metrics host:port; "
                                "null = off")
 
 
-class InjectSettings(_Strict):
+class InjectSettings(StrictModel):
     """Where `vmad inject` / `vmad label --local` record intervals for this agent, and
     the safety caps of `vmad inject`."""
 
@@ -55,7 +52,7 @@ class InjectSettings(_Strict):
     max_disk_bytes: int = Field(2 * 1024**3, ge=1024**2, description="absolute disk cap")
 
 
-class AgentConfig(_Strict):
+class AgentConfig(StrictModel):
     vm_id: str = Field(..., min_length=1, description="this VM's id (unique in the fleet)")
     interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, description="seconds between samples")
     bundle: Path | None = Field(None, description="bundle folder; null = the packaged default")

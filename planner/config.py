@@ -9,31 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from vmad import config as vmad_config
-from vmad.config import ConfigError
+from vmad.config import ConfigError, StrictModel
 
 __all__ = ["ConfigError", "PlannerConfig", "load_config"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LAConfig(_Strict):
+class LAConfig(StrictModel):
     lower: float | None = Field(None, description="static lower limit; learned if absent")
     upper: float | None = Field(None, description="static upper limit; learned if absent")
     learn: int = Field(288, ge=1, description="samples used to learn a missing limit")
     slack: float = Field(0.1, ge=0, description="learned limits widened by this share of range")
 
 
-class DLAConfig(_Strict):
+class DLAConfig(StrictModel):
     window: int = Field(288, ge=3, description="moving-median length in samples")
     tolerance: float = Field(4.0, gt=0, description="band half-width in robust std devs")
 
 
-class WHAConfig(_Strict):
+class WHAConfig(StrictModel):
     window: int = Field(288, ge=5)
     half_life: float = Field(144.0, gt=0, description="age in samples at which weight halves")
     tolerance: float = Field(4.0, gt=0)
@@ -50,14 +46,14 @@ class WHAConfig(_Strict):
             raise ValueError(f"wha.weights must each be in [0, 1], got {self.weights}")
 
 
-class RecurrenceConfig(_Strict):
+class RecurrenceConfig(StrictModel):
     periods_h: tuple[float, ...] = Field((24.0, 168.0, 672.0), description="periods watched, hours")
     find_periods: bool = Field(True, description="also watch autocorrelation peaks in the history")
     slack: int = Field(1, ge=0, description="samples a repeat may drift")
     decay: float = Field(0.5, gt=0, lt=1, description="confidence kept per missed repeat")
 
 
-class PlanningConfig(_Strict):
+class PlanningConfig(StrictModel):
     sizes: tuple[float, ...] = Field((1, 2, 4, 8, 16), description="reservation sizes (GB)")
     prices: tuple[float, ...] | None = Field(
         None, description="price per period per size; default = size"
@@ -68,7 +64,7 @@ class PlanningConfig(_Strict):
     lookback_h: int = Field(24 * 28, ge=24, description="history the forecaster trains on")
 
 
-class PlannerConfig(_Strict):
+class PlannerConfig(StrictModel):
     la: LAConfig = LAConfig()
     dla: DLAConfig = DLAConfig()
     wha: WHAConfig = WHAConfig()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from vmad.config import StrictModel
 from vmad.security import SecurityConfig
 from vmad.trainer.transfer import TransferSettings
 
@@ -18,11 +19,7 @@ __all__ = ["ControllerLink", "ModelSettings", "StoreSettings", "TrainerConfig",
            "TrainingSettings"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ControllerLink(_Strict):
+class ControllerLink(StrictModel):
     """Where the trainer reports VM states. `address: null` runs the trainer alone
     (it serves agents and stores data, and nobody tells it to train)."""
 
@@ -31,12 +28,12 @@ class ControllerLink(_Strict):
     timeout_s: float = Field(5.0, gt=0, description="deadline of each report call")
 
 
-class ModelSettings(_Strict):
+class ModelSettings(StrictModel):
     pretrained: Path | None = Field(
         None, description="pretrained checkpoint folder; null = the one shipped in the package")
 
 
-class StoreSettings(_Strict):
+class StoreSettings(StrictModel):
     """Bounds per VM; the oldest entries go first (trainer/store.py)."""
 
     max_samples_per_vm: int = Field(20_000, ge=16, description="samples kept per VM")
@@ -44,7 +41,7 @@ class StoreSettings(_Strict):
     max_labels_per_vm: int = Field(1_000, ge=1, description="label intervals kept per VM")
 
 
-class TrainingSettings(_Strict):
+class TrainingSettings(StrictModel):
     lr: float = Field(3e-4, gt=0, description="fine-tuning learning rate")
     batch_size: int = Field(64, ge=1, description="windows per mini-batch")
     freeze_early: bool = Field(False, description="train only the classifier layers")
@@ -64,7 +61,7 @@ class TrainingSettings(_Strict):
             assume_normal_unlabelled=self.assume_normal_unlabelled)
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictModel):
     trainer_id: str = Field(..., min_length=1, description="this trainer's name in the registry")
     listen: str = Field("127.0.0.1:50061", description="host:port agents connect to (port 0: any)")
     data_dir: Path = Field(..., description="store, per-VM models (created if missing)")

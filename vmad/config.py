@@ -25,14 +25,21 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vmad.errors import InputError
 
-__all__ = ["COMPONENT_SCHEMAS", "ConfigError", "component_of", "load_config", "read_yaml",
-           "schema_for", "validate_file"]
+__all__ = ["COMPONENT_SCHEMAS", "ConfigError", "StrictModel", "component_of", "load_config",
+           "read_yaml", "schema_for", "validate_file"]
 
 Schema = TypeVar("Schema", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """The one base of every config section: an unknown key is an error, not a typo
+    silently ignored, and a loaded config cannot be changed behind the loader's back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 # "module:Class" so that importing this module imports no component (and no torch).
 COMPONENT_SCHEMAS: dict[str, str] = {

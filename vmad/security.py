@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from vmad.config import StrictModel
 
 __all__ = [
     "AUTH_HEADER",
@@ -68,10 +70,8 @@ CLIENT_ID_HEADER = "vmad-client-id"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-class SecurityConfig(BaseModel):
+class SecurityConfig(StrictModel):
     """The `security:` section of a component config (every key optional)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     insecure: bool = Field(False, description="plaintext gRPC, no certificates (demo only)")
     ca: Path | None = Field(None, description="PEM CA certificate that signs peers")
