@@ -8,12 +8,15 @@ substitution included).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from vmad.config import StrictModel
 from vmad.security import SecurityConfig
-from vmad.trainer.transfer import TransferSettings
+
+if TYPE_CHECKING:  # transfer.py needs torch; validating a trainer.yaml must not
+    from vmad.trainer.transfer import TransferSettings
 
 __all__ = ["ControllerLink", "ModelSettings", "StoreSettings", "TrainerConfig",
            "TrainingSettings"]
@@ -54,6 +57,8 @@ class TrainingSettings(StrictModel):
     seed: int = Field(0, description="makes fine-tuning repeatable")
 
     def transfer(self) -> TransferSettings:
+        from vmad.trainer.transfer import TransferSettings
+
         return TransferSettings(
             lr=self.lr, batch_size=self.batch_size, freeze_early=self.freeze_early,
             max_windows=self.max_windows, state_samples=self.state_samples,
