@@ -162,7 +162,7 @@ def test_controller_decides_trainer_pushes_and_restart_keeps_registry(tmp_path, 
 def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint_dir):
     from vmad.protos.vmad.v1 import telemetry_pb2 as pb
     from vmad.protos.vmad.v1 import telemetry_pb2_grpc
-    from vmad.wire import MAX_MESSAGE_BYTES
+    from vmad.security import MAX_MESSAGE_BYTES
 
     port = free_port()
     config = _trainer_config(tmp_path / "trainer.yaml", port, checkpoint_dir, None)

@@ -8,7 +8,8 @@ labels are 0 or 1. A series folder holds `train.csv[.gz]` (labels optional) and
 Bad input raises `SeriesFormatError` naming file, line (1-based, the header is line 1)
 and column. The one documented repair: a run of at most `max_fill` missing cells
 (empty, `nan`) in a metric column is forward-filled from the sample before it; a longer
-run, or a missing first value, is an error. NumPy only: the agent uses this module too.
+run, or a missing first value, is an error. NumPy only, and no component imported: every
+layer (agent, trainer, planner) may read series with it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ policy sees. This is the one definition; the rule policy (controller/policy.py) 
 DQN environment read the same fields in the same order.
 
 The paper's transfer training module reports "the VM state" to the central control
-module without fixing its content; issue 3 names what it must hold, and we fill it as:
+module without fixing its content; we fill it with what a policy needs to decide:
 
 - how good the current model is on the VM's recent *labelled* windows (accuracy, F1,
   class-balanced loss), and how many labelled windows that judgement rests on;

@@ -1,8 +1,9 @@
 """Conversions between the gRPC messages (protos/vmad/v1/*.proto, the only definition of
 every message) and the Python objects the trainer and controller logic use.
 
-trainer/core.py and controller/core.py never see a message; the services and the
-simulated agent convert here, in one place.
+trainer/core.py and controller/core.py never see a message; the services convert here,
+in one place. Message sizes and keepalive live in vmad/security.py, beside the servers
+and channels they configure.
 """
 
 from __future__ import annotations
@@ -14,13 +15,9 @@ from vmad.labels import LabelInterval
 from vmad.protos.vmad.v1 import control_pb2, telemetry_pb2
 from vmad.state import VMState
 
-__all__ = ["MAX_MESSAGE_BYTES", "decision_from_message", "decision_to_message",
-           "labels_from_messages", "labels_to_messages", "server_options",
+__all__ = ["decision_from_message", "decision_to_message",
+           "labels_from_messages",
            "state_from_message", "state_to_message"]
-
-# A telemetry batch of a few hundred samples is a few tens of kB; a bundle is under
-# 1 MB. 16 MB leaves room and still refuses a runaway client before it costs memory.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _ACTIONS = {Action.KEEP: control_pb2.KEEP, Action.FINETUNE: control_pb2.FINETUNE,
             Action.RESET: control_pb2.RESET, Action.RESET_FINETUNE: control_pb2.RESET_FINETUNE}
@@ -28,17 +25,6 @@ _KINDS = {kind: action for action, kind in _ACTIONS.items()}
 _SOURCES = {"injection": telemetry_pb2.LABEL_SOURCE_INJECTION,
             "operator": telemetry_pb2.LABEL_SOURCE_OPERATOR}
 _SOURCE_NAMES = {value: name for name, value in _SOURCES.items()}
-
-
-def server_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 def state_to_message(state: VMState) -> control_pb2.VMState:
@@ -89,11 +75,3 @@ def labels_from_messages(messages: object) -> list[LabelInterval]:
         out.append(LabelInterval(m.start, m.end, m.anomalous,
                                  f"{source}:{m.kind}" if m.kind else source))
     return out
-
-
-def labels_to_messages(labels: list[LabelInterval]) -> list[telemetry_pb2.LabelInterval]:
-    return [telemetry_pb2.LabelInterval(
-        start=label.start, end=label.end, anomalous=label.anomalous,
-        source=_SOURCES.get(label.source.split(":")[0], 0),
-        kind=label.source.split(":", 1)[1] if ":" in label.source else "")
-        for label in labels]
