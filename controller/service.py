@@ -18,6 +18,7 @@ import grpc
 from vmad.config import ConfigError, load_config
 from vmad.controller.config import ControllerConfig
 from vmad.controller.core import ControlCore
+from vmad.controller.metrics import ControllerMetrics
 from vmad.controller.policy import Policy, build_policy
 from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
@@ -66,6 +67,7 @@ class ControllerServer:
         self.core = ControlCore(self.registry, policy,
                                 reward_of=lambda d, s: reward(d, s, settings))
         self.server, self.token_check = make_server(config.security, max_workers=16)
+        self.metrics = ControllerMetrics(self.registry, config.database, self.token_check)
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -79,9 +81,11 @@ class ControllerServer:
         self.server.start()
         self.health.set("", self._serving)
         self.health.set(CONTROL_SERVICE, self._serving)
+        self.metrics.serve(self.config.metrics.listen)
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set("", self._not_serving)
+        self.metrics.close()
         self.server.stop(grace).wait()
         self.core.policy.close()
         self.registry.close()
@@ -95,6 +99,7 @@ class ControllerServer:
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad state report: {error}")
         decision_id, decision = self.core.report(request.trainer_id, state, request.address)
+        self.metrics.decided(decision)
         return decision_to_message(decision, decision_id)
 
     def fleet(self, request: control_pb2.FleetRequest,
@@ -195,6 +200,9 @@ def serve_from_config(path: Path) -> int:
         server = ControllerServer(config)
     except PolicyFileError as error:
         print(f"vmad controller: policy error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # unreadable certificates, a port in use
+        print(f"vmad controller: cannot start: {error}", file=sys.stderr)
         return 2
     server.start()
     print(f"vmad controller: listening on {server.address}, registry {config.database}",

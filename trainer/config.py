@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from vmad.config import StrictModel
+from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
 from vmad.trainer.transfer import TransferSettings
 
@@ -72,3 +73,5 @@ class TrainerConfig(StrictModel):
     training: TrainingSettings = TrainingSettings()
     # mTLS, this trainer's token towards the controller, the agents' accepted tokens.
     security: SecurityConfig = SecurityConfig()
+    # Plaintext /metrics, /healthz, /readyz (docs/operations.md); null = off.
+    metrics: MetricsSettings = MetricsSettings(listen="0.0.0.0:50062")
