@@ -90,11 +90,11 @@ class _RegistryCollector(Collector):
         yield GaugeMetricFamily("vmad_controller_registry_bytes", "registry file size",
                                 value=db_bytes)
         recent = self.registry.transitions(REWARD_WINDOW, newest=True)
-        if recent:
-            yield GaugeMetricFamily(
-                "vmad_controller_reward_recent",
-                f"mean reward of the newest {REWARD_WINDOW} transitions",
-                value=sum(t.reward for t in recent) / len(recent))
+        reward = GaugeMetricFamily("vmad_controller_reward_recent",
+                                   f"mean reward of the newest {REWARD_WINDOW} transitions")
+        if recent:  # no sample before the first transition: no reward is not reward 0
+            reward.add_metric([], sum(t.reward for t in recent) / len(recent))
+        yield reward
         age = GaugeMetricFamily("vmad_controller_trainer_report_age_seconds",
                                 "seconds since each trainer last reported",
                                 labels=["trainer_id"])

@@ -74,7 +74,8 @@ class Agent:
         self.slot = BundleSlot(config.bundle_dir, METRICS, DEFAULT_WINDOW)
         self.slot.load_initial(config.bundle)
         self.detector = Detector(self.slot)
-        self.metrics.registry.register(PersistedCounters(self.spool, self.slot))
+        self.metrics.registry.register(PersistedCounters(self.spool, self.slot,
+                                                         config.vm_id))
         self._in_anomaly = False
         self._threads: list[threading.Thread] = []
         self._http: HttpEndpoint | None = None
