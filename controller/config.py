@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vmad.config import StrictModel
+from vmad.controller.fleet_page import FleetSettings
 from vmad.controller.policy import RuleSettings
 from vmad.controller.reward import RewardSettings
 from vmad.http_endpoint import MetricsSettings
@@ -98,3 +99,5 @@ class ControllerConfig(StrictModel):
     security: SecurityConfig = SecurityConfig()
     # Plaintext /metrics, /healthz, /readyz (docs/operations.md); null = off.
     metrics: MetricsSettings = MetricsSettings(listen="0.0.0.0:50072")
+    # The read-only fleet page (HTML + JSON; controller/fleet_page.py); loopback.
+    fleet: FleetSettings = FleetSettings()

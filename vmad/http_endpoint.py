@@ -77,11 +77,11 @@ def _always() -> bool:
 
 
 class HttpEndpoint:
-    def __init__(self, listen: str, registry: CollectorRegistry, *,
+    def __init__(self, listen: str, registry: CollectorRegistry | None, *,
                  alive: Callable[[], bool] = _always, ready: Callable[[], bool] = _always,
                  pages: dict[str, Page] | None = None) -> None:
         host, _, port = listen.rpartition(":")
-        self._metrics = make_wsgi_app(registry)
+        self._metrics = make_wsgi_app(registry) if registry is not None else None
         self._alive = alive
         self._ready = ready
         self._pages = dict(pages or {})
@@ -97,7 +97,7 @@ class HttpEndpoint:
     def _app(self, environ: dict[str, Any],
              start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
+        if path == "/metrics" and self._metrics is not None:
             return self._metrics(environ, start_response)
         if path in ("/healthz", "/readyz"):
             check = self._alive if path == "/healthz" else self._ready
@@ -111,7 +111,7 @@ class HttpEndpoint:
         page = self._pages.get(path)
         if page is None:
             return _reply(start_response, 404, "text/plain; charset=utf-8",
-                          b"not found; try /metrics, /healthz, /readyz\n")
+                          b"not found\n")
         try:
             status, content_type, body = page()
         except Exception:
@@ -137,7 +137,8 @@ def _reply(start_response: Callable[..., Any], status: int, content_type: str,
     return [body]
 
 
-def open_endpoint(listen: str | None, registry: CollectorRegistry, *, what: str = "metrics",
+def open_endpoint(listen: str | None, registry: CollectorRegistry | None, *,
+                  what: str = "metrics",
                   **kwargs: Any) -> HttpEndpoint | None:
     """`HttpEndpoint(listen, registry, **kwargs)`; None when `listen` is None or taken."""
     if not listen:
