@@ -24,7 +24,7 @@ from vmad.edge_agent.detector import BundleSlot, Detector
 from vmad.edge_agent.metrics import PersistedCounters
 from vmad.edge_agent.sampler import METRICS, Reading, Sampler
 from vmad.edge_agent.spool import Spool
-from vmad.http_endpoint import HttpEndpoint, open_endpoint
+from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry
 from vmad.protos.vmad.v1 import telemetry_pb2
 from vmad.schema import DEFAULT_WINDOW
 
@@ -38,8 +38,6 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram, Info
-
-        from vmad.http_endpoint import process_registry
 
         # Process collectors included: RSS and CPU of the agent itself.
         self.registry = process_registry()

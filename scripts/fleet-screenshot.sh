@@ -10,7 +10,8 @@ VMAD="${VMAD:-.venv/bin/vmad}"
 work="$(mktemp -d)"
 "$VMAD" demo --seconds 100 --keep "$work/demo" > "$work/demo.out" 2>&1 &
 demo=$!
-trap 'kill "$demo" 2>/dev/null || true; wait "$demo" 2>/dev/null || true; rm -rf "$work"' EXIT
+# SIGINT, not SIGTERM: the demo stops the processes it started when interrupted.
+trap 'kill -INT "$demo" 2>/dev/null || true; wait "$demo" 2>/dev/null || true; rm -rf "$work"' EXIT
 url=""
 for _ in $(seq 120); do
     url="$(grep -o 'fleet page: http://[0-9.:]*/' "$work/demo.out" | cut -d' ' -f3 || true)"
@@ -24,4 +25,5 @@ chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
     --disable-background-networking --disable-component-update --disable-sync \
     --user-data-dir="$work/profile" --hide-scrollbars --window-size=1500,900 \
     --screenshot="$OUT" "$url" 2>/dev/null
-echo "wrote $OUT"
+echo "wrote $OUT; waiting for the demo to finish"
+wait "$demo" || true

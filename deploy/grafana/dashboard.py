@@ -45,7 +45,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
          "The agent's own CPU; its budget is 1 % of a core."),
         ("Agent resident memory", "timeseries", "bytes",
          [("vmad:agent_resident_bytes", "{{vm_id}}")],
-         "The agent's RSS; its budget is 80 MB."),
+         "The agent's RSS (target 80 MB; container limit 128 MiB)."),
         ("Spool depth and drops", "timeseries", "none",
          [(f"vmad_agent_spool_depth {BY_VM}", "{{vm_id}} waiting"),
           (f"increase(vmad_agent_spool_dropped_total[15m]) {BY_VM}", "{{vm_id}} dropped")],
