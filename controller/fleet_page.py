@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import threading
 import time
 from typing import Any
 
@@ -36,6 +37,9 @@ ALARMING_SHARE = 0.5
 # Per-metric deviations (robust units) worth naming as driving the score.
 NOTABLE_DEVIATION = 1.0
 SPARK_POINTS = 120
+# Reports read per VM for its sparkline: 6 h at one report every 30 s. Reading and
+# parsing them is most of a page's cost (docs/operations.md has the measurement).
+HISTORY_ROWS = 720
 
 
 class FleetSettings(StrictModel):
@@ -80,12 +84,12 @@ def fleet_data(registry: Registry, settings: FleetSettings,
                 for t in registry.trainers()]
     vms = []
     for vm in registry.vms():
-        history = [d for d in registry.decisions(vm.vm_id, limit=2000) if d.at >= since]
-        history.reverse()  # oldest first
+        recent = registry.decisions(vm.vm_id, limit=HISTORY_ROWS)  # newest first
+        latest = recent[:1]
+        history = [d for d in reversed(recent) if d.at >= since]
         if len(history) > SPARK_POINTS:
             step = len(history) / SPARK_POINTS
             history = [history[int(i * step)] for i in range(SPARK_POINTS - 1)] + [history[-1]]
-        latest = registry.decisions(vm.vm_id, limit=1)
         decision = None
         if latest:
             d = latest[0].decision
@@ -207,12 +211,23 @@ Prometheus (vmad_agent_anomaly_score).</p>
 def open_fleet_page(registry: Registry, settings: FleetSettings) -> HttpEndpoint | None:
     """Serve the page on `settings.listen` (None when off or the port is taken)."""
 
+    lock = threading.Lock()
+    cached: dict[str, Any] = {"at": -math.inf, "data": None}
+
+    def current() -> dict[str, Any]:
+        """At most one registry read per refresh interval, however many viewers."""
+        with lock:
+            if time.monotonic() - cached["at"] >= settings.refresh_s:
+                cached["data"] = fleet_data(registry, settings)
+                cached["at"] = time.monotonic()
+            return cached["data"]
+
     def page() -> tuple[int, str, bytes]:
-        body = render_html(fleet_data(registry, settings), settings.refresh_s)
+        body = render_html(current(), settings.refresh_s)
         return 200, "text/html; charset=utf-8", body.encode()
 
     def as_json() -> tuple[int, str, bytes]:
-        return 200, "application/json", json.dumps(fleet_data(registry, settings)).encode()
+        return 200, "application/json", json.dumps(current()).encode()
 
     return open_endpoint(settings.listen, None, what="fleet page",
                          pages={"/": page, "/fleet": page, "/fleet.json": as_json})

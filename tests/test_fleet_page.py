@@ -62,7 +62,8 @@ def test_fleet_page_lists_every_vm_in_headless_chromium(tmp_path):
     c_port, t_port, page_port = free_port(), free_port(), free_port()
     (tmp_path / "controller.yaml").write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{c_port}", "database": str(tmp_path / "registry.sqlite"),
-        "metrics": {"listen": None}, "fleet": {"listen": f"127.0.0.1:{page_port}"},
+        "metrics": {"listen": None},
+        "fleet": {"listen": f"127.0.0.1:{page_port}", "refresh_s": 2},
         "security": {"insecure": True}}))
     (tmp_path / "trainer.yaml").write_text(yaml.safe_dump({
         "trainer_id": "node-1", "listen": f"127.0.0.1:{t_port}",
