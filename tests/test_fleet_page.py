@@ -125,3 +125,15 @@ def test_fleet_page_lists_every_vm_in_headless_chromium(tmp_path):
 
 def test_fleet_settings_default_to_loopback():
     assert FleetSettings().listen.startswith("127.0.0.1:")
+
+
+def test_observability_bench_quick_prints_its_table():
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "observability.py"),
+                             "--quick"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.strip().splitlines()[-1]
+    assert row.startswith("| 20 | 5 |") and row.count("ms") == 2
