@@ -139,3 +139,30 @@ def test_endpoint_probes_follow_their_checks_and_a_taken_port_is_logged(caplog):
         assert "cannot listen" in caplog.text
     finally:
         endpoint.close()
+
+
+def test_agent_healthz_fails_when_sampling_stalls_and_counters_are_counters(tmp_path):
+    from tests.agent_fixtures import tiny_bundle
+    from tests.test_agent import agent_config
+    from vmad.edge_agent.agent import Agent
+    from vmad.edge_agent.detector import BundleSlot
+    from vmad.edge_agent.sampler import METRICS as AGENT_METRICS
+    from vmad.schema import DEFAULT_WINDOW
+
+    BundleSlot(tmp_path / "bundles", AGENT_METRICS, DEFAULT_WINDOW).install(*tiny_bundle())
+    agent = Agent(agent_config(tmp_path, None, metrics={"listen": "127.0.0.1:0"}))
+    agent.start()
+    try:
+        base = f"http://127.0.0.1:{agent._http.port}"
+        agent.tick()
+        assert _get(f"{base}/healthz") == 200
+        agent._last_tick -= 3600  # the sampling loop has not run for an hour
+        assert _get(f"{base}/healthz") == 503
+        r = agent.metrics.registry
+        assert sample(r, "vmad_agent_spool_dropped_total") == 0.0
+        assert sample(r, "vmad_agent_info", vm_id="vm-1") == 1.0
+        assert sample(r, "vmad_agent_last_sample_timestamp_seconds") > 0
+        text = generate_latest(r).decode()
+        assert "# TYPE vmad_agent_bundles_rejected_total counter" in text
+    finally:
+        agent.stop()
