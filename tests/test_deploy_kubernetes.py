@@ -171,7 +171,8 @@ class Pod:
 
 
 def _make_secrets(tmp_path: Path) -> Path:
-    """Run the documented init step (a copy, so nothing is written into the repo)."""
+    """Run the documented init-secrets.sh (a copy, so nothing is written into the
+    repo)."""
     folder = tmp_path / "kustomize"
     folder.mkdir()
     shutil.copy(BASE / "init-secrets.sh", folder / "init-secrets.sh")
@@ -228,6 +229,8 @@ def _prepare(role: str, tmp_path: Path, secrets: Path, ports: dict[int, int]) ->
     for init in spec.get("initContainers", []):
         init_mounts = {m["mountPath"]: mounts[m["mountPath"]] for m in init["volumeMounts"]}
         script = _rewrite(init["command"][-1], init_mounts, ports)
+        if os.geteuid() != 0:  # it hands node folders to uid 10001: only root may
+            script = script.replace("chown 10001:10001", f"chown {os.getuid()}:{os.getgid()}")
         subprocess.run([*init["command"][:-1], script], check=True, timeout=30)
     return Pod(role, root, mounts, env, container)
 
@@ -301,8 +304,9 @@ def test_base_manifests_start_probe_and_talk_on_loopback(tmp_path):
 
     ports = {p: free_port() for p in PORTS}
     pods = {role: _prepare(role, tmp_path, secrets, ports) for role in WORKLOADS}
-    token = (tmp_path / "node" / "var/lib/vmad/token/agent-token").read_text()
-    assert len(token) == 64  # 32 random bytes, hex; made once by the init step
+    token_file = tmp_path / "node" / "var/lib/vmad/token/agent-token"
+    assert len(token_file.read_text()) == 64  # 32 random bytes, hex; made once, kept
+    assert token_file.stat().st_mode & 0o777 == 0o600
     processes: list[Process] = []
     try:
         for role in ("controller", "trainer", "agent"):
