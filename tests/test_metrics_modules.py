@@ -166,3 +166,31 @@ def test_agent_healthz_fails_when_sampling_stalls_and_counters_are_counters(tmp_
         assert "# TYPE vmad_agent_bundles_rejected_total counter" in text
     finally:
         agent.stop()
+
+
+def test_trainer_metrics_wrap_async_streams_and_reports_too(tiny_models):  # noqa: F811
+    import asyncio
+
+    models, store = tiny_models
+    metrics = TrainerMetrics(store, TrainerCore(store, models), None)
+
+    async def acks():
+        yield telemetry_pb2.Ack(batch_id=1, stored=5)
+        yield telemetry_pb2.Ack(batch_id=2, error="bad batch: a sample does not have one "
+                                                  "value per metric (4)")
+
+    async def report(state):
+        await asyncio.sleep(0.01)
+        return Decision(Action.KEEP)
+
+    async def main() -> list[int]:
+        seen = [ack.batch_id async for ack in metrics.track_stream(acks())]
+        await metrics.timed_report(report)(None)
+        return seen
+
+    assert asyncio.run(main()) == [1, 2]
+    r = metrics.registry
+    assert sample(r, "vmad_trainer_batches_total") == 1.0
+    assert sample(r, "vmad_trainer_batches_refused_total", reason="shape") == 1.0
+    assert sample(r, "vmad_trainer_agents_connected") == 0.0
+    assert sample(r, "vmad_trainer_report_seconds_count") == 1.0

@@ -13,8 +13,9 @@ Two kinds:
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -90,22 +91,51 @@ class TrainerMetrics:
             self.endpoint.close()
             self.endpoint = None
 
-    def track_stream(self, acks: Iterator[T]) -> Iterator[T]:
-        """Pass a telemetry stream's acks through, counting what they say."""
+    def track_stream(self, acks: Any) -> Any:
+        """Pass a telemetry stream's acks through, counting what they say. Takes an
+        iterator (grpc's thread servers) or an async iterator (grpc.aio)."""
+        if hasattr(acks, "__aiter__"):
+            return self._track_async(acks)
+        return self._track(acks)
+
+    def _count(self, ack: Any) -> None:
+        error = getattr(ack, "error", "")
+        if error:
+            self.refused.labels(refusal_reason(error)).inc()
+        else:
+            self.batches.inc()
+
+    def _track(self, acks: Iterator[T]) -> Iterator[T]:
         self.streams.inc()
         try:
             for ack in acks:
-                error = getattr(ack, "error", "")
-                if error:
-                    self.refused.labels(refusal_reason(error)).inc()
-                else:
-                    self.batches.inc()
+                self._count(ack)
                 yield ack
         finally:
             self.streams.dec()
 
-    def timed_report(self, report: Callable[[Any], T]) -> Callable[[Any], T]:
-        def timed(state: Any) -> T:
+    async def _track_async(self, acks: AsyncIterator[T]) -> AsyncIterator[T]:
+        self.streams.inc()
+        try:
+            async for ack in acks:
+                self._count(ack)
+                yield ack
+        finally:
+            self.streams.dec()
+
+    def timed_report(self, report: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`report` (plain or async) timed into vmad_trainer_report_seconds."""
+        if inspect.iscoroutinefunction(report):
+            async def timed_async(state: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await report(state)
+                finally:
+                    self.report_seconds.observe(time.perf_counter() - started)
+
+            return timed_async
+
+        def timed(state: Any) -> Any:
             started = time.perf_counter()
             try:
                 return report(state)
