@@ -12,8 +12,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vmad.config import StrictModel
+from vmad.controller.fleet_page import FleetSettings
 from vmad.controller.policy import RuleSettings
 from vmad.controller.reward import RewardSettings
+from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
 
 __all__ = ["ControllerConfig", "DQNConfig", "PolicyConfig", "RewardConfig", "RulesConfig"]
@@ -95,3 +97,7 @@ class ControllerConfig(StrictModel):
     reward: RewardConfig = RewardConfig()
     # mTLS and the trainers' accepted tokens (`tokens: {trainer_id: token}`).
     security: SecurityConfig = SecurityConfig()
+    # Plaintext /metrics, /healthz, /readyz (docs/operations.md); null = off.
+    metrics: MetricsSettings = MetricsSettings(listen="0.0.0.0:50072")
+    # The read-only fleet page (HTML + JSON; controller/fleet_page.py); loopback.
+    fleet: FleetSettings = FleetSettings()

@@ -18,9 +18,12 @@ import grpc
 from vmad.config import ConfigError, load_config
 from vmad.controller.config import ControllerConfig
 from vmad.controller.core import ControlCore
+from vmad.controller.fleet_page import open_fleet_page
+from vmad.controller.metrics import ControllerMetrics
 from vmad.controller.policy import Policy, build_policy
 from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
+from vmad.http_endpoint import HttpEndpoint
 from vmad.protos.vmad.v1 import control_pb2, control_pb2_grpc
 from vmad.security import add_port, call_metadata, make_server, open_channel
 from vmad.signals import run_until_signalled
@@ -66,6 +69,8 @@ class ControllerServer:
         self.core = ControlCore(self.registry, policy,
                                 reward_of=lambda d, s: reward(d, s, settings))
         self.server, self.token_check = make_server(config.security, max_workers=16)
+        self.metrics = ControllerMetrics(self.registry, config.database, self.token_check)
+        self.fleet_page: HttpEndpoint | None = None
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -79,9 +84,14 @@ class ControllerServer:
         self.server.start()
         self.health.set("", self._serving)
         self.health.set(CONTROL_SERVICE, self._serving)
+        self.metrics.serve(self.config.metrics.listen)
+        self.fleet_page = open_fleet_page(self.registry, self.config.fleet)
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set("", self._not_serving)
+        self.metrics.close()
+        if self.fleet_page is not None:
+            self.fleet_page.close()
         self.server.stop(grace).wait()
         self.core.policy.close()
         self.registry.close()
@@ -95,6 +105,7 @@ class ControllerServer:
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad state report: {error}")
         decision_id, decision = self.core.report(request.trainer_id, state, request.address)
+        self.metrics.decided(decision)
         return decision_to_message(decision, decision_id)
 
     def fleet(self, request: control_pb2.FleetRequest,
@@ -195,6 +206,9 @@ def serve_from_config(path: Path) -> int:
         server = ControllerServer(config)
     except PolicyFileError as error:
         print(f"vmad controller: policy error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # unreadable certificates, a port in use
+        print(f"vmad controller: cannot start: {error}", file=sys.stderr)
         return 2
     server.start()
     print(f"vmad controller: listening on {server.address}, registry {config.database}",

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from vmad.edge_agent.config import AgentConfig
 from vmad.edge_agent.detector import BundleSlot, Detector
+from vmad.edge_agent.metrics import PersistedCounters
 from vmad.edge_agent.sampler import METRICS, Reading, Sampler
 from vmad.edge_agent.spool import Spool
+from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry
 from vmad.protos.vmad.v1 import telemetry_pb2
 from vmad.schema import DEFAULT_WINDOW
 
@@ -35,9 +37,10 @@ class AgentMetrics:
     """The agent's Prometheus metrics, in a registry of its own (no process globals)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+        from prometheus_client import Counter, Gauge, Histogram, Info
 
-        self.registry = CollectorRegistry()
+        # Process collectors included: RSS and CPU of the agent itself.
+        self.registry = process_registry()
         r = self.registry
         self.score = Gauge("vmad_agent_anomaly_score", "score of the newest window", registry=r)
         self.anomalous = Gauge("vmad_agent_anomalous", "1 while the newest window is anomalous",
@@ -49,15 +52,12 @@ class AgentMetrics:
                                  registry=r)
         self.spool_bytes = Gauge("vmad_agent_spool_bytes", "payload bytes in the spool",
                                  registry=r)
-        self.dropped = Gauge("vmad_agent_spool_dropped_total",
-                             "samples dropped from the full spool (oldest first), ever",
-                             registry=r)
         self.model = Info("vmad_agent_model", "the running bundle", registry=r)
         self.latency = Histogram(
             "vmad_agent_inference_seconds", "bundle inference time per window", registry=r,
             buckets=(25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 5e-3, 25e-3, 0.1))
-        self.rejected = Gauge("vmad_agent_bundles_rejected_total",
-                              "bundles refused by verification, ever", registry=r)
+        self.last_sample = Gauge("vmad_agent_last_sample_timestamp_seconds",
+                                 "when the sampling loop last ran", registry=r)
         self.connected = Gauge("vmad_agent_trainer_connected", "1 while streaming", registry=r)
 
 
@@ -72,21 +72,20 @@ class Agent:
         self.slot = BundleSlot(config.bundle_dir, METRICS, DEFAULT_WINDOW)
         self.slot.load_initial(config.bundle)
         self.detector = Detector(self.slot)
+        self.metrics.registry.register(PersistedCounters(self.spool, self.slot,
+                                                         config.vm_id))
         self._in_anomaly = False
         self._threads: list[threading.Thread] = []
-        self._http: object | None = None
+        self._http: HttpEndpoint | None = None
+        self._last_tick = time.monotonic()
         from vmad.edge_agent.link import ActiveCalls
 
         self._active = ActiveCalls()
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        if self.config.metrics.listen:
-            from prometheus_client import start_http_server
-
-            host, _, port = self.config.metrics.listen.rpartition(":")
-            self._http = start_http_server(int(port), addr=host or "0.0.0.0",
-                                           registry=self.metrics.registry)
+        self._http = open_endpoint(self.config.metrics.listen, self.metrics.registry,
+                                   alive=self.sampling)
         if self.config.trainer.address:
             from vmad.edge_agent.link import stream_loop, watch_loop
 
@@ -126,12 +125,13 @@ class Agent:
         for thread in self._threads:
             thread.join(timeout=5)
         if self._http is not None:
-            server = self._http[0] if isinstance(self._http, tuple) else self._http
-            shutdown = getattr(server, "shutdown", None)
-            if shutdown:
-                shutdown()
+            self._http.close()
             self._http = None
         self.spool.close()
+
+    def sampling(self) -> bool:
+        """/healthz: the sampling loop ran within three intervals (or 30 s)."""
+        return time.monotonic() - self._last_tick < max(3 * self.config.interval_s, 30.0)
 
     def _version(self) -> str:
         bundle = self.slot.current
@@ -139,6 +139,8 @@ class Agent:
 
     # -- one sampling step -------------------------------------------------------
     def tick(self) -> None:
+        self._last_tick = time.monotonic()
+        self.metrics.last_sample.set_to_current_time()
         self._read_labels()
         sample = self.sampler.sample()
         if sample is None:
@@ -167,8 +169,6 @@ class Agent:
                           verdict_bytes)
         self.metrics.spool_depth.set(self.spool.rows)
         self.metrics.spool_bytes.set(self.spool.bytes)
-        self.metrics.dropped.set(self.spool.dropped)
-        self.metrics.rejected.set(self.slot.rejected)
         bundle = self.slot.current
         if bundle is not None:
             self.metrics.model.info({"version": bundle.metadata.version,

@@ -37,8 +37,10 @@ class TrainerLink(StrictModel):
 
 
 class MetricsSettings(StrictModel):
-    listen: str | None = Field("127.0.0.1:9108", description="Prometheus /metrics host:port; "
-                               "null = off")
+    # All interfaces: an in-cluster Prometheus scrapes the node's address. 50081 sits
+    # beside vmad's gRPC ports; docs/operations.md explains the choice.
+    listen: str | None = Field("0.0.0.0:50081", description="/metrics and /healthz "
+                               "host:port (plaintext); null = off")
 
 
 class InjectSettings(StrictModel):

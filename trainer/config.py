@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from vmad.config import StrictModel
+from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
 
 if TYPE_CHECKING:  # transfer.py needs torch; validating a trainer.yaml must not
@@ -77,3 +78,5 @@ class TrainerConfig(StrictModel):
     training: TrainingSettings = TrainingSettings()
     # mTLS, this trainer's token towards the controller, the agents' accepted tokens.
     security: SecurityConfig = SecurityConfig()
+    # Plaintext /metrics, /healthz, /readyz (docs/operations.md); null = off.
+    metrics: MetricsSettings = MetricsSettings(listen="0.0.0.0:50062")

@@ -37,6 +37,7 @@ from vmad.security import (
 from vmad.state import VMState
 from vmad.trainer.config import TrainerConfig
 from vmad.trainer.core import TrainerCore
+from vmad.trainer.metrics import TrainerMetrics
 from vmad.trainer.store import TelemetryStore
 from vmad.wire import decision_from_message, labels_from_messages, state_to_message
 
@@ -53,7 +54,7 @@ class _Servicer(telemetry_pb2_grpc.TelemetryServiceServicer):
 
     def Stream(self, requests: Iterator[telemetry_pb2.TelemetryBatch],
                context: grpc.ServicerContext) -> Iterator[telemetry_pb2.Ack]:
-        return self.owner.stream(requests, context)
+        return self.owner.metrics.track_stream(self.owner.stream(requests, context))
 
     def WatchBundles(self, request: telemetry_pb2.WatchBundlesRequest,
                      context: grpc.ServicerContext) -> Iterator[bundle_pb2.ModelBundle]:
@@ -84,6 +85,7 @@ class TrainerServer:
         self.core = TrainerCore(self.store, self.models)
         self.bad_batches = 0
         self.server, self.token_check = make_server(config.security, max_workers=64)
+        self.metrics = TrainerMetrics(self.store, self.core, self.token_check)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -112,10 +114,13 @@ class TrainerServer:
                     state=state_to_message(state)), timeout=link.timeout_s, metadata=metadata)
                 return decision_from_message(answer)
 
+            report = self.metrics.timed_report(report)
         self.core.start(report, link.report_interval_s)
+        self.metrics.serve(self.config.metrics.listen)
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set("", self._not_serving)
+        self.metrics.close()
         self.core.stop()
         self.server.stop(grace).wait()
         if self._channel is not None:

@@ -81,6 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     series = _sources(args, n_samples)
 
     c_port, t_port = free_port(), free_port()
+    page_port, c_metrics, t_metrics = free_port(), free_port(), free_port()
     c_config = workdir / "controller.yaml"
     c_config.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{c_port}", "database": str(workdir / "registry.sqlite"),
@@ -88,6 +89,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "policy": {"kind": "dqn",
                    "rules": {"min_labelled": 64, "finetune_batches": 60, "cooldown_s": 15.0,
                              "min_f1": 0.6, "min_accuracy": 0.9}},
+        "metrics": {"listen": f"127.0.0.1:{c_metrics}"},
+        "fleet": {"listen": f"127.0.0.1:{page_port}", "refresh_s": 3},
         "security": {"insecure": True},
     }))
     t_config = workdir / "trainer.yaml"
@@ -98,6 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "model": {"pretrained": str(checkpoint)},
         "training": {"assume_normal_unlabelled": True, "batch_size": 64,
                      "max_windows": 2000},
+        "metrics": {"listen": f"127.0.0.1:{t_metrics}"},
         "security": {"insecure": True},
     }))
     processes = []
@@ -111,6 +115,9 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_serving(f"127.0.0.1:{t_port}", 90, process=trainer)
         console.print(f"controller on 127.0.0.1:{c_port}, trainer on 127.0.0.1:{t_port} "
                       f"(logs in {workdir / 'logs'}); insecure loopback, demo only")
+        console.print(f"fleet page: http://127.0.0.1:{page_port}/  metrics: "
+                      f"http://127.0.0.1:{c_metrics}/metrics (controller), "
+                      f"http://127.0.0.1:{t_metrics}/metrics (trainer)")
         real = _start_real_agent(workdir, initial, t_port, console)
         if real is not None:
             processes.append(real[0])

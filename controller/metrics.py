@@ -1,0 +1,110 @@
+"""The controller's Prometheus metrics (served on `metrics.listen`, docs/operations.md).
+
+Live instruments are updated by one hook in controller/service.py (`decided`, after each
+answered report): reports answered, the latest decision's Q-values by action. The counts
+the registry already keeps are read at scrape time by `_RegistryCollector`, so they are
+persisted and survive restarts: decisions by action, transitions, the recent mean reward,
+registry size (trainers, VMs, decisions, file bytes), seconds since each trainer last
+reported, and token refusals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from vmad.actions import CONTROL_ACTIONS, Decision
+from vmad.controller.registry import Registry
+from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry, token_refusals
+from vmad.security import TokenInterceptor
+
+__all__ = ["REWARD_WINDOW", "ControllerMetrics"]
+
+# Transitions averaged by vmad_controller_reward_recent.
+REWARD_WINDOW = 100
+
+
+class ControllerMetrics:
+    def __init__(self, registry: Registry, database: Path,
+                 token_check: TokenInterceptor | None) -> None:
+        self.registry = process_registry()
+        r = self.registry
+        self.reports = Counter("vmad_controller_reports", "state reports answered", registry=r)
+        self.q_value = Gauge("vmad_controller_q_value",
+                             "policy Q-value of each action for the latest decided state",
+                             ["action"], registry=r)
+        r.register(_RegistryCollector(registry, database, token_check))
+        self.ready = False
+        self.endpoint: HttpEndpoint | None = None
+
+    def decided(self, decision: Decision) -> None:
+        self.reports.inc()
+        for action, value in zip(CONTROL_ACTIONS, decision.q_values, strict=False):
+            self.q_value.labels(action.label).set(value)
+
+    def serve(self, listen: str | None) -> None:
+        """Serve /metrics, /healthz and /readyz; /readyz answers 200 until `close()`."""
+        self.endpoint = open_endpoint(listen, self.registry, ready=lambda: self.ready)
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+
+
+class _RegistryCollector(Collector):
+    def __init__(self, registry: Registry, database: Path,
+                 token_check: TokenInterceptor | None) -> None:
+        self.registry = registry
+        self.database = Path(database)
+        self.token_check = token_check
+
+    def collect(self) -> Iterable[Any]:
+        decisions = CounterMetricFamily("vmad_controller_decisions",
+                                        "decisions recorded, by action (persisted)",
+                                        labels=["action"])
+        for action, n in sorted(self.registry.action_counts().items()):
+            decisions.add_metric([action], n)
+        yield decisions
+        counts = self.registry.counts()
+        yield CounterMetricFamily("vmad_controller_transitions",
+                                  "transitions (state, decision, reward, next state) recorded",
+                                  value=counts["transitions"])
+        size = GaugeMetricFamily("vmad_controller_registry_rows", "rows in the registry",
+                                 labels=["table"])
+        for table in ("trainers", "vms", "decisions", "transitions"):
+            size.add_metric([table], counts[table])
+        yield size
+        try:
+            db_bytes = self.database.stat().st_size
+        except OSError:
+            db_bytes = 0
+        yield GaugeMetricFamily("vmad_controller_registry_bytes", "registry file size",
+                                value=db_bytes)
+        recent = self.registry.transitions(REWARD_WINDOW, newest=True)
+        reward = GaugeMetricFamily("vmad_controller_reward_recent",
+                                   f"mean reward of the newest {REWARD_WINDOW} transitions")
+        if recent:  # no sample before the first transition: no reward is not reward 0
+            reward.add_metric([], sum(t.reward for t in recent) / len(recent))
+        yield reward
+        age = GaugeMetricFamily("vmad_controller_trainer_report_age_seconds",
+                                "seconds since each trainer last reported",
+                                labels=["trainer_id"])
+        now = time.time()
+        for trainer in self.registry.trainers():
+            age.add_metric([trainer.trainer_id], max(0.0, now - trainer.last_seen))
+        yield age
+        refused = CounterMetricFamily("vmad_controller_calls_unauthenticated",
+                                      "calls refused for a missing or wrong token, by reason",
+                                      labels=["reason"])
+        for label, n in sorted(token_refusals(self.token_check).items()):
+            refused.add_metric([label], n)
+        yield refused

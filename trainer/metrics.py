@@ -1,0 +1,206 @@
+"""The trainer's Prometheus metrics (served on `metrics.listen`, docs/operations.md).
+
+Two kinds:
+- live instruments updated where things happen, through three hooks in
+  trainer/service.py: `track_stream` wraps each telemetry stream (open streams, batches
+  accepted, batches refused by reason, read off the acks it yields), `timed_report`
+  wraps the state-report call (latency), and the action worker's `on_done` callback
+  (fine-tune seconds);
+- counts that already exist, read at scrape time by `_TrainerCollector`: per-VM samples
+  received / duplicate / lost (persisted in the store, so they survive restarts), the
+  reporter's and the action worker's counters, and token refusals.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry, token_refusals
+from vmad.security import TokenInterceptor
+from vmad.trainer.core import TrainerCore
+from vmad.trainer.store import TelemetryStore
+from vmad.trainer.transfer import TrainOutcome
+
+__all__ = ["TrainerMetrics", "refusal_reason"]
+
+T = TypeVar("T")
+
+# The bad-batch messages of trainer/service.py and trainer/core.py -> a bounded label.
+_BATCH_REASONS = (
+    ("has no vm_id", "missing_vm_id"),
+    ("may not send for", "vm_id_not_client"),
+    ("one value per metric", "shape"),
+    ("NaN or infinite", "non_finite"),
+    ("sends metrics", "metrics_mismatch"),
+)
+
+
+def refusal_reason(error: str) -> str:
+    """A bounded label for a refused batch's error text (`other` when unknown)."""
+    for fragment, reason in _BATCH_REASONS:
+        if fragment in error:
+            return reason
+    return "other"
+
+
+class TrainerMetrics:
+    def __init__(self, store: TelemetryStore, core: TrainerCore,
+                 token_check: TokenInterceptor | None) -> None:
+        self.registry = process_registry()
+        r = self.registry
+        self.batches = Counter("vmad_trainer_batches", "telemetry batches accepted",
+                               registry=r)
+        self.refused = Counter("vmad_trainer_batches_refused",
+                               "telemetry batches refused, by reason", ["reason"], registry=r)
+        self.streams = Gauge("vmad_trainer_agents_connected", "open telemetry streams",
+                             registry=r)
+        self.report_seconds = Histogram(
+            "vmad_trainer_report_seconds", "state report round trip to the controller",
+            registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.finetune_seconds = Histogram(
+            "vmad_trainer_action_seconds", "time per model action (fine-tune, reset)",
+            ["action"], registry=r, buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        r.register(_TrainerCollector(store, core, token_check))
+        previous = core.worker.on_done
+
+        def on_done(outcome: TrainOutcome) -> None:
+            self.finetune_seconds.labels(outcome.action).observe(outcome.seconds)
+            if previous is not None:
+                previous(outcome)
+
+        core.worker.on_done = on_done
+        self.ready = False
+        self.endpoint: HttpEndpoint | None = None
+
+    def serve(self, listen: str | None) -> None:
+        """Serve /metrics, /healthz and /readyz on `listen` (None: metrics off, still
+        ready); /readyz answers 200 from now until `close()`."""
+        self.endpoint = open_endpoint(listen, self.registry, ready=lambda: self.ready)
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+
+    def track_stream(self, acks: Any) -> Any:
+        """Pass a telemetry stream's acks through, counting what they say. Takes an
+        iterator (grpc's thread servers) or an async iterator (grpc.aio)."""
+        if hasattr(acks, "__aiter__"):
+            return self._track_async(acks)
+        return self._track(acks)
+
+    def _count(self, ack: Any) -> None:
+        error = getattr(ack, "error", "")
+        if error:
+            self.refused.labels(refusal_reason(error)).inc()
+        else:
+            self.batches.inc()
+
+    def _track(self, acks: Iterator[T]) -> Iterator[T]:
+        self.streams.inc()
+        try:
+            for ack in acks:
+                self._count(ack)
+                yield ack
+        finally:
+            self.streams.dec()
+
+    async def _track_async(self, acks: AsyncIterator[T]) -> AsyncIterator[T]:
+        self.streams.inc()
+        try:
+            async for ack in acks:
+                self._count(ack)
+                yield ack
+        finally:
+            self.streams.dec()
+
+    def timed_report(self, report: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`report` (plain or async) timed into vmad_trainer_report_seconds."""
+        if inspect.iscoroutinefunction(report):
+            async def timed_async(state: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await report(state)
+                finally:
+                    self.report_seconds.observe(time.perf_counter() - started)
+
+            return timed_async
+
+        def timed(state: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return report(state)
+            finally:
+                self.report_seconds.observe(time.perf_counter() - started)
+
+        return timed
+
+
+class _TrainerCollector(Collector):
+    def __init__(self, store: TelemetryStore, core: TrainerCore,
+                 token_check: TokenInterceptor | None) -> None:
+        self.store = store
+        self.core = core
+        self.token_check = token_check
+
+    def collect(self) -> Iterable[Any]:
+        received = CounterMetricFamily("vmad_trainer_samples_received",
+                                       "new samples stored, per VM (persisted)", labels=["vm_id"])
+        duplicate = CounterMetricFamily("vmad_trainer_samples_duplicate",
+                                        "samples received again and dropped, per VM (persisted)",
+                                        labels=["vm_id"])
+        lost = CounterMetricFamily("vmad_trainer_samples_lost",
+                                   "sequence numbers that never arrived, per VM (persisted)",
+                                   labels=["vm_id"])
+        vm_ids = self.store.vm_ids()
+        for vm_id in vm_ids:
+            counters = self.store.counters(vm_id)
+            if counters is None:
+                continue
+            received.add_metric([vm_id], counters.received)
+            duplicate.add_metric([vm_id], counters.duplicates)
+            lost.add_metric([vm_id], counters.lost)
+        yield from (received, duplicate, lost)
+        yield GaugeMetricFamily("vmad_trainer_vms", "VMs in this trainer's store",
+                                value=len(vm_ids))
+
+        stats = self.core.stats
+        yield CounterMetricFamily("vmad_trainer_reports", "state reports answered",
+                                  value=stats.reports)
+        yield CounterMetricFamily("vmad_trainer_report_failures",
+                                  "state report calls that failed", value=stats.failures)
+        decisions = CounterMetricFamily("vmad_trainer_decisions",
+                                        "controller decisions received, by action",
+                                        labels=["action"])
+        for action, n in sorted((stats.actions or {}).items()):
+            decisions.add_metric([action], n)
+        yield decisions
+        yield CounterMetricFamily("vmad_trainer_bundles_pushed", "bundles sent to agents",
+                                  value=stats.bundles_pushed)
+
+        worker = self.core.worker.stats
+        actions = CounterMetricFamily("vmad_trainer_actions", "model actions run, by result",
+                                      labels=["result"])
+        actions.add_metric(["done"], worker.done)
+        actions.add_metric(["failed"], worker.failed)
+        yield actions
+        yield CounterMetricFamily("vmad_trainer_finetune_batches",
+                                  "fine-tuning mini-batches run", value=worker.batches)
+        yield GaugeMetricFamily("vmad_trainer_actions_pending", "actions waiting to run",
+                                value=len(self.core.worker.pending()))
+
+        refused = CounterMetricFamily("vmad_trainer_calls_unauthenticated",
+                                      "calls refused for a missing or wrong token, by reason",
+                                      labels=["reason"])
+        for label, n in sorted(token_refusals(self.token_check).items()):
+            refused.add_metric([label], n)
+        yield refused
