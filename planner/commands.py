@@ -14,7 +14,7 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     detect = commands.add_parser("detect", help="score a timestamp,value CSV (NAB result format)")
-    detect.add_argument("--detector", choices=("wha", "dla", "la"), default="wha")
+    detect.add_argument("--detector", choices=("wha", "wha-likelihood", "dla", "la"), default="wha")
     detect.add_argument("--input", type=Path, required=True)
     detect.add_argument("--output", type=Path, required=True)
     detect.add_argument("--config", type=Path, help="planner YAML (default: built-in defaults)")
@@ -44,7 +44,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     plan.add_argument("--report", type=Path, help="HTML report (+ a folder of VM plots beside)")
     plan.set_defaults(run=run_plan)
 
-    nab = bench.add_parser("nab", help="LA, DLA, WHA on NAB realAWSCloudwatch, standard profile")
+    nab = bench.add_parser(
+        "nab", help="WHA, its likelihood, DLA, LA on NAB realAWSCloudwatch, standard profile"
+    )
     nab.add_argument("--data", type=Path, default=Path("../shared/datasets/nab"))
     nab.add_argument("--config", type=Path)
     nab.set_defaults(run=run_bench_nab)
@@ -110,13 +112,16 @@ def run_detect(args: argparse.Namespace) -> int:
 
 def run_bench_nab(args: argparse.Namespace) -> int:
     from vmad.planner.config import load_config
-    from vmad.planner.evaluate_nab import evaluate_nab, nab_table
+    from vmad.planner.evaluate_nab import evaluate_nab, nab_table, rescore_published
 
-    results = evaluate_nab(args.data, ["wha", "dla", "la"], load_config(args.config))
-    print(nab_table(results))
+    detectors = ["wha-likelihood", "wha", "dla", "la"]
+    results = evaluate_nab(args.data, detectors, load_config(args.config))
+    published = rescore_published(args.data) if (args.data / "results").is_dir() else []
+    print(nab_table(results, published))
     print("\nThreshold: one per detector for the whole corpus, the one maximising the summed")
-    print("raw standard-profile score (as NAB's optimiser); 'score at 0.5' uses the verdict")
-    print("threshold of the detector itself.")
+    print("raw standard-profile score (as NAB's optimiser). 'score at own threshold' uses the")
+    print("detector's verdict threshold (0.5) or, for a re-scored published detector, NAB's")
+    print("published standard-profile threshold (results/thresholds.json).")
     return 0
 
 

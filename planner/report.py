@@ -216,7 +216,9 @@ tr:nth-child(even){{background:#f4f4f4}} th{{background:#ddd}} .kpi{{font-size:1
 ({summary["always_max_cost"]:g}); {prov_line}.<br>
 Target risk <b>{100 * cfg.target_risk:g} %</b> of time under-provisioned; backtested
 (each week at the setting calibrated on the weeks before it):
-<b>{100 * summary["backtest_risk"]:.3f} %</b>.</p>
+<b>{100 * summary["backtest_risk"]:.3f} %</b>, of which
+{100 * summary["backtest_risk_above_largest"]:.3f} % is usage above the largest size
+({cfg.sizes[-1]:g} {unit}: no reservation covers it; those VMs are flagged <i>capped</i>).</p>
 <p><b>Settings:</b> sizes {", ".join(f"{s:g}" for s in cfg.sizes)} {unit}; prices
 {", ".join(f"{p:g}" for p in cfg.price_table())} per week; knob {knob_text}, calibrated on the
 fleet's last {cfg.calibration_weeks} weeks (backtested risk there

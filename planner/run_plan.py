@@ -86,6 +86,7 @@ class FleetPlan:
     origin: float
     weekly: list[tuple[int, float, int]]  # (week, realised risk at the rolling knob, VMs)
     excluded: int  # samples removed by operator exclusions
+    rolling: dict[int, tuple[int, float]] = field(default_factory=dict)  # week -> knob
 
 
 def _exclusions(config: PlanningConfig, labels_file: Path | None) -> list[tuple[str, float, float]]:
@@ -210,14 +211,14 @@ def make_fleet_plan(
     if mark_anomalies:
         for plan in progress(plans, "mark anomalies (WHA)"):
             _mark_anomalies(plan, config)
-    return FleetPlan(plans, planning, knob, knob_risk, plan_start, origin, weekly, excluded)
+    return FleetPlan(
+        plans, planning, knob, knob_risk, plan_start, origin, weekly, excluded, rolling
+    )
 
 
 def _rolling_choice(fleet: FleetPlan, plan: VMPlan) -> np.ndarray:
-    knobs = rolling_knobs(
-        [p.backtest for p in fleet.vms], fleet.config.target_risk, fleet.config.calibration_weeks
-    )
-    return planner_choice(plan.backtest, knobs)
+    """The backtest's size per week, each week at the knob calibrated before it."""
+    return planner_choice(plan.backtest, fleet.rolling)
 
 
 def write_csv(fleet: FleetPlan, path: Path) -> None:
@@ -285,7 +286,8 @@ def plan_command(args: argparse.Namespace) -> int:
         f"{datetime.fromtimestamp(fleet.plan_start, UTC):%Y-%m-%d %H:%M} UTC: planned cost "
         f"{summary['planned_cost']:g} vs always-max {summary['always_max_cost']:g} "
         f"(saving {100 * summary['saving_vs_max']:.1f} %); target risk "
-        f"{100 * planning.target_risk:g} %, backtested {100 * summary['backtest_risk']:.3f} %; "
+        f"{100 * planning.target_risk:g} %, backtested {100 * summary['backtest_risk']:.3f} % "
+        f"({100 * summary['backtest_risk_above_largest']:.3f} % above the largest size); "
         f"{int(summary['warned'])} VMs with warnings -> {args.out}"
     )
     if args.report:
@@ -307,11 +309,12 @@ def fleet_summary(fleet: FleetPlan) -> dict[str, float]:
     per_gb = float(prices[-1]) / float(fleet.config.sizes[-1])
     provisioned = sum(p.provisioned_gb * per_gb * horizon for p in with_cap)  # type: ignore[operator]
     planned_cap = sum(table[s] for p in with_cap for s in p.sizes)
-    under = samples = 0.0
+    under = above_largest = samples = 0.0
     for p in fleet.vms:
         c = _rolling_choice(fleet, p)
         i = np.arange(c.size)
         under += float(p.backtest.counts[i, c].sum())
+        above_largest += float(p.backtest.counts[:, -1].sum())
         samples += float(p.backtest.samples.sum())
     return {
         "planned_cost": planned,
@@ -321,6 +324,8 @@ def fleet_summary(fleet: FleetPlan) -> dict[str, float]:
         "saving_vs_provisioned": 1.0 - planned_cap / provisioned if provisioned else float("nan"),
         "provisioned_vms": float(len(with_cap)),
         "backtest_risk": under / samples if samples else float("nan"),
+        # Usage above the largest size: missed whatever is reserved (capped VMs).
+        "backtest_risk_above_largest": above_largest / samples if samples else float("nan"),
         "warned": float(sum(1 for p in fleet.vms if p.warnings)),
         "knob_lambda": float(KNOB[fleet.knob][0]),
     }
