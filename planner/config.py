@@ -48,6 +48,19 @@ class WHAConfig(StrictModel):
             raise ValueError(f"wha.weights must each be in [0, 1], got {self.weights}")
 
 
+class LikelihoodConfig(StrictModel):
+    """The streaming detector for `vmad detect --detector wha-likelihood` and NAB: WHA with
+    these window settings, its raw score turned into an anomaly likelihood."""
+
+    window: int = Field(864, ge=5, description="WHA window (samples; 864 = 3 days at 5 min)")
+    half_life: float = Field(432.0, gt=0, description="WHA half-life (samples)")
+    tolerance: float = Field(1.0, gt=0, description="WHA tolerance (robust std devs)")
+    learn: int = Field(288, ge=1, description="samples before the first judgement")
+    history: int = Field(2016, ge=10, description="reference window of short averages")
+    short: int = Field(10, ge=1, description="samples in the short average")
+    min_std: float = Field(0.03, gt=0, description="floor of the reference spread")
+
+
 class RecurrenceConfig(StrictModel):
     periods_h: tuple[float, ...] = Field((24.0, 168.0, 672.0), description="periods watched, hours")
     find_periods: bool = Field(True, description="also watch autocorrelation peaks in the history")
@@ -110,6 +123,7 @@ class PlannerConfig(StrictModel):
     la: LAConfig = LAConfig()
     dla: DLAConfig = DLAConfig()
     wha: WHAConfig = WHAConfig()
+    likelihood: LikelihoodConfig = LikelihoodConfig()
     recurrence: RecurrenceConfig = RecurrenceConfig()
     planning: PlanningConfig = PlanningConfig()
 

@@ -45,7 +45,13 @@ def make_detector(name: str, config: PlannerConfig, learn: int | None = None) ->
     if name == "wha-likelihood":
         from vmad.planner.likelihood import AnomalyLikelihood
 
-        return AnomalyLikelihood(WHA(**config.wha.model_dump()))
+        lk = config.likelihood
+        base = config.wha.model_dump() | {
+            "window": lk.window,
+            "half_life": lk.half_life,
+            "tolerance": lk.tolerance,
+        }
+        return AnomalyLikelihood(WHA(**base), lk.learn, lk.history, lk.short, lk.min_std)
     raise ValueError(f"unknown detector {name!r}; choose la, dla, wha or wha-likelihood")
 
 

@@ -37,7 +37,7 @@ class AnomalyLikelihood(Detector):
         self,
         base: Detector | None = None,
         learn: int = 288,
-        history: int = 8640,
+        history: int = 2016,
         short: int = 10,
         min_std: float = 0.03,
         threshold: float = 0.5,

@@ -127,8 +127,11 @@ def _summary_plots(fleet, summary, unit: str) -> str:
     ax.set_title("Fleet cost")
     ax = axes[1]
     if fleet.weekly:
-        ks = [_when(fleet.origin + k * WEEK) for k, _, _ in fleet.weekly]
-        ax.plot(ks, [100 * r for _, r, _ in fleet.weekly], "o-", label="realised")
+        ks = [_when(fleet.origin + w[0] * WEEK) for w in fleet.weekly]
+        ax.plot(ks, [100 * w[1] for w in fleet.weekly], "o-", label="realised, all usage")
+        ax.plot(
+            ks, [100 * w[2] for w in fleet.weekly], "s-", label="realised, usage a size could cover"
+        )
         ax.axhline(100 * fleet.config.target_risk, color="red", ls="--", label="target")
         ax.set_yscale("symlog", linthresh=0.01)
         fig.autofmt_xdate()
@@ -193,8 +196,8 @@ def write_report(fleet, summary: dict[str, float], path: Path, unit: str = "GB")
         )
     weekly = "".join(
         f"<tr><td>{_when(fleet.origin + k * WEEK):%Y-%m-%d}</td><td>{n}</td>"
-        f"<td>{100 * r:.3f} %</td><td>{100 * cfg.target_risk:g} %</td></tr>"
-        for k, r, n in fleet.weekly
+        f"<td>{100 * r:.3f} %</td><td>{100 * c:.3f} %</td><td>{100 * cfg.target_risk:g} %</td></tr>"
+        for k, r, c, n in fleet.weekly
     )
     start = _when(fleet.plan_start)
     prov_line = (
@@ -239,6 +242,7 @@ days of history: {cfg.cold_start_factor:g} x the peak seen. Sizing uses all real
 <th>WHA point anomalies (hours)</th><th>warnings</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 <h2>Realised risk per backtest week</h2>
-<table><tr><th>week from (UTC)</th><th>VMs</th><th>realised</th><th>target</th></tr>{weekly}</table>
+<table><tr><th>week from (UTC)</th><th>VMs</th><th>realised, all usage</th>
+<th>realised, usage a size could cover</th><th>target</th></tr>{weekly}</table>
 {_SORT_JS}</body></html>"""
     path.write_text(page)

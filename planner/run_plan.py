@@ -84,7 +84,9 @@ class FleetPlan:
     knob_risk: float  # backtested risk of the chosen knob on the calibration weeks
     plan_start: float
     origin: float
-    weekly: list[tuple[int, float, int]]  # (week, realised risk at the rolling knob, VMs)
+    # (week, realised risk at the knob calibrated before it, the same without usage above
+    # the largest size, VMs planned)
+    weekly: list[tuple[int, float, float, int]]
     excluded: int  # samples removed by operator exclusions
     rolling: dict[int, tuple[int, float]] = field(default_factory=dict)  # week -> knob
 
@@ -161,14 +163,15 @@ def make_fleet_plan(
     rolling = rolling_knobs(results, planning.target_risk, planning.calibration_weeks)
     weekly = []
     for k in sorted(rolling):
-        n = under = 0
+        n = under = above = 0
         for r in results:
             m = r.week == k
             if m.any():
                 c = r.choices[m][:, rolling[k][0]]
                 under += int(r.counts[m][np.arange(c.size), c].sum())
+                above += int(r.counts[m][:, -1].sum())
                 n += int(r.samples[m].sum())
-        weekly.append((k, under / max(n, 1), int((weeks == k).sum())))
+        weekly.append((k, under / max(n, 1), (under - above) / max(n, 1), int((weeks == k).sum())))
 
     plans = []
     for vm, bt in zip(progress(kept, "plan"), results, strict=True):
@@ -200,7 +203,9 @@ def make_fleet_plan(
         gaps = np.diff(vm.timestamps)
         if gaps.size and float(gaps.max()) >= GAP_S:
             warnings.append(f"gaps: longest {float(gaps.max()) / 86400:.1f} days without samples")
-        cap = None if vm.provisioned is None else float(vm.provisioned[-1])
+        # What was provisioned lately: the median of the last week's capacity samples.
+        recent = vm.timestamps >= vm.timestamps[-1] - WEEK
+        cap = None if vm.provisioned is None else float(np.median(vm.provisioned[recent]))
         plan = VMPlan(vm.name, vm, bt, chosen, risks, cap, warnings)
         if bt.week.size:
             c = bt.choices[:, knob]
