@@ -57,13 +57,17 @@ def _vm_plot(fleet, plan, path: Path, unit: str) -> None:
     sizes = np.asarray(fleet.config.sizes, dtype=float)
     fig, ax = plt.subplots(figsize=(10, 3.6))
     vm = plan.vm
-    step = max(1, vm.timestamps.size // 4000)
+    # Hourly maxima (every peak stays visible); hours without samples are gaps, not lines.
+    hours = vm.timestamps // 3600
+    first = int(hours[0])
+    peaks = np.full(int(hours[-1]) - first + 1, np.nan)
+    np.fmax.at(peaks, hours - first, vm.usage)
     ax.plot(
-        [_when(t) for t in vm.timestamps[::step]],
-        vm.usage[::step],
+        [_when((first + h) * 3600) for h in range(peaks.size)],
+        peaks,
         lw=0.6,
         color="tab:blue",
-        label=f"usage ({unit})",
+        label=f"usage, hourly peak ({unit})",
     )
     if plan.hourly_peaks is not None and plan.point_anomalies is not None:
         hours = plan.first_hour + np.arange(plan.hourly_peaks.size)
