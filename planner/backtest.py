@@ -38,7 +38,11 @@ __all__ = [
     "backtest_vm",
     "bootstrap_ci",
     "load_fleet",
+    "planner_choice",
+    "provisioned_totals",
     "rolling_knobs",
+    "totals",
+    "without_intervals",
 ]
 
 KB_PER_GB = 2.0**20

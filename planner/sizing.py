@@ -1,8 +1,8 @@
-"""Turning a need into a reservation: the planner's size choice and the baselines.
+"""Turning a need into a reservation, and the baselines' own rules.
 
-Each policy answers one question: given the usage seen before a period starts, which
-size to reserve for that period. ``smallest_covering`` is the planner's rule; the rest
-are the baselines the benchmark compares against.
+Each rule answers one question: given the usage seen before a period starts, which size
+to reserve for it. The planner's risk-based choice is in risk_sizing.py; these are the
+rules it is compared with (simple look-back rules, and the Kubernetes VPA recommender's).
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ def test_hourly_peaks_fill_gaps() -> None:
     assert first == 0 and peaks.tolist() == [2.0, 2.0, 0.5]
 
 
+@pytest.mark.slow
 def test_lstm_learns_a_weekly_shape_quickly() -> None:
     from vmad.planner.forecast import LSTMForecaster, seasonal_naive
 
