@@ -37,6 +37,7 @@ __all__ = [
     "VMBacktest",
     "backtest_vm",
     "bootstrap_ci",
+    "from_week",
     "load_fleet",
     "planner_choice",
     "provisioned_totals",
@@ -159,6 +160,25 @@ class VMBacktest:
     provisioned: dict[str, np.ndarray] = field(default_factory=dict)  # trace: cap stats
     flags: list[list[str]] = field(default_factory=list)
     risks: list[WeekRisk] = field(default_factory=list)
+
+
+def from_week(result: VMBacktest, first: int) -> VMBacktest:
+    """The same backtest restricted to fleet weeks >= ``first``."""
+    m = result.week >= first
+    return VMBacktest(
+        result.name,
+        result.week[m],
+        result.samples[m],
+        result.counts[m],
+        result.short[m],
+        result.usage_area[m],
+        result.choices[m],
+        {name: v[m] for name, v in result.methods.items()},
+        result.est_risk[m],
+        {name: v[m] for name, v in result.provisioned.items()},
+        [f for f, keep in zip(result.flags, m, strict=True) if keep],
+        [r for r, keep in zip(result.risks, m, strict=True) if keep] if result.risks else [],
+    )
 
 
 def backtest_vm(

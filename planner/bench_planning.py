@@ -21,6 +21,7 @@ from vmad.planner.backtest import (
     VMBacktest,
     backtest_vm,
     bootstrap_ci,
+    from_week,
     load_fleet,
     planner_choice,
     provisioned_totals,
@@ -68,11 +69,27 @@ def _row(t) -> dict[str, object]:
 
 
 def score_methods(
-    results: list[VMBacktest], config: PlanningConfig, targets: tuple[float, ...] = SWEEP
+    results: list[VMBacktest],
+    config: PlanningConfig,
+    targets: tuple[float, ...] = SWEEP,
+    steady: bool = False,
 ) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
-    """(methods table, risk-target sweep). Shares in [0, 1]."""
+    """(methods table, risk-target sweep). Shares in [0, 1].
+
+    steady: score only the weeks after the planner's calibration window has filled
+    (from the first planned week + calibration_weeks + 1); the knobs are the same.
+    """
     prices = config.price_table()
     results = [r for r in results if r.week.size]
+    knobs_by_target = {
+        t: rolling_knobs(results, t, config.calibration_weeks)
+        for t in sorted({*targets, config.target_risk})
+    }
+    if steady:
+        first = min(int(r.week.min()) for r in results) + config.calibration_weeks + 1
+        results = [r for r in (from_week(r, first) for r in results) if r.week.size]
+        if not results:  # a history too short to have a steady state
+            return {}, {}
     methods: dict[str, dict[str, object]] = {}
     top = len(config.sizes) - 1
     choices = {"always-max": [np.full(r.week.size, top) for r in results]}
@@ -85,8 +102,7 @@ def score_methods(
     if trace is not None:
         methods["trace-provisioned"] = _row(trace)
     sweep: dict[str, dict[str, object]] = {}
-    for target in sorted({*targets, config.target_risk}):
-        knobs = rolling_knobs(results, target, config.calibration_weeks)
+    for target, knobs in knobs_by_target.items():
         row = _row(totals(results, [planner_choice(r, knobs) for r in results], prices))
         row["target"] = target
         sweep[f"{target:g}"] = row
@@ -241,15 +257,28 @@ def bench_command(args: argparse.Namespace) -> int:
     if not any(r.week.size for r in results):
         raise UsageError(f"{args.data}: no VM has a week after two weeks of history")
     methods, sweep = score_methods(results, config)
+    steady_methods, steady_sweep = score_methods(results, config, steady=True)
     weeks = sum(int(r.week.size) for r in results)
-    title += f", {weeks} VM-weeks"
-    text = format_tables(methods, sweep, title, config)
+    text = format_tables(methods, sweep, f"{title}, all {weeks} planned VM-weeks", config)
+    if steady_methods:
+        text += "\n\n" + format_tables(
+            steady_methods,
+            steady_sweep,
+            f"{title}, steady state: weeks after the planner's {config.calibration_weeks}-week "
+            "calibration window has filled",
+            config,
+        )
     print(text)
     print(f"\n({len(vms)} VMs, {time.perf_counter() - started:.0f} s)")
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"methods": methods, "sweep": sweep}, indent=2) + "\n")
+        report = {
+            "methods": methods,
+            "sweep": sweep,
+            "steady_state": {"methods": steady_methods, "sweep": steady_sweep},
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        sweep_plot(methods, sweep, args.plot, title)
+        sweep_plot(methods, sweep, args.plot, f"{title}, all planned VM-weeks")
     return 0

@@ -175,7 +175,7 @@ def test_bench_planning_quick_synthetic(tmp_path: Path, capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     for name in ("weekly-oracle", "last-week-max", "p99-4-weeks-x1.1", "vpa", "planner"):
         assert f"| {name}:" in text
-    assert "Verdict:" in text and "0.05 %" in text
+    assert "Verdict:" in text and "0.05 %" in text and "steady state" in text
     assert plot.stat().st_size > 1000
     sweep = __import__("json").loads(out.read_text())["sweep"]
     assert [row["target"] for row in sweep.values()] == [0.0005, 0.001, 0.003, 0.01]
