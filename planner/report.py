@@ -141,7 +141,8 @@ def _summary_plots(fleet, summary, unit: str) -> str:
         fig.autofmt_xdate()
     ax.set_ylabel("time under-provisioned (%)")
     ax.set_title("Backtest: realised risk per week")
-    ax.legend(fontsize=8)
+    if fleet.weekly:
+        ax.legend(fontsize=8)
     ax = axes[2]
     risk = [100 * p.backtest_risk for p in fleet.vms if np.isfinite(p.backtest_risk)]
     saving = [100 * p.backtest_saving for p in fleet.vms if np.isfinite(p.backtest_risk)]
@@ -162,7 +163,7 @@ def write_report(fleet, summary: dict[str, float], path: Path, unit: str = "GB")
     import matplotlib
 
     matplotlib.use("Agg")
-    from vmad.planner.run_plan import progress
+    from vmad.planner.run_plan import backtest_text, progress
 
     unit = unit or "units"
     vm_dir = path.with_name(path.stem + "_vms")
@@ -221,11 +222,10 @@ tr:nth-child(even){{background:#f4f4f4}} th{{background:#ddd}} .kpi{{font-size:1
 <p class='kpi'>Planned cost <b>{summary["planned_cost"]:g}</b> price units:
 <b>{100 * summary["saving_vs_max"]:.1f} %</b> below always the largest size
 ({summary["always_max_cost"]:g}); {prov_line}.<br>
-Target risk <b>{100 * cfg.target_risk:g} %</b> of time under-provisioned; backtested
-(each week at the setting calibrated on the weeks before it):
-<b>{100 * summary["backtest_risk"]:.3f} %</b>, of which
-{100 * summary["backtest_risk_above_largest"]:.3f} % is usage above the largest size
-({cfg.sizes[-1]:g} {unit}: no reservation covers it; those VMs are flagged <i>capped</i>).</p>
+Target risk <b>{100 * cfg.target_risk:g} %</b> of time under-provisioned;
+{backtest_text(summary)} (each week at the setting calibrated on the weeks before it;
+usage above the largest size, {cfg.sizes[-1]:g} {unit}, is missed whatever is reserved:
+those VMs are flagged <i>capped</i>).</p>
 <p><b>Settings:</b> sizes {", ".join(f"{s:g}" for s in cfg.sizes)} {unit}; prices
 {", ".join(f"{p:g}" for p in cfg.price_table())} per week; knob {knob_text}, calibrated on the
 fleet's last {cfg.calibration_weeks} weeks (backtested risk there

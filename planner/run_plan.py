@@ -291,8 +291,7 @@ def plan_command(args: argparse.Namespace) -> int:
         f"{datetime.fromtimestamp(fleet.plan_start, UTC):%Y-%m-%d %H:%M} UTC: planned cost "
         f"{summary['planned_cost']:g} vs always-max {summary['always_max_cost']:g} "
         f"(saving {100 * summary['saving_vs_max']:.1f} %); target risk "
-        f"{100 * planning.target_risk:g} %, backtested {100 * summary['backtest_risk']:.3f} % "
-        f"({100 * summary['backtest_risk_above_largest']:.3f} % above the largest size); "
+        f"{100 * planning.target_risk:g} %, {backtest_text(summary)}; "
         f"{int(summary['warned'])} VMs with warnings -> {args.out}"
     )
     if args.report:
@@ -301,6 +300,16 @@ def plan_command(args: argparse.Namespace) -> int:
         write_report(fleet, summary, args.report, unit="GB" if args.metric == "memory" else "")
         print(f"report -> {args.report}")
     return 0
+
+
+def backtest_text(summary: dict[str, float]) -> str:
+    """The backtested risk in words (no week to backtest is said, not printed as nan)."""
+    if not np.isfinite(summary["backtest_risk"]):
+        return "not backtested (no VM has a week after two weeks of history)"
+    return (
+        f"backtested {100 * summary['backtest_risk']:.3f} % "
+        f"({100 * summary['backtest_risk_above_largest']:.3f} % above the largest size)"
+    )
 
 
 def fleet_summary(fleet: FleetPlan) -> dict[str, float]:

@@ -225,3 +225,18 @@ def test_load_fleet_reads_bitbrains_columns(gappy_fleet: Path) -> None:
     vms = load_fleet(gappy_fleet, max_gb=16)
     assert "vm-big" not in [vm.name for vm in vms]
     assert all(vm.provisioned is not None for vm in vms)
+
+
+def test_plan_one_young_vm_says_it_was_not_backtested(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = _vm(10, step=900)
+    src = tmp_path / "young.csv"
+    src.write_text(
+        "timestamp,value\n"
+        + "".join(f"{t},{u:.3f}\n" for t, u in zip(vm.timestamps, vm.usage, strict=True))
+    )
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--history", str(src), "--out", str(out), "--no-anomalies"]) == 0
+    assert "not backtested" in capsys.readouterr().out
+    assert "cold start" in out.read_text()
