@@ -240,3 +240,20 @@ def test_plan_one_young_vm_says_it_was_not_backtested(
     assert main(["plan", "--history", str(src), "--out", str(out), "--no-anomalies"]) == 0
     assert "not backtested" in capsys.readouterr().out
     assert "cold start" in out.read_text()
+
+
+def test_yaml_exclude_list_and_bad_planning_config(gappy_fleet: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "planner.yaml"
+    cfg.write_text(
+        "planning:\n  exclude:\n"
+        "    - {vm: vm-big, start: '2000-01-01T00:00:00Z', end: '2030-01-01T00:00:00Z',"
+        " reason: migration}\n"
+    )
+    out = tmp_path / "plan.csv"
+    argv = ["plan", "--history", str(gappy_fleet), "--out", str(out), "--no-anomalies"]
+    assert main([*argv, "--config", str(cfg)]) == 0
+    assert "vm-big" not in out.read_text() and "vm-gaps" in out.read_text()
+    cfg.write_text("planning:\n  sizes: [1, 2]\n  prices: [1, 2, 3]\n")
+    assert main([*argv, "--config", str(cfg)]) == 2
+    cfg.write_text("planning:\n  target_risk: 2\n")
+    assert main([*argv, "--config", str(cfg)]) == 2
