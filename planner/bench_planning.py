@@ -1,239 +1,188 @@
-"""`vmad bench planning`: rolling-origin evaluation of reservation policies.
+"""`vmad bench planning`: rolling-origin evaluation of weekly reservation policies.
 
-For every VM: split the trace into weeks counted from its first sample; for each week from
-the third on, every policy sees only the samples before the week starts (rolling origin:
-train on the past, plan the next week, slide by one week) and reserves one size for it.
-Scores are pooled over all planned VM-weeks: time share under-provisioned, unserved
-share of demand, idle share of the reservation, and saving against always the largest
-size (price per size from the price table, proportional to size by default).
+Weeks are aligned across the fleet from its first sample; a VM-week is planned once the
+VM has two weeks of history, and every method sees only the samples before the week
+starts (planning.py's backtest). The planner's risk target is calibrated, week by week,
+on the fleet's previous ``calibration_weeks`` (never on the week it plans). Scores are
+pooled over VM-weeks; every row has a 95 % bootstrap interval over VMs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
-from vmad.planner import sizing
-from vmad.planner.config import PlannerConfig
-from vmad.planner.scores import overestimate, underestimate, underestimate_frequency
+from vmad.planner.backtest import (
+    VM,
+    VMBacktest,
+    backtest_vm,
+    bootstrap_ci,
+    from_week,
+    load_fleet,
+    planner_choice,
+    provisioned_totals,
+    rolling_knobs,
+    totals,
+)
+from vmad.planner.config import PlanningConfig
 
-__all__ = ["VM", "bench_command", "compute_needs", "load_bitbrains", "score_needs"]
+__all__ = ["SWEEP", "bench_command", "run_backtests", "score_methods"]
 
-KB_PER_GB = 2.0**20
-HOUR = 3600
-WEEK = 7 * 24 * HOUR
+SWEEP = (0.0005, 0.001, 0.003, 0.01)  # risk targets of the sweep: 0.05, 0.1, 0.3, 1 %
 
-
-@dataclass
-class VM:
-    name: str
-    timestamps: np.ndarray  # epoch s
-    usage: np.ndarray  # GB
-    provisioned: np.ndarray | None = None  # GB, what the trace actually reserved
-
-
-def load_bitbrains(root: Path, max_gb: float = 16.0, limit: int | None = None) -> list[VM]:
-    """Memory usage in GB (kB / 2^20) of the VMs whose usage fits the largest size."""
-    from vmad.planner.history import read_history
-
-    vms = []
-    for path in sorted(root.glob("vm-*.csv*")):
-        use = read_history(path, column="mem_usage_kb", scale=1 / KB_PER_GB)
-        if float(use.values.max()) > max_gb:
-            continue
-        cap = read_history(path, column="mem_capacity_kb", scale=1 / KB_PER_GB)
-        vms.append(VM(use.name, use.timestamps, use.values, cap.values))
-        if limit is not None and len(vms) >= limit:
-            break
-    return vms
+BASELINE_ROWS = {
+    "always-max": "always the largest size",
+    "weekly-oracle": "each week's actual peak (known only afterwards)",
+    "last-week-max": "last week's peak",
+    "p99-4-weeks-x1.1": "p99 of the last 4 weeks x 1.1",
+    "vpa": "Kubernetes VPA recommender (memory: daily peaks, p90 + 15 %, OOM bump)",
+    "compute-optimizer": "AWS Compute Optimizer defaults (14-day peak + 20 %)",
+}
 
 
-# A rule: (vm, index where the week starts, index where it ends) -> need in GB before
-# the margin (the frontier scales needs by 1 + margin, then rounds up to a size).
-Rule = Callable[[VM, int, int], float]
-
-# Methods whose need is a fixed ceiling or known only afterwards: the margin does not apply.
-NO_MARGIN = ("always-max", "weekly oracle")
+def _backtest_job(job: tuple[VM, float, PlanningConfig]) -> VMBacktest:
+    vm, origin, config = job
+    return backtest_vm(vm, origin, config)
 
 
-@dataclass
-class Tally:
-    """Pooled over VM-weeks, so long-lived VMs weigh by their time, like the reference."""
-
-    cost: float = 0.0
-    max_cost: float = 0.0
-    under_time: float = 0.0
-    under_area: float = 0.0
-    usage_area: float = 0.0
-    idle_area: float = 0.0
-    reserved_area: float = 0.0
-    samples: int = 0
-    weeks: int = 0
-
-    def add(self, actual: np.ndarray, reserved: np.ndarray, price: float, max_price: float) -> None:
-        n = actual.size
-        self.cost += price
-        self.max_cost += max_price
-        self.under_time += underestimate_frequency(actual, reserved) * n
-        self.usage_area += float(actual.sum())
-        self.under_area += underestimate(actual, reserved) * float(actual.sum())
-        self.reserved_area += float(reserved.sum())
-        self.idle_area += overestimate(actual, reserved) * float(reserved.sum())
-        self.samples += n
-        self.weeks += 1
-
-    def row(self) -> dict[str, float]:
-        return {
-            "saving_pct": 100.0 * (1.0 - self.cost / self.max_cost),
-            "under_time_pct": 100.0 * self.under_time / self.samples,
-            "under_area_pct": 100.0 * self.under_area / self.usage_area,
-            "over_pct": 100.0 * self.idle_area / self.reserved_area,
-            "weeks": float(self.weeks),
-        }
-
-
-def week_bounds(timestamps: np.ndarray) -> list[tuple[int, int]]:
-    edges = timestamps[0] + WEEK * np.arange(int((timestamps[-1] - timestamps[0]) // WEEK) + 2)
-    idx = np.searchsorted(timestamps, edges)
-    return [(int(a), int(b)) for a, b in pairwise(idx) if b > a]
-
-
-def rule_needs(sizes: tuple[float, ...]) -> dict[str, Rule]:
-    """The baselines, as needs before margin."""
-
-    def last_week(vm: VM, start: int, end: int) -> float:
-        since = np.searchsorted(vm.timestamps, vm.timestamps[start] - WEEK)
-        return float(vm.usage[since:start].max())
-
-    def p99(vm: VM, start: int, end: int) -> float:
-        since = np.searchsorted(vm.timestamps, vm.timestamps[start] - 4 * WEEK)
-        return float(np.percentile(vm.usage[since:start], 99.0)) * 1.1
-
-    def vpa(vm: VM, start: int, end: int) -> float:
-        step = float(np.median(np.diff(vm.timestamps[:start])))
-        return sizing.vpa_target(vm.usage[:start], step)
-
-    return {
-        "always-max": lambda vm, s, e: float(max(sizes)),
-        "weekly oracle": lambda vm, s, e: float(vm.usage[s:e].max()),
-        "last week max": last_week,
-        "p99 4 weeks x1.1": p99,
-        "VPA-style p95 decaying +15%": vpa,
-    }
-
-
-def forecast_needs(vm: VM, config: PlannerConfig, quick: bool) -> dict[str, list[float]]:
-    """Per planned week, the peak of each forecasting method's forecast for that week."""
-    import torch
-
-    from vmad.planner.filtering import filter_history, hourly_peaks
-    from vmad.planner.forecast import LSTMForecaster, seasonal_naive
-
-    torch.set_num_threads(1)  # one process per VM; threads would only fight for cores
-    first_hour, peaks = hourly_peaks(vm.timestamps, vm.usage)
-    weeks = week_bounds(vm.timestamps)[2:]
-    week_hours = [int(vm.timestamps[s] // 3600) - first_hour for s, _ in weeks]
-    lookback = config.planning.lookback_h
-    out: dict[str, list[float]] = {}
-    cleaned_wha = filter_history(peaks, "wha", config).cleaned
-    out["seasonal naive (WHA-filtered)"] = [
-        float(seasonal_naive(cleaned_wha[:h], 168).max()) for h in week_hours
-    ]
-    for name in ("none", "la", "dla", "wha"):
-        cleaned = cleaned_wha if name == "wha" else filter_history(peaks, name, config).cleaned
-        model = (
-            LSTMForecaster(hidden=16, epochs=8, finetune_epochs=2)
-            if quick
-            else LSTMForecaster(hidden=32, epochs=15, finetune_epochs=3)
-        )
-        needs = []
-        for h in week_hours:
-            since = max(0, h - lookback)
-            model.fit(cleaned[since:h], hour0=first_hour + since)
-            fc = model.forecast(cleaned[:h], 168, hour0=first_hour)
-            needs.append(float(fc.max()))
-        out[f"LSTM ({name.upper() if name != 'none' else 'no filter'})"] = needs
-    return out
-
-
-def _needs_for_vm(args: tuple[VM, PlannerConfig, bool, bool]) -> dict[str, list[float]]:
-    vm, config, quick, with_lstm = args
-    sizes = tuple(float(s) for s in config.planning.sizes)
-    weeks = week_bounds(vm.timestamps)[2:]
-    needs = {name: [rule(vm, s, e) for s, e in weeks] for name, rule in rule_needs(sizes).items()}
-    if with_lstm:
-        needs.update(forecast_needs(vm, config, quick))
-    return needs
-
-
-def compute_needs(
-    vms: list[VM], config: PlannerConfig, quick: bool, with_lstm: bool = True, workers: int = 2
-) -> list[dict[str, list[float]]]:
-    jobs = [(vm, config, quick, with_lstm) for vm in vms]
+def run_backtests(vms: list[VM], config: PlanningConfig, workers: int = 1) -> list[VMBacktest]:
+    origin = float(min(vm.timestamps[0] for vm in vms))
+    jobs = [(vm, origin, config) for vm in vms]
     if workers <= 1 or len(vms) <= 1:
-        return [_needs_for_vm(job) for job in jobs]
+        return [_backtest_job(job) for job in jobs]
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return pool.map(_needs_for_vm, jobs, chunksize=1)
+        return pool.map(_backtest_job, jobs, chunksize=1)
 
 
-def score_needs(
-    vms: list[VM],
-    needs: list[dict[str, list[float]]],
-    sizes: tuple[float, ...],
-    prices: tuple[float, ...] | None,
-    margin: float,
-) -> dict[str, dict[str, float]]:
-    """Round each need (x (1 + margin)) up to a size, reserve it for the week, score."""
-    table = dict(zip(sizes, prices if prices is not None else sizes, strict=True))
-    max_price = table[max(sizes)]
-    tallies: dict[str, Tally] = {}
-    provisioned = Tally()
-    for vm, vm_needs in zip(vms, needs, strict=True):
-        weeks = week_bounds(vm.timestamps)[2:]
-        for name, values in vm_needs.items():
-            m = 0.0 if name in NO_MARGIN else margin
-            tally = tallies.setdefault(name, Tally())
-            for (start, end), need in zip(weeks, values, strict=True):
-                size = sizing.smallest_covering(need * (1.0 + m), sizes)
-                actual = vm.usage[start:end]
-                tally.add(actual, np.full(actual.size, size), table[size], max_price)
-        if vm.provisioned is not None:
-            for start, end in weeks:
-                # The trace's own reservation: price proportional to the mean size held.
-                cap, actual = vm.provisioned[start:end], vm.usage[start:end]
-                provisioned.add(actual, cap, float(cap.mean()) * max_price / max(sizes), max_price)
-    rows = {name: t.row() for name, t in tallies.items()}
-    if provisioned.weeks:
-        rows["trace provisioned"] = provisioned.row()
-    return rows
+def _row(t) -> dict[str, object]:
+    row: dict[str, object] = dict(t.pooled())
+    ci = bootstrap_ci(t)
+    row["saving_ci"] = list(ci["saving"])
+    row["under_provisioned_time_ci"] = list(ci["under_provisioned_time"])
+    return row
 
 
-def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
+def score_methods(
+    results: list[VMBacktest],
+    config: PlanningConfig,
+    targets: tuple[float, ...] = SWEEP,
+    steady: bool = False,
+) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
+    """(methods table, risk-target sweep). Shares in [0, 1].
+
+    steady: score only the weeks after the planner's calibration window has filled
+    (from the first planned week + calibration_weeks + 1); the knobs are the same.
+    """
+    prices = config.price_table()
+    results = [r for r in results if r.week.size]
+    knobs_by_target = {
+        t: rolling_knobs(results, t, config.calibration_weeks)
+        for t in sorted({*targets, config.target_risk})
+    }
+    if steady:
+        first = min(int(r.week.min()) for r in results) + config.calibration_weeks + 1
+        results = [r for r in (from_week(r, first) for r in results) if r.week.size]
+        if not results:  # a history too short to have a steady state
+            return {}, {}
+    methods: dict[str, dict[str, object]] = {}
+    top = len(config.sizes) - 1
+    choices = {"always-max": [np.full(r.week.size, top) for r in results]}
+    for name in BASELINE_ROWS:
+        if name != "always-max":
+            choices[name] = [r.methods[name] for r in results]
+    for name, choice in choices.items():
+        methods[name] = _row(totals(results, choice, prices))
+    trace = provisioned_totals(results, prices)
+    if trace is not None:
+        methods["trace-provisioned"] = _row(trace)
+    sweep: dict[str, dict[str, object]] = {}
+    for target, knobs in knobs_by_target.items():
+        row = _row(totals(results, [planner_choice(r, knobs) for r in results], prices))
+        row["target"] = target
+        sweep[f"{target:g}"] = row
+        if target == config.target_risk:
+            methods["planner"] = {k: v for k, v in row.items() if k != "target"}
+    return methods, sweep
+
+
+def _pct(x: float, digits: int) -> str:
+    return f"{100 * x:.{digits}f}"
+
+
+def format_tables(
+    methods: dict[str, dict[str, object]],
+    sweep: dict[str, dict[str, object]],
+    title: str,
+    config: PlanningConfig,
+) -> str:
+    def cells(r: dict[str, object]) -> str:
+        s, (s_lo, s_hi) = r["saving"], r["saving_ci"]
+        u, (u_lo, u_hi) = r["under_provisioned_time"], r["under_provisioned_time_ci"]
+        return (
+            f"{_pct(s, 1)} % [{_pct(s_lo, 1)}, {_pct(s_hi, 1)}] | "  # type: ignore[arg-type]
+            f"{_pct(u, 3)} % [{_pct(u_lo, 3)}, {_pct(u_hi, 3)}] | "  # type: ignore[arg-type]
+            f"{_pct(r['unserved_demand'], 3)} %"  # type: ignore[arg-type]
+        )
+
     lines = [
         f"**{title}**",
         "",
-        "| method | saving vs always-max | time under-provisioned | unserved demand "
-        "| idle reserved | VM-weeks |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | saving vs always-max [95 % CI] | time under-provisioned [95 % CI] "
+        "| unserved demand |",
+        "|---|---:|---:|---:|",
     ]
-    for name, r in rows.items():
+    described = {
+        **BASELINE_ROWS,
+        "planner": f"planner, target risk {_pct(config.target_risk, 2)} %",
+        "trace-provisioned": "what the trace provisioned (mem_capacity_kb)",
+    }
+    for name, r in methods.items():
+        lines.append(f"| {name}: {described.get(name, name)} | {cells(r)} |")
+    lines += [
+        "",
+        "Risk-target sweep (planner; each week's knob calibrated on the fleet's previous "
+        f"{config.calibration_weeks} weeks):",
+        "",
+        "| target risk | realised time under-provisioned [95 % CI] | saving [95 % CI] |",
+        "|---:|---:|---:|",
+    ]
+    for r in sweep.values():
+        u, (u_lo, u_hi) = r["under_provisioned_time"], r["under_provisioned_time_ci"]
+        s, (s_lo, s_hi) = r["saving"], r["saving_ci"]
         lines.append(
-            f"| {name} | {r['saving_pct']:.1f} % | {r['under_time_pct']:.3f} % | "
-            f"{r['under_area_pct']:.3f} % | {r['over_pct']:.1f} % | {int(r['weeks'])} |"
+            f"| {_pct(r['target'], 2)} % | {_pct(u, 3)} % [{_pct(u_lo, 3)}, {_pct(u_hi, 3)}] "  # type: ignore[arg-type]
+            f"| {_pct(s, 1)} % [{_pct(s_lo, 1)}, {_pct(s_hi, 1)}] |"  # type: ignore[arg-type]
         )
+    lines += ["", verdict(methods)]
     return "\n".join(lines)
 
 
-def frontier_plot(
-    frontier: dict[float, dict[str, dict[str, float]]], path: Path, title: str
+def verdict(methods: dict[str, dict[str, object]]) -> str:
+    """One sentence, planner against last week's max, stated whichever way it falls."""
+    p, b = methods["planner"], methods["last-week-max"]
+    more_saving = p["saving"] > b["saving"]  # type: ignore[operator]
+    no_more_risk = p["under_provisioned_time"] <= b["under_provisioned_time"]  # type: ignore[operator]
+    s = (
+        f"planner {_pct(p['saving'], 1)} % saving at {_pct(p['under_provisioned_time'], 3)} % "  # type: ignore[arg-type]
+        f"under-provisioned vs last-week-max {_pct(b['saving'], 1)} % at "  # type: ignore[arg-type]
+        f"{_pct(b['under_provisioned_time'], 3)} %"  # type: ignore[arg-type]
+    )
+    if more_saving and no_more_risk:
+        return f"Verdict: the planner beats last-week-max ({s})."
+    return f"Verdict: the planner does NOT beat last-week-max at no more risk ({s})."
+
+
+def sweep_plot(
+    methods: dict[str, dict[str, object]],
+    sweep: dict[str, dict[str, object]],
+    path: Path,
+    title: str,
 ) -> None:
     import matplotlib
 
@@ -241,17 +190,38 @@ def frontier_plot(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    margins = sorted(frontier)
-    names = [n for n in frontier[margins[0]] if n not in ("always-max", "trace provisioned")]
-    for name in names:
-        xs = [frontier[m][name]["under_time_pct"] for m in margins]
-        ys = [frontier[m][name]["saving_pct"] for m in margins]
-        style = "*" if name in NO_MARGIN else "o-"
-        ax.plot(xs, ys, style, label=name, markersize=10 if name in NO_MARGIN else 4)
+
+    def err(r: dict[str, object], key: str) -> list[list[float]]:
+        lo, hi = r[f"{key}_ci"]  # type: ignore[misc]
+        return [[100 * (r[key] - lo)], [100 * (hi - r[key])]]  # type: ignore[operator]
+
+    for name, r in methods.items():
+        if name in ("always-max", "planner"):
+            continue
+        ax.errorbar(
+            100 * r["under_provisioned_time"],  # type: ignore[operator]
+            100 * r["saving"],  # type: ignore[operator]
+            xerr=err(r, "under_provisioned_time"),
+            yerr=err(r, "saving"),
+            fmt="o",
+            capsize=3,
+            label=name,
+        )
+    rows = list(sweep.values())
+    ax.errorbar(
+        [100 * r["under_provisioned_time"] for r in rows],  # type: ignore[operator]
+        [100 * r["saving"] for r in rows],  # type: ignore[operator]
+        xerr=np.hstack([err(r, "under_provisioned_time") for r in rows]),
+        yerr=np.hstack([err(r, "saving") for r in rows]),
+        fmt="s-",
+        color="black",
+        capsize=3,
+        label="planner (targets " + ", ".join(f"{100 * r['target']:g} %" for r in rows) + ")",  # type: ignore[operator]
+    )
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("time under-provisioned (%)")
     ax.set_ylabel("saving vs always-max (%)")
-    ax.set_title(f"{title}\nsafety margin {margins[0]:g} to {margins[-1]:g} (left = larger margin)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -259,30 +229,15 @@ def frontier_plot(
     plt.close(fig)
 
 
-def frontier_table(frontier: dict[float, dict[str, dict[str, float]]]) -> str:
-    margins = sorted(frontier)
-    names = [n for n in frontier[margins[0]] if n not in NO_MARGIN and n != "trace provisioned"]
-    head = "| method | " + " | ".join(f"margin {m:g}" for m in margins) + " |"
-    lines = [
-        "saving % / time under-provisioned % at each safety margin",
-        "",
-        head,
-        "|---|" + "---:|" * len(margins),
-    ]
-    for name in names:
-        cells = [
-            f"{frontier[m][name]['saving_pct']:.1f} / {frontier[m][name]['under_time_pct']:.3f}"
-            for m in margins
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def bench_command(args: argparse.Namespace) -> int:
-    from vmad.planner.config import load_config
+    from vmad.errors import UsageError
+    from vmad.planner.config import ConfigError, load_config
+    from vmad.planner.history import HistoryError
 
-    config = load_config(args.config)
-    sizes = tuple(float(s) for s in config.planning.sizes)
+    try:
+        config = load_config(args.config).planning
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
     started = time.perf_counter()
     if str(args.data) == "synthetic":
         from vmad.planner.synthetic import synthetic_fleet
@@ -290,25 +245,40 @@ def bench_command(args: argparse.Namespace) -> int:
         vms = synthetic_fleet(n=4 if args.quick else 24, weeks=8 if args.quick else 16)
         title = "synthetic VMs (growth, weekly cycle, point spikes, monthly jobs)"
     else:
-        limit = args.max_vms if args.max_vms is not None else (4 if args.quick else None)
-        vms = load_bitbrains(args.data, max_gb=max(sizes), limit=limit)
-        title = f"Bitbrains Rnd, {len(vms)} VMs that fit {max(sizes):g} GB"
+        limit = args.max_vms if args.max_vms is not None else (6 if args.quick else None)
+        try:
+            vms = load_fleet(args.data, max_gb=max(config.sizes), limit=limit)
+        except HistoryError as error:
+            raise UsageError(str(error)) from error
+        title = f"{args.data.name}: {len(vms)} VMs that fit {max(config.sizes):g} GB"
     if not vms:
-        from vmad.errors import UsageError
-
         raise UsageError(f"{args.data}: no VMs found")
-    needs = compute_needs(vms, config, args.quick, with_lstm=not args.no_lstm, workers=args.workers)
-    margins = sorted({float(m) for m in args.margins.split(",")} | {0.0, config.planning.margin})
-    frontier = {m: score_needs(vms, needs, sizes, config.planning.prices, m) for m in margins}
-    text = format_table(frontier[0.0], f"{title}, margin 0 (rules exactly as named)")
-    text += "\n\n" + format_table(
-        frontier[config.planning.margin], f"{title}, safety margin {config.planning.margin:g}"
-    )
-    text += "\n\n" + frontier_table(frontier)
+    results = run_backtests(vms, config, workers=args.workers)
+    if not any(r.week.size for r in results):
+        raise UsageError(f"{args.data}: no VM has a week after two weeks of history")
+    methods, sweep = score_methods(results, config)
+    steady_methods, steady_sweep = score_methods(results, config, steady=True)
+    weeks = sum(int(r.week.size) for r in results)
+    text = format_tables(methods, sweep, f"{title}, all {weeks} planned VM-weeks", config)
+    if steady_methods:
+        text += "\n\n" + format_tables(
+            steady_methods,
+            steady_sweep,
+            f"{title}, steady state: weeks after the planner's {config.calibration_weeks}-week "
+            "calibration window has filled",
+            config,
+        )
     print(text)
     print(f"\n({len(vms)} VMs, {time.perf_counter() - started:.0f} s)")
     if args.markdown:
         args.markdown.write_text(text + "\n")
+    if args.json:
+        report = {
+            "methods": methods,
+            "sweep": sweep,
+            "steady_state": {"methods": steady_methods, "sweep": steady_sweep},
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        frontier_plot(frontier, args.plot, title)
+        sweep_plot(methods, sweep, args.plot, f"{title}, all planned VM-weeks")
     return 0

@@ -14,42 +14,52 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     detect = commands.add_parser("detect", help="score a timestamp,value CSV (NAB result format)")
-    detect.add_argument("--detector", choices=("wha", "dla", "la"), default="wha")
+    detect.add_argument("--detector", choices=("wha", "wha-likelihood", "dla", "la"), default="wha")
     detect.add_argument("--input", type=Path, required=True)
     detect.add_argument("--output", type=Path, required=True)
     detect.add_argument("--config", type=Path, help="planner YAML (default: built-in defaults)")
-    detect.add_argument("--allow-unsorted", action="store_true", help="keep file order (NAB)")
     detect.set_defaults(run=run_detect)
 
-    plan = commands.add_parser("plan", help="forecast usage and plan reservations per period")
-    plan.add_argument("--history", type=Path, required=True)
+    plan = commands.add_parser(
+        "plan", help="weekly reservations for a VM or a folder of VMs at a target risk"
+    )
+    plan.add_argument("--history", type=Path, required=True, help="a VM CSV or a folder of them")
     plan.add_argument("--metric", default="memory", help="memory (Bitbrains kB -> GB) or a column")
-    plan.add_argument("--sizes", default="1,2,4,8,16")
-    plan.add_argument("--period", default="7d")
-    plan.add_argument("--horizon", default="28d")
-    plan.add_argument("--margin", type=float, default=None)
-    plan.add_argument("--filter", choices=("wha", "dla", "la", "none"), default="wha")
-    plan.add_argument("--forecaster", choices=("lstm", "seasonal"), default="lstm")
+    plan.add_argument("--sizes", default=None, help="e.g. 1,2,4,8,16 (default: planner.yaml)")
+    plan.add_argument(
+        "--target-risk",
+        type=float,
+        default=None,
+        help="share of time under-provisioned accepted (default: planner.yaml)",
+    )
+    plan.add_argument("--horizon-weeks", type=int, default=None)
+    plan.add_argument(
+        "--exclude-labels",
+        type=Path,
+        help="JSON lines from `vmad label --labels-file`: intervals not planned for",
+    )
+    plan.add_argument("--no-anomalies", action="store_true", help="skip the WHA marks (faster)")
     plan.add_argument("--config", type=Path)
-    plan.add_argument("--out", type=Path, required=True)
-    plan.add_argument("--report", type=Path)
+    plan.add_argument("--out", type=Path, required=True, help="plan CSV")
+    plan.add_argument("--report", type=Path, help="HTML report (+ a folder of VM plots beside)")
     plan.set_defaults(run=run_plan)
 
-    nab = bench.add_parser("nab", help="LA, DLA, WHA on NAB realAWSCloudwatch, standard profile")
+    nab = bench.add_parser(
+        "nab", help="WHA, its likelihood, DLA, LA on NAB realAWSCloudwatch, standard profile"
+    )
     nab.add_argument("--data", type=Path, default=Path("../shared/datasets/nab"))
     nab.add_argument("--config", type=Path)
     nab.set_defaults(run=run_bench_nab)
 
-    planning = bench.add_parser("planning", help="rolling-origin reservation planning benchmark")
-    planning.add_argument("--data", type=Path, required=True, help="Bitbrains dir or 'synthetic'")
-    planning.add_argument("--quick", action="store_true", help="few VMs, tiny LSTM")
+    planning = bench.add_parser("planning", help="rolling-origin weekly reservation benchmark")
+    planning.add_argument("--data", type=Path, required=True, help="VM CSV dir or 'synthetic'")
+    planning.add_argument("--quick", action="store_true", help="6 VMs (4 synthetic, 8 weeks)")
     planning.add_argument("--max-vms", type=int, default=None)
-    planning.add_argument("--margins", default="0,0.05,0.1,0.2,0.3,0.5")
-    planning.add_argument("--plot", type=Path, help="write the frontier plot (PNG) here")
+    planning.add_argument("--plot", type=Path, help="write the saving/risk plot (PNG) here")
     planning.add_argument("--markdown", type=Path, help="also write the tables here")
+    planning.add_argument("--json", type=Path, help="write the methods and sweep as JSON here")
     planning.add_argument("--config", type=Path)
     planning.add_argument("--workers", type=int, default=2, help="processes (one VM each)")
-    planning.add_argument("--no-lstm", action="store_true", help="rules and baselines only")
     planning.set_defaults(run=run_bench_planning)
 
 
@@ -62,6 +72,8 @@ def _usage(error: Exception) -> Exception:
 def run_detect(args: argparse.Namespace) -> int:
     import csv
 
+    import numpy as np
+
     from vmad.planner.config import ConfigError, load_config
     from vmad.planner.detectors import BadSampleError
     from vmad.planner.evaluate_nab import make_detector
@@ -69,7 +81,9 @@ def run_detect(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-        hist = read_history(args.input, strict_order=not args.allow_unsorted)
+        # Rows are scored in file order; repeated or backward timestamps are kept (a clock
+        # change repeats an hour) and counted, never refused.
+        hist = read_history(args.input, strict_order=False)
         scores, verdicts = make_detector(args.detector, config).score_series(hist.values)
     except (ConfigError, HistoryError, BadSampleError) as error:
         raise _usage(error) from error
@@ -82,21 +96,32 @@ def run_detect(args: argparse.Namespace) -> int:
         for t, v, s, lab in zip(hist.timestamps, hist.values, scores, labels, strict=True):
             stamp = datetime.fromtimestamp(int(t), UTC).strftime("%Y-%m-%d %H:%M:%S")
             writer.writerow([stamp, f"{v:.6g}", f"{s:.6f}", int(lab)])
+    steps = np.diff(hist.timestamps)
+    note = ""
+    if (steps <= 0).any():
+        note = (
+            f" ({int((steps == 0).sum())} repeated and {int((steps < 0).sum())} backward "
+            "timestamps kept in file order)"
+        )
     print(
-        f"{args.input}: {int(verdicts.sum())} of {len(scores)} samples anomalous -> {args.output}"
+        f"{args.input}: {int(verdicts.sum())} of {len(scores)} samples anomalous -> "
+        f"{args.output}{note}"
     )
     return 0
 
 
 def run_bench_nab(args: argparse.Namespace) -> int:
     from vmad.planner.config import load_config
-    from vmad.planner.evaluate_nab import evaluate_nab, nab_table
+    from vmad.planner.evaluate_nab import evaluate_nab, nab_table, rescore_published
 
-    results = evaluate_nab(args.data, ["wha", "dla", "la"], load_config(args.config))
-    print(nab_table(results))
+    detectors = ["wha-likelihood", "wha", "dla", "la"]
+    results = evaluate_nab(args.data, detectors, load_config(args.config))
+    published = rescore_published(args.data) if (args.data / "results").is_dir() else []
+    print(nab_table(results, published))
     print("\nThreshold: one per detector for the whole corpus, the one maximising the summed")
-    print("raw standard-profile score (as NAB's optimiser); 'score at 0.5' uses the verdict")
-    print("threshold of the detector itself.")
+    print("raw standard-profile score (as NAB's optimiser). 'score at own threshold' uses the")
+    print("detector's verdict threshold (0.5) or, for a re-scored published detector, NAB's")
+    print("published standard-profile threshold (results/thresholds.json).")
     return 0
 
 

@@ -7,8 +7,10 @@ file. deploy/planner.yaml is the documented example, and tests load it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from pydantic import Field
 
 from vmad import config as vmad_config
@@ -46,6 +48,19 @@ class WHAConfig(StrictModel):
             raise ValueError(f"wha.weights must each be in [0, 1], got {self.weights}")
 
 
+class LikelihoodConfig(StrictModel):
+    """The streaming detector for `vmad detect --detector wha-likelihood` and NAB: WHA with
+    these window settings, its raw score turned into an anomaly likelihood."""
+
+    window: int = Field(864, ge=5, description="WHA window (samples; 864 = 3 days at 5 min)")
+    half_life: float = Field(432.0, gt=0, description="WHA half-life (samples)")
+    tolerance: float = Field(1.0, gt=0, description="WHA tolerance (robust std devs)")
+    learn: int = Field(288, ge=1, description="samples before the first judgement")
+    history: int = Field(2016, ge=10, description="reference window of short averages")
+    short: int = Field(10, ge=1, description="samples in the short average")
+    min_std: float = Field(0.03, gt=0, description="floor of the reference spread")
+
+
 class RecurrenceConfig(StrictModel):
     periods_h: tuple[float, ...] = Field((24.0, 168.0, 672.0), description="periods watched, hours")
     find_periods: bool = Field(True, description="also watch autocorrelation peaks in the history")
@@ -53,21 +68,62 @@ class RecurrenceConfig(StrictModel):
     decay: float = Field(0.5, gt=0, lt=1, description="confidence kept per missed repeat")
 
 
+class ExcludeInterval(StrictModel):
+    """Usage an operator says not to plan for (a one-off migration, a runaway job)."""
+
+    vm: str = Field("*", description="VM name (file name without .csv/.csv.gz); * = every VM")
+    start: datetime = Field(description="UTC start, e.g. 2013-08-01T00:00:00Z")
+    end: datetime = Field(description="UTC end")
+    reason: str = ""
+
+    def model_post_init(self, _context: object) -> None:
+        if self.end <= self.start:
+            raise ValueError(f"exclude: end {self.end} is not after start {self.start}")
+
+
 class PlanningConfig(StrictModel):
     sizes: tuple[float, ...] = Field((1, 2, 4, 8, 16), description="reservation sizes (GB)")
     prices: tuple[float, ...] | None = Field(
-        None, description="price per period per size; default = size"
+        None, description="price per week per size; default = size"
     )
-    period_h: int = Field(168, ge=1, description="reservation period (hours)")
-    horizon_h: int = Field(672, ge=1, description="how far ahead to plan (hours)")
-    margin: float = Field(0.1, ge=0, description="safety margin added to the forecast (share)")
-    lookback_h: int = Field(24 * 28, ge=24, description="history the forecaster trains on")
+    target_risk: float = Field(
+        0.001, gt=0, lt=1, description="share of time under-provisioned the operator accepts"
+    )
+    horizon_weeks: int = Field(4, ge=1, le=12, description="weeks planned ahead")
+    lookback_h: int = Field(24 * 28, ge=24, description="history the usage distribution uses")
+    half_life_h: float = Field(168.0, gt=0, description="age at which a sample weighs half")
+    calibration_weeks: int = Field(
+        4, ge=1, description="recent fleet weeks the risk target is calibrated on"
+    )
+    trend_guard: bool = Field(True, description="project a significant upward trend")
+    month_guard: bool = Field(True, description="cover the same week a month back")
+    cold_start_h: int = Field(336, ge=0, description="less history than this = cold start")
+    cold_start_factor: float = Field(
+        1.5, ge=1, description="cold start: reserve this times the peak seen"
+    )
+    exclude: tuple[ExcludeInterval, ...] = Field(
+        (), description="intervals not to plan for (also: vmad plan --exclude-labels)"
+    )
+
+    def model_post_init(self, _context: object) -> None:
+        if not self.sizes or any(s <= 0 for s in self.sizes):
+            raise ValueError(f"planning.sizes must be positive, got {self.sizes}")
+        if list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"planning.sizes must be increasing, got {self.sizes}")
+        if self.prices is not None and len(self.prices) != len(self.sizes):
+            raise ValueError(
+                f"planning.prices has {len(self.prices)} entries for {len(self.sizes)} sizes"
+            )
+
+    def price_table(self) -> np.ndarray:
+        return np.asarray(self.prices if self.prices is not None else self.sizes, dtype=float)
 
 
 class PlannerConfig(StrictModel):
     la: LAConfig = LAConfig()
     dla: DLAConfig = DLAConfig()
     wha: WHAConfig = WHAConfig()
+    likelihood: LikelihoodConfig = LikelihoodConfig()
     recurrence: RecurrenceConfig = RecurrenceConfig()
     planning: PlanningConfig = PlanningConfig()
 

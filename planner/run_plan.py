@@ -1,204 +1,345 @@
-"""`vmad plan`: filter one VM's history, forecast, reserve a size per period, report.
+"""`vmad plan`: weekly reservations for one VM or a folder of VMs, with a backtest.
 
-Writes the plan as CSV (period_start, period_end, forecast_peak, reserved, price) and,
-when asked, an HTML report with the plots embedded as base64 PNG so it is one file a
-person can open or mail.
+1. Backtest every VM over the fleet's aligned weeks (what each knob setting would have
+   reserved, and what it would have cost and missed).
+2. Calibrate the risk knob on the fleet's last ``calibration_weeks`` to the target risk
+   from planner.yaml; report, week by week, the realised risk (each week at the knob
+   calibrated on the weeks before it) next to the target.
+3. Plan ``horizon_weeks`` from the end of the fleet's history at that knob; flag cold
+   starts, gaps, VMs that stopped early, growth, and needs above the largest size.
+Writes a CSV for machines and, when asked, a one-page HTML report (report.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
-import html
-import io
-import re
-from dataclasses import dataclass
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from vmad.planner.config import PlannerConfig
+from vmad.planner.backtest import (
+    VM,
+    VMBacktest,
+    backtest_vm,
+    load_fleet,
+    planner_choice,
+    rolling_knobs,
+    without_intervals,
+)
+from vmad.planner.config import PlannerConfig, PlanningConfig
+from vmad.planner.risk_sizing import KNOB, WEEK, calibrate, choose_size, week_risk
 
-__all__ = ["Plan", "make_plan", "parse_duration_h", "plan_command"]
+__all__ = ["FleetPlan", "VMPlan", "make_fleet_plan", "plan_command", "progress"]
 
-KB_PER_GB = 2.0**20
+T = TypeVar("T")
+STALE_H = 24.0  # a VM whose history ends this long before the fleet's is flagged
+GAP_S = 2 * 86400.0  # a gap this long is a warning (a day-long collector outage is not)
 
 
-def parse_duration_h(text: str) -> int:
-    """'7d' -> 168, '12h' -> 12, '2w' -> 336."""
-    match = re.fullmatch(r"\s*(\d+)\s*([hdw])\s*", text)
-    if not match:
-        raise ValueError(f"duration {text!r}: use a number and h, d or w (e.g. 7d)")
-    return int(match.group(1)) * {"h": 1, "d": 24, "w": 168}[match.group(2)]
+def progress(items: Sequence[T], label: str) -> Iterator[T]:
+    """A rich progress bar on a terminal; otherwise one line per 10 % (logs stay short)."""
+    if sys.stderr.isatty():
+        from rich.progress import track
+
+        yield from track(items, description=label, console=None, transient=True)
+        return
+    n, shown = len(items), -1
+    for i, item in enumerate(items):
+        yield item
+        tenth = (10 * (i + 1)) // max(n, 1)
+        if tenth > shown:
+            shown = tenth
+            print(f"{label}: {i + 1}/{n} ({10 * tenth} %)", file=sys.stderr, flush=True)
 
 
 @dataclass
-class Plan:
-    first_hour: int  # epoch hour of peaks[0]
-    peaks: np.ndarray  # hourly peaks of the history
-    point: np.ndarray
-    recurrent: np.ndarray
-    forecast: np.ndarray  # hourly, from the end of the history
-    period_h: int
-    needs: list[float]
-    sizes: list[float]
-    prices: list[float]
+class VMPlan:
+    name: str
+    vm: VM
+    backtest: VMBacktest
+    sizes: list[float]  # reserved per planned week
+    est_risk: list[float]  # the planner's own P(usage > reserved) per week
+    provisioned_gb: float | None  # last mem_capacity seen (Bitbrains)
+    warnings: list[str] = field(default_factory=list)
+    point_anomalies: np.ndarray | None = None  # hourly marks (WHA), for the report only
+    recurrent_anomalies: np.ndarray | None = None
+    first_hour: int = 0
+    hourly_peaks: np.ndarray | None = None
+    backtest_risk: float = float("nan")  # at the chosen knob, over its backtested weeks
+    backtest_saving: float = float("nan")
 
 
-def make_plan(
-    timestamps: np.ndarray,
-    values: np.ndarray,
-    config: PlannerConfig,
-    filter_name: str = "wha",
-    forecaster: str = "lstm",
-    period_h: int = 168,
-    horizon_h: int = 672,
-    margin: float = 0.1,
-    epochs: int = 30,
-) -> Plan:
+@dataclass
+class FleetPlan:
+    vms: list[VMPlan]
+    config: PlanningConfig
+    knob: int
+    knob_risk: float  # backtested risk of the chosen knob on the calibration weeks
+    plan_start: float
+    origin: float
+    # (week, realised risk at the knob calibrated before it, the same without usage above
+    # the largest size, VMs planned)
+    weekly: list[tuple[int, float, float, int]]
+    excluded: int  # samples removed by operator exclusions
+    rolling: dict[int, tuple[int, float]] = field(default_factory=dict)  # week -> knob
+
+
+def _exclusions(config: PlanningConfig, labels_file: Path | None) -> list[tuple[str, float, float]]:
+    out = [(e.vm, e.start.timestamp(), e.end.timestamp()) for e in config.exclude]
+    if labels_file is not None:
+        from vmad.planner.history import HistoryError
+
+        try:
+            lines = labels_file.read_text().splitlines()
+        except OSError as error:
+            raise HistoryError(f"{labels_file}: cannot read: {error}") from error
+        for no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if item.get("anomalous", True):
+                    out.append(
+                        (str(item.get("vm_id", "*")), float(item["start"]), float(item["end"]))
+                    )
+            except (ValueError, KeyError, TypeError) as error:
+                raise HistoryError(f"{labels_file}: line {no}: {error}") from error
+    return out
+
+
+def _mark_anomalies(plan: VMPlan, config: PlannerConfig) -> None:
+    """WHA marks point and recurrent anomalies on hourly peaks: shown, never removed."""
     from vmad.planner.filtering import filter_history, hourly_peaks
-    from vmad.planner.forecast import LSTMForecaster, seasonal_naive
-    from vmad.planner.sizing import smallest_covering
 
-    first_hour, peaks = hourly_peaks(timestamps, values)
-    if peaks.size < 96:
-        raise ValueError(f"history covers {peaks.size} hours; planning needs at least 96")
-    filtered = filter_history(peaks, filter_name, config)
-    horizon = int(np.ceil(horizon_h / period_h)) * period_h
-    if forecaster == "seasonal":
-        fc = seasonal_naive(filtered.cleaned, horizon)
-    else:
-        since = max(0, peaks.size - config.planning.lookback_h)
-        model = LSTMForecaster(epochs=epochs).fit(
-            filtered.cleaned[since:], hour0=first_hour + since
+    first, peaks = hourly_peaks(plan.vm.timestamps, plan.vm.usage)
+    result = filter_history(peaks, "wha", config)
+    plan.first_hour, plan.hourly_peaks = first, peaks
+    plan.point_anomalies, plan.recurrent_anomalies = result.point, result.recurrent
+
+
+def make_fleet_plan(
+    vms: list[VM],
+    config: PlannerConfig,
+    exclusions: list[tuple[str, float, float]] = (),  # type: ignore[assignment]
+    mark_anomalies: bool = True,
+) -> FleetPlan:
+    planning = config.planning
+    sizes = np.asarray(planning.sizes, dtype=float)
+    prices = planning.price_table()
+    excluded = 0
+    kept = []
+    for vm in vms:
+        mine = [(a, b) for who, a, b in exclusions if who in ("*", vm.name)]
+        cut = without_intervals(vm, mine)
+        excluded += vm.timestamps.size - cut.timestamps.size
+        if cut.timestamps.size:
+            kept.append(cut)
+    if not kept:
+        from vmad.planner.history import HistoryError
+
+        raise HistoryError("no samples left to plan from (all excluded?)")
+    fleet_end = max(float(vm.timestamps[-1]) for vm in kept)
+    plan_start = (np.floor(fleet_end / 3600) + 1) * 3600  # the next full hour
+    first = min(float(vm.timestamps[0]) for vm in kept)
+    origin = plan_start - np.ceil((plan_start - first) / WEEK) * WEEK
+    results = [backtest_vm(vm, origin, planning) for vm in progress(kept, "backtest")]
+
+    last_k = round((plan_start - origin) / WEEK)
+    weeks = np.concatenate([r.week for r in results]) if results else np.zeros(0)
+    recent = [(r, (r.week >= last_k - planning.calibration_weeks)) for r in results]
+    knob, knob_risk = calibrate(
+        np.concatenate([r.choices[m] for r, m in recent]),
+        np.concatenate([r.counts[m] for r, m in recent]),
+        np.concatenate([r.samples[m] for r, m in recent]),
+        planning.target_risk,
+    )
+    rolling = rolling_knobs(results, planning.target_risk, planning.calibration_weeks)
+    weekly = []
+    for k in sorted(rolling):
+        n = under = above = 0
+        for r in results:
+            m = r.week == k
+            if m.any():
+                c = r.choices[m][:, rolling[k][0]]
+                under += int(r.counts[m][np.arange(c.size), c].sum())
+                above += int(r.counts[m][:, -1].sum())
+                n += int(r.samples[m].sum())
+        weekly.append((k, under / max(n, 1), (under - above) / max(n, 1), int((weeks == k).sum())))
+
+    plans = []
+    for vm, bt in zip(progress(kept, "plan"), results, strict=True):
+        chosen, risks, warnings = [], [], []
+        for ahead in range(planning.horizon_weeks):
+            risk = week_risk(vm.timestamps, vm.usage, plan_start, planning, ahead)
+            assert risk is not None  # every kept VM has samples before plan_start
+            j = choose_size(risk, prices, knob)
+            chosen.append(float(sizes[j]))
+            risks.append(float(risk.exceed[0][j]))
+            if ahead == 0:
+                if risk.cold:
+                    warnings.append(
+                        f"cold start: {risk.history_h / 24:.1f} days of history; reserves "
+                        f"{planning.cold_start_factor:g} x the peak seen ({risk.peak:.2f} GB)"
+                    )
+                if risk.stale_h >= STALE_H:
+                    warnings.append(
+                        f"stopped early: last sample {risk.stale_h / 24:.1f} days before the "
+                        "fleet's end; planned from the history that exists"
+                    )
+                if risk.growth_gb_week > 0:
+                    warnings.append(f"growth: {risk.growth_gb_week:+.2f} GB/week projected")
+            if risk.capped and not any(w.startswith("capped") for w in warnings):
+                warnings.append(
+                    f"capped: usage up to {risk.peak:.2f} GB expected, above the largest "
+                    f"size {sizes[-1]:g} GB; reserving {sizes[-1]:g} GB will not cover it"
+                )
+        gaps = np.diff(vm.timestamps)
+        if gaps.size and float(gaps.max()) >= GAP_S:
+            warnings.append(f"gaps: longest {float(gaps.max()) / 86400:.1f} days without samples")
+        # What was provisioned lately: the median of the last week's capacity samples.
+        recent = vm.timestamps >= vm.timestamps[-1] - WEEK
+        cap = None if vm.provisioned is None else float(np.median(vm.provisioned[recent]))
+        plan = VMPlan(vm.name, vm, bt, chosen, risks, cap, warnings)
+        if bt.week.size:
+            c = bt.choices[:, knob]
+            i = np.arange(c.size)
+            plan.backtest_risk = float(bt.counts[i, c].sum()) / max(int(bt.samples.sum()), 1)
+            plan.backtest_saving = 1.0 - float(prices[c].sum()) / (float(prices[-1]) * c.size)
+        plans.append(plan)
+    if mark_anomalies:
+        for plan in progress(plans, "mark anomalies (WHA)"):
+            _mark_anomalies(plan, config)
+    return FleetPlan(
+        plans, planning, knob, knob_risk, plan_start, origin, weekly, excluded, rolling
+    )
+
+
+def _rolling_choice(fleet: FleetPlan, plan: VMPlan) -> np.ndarray:
+    """The backtest's size per week, each week at the knob calibrated before it."""
+    return planner_choice(plan.backtest, fleet.rolling)
+
+
+def write_csv(fleet: FleetPlan, path: Path) -> None:
+    prices = dict(zip(fleet.config.sizes, fleet.config.price_table(), strict=True))
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(
+            [
+                "vm",
+                "week_start_utc",
+                "week_end_utc",
+                "reserved_gb",
+                "price",
+                "estimated_risk",
+                "provisioned_gb",
+                "backtest_risk",
+                "warnings",
+            ]
         )
-        fc = np.clip(model.forecast(filtered.cleaned, horizon, hour0=first_hour), 0, None)
-    sizes = [float(s) for s in config.planning.sizes]
-    table = dict(zip(sizes, config.planning.prices or sizes, strict=True))
-    needs = [float(fc[k : k + period_h].max()) for k in range(0, horizon, period_h)]
-    chosen = [smallest_covering(n * (1 + margin), tuple(sizes)) for n in needs]
-    return Plan(
-        first_hour,
-        peaks,
-        filtered.point,
-        filtered.recurrent,
-        fc,
-        period_h,
-        needs,
-        chosen,
-        [table[s] for s in chosen],
-    )
-
-
-def _png(fig: object) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)  # type: ignore[attr-defined]
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def write_report(plan: Plan, path: Path, title: str, unit: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
-
-    def when(hours: np.ndarray) -> list[datetime]:
-        return [datetime.fromtimestamp(int(h) * 3600, UTC) for h in hours]
-
-    h = plan.first_hour + np.arange(plan.peaks.size)
-    f = h[-1] + 1 + np.arange(plan.forecast.size)
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    ax.plot(when(h), plan.peaks, lw=0.7, color="tab:blue", label="history (hourly peak)")
-    ax.plot(
-        when(h[plan.point]),
-        plan.peaks[plan.point],
-        "x",
-        color="red",
-        label="point anomaly (removed)",
-    )
-    ax.plot(
-        when(h[plan.recurrent]),
-        plan.peaks[plan.recurrent],
-        "o",
-        mfc="none",
-        color="orange",
-        label="recurrent anomaly (kept)",
-    )
-    ax.plot(when(f), plan.forecast, lw=0.9, color="tab:green", label="forecast")
-    steps = np.repeat(plan.sizes, plan.period_h)
-    ax.step(when(f), steps, where="post", color="black", lw=1.5, label="reservation")
-    ax.set_ylabel(unit)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d"))
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    image = _png(fig)
-    plt.close(fig)
-    rows = "".join(
-        f"<tr><td>{when(np.array([f[0] + k * plan.period_h]))[0]:%Y-%m-%d %H:%M}</td>"
-        f"<td>{n:.3f}</td><td>{s:g}</td><td>{p:g}</td></tr>"
-        for k, (n, s, p) in enumerate(zip(plan.needs, plan.sizes, plan.prices, strict=True))
-    )
-    path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;max-width:1150px;margin:auto}"
-        "td,th{padding:2px 10px;text-align:right}</style></head><body>"
-        f"<h1>Reservation plan: {html.escape(title)}</h1>"
-        f"<p>{int(plan.point.sum())} point anomalies removed, {int(plan.recurrent.sum())} "
-        "recurrent samples kept before forecasting.</p>"
-        f"<img alt='history, forecast and reservation' src='data:image/png;base64,{image}'>"
-        "<table><tr><th>period start (UTC)</th><th>forecast peak</th><th>reserved</th>"
-        f"<th>price</th></tr>{rows}</table><p>Total price: {sum(plan.prices):g}</p>"
-        "</body></html>"
-    )
+        for plan in fleet.vms:
+            for k, (size, risk) in enumerate(zip(plan.sizes, plan.est_risk, strict=True)):
+                a = datetime.fromtimestamp(fleet.plan_start + k * WEEK, UTC)
+                b = datetime.fromtimestamp(fleet.plan_start + (k + 1) * WEEK, UTC)
+                writer.writerow(
+                    [
+                        plan.name,
+                        a.isoformat(),
+                        b.isoformat(),
+                        f"{size:g}",
+                        f"{prices[size]:g}",
+                        f"{risk:.6f}",
+                        "" if plan.provisioned_gb is None else f"{plan.provisioned_gb:.3f}",
+                        f"{plan.backtest_risk:.6f}",
+                        "; ".join(plan.warnings),
+                    ]
+                )
 
 
 def plan_command(args: argparse.Namespace) -> int:
     from vmad.errors import UsageError
     from vmad.planner.config import ConfigError, load_config
-    from vmad.planner.history import HistoryError, read_columns, read_history
+    from vmad.planner.history import HistoryError
 
     try:
         config = load_config(args.config)
-        sizes = tuple(float(s) for s in args.sizes.split(","))
-        config = config.model_copy(
-            update={"planning": config.planning.model_copy(update={"sizes": sizes, "prices": None})}
-        )
-        period_h, horizon_h = parse_duration_h(args.period), parse_duration_h(args.horizon)
-        if args.metric == "memory" and "mem_usage_kb" in read_columns(args.history):
-            hist = read_history(args.history, column="mem_usage_kb", scale=1 / KB_PER_GB)
-        else:
-            hist = read_history(
-                args.history, column="value" if args.metric == "memory" else args.metric
-            )
-        margin = config.planning.margin if args.margin is None else args.margin
-        plan = make_plan(
-            hist.timestamps,
-            hist.values,
-            config,
-            args.filter,
-            args.forecaster,
-            period_h,
-            horizon_h,
-            margin,
-        )
+        update: dict[str, object] = {}
+        if args.sizes:
+            update["sizes"] = tuple(float(s) for s in args.sizes.split(","))
+            update["prices"] = None
+        if args.target_risk is not None:
+            update["target_risk"] = args.target_risk
+        if args.horizon_weeks is not None:
+            update["horizon_weeks"] = args.horizon_weeks
+        planning = PlanningConfig.model_validate({**config.planning.model_dump(), **update})
+        config = config.model_copy(update={"planning": planning})
+        vms = load_fleet(args.history, column=args.metric)
+        exclusions = _exclusions(planning, args.exclude_labels)
+        fleet = make_fleet_plan(vms, config, exclusions, mark_anomalies=not args.no_anomalies)
     except (ConfigError, HistoryError, ValueError, OSError) as error:
         raise UsageError(str(error)) from error
-    start = (plan.first_hour + plan.peaks.size) * 3600
-    with args.out.open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["period_start", "period_end", "forecast_peak", "reserved", "price"])
-        for k, (n, s, p) in enumerate(zip(plan.needs, plan.sizes, plan.prices, strict=True)):
-            a = datetime.fromtimestamp(start + k * period_h * 3600, UTC)
-            b = datetime.fromtimestamp(start + (k + 1) * period_h * 3600, UTC)
-            writer.writerow([a.isoformat(), b.isoformat(), f"{n:.4f}", f"{s:g}", f"{p:g}"])
-    reserved = ", ".join(f"{s:g}" for s in plan.sizes)
-    print(f"{len(plan.sizes)} periods: reserve {reserved} -> {args.out}")
+    write_csv(fleet, args.out)
+    summary = fleet_summary(fleet)
+    print(
+        f"{len(fleet.vms)} VMs, {planning.horizon_weeks} weeks from "
+        f"{datetime.fromtimestamp(fleet.plan_start, UTC):%Y-%m-%d %H:%M} UTC: planned cost "
+        f"{summary['planned_cost']:g} vs always-max {summary['always_max_cost']:g} "
+        f"(saving {100 * summary['saving_vs_max']:.1f} %); target risk "
+        f"{100 * planning.target_risk:g} %, {backtest_text(summary)}; "
+        f"{int(summary['warned'])} VMs with warnings -> {args.out}"
+    )
     if args.report:
-        unit = "GB" if args.metric == "memory" else args.metric
-        write_report(plan, args.report, hist.name, unit)
+        from vmad.planner.report import write_report
+
+        write_report(fleet, summary, args.report, unit="GB" if args.metric == "memory" else "")
         print(f"report -> {args.report}")
     return 0
+
+
+def backtest_text(summary: dict[str, float]) -> str:
+    """The backtested risk in words (no week to backtest is said, not printed as nan)."""
+    if not np.isfinite(summary["backtest_risk"]):
+        return "not backtested (no VM has a week after two weeks of history)"
+    return (
+        f"backtested {100 * summary['backtest_risk']:.3f} % "
+        f"({100 * summary['backtest_risk_above_largest']:.3f} % above the largest size)"
+    )
+
+
+def fleet_summary(fleet: FleetPlan) -> dict[str, float]:
+    """Totals for the report: planned cost against always-max and against provisioned."""
+    prices = fleet.config.price_table()
+    table = dict(zip(fleet.config.sizes, prices, strict=True))
+    horizon = fleet.config.horizon_weeks
+    planned = sum(table[s] for p in fleet.vms for s in p.sizes)
+    always = float(prices[-1]) * horizon * len(fleet.vms)
+    with_cap = [p for p in fleet.vms if p.provisioned_gb is not None]
+    per_gb = float(prices[-1]) / float(fleet.config.sizes[-1])
+    provisioned = sum(p.provisioned_gb * per_gb * horizon for p in with_cap)  # type: ignore[operator]
+    planned_cap = sum(table[s] for p in with_cap for s in p.sizes)
+    under = above_largest = samples = 0.0
+    for p in fleet.vms:
+        c = _rolling_choice(fleet, p)
+        i = np.arange(c.size)
+        under += float(p.backtest.counts[i, c].sum())
+        above_largest += float(p.backtest.counts[:, -1].sum())
+        samples += float(p.backtest.samples.sum())
+    return {
+        "planned_cost": planned,
+        "always_max_cost": always,
+        "saving_vs_max": 1.0 - planned / always if always else 0.0,
+        "provisioned_cost": provisioned,
+        "saving_vs_provisioned": 1.0 - planned_cap / provisioned if provisioned else float("nan"),
+        "provisioned_vms": float(len(with_cap)),
+        "backtest_risk": under / samples if samples else float("nan"),
+        # Usage above the largest size: missed whatever is reserved (capped VMs).
+        "backtest_risk_above_largest": above_largest / samples if samples else float("nan"),
+        "warned": float(sum(1 for p in fleet.vms if p.warnings)),
+        "knob_lambda": float(KNOB[fleet.knob][0]),
+    }

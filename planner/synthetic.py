@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vmad.planner.bench_planning import VM
+from vmad.planner.backtest import VM
 
 __all__ = ["synthetic_fleet", "synthetic_vm"]
 

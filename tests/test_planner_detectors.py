@@ -10,6 +10,7 @@ import pytest
 
 from vmad.planner.config import ConfigError, load_config
 from vmad.planner.detectors import DLA, LA, BadSampleError, Detector
+from vmad.planner.likelihood import AnomalyLikelihood
 from vmad.planner.recurrence import RecurrenceDetector, find_periods
 from vmad.planner.wha import WHA
 
@@ -20,6 +21,7 @@ FACTORIES: dict[str, Callable[[], Detector]] = {
     "dla": lambda: DLA(window=48),
     "wha": lambda: WHA(window=48, half_life=24),
     "recurrence": lambda: RecurrenceDetector(WHA(window=48, half_life=24), (24, 168)),
+    "likelihood": lambda: AnomalyLikelihood(WHA(window=48, half_life=24), learn=50, history=200),
 }
 
 
@@ -117,3 +119,17 @@ def test_example_config_loads_and_unknown_key_is_named(tmp_path: Path) -> None:
     bad.write_text("wha:\n  weights: [2, 1, 1]\n")
     with pytest.raises(ConfigError, match="weights"):
         load_config(bad)
+
+
+def test_anomaly_likelihood_quiets_a_noisy_series_and_flags_a_jump_in_a_quiet_one() -> None:
+    from vmad.planner.likelihood import AnomalyLikelihood
+
+    rng = np.random.default_rng(0)
+    quiet = 10.0 + 0.01 * rng.normal(size=1500)
+    quiet[1200:] += 5.0  # a level shift after a long quiet stretch
+    det = AnomalyLikelihood(WHA(window=48, half_life=24), learn=100, history=600)
+    scores, _ = det.score_series(quiet)
+    assert scores[1200:1215].max() > 0.5
+    assert scores[300:1190].max() < scores[1200:1215].max()
+    # Deterministic and stateless across series (same contract as every detector).
+    np.testing.assert_array_equal(scores, det.score_series(quiet)[0])

@@ -1,0 +1,357 @@
+"""Rolling-origin backtest of weekly reservations over a fleet, shared by `vmad bench
+planning` and `vmad plan`.
+
+Weeks are aligned across the fleet (``origin + k weeks``) so the planner's risk target can
+be calibrated on the fleet's own previous weeks. For every VM and every week it has
+usage in, a method sees only the samples before the week starts and reserves one size.
+A VM-week is planned once the VM has ``cold_start_h`` of history. Gaps never fail:
+every rule plans from the history that exists (and the VM-week is flagged when that
+history ends more than a day before the week).
+
+Per VM-week the backtest keeps the realised outcome of *every* size (samples above it,
+unserved and idle area), so scoring any method, at any knob, is array indexing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vmad.planner import sizing
+from vmad.planner.config import PlanningConfig
+from vmad.planner.risk_sizing import (
+    KNOB,
+    WEEK,
+    WeekRisk,
+    calibrate,
+    choose_size,
+    realised_counts,
+    week_risk,
+)
+
+__all__ = [
+    "BASELINES",
+    "VM",
+    "VMBacktest",
+    "backtest_vm",
+    "bootstrap_ci",
+    "from_week",
+    "load_fleet",
+    "planner_choice",
+    "provisioned_totals",
+    "rolling_knobs",
+    "totals",
+    "without_intervals",
+]
+
+KB_PER_GB = 2.0**20
+
+
+@dataclass
+class VM:
+    name: str
+    timestamps: np.ndarray  # epoch s, sorted
+    usage: np.ndarray  # GB
+    provisioned: np.ndarray | None = None  # GB, what the trace actually reserved
+
+
+def load_fleet(
+    root: Path, max_gb: float | None = None, limit: int | None = None, column: str = "memory"
+) -> list[VM]:
+    """Every ``*.csv`` / ``*.csv.gz`` in ``root`` (or the one file ``root``).
+
+    ``column="memory"`` reads Bitbrains' ``mem_usage_kb`` (kB / 2^20 = GB) and
+    ``mem_capacity_kb`` when present, else ``value``. ``max_gb`` keeps the VMs whose usage
+    fits (the benchmark's population); None keeps all (the planner warns instead).
+    """
+    from vmad.planner.history import HistoryError, read_columns, read_history
+
+    paths = [root] if root.is_file() else sorted(root.glob("*.csv*"))
+    if not paths:
+        raise HistoryError(f"{root}: no .csv or .csv.gz files")
+    vms = []
+    for path in paths:
+        header = read_columns(path)
+        if column == "memory" and "mem_usage_kb" in header:
+            use = read_history(path, column="mem_usage_kb", scale=1 / KB_PER_GB, strict_order=False)
+            cap = (
+                read_history(path, "mem_capacity_kb", 1 / KB_PER_GB, strict_order=False).values
+                if "mem_capacity_kb" in header
+                else None
+            )
+        else:
+            name = "value" if column == "memory" else column
+            use, cap = read_history(path, column=name, strict_order=False), None
+        order = np.argsort(use.timestamps, kind="stable")
+        if max_gb is not None and float(use.values.max()) > max_gb:
+            continue
+        vms.append(
+            VM(
+                use.name,
+                use.timestamps[order],
+                use.values[order],
+                None if cap is None else cap[order],
+            )
+        )
+        if limit is not None and len(vms) >= limit:
+            break
+    return vms
+
+
+def without_intervals(vm: VM, intervals: list[tuple[float, float]]) -> VM:
+    """The VM with samples inside operator-excluded intervals removed (not planned for)."""
+    if not intervals:
+        return vm
+    keep = np.ones(vm.timestamps.size, dtype=bool)
+    for start, end in intervals:
+        keep &= ~((vm.timestamps >= start) & (vm.timestamps <= end))
+    cap = None if vm.provisioned is None else vm.provisioned[keep]
+    return VM(vm.name, vm.timestamps[keep], vm.usage[keep], cap)
+
+
+def _before(vm: VM, a: int, start: float, seconds: float) -> np.ndarray:
+    """Samples in [start - seconds, start); when that window is empty (a gap), the last
+    ``seconds`` of history that exists."""
+    if a == 0:
+        return vm.usage[:0]
+    since = int(np.searchsorted(vm.timestamps, start - seconds))
+    if since >= a:
+        since = int(np.searchsorted(vm.timestamps, vm.timestamps[a - 1] - seconds))
+    return vm.usage[since:a]
+
+
+def last_week_max(vm: VM, a: int, start: float) -> float:
+    return float(_before(vm, a, start, WEEK).max())
+
+
+def p99_four_weeks(vm: VM, a: int, start: float) -> float:
+    return float(np.percentile(_before(vm, a, start, 4 * WEEK), 99.0)) * 1.1
+
+
+def compute_optimizer(vm: VM, a: int, start: float) -> float:
+    """AWS Compute Optimizer's documented defaults for memory: 14-day look-back, 20 %
+    headroom; memory has no percentile setting (the threshold is CPU-only), so the peak."""
+    return float(_before(vm, a, start, 14 * 86400).max()) * 1.2
+
+
+# Look-back rules: (vm, index of the week's first sample, week start) -> need in GB.
+BASELINES = {
+    "last-week-max": last_week_max,
+    "p99-4-weeks-x1.1": p99_four_weeks,
+    "compute-optimizer": compute_optimizer,
+}
+
+
+@dataclass
+class VMBacktest:
+    """One VM's planned weeks and the realised outcome of every size in each."""
+
+    name: str
+    week: np.ndarray  # fleet week index k of each planned week
+    samples: np.ndarray  # (weeks,) samples in the week
+    counts: np.ndarray  # (weeks, sizes) samples above each size
+    short: np.ndarray  # (weeks, sizes) GB x samples of usage above each size
+    usage_area: np.ndarray  # (weeks,) GB x samples used
+    choices: np.ndarray  # (weeks, knobs) planner's size index at each knob
+    methods: dict[str, np.ndarray]  # baseline -> (weeks,) size index
+    est_risk: np.ndarray  # (weeks, knobs) planner's own P(usage > chosen size)
+    provisioned: dict[str, np.ndarray] = field(default_factory=dict)  # trace: cap stats
+    flags: list[list[str]] = field(default_factory=list)
+    risks: list[WeekRisk] = field(default_factory=list)
+
+
+def from_week(result: VMBacktest, first: int) -> VMBacktest:
+    """The same backtest restricted to fleet weeks >= ``first``."""
+    m = result.week >= first
+    return VMBacktest(
+        result.name,
+        result.week[m],
+        result.samples[m],
+        result.counts[m],
+        result.short[m],
+        result.usage_area[m],
+        result.choices[m],
+        {name: v[m] for name, v in result.methods.items()},
+        result.est_risk[m],
+        {name: v[m] for name, v in result.provisioned.items()},
+        [f for f, keep in zip(result.flags, m, strict=True) if keep],
+        [r for r, keep in zip(result.risks, m, strict=True) if keep] if result.risks else [],
+    )
+
+
+def backtest_vm(
+    vm: VM, origin: float, config: PlanningConfig, keep_risks: bool = False
+) -> VMBacktest:
+    sizes = np.asarray(config.sizes, dtype=float)
+    prices = config.price_table()
+    first_k = int(np.floor((vm.timestamps[0] - origin) / WEEK))
+    last_k = int(np.floor((vm.timestamps[-1] - origin) / WEEK))
+    rows: dict[str, list] = {
+        k: [] for k in ("week", "samples", "counts", "short", "usage", "choices", "est", "cap")
+    }
+    methods: dict[str, list[int]] = {name: [] for name in [*BASELINES, "vpa", "weekly-oracle"]}
+    flags: list[list[str]] = []
+    risks: list[WeekRisk] = []
+    vpa = sizing.VPAMemoryRecommender()
+    for k in range(first_k, last_k + 1):
+        start = origin + k * WEEK
+        a, b = np.searchsorted(vm.timestamps, [start, start + WEEK])
+        if b <= a or a == 0:
+            continue
+        if (start - vm.timestamps[0]) / 3600 < config.cold_start_h:
+            continue  # not yet planned: the VM's first weeks are its history
+        risk = week_risk(vm.timestamps, vm.usage, start, config)
+        assert risk is not None  # a > 0: there is history
+        actual = vm.usage[a:b]
+        rows["week"].append(k)
+        rows["samples"].append(actual.size)
+        rows["counts"].append(realised_counts(actual, sizes))
+        rows["short"].append(np.clip(actual[:, None] - sizes[None, :], 0, None).sum(axis=0))
+        rows["usage"].append(float(actual.sum()))
+        chosen = np.array([choose_size(risk, prices, j) for j in range(len(KNOB))])
+        rows["choices"].append(chosen)
+        rows["est"].append(risk.exceed[0][chosen])
+        for name, rule in BASELINES.items():
+            methods[name].append(sizing.size_index(rule(vm, int(a), start), sizes))
+        methods["weekly-oracle"].append(sizing.size_index(float(actual.max()), sizes))
+        vpa_size = vpa.recommend(vm.timestamps[:a], vm.usage[:a], start)
+        methods["vpa"].append(sizing.size_index(vpa_size, sizes))
+        vpa.observe_week(vm.timestamps[a:b], actual, float(sizes[methods["vpa"][-1]]))
+        if vm.provisioned is not None:
+            cap = vm.provisioned[a:b]
+            rows["cap"].append(
+                (
+                    float(cap.mean()) * prices[-1] / sizes[-1],
+                    int((actual > cap).sum()),
+                    float(np.clip(actual - cap, 0, None).sum()),
+                )
+            )
+        flags.append(risk.notes)
+        if keep_risks:
+            risks.append(risk)
+    n = len(rows["week"])
+    s = sizes.size
+    provisioned = {}
+    if rows["cap"]:
+        cap = np.asarray(rows["cap"])
+        provisioned = {"cost": cap[:, 0], "under": cap[:, 1], "short": cap[:, 2]}
+    return VMBacktest(
+        vm.name,
+        np.asarray(rows["week"], dtype=np.int64),
+        np.asarray(rows["samples"], dtype=np.int64),
+        np.asarray(rows["counts"], dtype=np.int64).reshape(n, s),
+        np.asarray(rows["short"], dtype=float).reshape(n, s),
+        np.asarray(rows["usage"], dtype=float),
+        np.asarray(rows["choices"], dtype=np.int64).reshape(n, len(KNOB)),
+        {name: np.asarray(v, dtype=np.int64) for name, v in methods.items()},
+        np.asarray(rows["est"], dtype=float).reshape(n, len(KNOB)),
+        provisioned,
+        flags,
+        risks,
+    )
+
+
+def rolling_knobs(
+    results: list[VMBacktest], target: float, calibration_weeks: int
+) -> dict[int, tuple[int, float]]:
+    """Per fleet week k: the knob calibrated on weeks k - calibration_weeks .. k - 1 of
+    every VM (only what was known before k), and its backtested risk there."""
+    if not any(r.week.size for r in results):
+        return {}
+    weeks = np.concatenate([r.week for r in results])
+    choices = np.concatenate([r.choices for r in results])
+    counts = np.concatenate([r.counts for r in results])
+    samples = np.concatenate([r.samples for r in results])
+    out = {}
+    for k in np.unique(weeks):
+        past = (weeks >= k - calibration_weeks) & (weeks < k)
+        out[int(k)] = calibrate(choices[past], counts[past], samples[past], target)
+    return out
+
+
+def planner_choice(result: VMBacktest, knobs: dict[int, tuple[int, float]]) -> np.ndarray:
+    """Size index per planned week, at the knob calibrated for that week."""
+    if result.week.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    knob = np.array([knobs[int(k)][0] for k in result.week])
+    return result.choices[np.arange(result.week.size), knob]
+
+
+@dataclass
+class Totals:
+    """Per-VM sums, the unit the bootstrap resamples."""
+
+    cost: np.ndarray
+    max_cost: np.ndarray
+    under: np.ndarray
+    samples: np.ndarray
+    short: np.ndarray
+    usage: np.ndarray
+
+    def pooled(self, idx: np.ndarray | None = None) -> dict[str, float]:
+        take = (lambda x: x) if idx is None else (lambda x: x[idx])
+        return {
+            "saving": 1.0
+            - float(take(self.cost).sum()) / max(float(take(self.max_cost).sum()), 1e-12),
+            "under_provisioned_time": float(take(self.under).sum())
+            / max(float(take(self.samples).sum()), 1),
+            "unserved_demand": float(take(self.short).sum())
+            / max(float(take(self.usage).sum()), 1e-12),
+        }
+
+
+def totals(results: list[VMBacktest], choice: list[np.ndarray], prices: np.ndarray) -> Totals:
+    """Per-VM sums for one method given its size index per planned week."""
+    rows = []
+    for r, c in zip(results, choice, strict=True):
+        i = np.arange(c.size)
+        rows.append(
+            (
+                float(prices[c].sum()),
+                float(prices[-1]) * c.size,
+                int(r.counts[i, c].sum()),
+                int(r.samples.sum()),
+                float(r.short[i, c].sum()),
+                float(r.usage_area.sum()),
+            )
+        )
+    cols = np.asarray(rows, dtype=float).reshape(len(rows), 6).T
+    return Totals(*cols)
+
+
+def provisioned_totals(results: list[VMBacktest], prices: np.ndarray) -> Totals | None:
+    with_cap = [r for r in results if r.provisioned]
+    if not with_cap:
+        return None
+    rows = [
+        (
+            float(r.provisioned["cost"].sum()),
+            float(prices[-1]) * r.week.size,
+            float(r.provisioned["under"].sum()),
+            float(r.samples.sum()),
+            float(r.provisioned["short"].sum()),
+            float(r.usage_area.sum()),
+        )
+        for r in with_cap
+    ]
+    return Totals(*np.asarray(rows, dtype=float).T)
+
+
+def bootstrap_ci(t: Totals, draws: int = 2000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95 % percentile interval over VMs resampled with replacement (VMs are the unit:
+    weeks of one VM are not independent)."""
+    n = t.cost.size
+    if n == 0:
+        return {}
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    saving = 1.0 - t.cost[idx].sum(1) / np.maximum(t.max_cost[idx].sum(1), 1e-12)
+    risk = t.under[idx].sum(1) / np.maximum(t.samples[idx].sum(1), 1)
+    return {
+        "saving": (float(np.percentile(saving, 2.5)), float(np.percentile(saving, 97.5))),
+        "under_provisioned_time": (
+            float(np.percentile(risk, 2.5)),
+            float(np.percentile(risk, 97.5)),
+        ),
+    }

@@ -1,0 +1,223 @@
+"""Sizing from the usage distribution at a chosen risk.
+
+For one VM and one week: estimate ``P(usage > size)`` for every size from the raw samples
+seen before the week, then reserve the size that minimises
+``price(size) / price(largest) + lambda * P(usage > size)``.
+
+Where P comes from (all from raw usage; nothing is smoothed or filtered away):
+- recent: the last ``lookback_h`` of samples, each weighted ``0.5 ** (age / half_life)``;
+- trend guard: when the Theil-Sen slope of daily peaks is significantly positive (its
+  90 % interval above 0), last week's samples moved forward along that slope to the end of
+  the planned week;
+- month guard: the same week four weeks back, unweighted (a monthly job seen once);
+and P is the largest of the three, so a guard can only make the plan safer.
+
+The operator's knob is one ordered list of settings from cheap to safe: lambda rising over
+a log grid, then "no exceedance seen at all" with a growing headroom (usage x 1.05 ... x 2)
+for targets below what the history itself supports. ``calibrate`` maps a target risk
+(share of time under-provisioned) to the cheapest knob setting whose backtested risk meets
+it; the backtest is the fleet's own recent weeks (conformal in spirit: the errors of the
+planner's own past choices set its margin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vmad.planner.config import PlanningConfig
+
+__all__ = [
+    "HEADROOMS",
+    "KNOB",
+    "WeekRisk",
+    "calibrate",
+    "choose_size",
+    "exceedance",
+    "realised_counts",
+    "week_risk",
+]
+
+HOUR = 3600
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+
+LAMBDAS = tuple(float(x) for x in np.logspace(0, 6, 49))
+HEADROOMS = (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0)
+# Knob settings from cheapest to safest: (lambda, index into HEADROOMS).
+KNOB: tuple[tuple[float, int], ...] = tuple((lam, 0) for lam in LAMBDAS) + tuple(
+    (np.inf, k) for k in range(len(HEADROOMS))
+)
+
+
+@dataclass
+class WeekRisk:
+    """What the planner knows about one VM before one week starts."""
+
+    exceed: np.ndarray  # (len(HEADROOMS), n sizes): P(usage x headroom > size)
+    history_h: float  # hours between the first sample and the week start
+    cold: bool  # less than cold_start_h of history: the conservative rule applies
+    cold_size_index: int  # the size the cold-start rule reserves (when cold)
+    stale_h: float  # hours between the last sample and the week start (a gap)
+    growth_gb_week: float  # trend-guard slope in force (0 when the guard is off)
+    month_peak: float  # peak of the same week a month back (nan when not seen)
+    peak: float  # highest usage the distribution allows (trend-projected included)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def capped(self) -> bool:
+        """Usage above the largest size is likely: reserving it is a cap, said aloud."""
+        return bool(self.exceed[0, -1] > 0.0)
+
+
+def exceedance(values: np.ndarray, weights: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Weighted share of ``values`` above each threshold."""
+    total = float(weights.sum())
+    if values.size == 0 or total <= 0:
+        return np.zeros(thresholds.size)
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    tail = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])
+    return tail[np.searchsorted(v, thresholds, side="right")] / total
+
+
+def _daily_peaks(ts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    days = ts // DAY
+    uniq, inverse = np.unique(days, return_inverse=True)
+    peaks = np.full(uniq.size, -np.inf)
+    np.maximum.at(peaks, inverse, values)
+    return uniq.astype(float), peaks
+
+
+def _growth_per_s(ts: np.ndarray, values: np.ndarray) -> float:
+    """Theil-Sen slope of daily peaks (GB/s) when significantly positive, else 0."""
+    from scipy.stats import theilslopes
+
+    days, peaks = _daily_peaks(ts, values)
+    if days.size < 7:
+        return 0.0
+    slope, _, low, _ = theilslopes(peaks, days, alpha=0.90)
+    return float(slope) / DAY if low > 0 else 0.0
+
+
+def week_risk(
+    ts: np.ndarray,
+    usage: np.ndarray,
+    start: float,
+    config: PlanningConfig,
+    ahead: int = 0,
+) -> WeekRisk | None:
+    """P(usage > size) for the week starting ``start + ahead weeks``, from samples before
+    ``start``. None when the VM has no sample before ``start``.
+
+    ``ts``/``usage`` are the VM's samples (sorted, excluded intervals already removed).
+    Gaps never fail: with no sample in the look-back window the distribution comes from
+    the last ``lookback_h`` of history that exists, and ``stale_h`` says how old it is.
+    """
+    sizes = np.asarray(config.sizes, dtype=float)
+    end = int(np.searchsorted(ts, start, side="left"))
+    if end == 0:
+        return None
+    t_last = float(ts[end - 1])
+    stale_h = (start - t_last) / HOUR
+    lookback = config.lookback_h * HOUR
+    anchor = start if stale_h * HOUR < lookback else t_last + 1.0
+    begin = int(np.searchsorted(ts, anchor - lookback, side="left"))
+    t, x = ts[begin:end].astype(float), usage[begin:end]
+    history_h = (start - float(ts[0])) / HOUR
+    notes: list[str] = []
+    if stale_h >= 24:
+        notes.append(f"history ends {stale_h / 24:.1f} days before the week; planned from it")
+    week_start = start + ahead * WEEK
+    week_end = week_start + WEEK
+
+    if history_h < config.cold_start_h:
+        peak = float(usage[:end].max()) * config.cold_start_factor
+        index = int(np.searchsorted(sizes, peak, side="left"))
+        exceed = np.zeros((len(HEADROOMS), sizes.size))
+        exceed[:, :] = (peak > sizes)[None, :].astype(float)
+        return WeekRisk(
+            exceed,
+            history_h,
+            True,
+            min(index, sizes.size - 1),
+            stale_h,
+            0.0,
+            np.nan,
+            peak,
+            [
+                *notes,
+                f"cold start: {history_h / 24:.1f} days of history, "
+                f"{config.cold_start_factor:g} x the peak seen",
+            ],
+        )
+
+    weights = 0.5 ** ((anchor - t) / (config.half_life_h * HOUR))
+    scaled = sizes[None, :] / np.asarray(HEADROOMS)[:, None]
+    exceed = np.stack([exceedance(x, weights, row) for row in scaled])
+    peak = float(x.max())
+
+    growth = 0.0
+    if config.trend_guard:
+        growth = _growth_per_s(t, x)
+        if growth > 0:
+            last = t >= anchor - WEEK
+            projected = x[last] + growth * (week_end - t[last])
+            ones = np.ones(projected.size)
+            exceed = np.maximum(exceed, np.stack([exceedance(projected, ones, r) for r in scaled]))
+            peak = max(peak, float(projected.max()))
+            notes.append(f"growth {growth * WEEK:+.2f} GB/week projected")
+
+    month_peak = np.nan
+    if config.month_guard:
+        lo, hi = week_start - 4 * WEEK, week_end - 4 * WEEK
+        a, b = np.searchsorted(ts, [lo, min(hi, start)], side="left")
+        if b > a:
+            back = usage[a:b]
+            month_peak = float(back.max())
+            ones = np.ones(back.size)
+            exceed = np.maximum(exceed, np.stack([exceedance(back, ones, r) for r in scaled]))
+    return WeekRisk(exceed, history_h, False, -1, stale_h, growth * WEEK, month_peak, peak, notes)
+
+
+def choose_size(risk: WeekRisk, prices: np.ndarray, knob: int) -> int:
+    """Index of the size to reserve at one knob setting."""
+    if risk.cold:
+        return risk.cold_size_index
+    if risk.capped:  # no size covers it: the largest, with the warning (never a quiet cap)
+        return risk.exceed.shape[1] - 1
+    lam, h = KNOB[knob]
+    p = risk.exceed[h]
+    if np.isinf(lam):  # the smallest size with the least exceedance seen
+        return int(np.flatnonzero(p <= p.min())[0])
+    return int(np.argmin(prices / prices[-1] + lam * p))
+
+
+def realised_counts(actual: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Samples above each size (the realised risk of every possible choice)."""
+    return (actual[:, None] > sizes[None, :]).sum(axis=0)
+
+
+def calibrate(
+    choices: np.ndarray, counts: np.ndarray, samples: np.ndarray, target: float
+) -> tuple[int, float]:
+    """The cheapest knob whose pooled realised risk is at most ``target``.
+
+    choices: (records, knobs) size index chosen at each knob; counts: (records, sizes)
+    samples above each size; samples: (records,). Returns (knob, its realised risk, not
+    counting usage above the largest size); with
+    no records the safest knob, with risk nan. Cold-start records choose the same size
+    at every knob, so they shift every knob's risk alike and never pick one.
+    """
+    if choices.shape[0] == 0 or samples.sum() == 0:
+        return len(KNOB) - 1, float("nan")
+    rows = np.arange(choices.shape[0])[:, None]
+    # Usage above the largest size is missed at every setting (a capped VM, warned about
+    # on its own); it must not push the whole fleet to the safest setting.
+    reachable = counts - counts[:, -1:]
+    risk = reachable[rows, choices].sum(axis=0) / samples.sum()
+    ok = np.flatnonzero(risk <= target)
+    # None meets it: the safest setting (the history says the target is out of reach).
+    knob = int(ok[0]) if ok.size else len(KNOB) - 1
+    return knob, float(risk[knob])
