@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from vmad.actions import action_index
 from vmad.controller.env import EnvSettings, VMLifeEnv
@@ -154,7 +155,7 @@ def bench_command(args: Any) -> int:
     if args.kind:
         settings = replace(settings, kind=args.kind)
     if args.r1:
-        settings = replace(settings, reward=replace(settings.reward, r1=args.r1))
+        settings = replace(settings, reward=settings.reward.model_copy(update={"r1": args.r1}))
     episodes = args.episodes or (2 if args.quick else 20)
     policies: list[Any] = []
     for path in args.policy or [DEFAULT_POLICY]:
@@ -188,4 +189,6 @@ def _jsonable(value: Any) -> Any:
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump()
     return value

@@ -29,6 +29,8 @@ def register(commands: Any, bench: Any) -> None:
     train.add_argument("--config", dest="train_config", type=Path,
                        help="controller.yaml whose `reward:` (weights, R1, gamma) to train for")
     train.add_argument("--r1", choices=("accuracy", "f1"), help="override reward.r1")
+    train.add_argument("--gamma", type=float,
+                       help="override reward.gamma; 0 trains the one-step contextual bandit")
     train.add_argument("--kind", help="detector kind in the environment (default mlp)")
     train.add_argument("--checkpoint-every", type=int, default=2_000)
     train.add_argument("--quick", action="store_true", help="tiny episodes, for CI")
@@ -91,10 +93,16 @@ def run_train_policy(args: argparse.Namespace) -> int:
             from vmad.errors import UsageError
 
             raise UsageError(f"config error: {error}") from None
-        env = replace(env, reward=config.reward.settings())
+        env = replace(env, reward=config.reward)
         gamma = config.reward.gamma
     if args.r1:
-        env = replace(env, reward=replace(env.reward, r1=args.r1))
+        env = replace(env, reward=env.reward.model_copy(update={"r1": args.r1}))
+    if args.gamma is not None:
+        if not 0.0 <= args.gamma < 1.0:
+            from vmad.errors import UsageError
+
+            raise UsageError(f"--gamma must be in [0, 1), got {args.gamma}")
+        gamma = args.gamma
     if args.kind:
         env = replace(env, kind=args.kind)
     settings = TrainSettings(steps=args.steps, seed=args.seed, gamma=gamma,
