@@ -17,11 +17,14 @@ from pydantic import Field
 from vmad.actions import Action, Decision
 from vmad.config import StrictModel
 
-__all__ = ["HOUR", "BudgetGuard", "BudgetSettings"]
+__all__ = ["BUDGET_FACT", "HOUR", "BudgetGuard", "BudgetSettings"]
 
 log = logging.getLogger("vmad.controller.budget")
 
 HOUR = 3600.0
+BUDGET_FACT = "budget"
+"""The registry `meta` key where the controller keeps the budget in force (for
+`vmad status`)."""
 
 
 class BudgetSettings(StrictModel):

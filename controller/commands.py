@@ -158,11 +158,30 @@ def fleet_from_registry(registry: Any, decisions: int) -> dict[str, Any]:
         "decisions": [{"decision_id": d.decision_id, "at": d.at, "vm_id": d.vm_id,
                        "action": d.decision.action.value, "batches": d.decision.batches,
                        "reason": d.decision.reason, "policy": d.policy,
-                       "q_values": list(d.decision.q_values)}
+                       "q_values": list(d.decision.q_values),
+                       "shadow": (f"{d.shadow.label}: {d.shadow.reason}" if d.shadow
+                                  else "")}
                       for d in registry.decisions(limit=decisions)],
         "counts": registry.counts(),
         "actions": registry.action_counts(),
+        "controller": controller_facts(registry),
     }
+
+
+def controller_facts(registry: Any) -> dict[str, Any]:
+    """What the registry says about the controller itself: the DQN's learning progress
+    and exploration (its last checkpoint), the shadow mode's latest backtest, and each
+    node's fine-tuning batches in the last hour against the budget."""
+    from vmad.controller.budget import BUDGET_FACT, HOUR
+    from vmad.controller.dqn import LEARNER
+    from vmad.controller.shadow import BACKTEST_FACT
+
+    now = time.time()
+    return {"learner": registry.learner_meta(LEARNER),
+            "explorations_last_hour": len(registry.exploration_times(now - HOUR)),
+            "backtest": registry.fact(BACKTEST_FACT),
+            "budget": registry.fact(BUDGET_FACT),
+            "budget_use": registry.budget_use(now - HOUR)}
 
 
 def _ago(ts: float) -> str:
@@ -191,14 +210,43 @@ def render_fleet(fleet: dict[str, Any]) -> list[Any]:
     for trainer in fleet["trainers"]:
         trainers.add_row(trainer["trainer_id"], trainer["address"], _ago(trainer["last_seen"]))
     decisions = Table(title="Recent decisions")
-    for column in ("#", "VM", "action", "batches", "why", "policy"):
+    shadows = any(d.get("shadow") for d in fleet["decisions"])
+    for column in ("#", "VM", "action", "batches", "why", "policy",
+                   *(["in shadow"] if shadows else [])):
         decisions.add_column(column)
     for d in fleet["decisions"]:
         # A DQN decision's reason already lists its Q-values by action.
         decisions.add_row(str(d["decision_id"]), d["vm_id"], d["action"], str(d["batches"]),
-                          d["reason"], d["policy"])
+                          d["reason"], d["policy"], *([d.get("shadow", "")] if shadows else []))
     counts = fleet["counts"]
     actions = ", ".join(f"{k} {v}" for k, v in sorted(fleet["actions"].items())) or "none"
     summary = (f"{counts['trainers']} trainers, {counts['vms']} VMs, {counts['decisions']} "
                f"decisions ({actions}), {counts.get('transitions', '?')} transitions")
-    return [trainers, vms, decisions, summary]
+    return [trainers, vms, decisions, summary, *render_controller(fleet.get("controller"))]
+
+
+def render_controller(facts: dict[str, Any] | None) -> list[str]:
+    """Learning, exploration, shadow verdict and budget, one line each (when known)."""
+    if not facts:
+        return []
+    lines = []
+    learner = facts.get("learner")
+    if learner:
+        lines.append(f"DQN learning: {learner['updates']} gradient steps, "
+                     f"{learner['transitions']} transitions learned from (checkpoint "
+                     f"{_ago(learner['saved_at'])} ago); exploration: "
+                     f"{learner.get('explorations', 0)} random decisions in all")
+    lines.append(f"Exploration: {facts['explorations_last_hour']} random decisions in the "
+                 f"last hour")
+    backtest = facts.get("backtest")
+    if backtest:
+        who = "the DQN acts" if backtest["passed"] else "the rules act, the DQN in shadow"
+        lines.append(f"Shadow backtest ({_ago(backtest['at'])} ago, "
+                     f"{backtest['transitions']} transitions, agreement "
+                     f"{backtest['agreement']:.0%}): {who}: {backtest['why']}")
+    budget = facts.get("budget") or {}
+    limit = budget.get("batches_per_node_hour")
+    use = ", ".join(f"{node} {n}" for node, n in facts.get("budget_use", {}).items()) or "none"
+    lines.append(f"Compute budget: {limit if limit is not None else '?'} batches per node "
+                 f"per hour; used in the last hour: {use}")
+    return lines

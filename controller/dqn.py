@@ -323,13 +323,20 @@ class DQNPolicy:
     def explorations_last_hour(self) -> int:
         return len(self._explored_at)
 
-    def _may_explore(self, now: float) -> bool:
-        """Exploration is bounded: epsilon per decision and `explore_per_hour` in all."""
+    def explore(self, now: float | None = None) -> int | None:
+        """A random action number when exploration is due now, else None. Bounded:
+        probability `epsilon` per decision, and at most `explore_per_hour` in any
+        sliding hour; each one is counted."""
+        now = time.time() if now is None else now
         while self._explored_at and self._explored_at[0] <= now - 3600.0:
             self._explored_at.popleft()
         s = self.settings
-        return (s.epsilon > 0 and len(self._explored_at) < s.explore_per_hour
-                and self._rng.random() < s.epsilon)
+        if s.epsilon <= 0 or len(self._explored_at) >= s.explore_per_hour \
+                or self._rng.random() >= s.epsilon:
+            return None
+        self.explorations += 1
+        self._explored_at.append(now)
+        return int(self._rng.integers(len(CONTROL_ACTIONS)))
 
     def remember_explorations(self, timestamps: Iterable[float]) -> None:
         """After a restart: the random decisions of the last hour still count against
@@ -347,11 +354,9 @@ class DQNPolicy:
                       f"{self.observation_size}): {ruled.reason}")
             return Decision(ruled.action, ruled.batches, reason)
         index, how = int(np.argmax(q)), "greedy"
-        now = time.time() if now is None else now
-        if explore and self._may_explore(now):
-            index, how = int(self._rng.integers(len(CONTROL_ACTIONS))), "explore"
-            self.explorations += 1
-            self._explored_at.append(now)
+        explored = self.explore(now) if explore else None
+        if explored is not None:
+            index, how = explored, "explore"
         chosen = CONTROL_ACTIONS[index]
         values = tuple(round(float(v), 4) for v in q)
         listing = " ".join(f"{a.label}={v:.3f}" for a, v in zip(CONTROL_ACTIONS, values,

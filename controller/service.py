@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from vmad.config import ConfigError, load_config
-from vmad.controller.budget import BudgetGuard
+from vmad.controller.budget import BUDGET_FACT, BudgetGuard
 from vmad.controller.config import ControllerConfig
 from vmad.controller.core import ControlCore
 from vmad.controller.policy import Policy, RulePolicy
@@ -66,6 +66,7 @@ class ControllerServer:
         self.core = ControlCore(self.registry, policy,
                                 reward_of=lambda d, s: reward(d, s, config.reward),
                                 budget=BudgetGuard(config.budget))
+        self.registry.put_fact(BUDGET_FACT, config.budget.model_dump())
         self.server, self.token_check = make_server(config.security, max_workers=16)
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()

@@ -22,7 +22,13 @@ backtests on the newest `window` logged transitions:
    never tried has no support: the DQN cannot take over on a promise nobody measured.
 
 The latest backtest is kept in the registry (a restart keeps who acts) and shown by
-`vmad status`. Plain attributes for exporters: `decisions`, `agreements`, `verdict`.
+`vmad status`. The rules never take some actions (a 10- or 200-batch fine-tune, a bare
+reset), so a backtest cannot judge a DQN that prefers them: with `policy.dqn.epsilon`
+> 0, a bounded share of decisions (at most `explore_per_hour` an hour) is a random
+action instead of the rules' one, logged as `dqn explore (shadow)`, which is how the log
+comes to cover them. With epsilon 0 (the default) the DQN never acts before it passes.
+
+Plain attributes for exporters: `decisions`, `agreements`, `verdict`.
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ def backtest(states: Sequence[VMState], logged: Sequence[Decision], rewards: Seq
     coverage = len(gains) / n
     if not gains:
         return Backtest(now, n, 0.0, agreement, 0.0, -math.inf, False,
-                        "no state where both policies' actions have support")
+                        f"coverage 0.00 < {settings.min_coverage}: no state where both "
+                        f"policies' actions have support")
     diff = np.asarray(gains)
     mean = float(diff.mean())
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
@@ -179,6 +186,14 @@ class ShadowPolicy:
             acted, other = self.dqn.decide(state, now=now), ruled
         else:
             acted, other = ruled, self.dqn.decide(state, explore=False, now=now)
+            explored = self.dqn.explore(now) if other.q_values else None
+            if explored is not None:
+                # The one way an action the rules never take gets into the log, so a
+                # backtest can judge it: bounded (epsilon, explore_per_hour), counted.
+                random = CONTROL_ACTIONS[explored]
+                acted = Decision(random.action, random.batches,
+                                 f"dqn explore (shadow): instead of {ruled.label} "
+                                 f"({ruled.reason})", other.q_values)
         self.decisions += 1
         self.agreements += action_index(acted) == action_index(other)
         return acted, other
