@@ -156,6 +156,9 @@ def bench_command(args: Any) -> int:
         settings = replace(settings, kind=args.kind)
     if args.r1:
         settings = replace(settings, reward=settings.reward.model_copy(update={"r1": args.r1}))
+    from vmad.controller.commands import with_validation
+
+    settings = with_validation(settings, args)
     episodes = args.episodes or (2 if args.quick else 20)
     policies: list[Any] = []
     for path in args.policy or [DEFAULT_POLICY]:

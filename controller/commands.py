@@ -32,6 +32,11 @@ def register(commands: Any, bench: Any) -> None:
     train.add_argument("--gamma", type=float,
                        help="override reward.gamma; 0 trains the one-step contextual bandit")
     train.add_argument("--kind", help="detector kind in the environment (default mlp)")
+    train.add_argument("--validation", choices=("labels", "injected"),
+                       help="what R1 and the state's quality are measured on (default "
+                            "labels; injected: synthetic faults in the VM's own samples)")
+    train.add_argument("--label-share", type=float,
+                       help="with --validation injected: share of incidents labelled")
     train.add_argument("--checkpoint-every", type=int, default=2_000)
     train.add_argument("--quick", action="store_true", help="tiny episodes, for CI")
     train.add_argument("--no-progress", action="store_true")
@@ -49,6 +54,11 @@ def register(commands: Any, bench: Any) -> None:
     control.add_argument("--r1", choices=("accuracy", "f1"),
                          help="R1 of the reported reward (default f1)")
     control.add_argument("--kind", help="detector kind in the environment (default mlp)")
+    control.add_argument("--validation", choices=("labels", "injected"),
+                         help="what the state's quality features are measured on (as the "
+                              "evaluated policies were trained; default labels)")
+    control.add_argument("--label-share", type=float,
+                         help="with --validation injected: share of incidents labelled")
     control.add_argument("--json", type=Path, help="write the results here")
     control.add_argument("--quick", action="store_true", help="CI-sized: well under a minute")
     control.set_defaults(run=run_bench_control)
@@ -105,6 +115,7 @@ def run_train_policy(args: argparse.Namespace) -> int:
         gamma = args.gamma
     if args.kind:
         env = replace(env, kind=args.kind)
+    env = with_validation(env, args)
     settings = TrainSettings(steps=args.steps, seed=args.seed, gamma=gamma,
                              checkpoint_every=args.checkpoint_every,
                              learning_starts=min(TrainSettings.learning_starts,
@@ -115,6 +126,21 @@ def run_train_policy(args: argparse.Namespace) -> int:
     print(f"policy -> {path} ({args.steps} steps in {time.monotonic() - started:.0f} s, "
           f"R1 = {env.reward.r1}, gamma {gamma}); per-step log {args.out / 'steps.csv'}")
     return 0
+
+
+def with_validation(env: Any, args: argparse.Namespace) -> Any:
+    """`env` with the --validation / --label-share options applied."""
+    from dataclasses import replace
+
+    if args.validation:
+        env = replace(env, validation=args.validation)
+    if args.label_share is not None:
+        if not 0.0 <= args.label_share <= 1.0:
+            from vmad.errors import UsageError
+
+            raise UsageError(f"--label-share must be in [0, 1], got {args.label_share}")
+        env = replace(env, label_share=args.label_share)
+    return env
 
 
 def run_bench_control(args: argparse.Namespace) -> int:

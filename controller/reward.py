@@ -23,6 +23,16 @@ and makes each term lie in [0, 1], so the weights mean what they say:
   keep sends to the agent (bundles of one model kind all have the same size, so bytes
   sent are proportional to pushes), capped at 1.
 
+Where the labels come from (a departure from the paper, which measures R1 on labelled
+batches): a fleet has almost none. So R1 and R2, and the state's quality features, are
+meant to be measured on a per-VM *validation set without human labels*: synthetic faults
+of the project's kinds (vmad/synthetic.py) injected into the VM's own recent samples,
+plus the incidents an operator did label, each counted `real_weight` (5) times
+(controller/validation.py). The environment measures on it with
+`EnvSettings(validation="injected")`; the live controller reads whatever the trainer's
+state report measured. The weights stay the paper's (0.4, 0.3, 0.3) by default, with
+R1 = F1 rather than accuracy (docs/control.md measures both).
+
 Where the batch comes from: the control environment (controller/env.py) measures R1 and
 R2 on the windows that arrive *after* the action, scored by the model the action left
 in place: what the agent will actually see. The live controller only has the trainer's
