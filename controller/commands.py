@@ -45,8 +45,14 @@ def register(commands: Any, bench: Any) -> None:
     control = bench.add_parser(
         "control", help="DQN vs fixed retraining policies on held-out episodes")
     control.add_argument("--policy", type=Path, action="append",
-                         help="policy.npz to evaluate (repeatable; default: the shipped one)")
+                         help="DQN policy.npz to evaluate (repeatable, one per seed: their "
+                              "mean is compared; default: the shipped one)")
+    control.add_argument("--bandit", type=Path, action="append",
+                         help="contextual-bandit policy.npz (train-policy --gamma 0; "
+                              "repeatable, one per seed)")
     control.add_argument("--episodes", type=int, help="held-out episodes (default 20; quick 2)")
+    control.add_argument("--steps", type=int, help="decisions per episode (default 36)")
+    control.add_argument("--plot", type=Path, help="write the F1-vs-compute frontier here")
     control.add_argument("--seed", type=int, default=0, help="first held-out episode")
     control.add_argument("--k", type=int, default=4, help="K of 'retrain every K steps'")
     control.add_argument("--drift", type=float, default=1.5,
