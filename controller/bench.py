@@ -290,14 +290,19 @@ def bench_command(args: Any) -> int:
     settings = with_validation(settings, args)
     episodes = args.episodes or (2 if args.quick else 20)
     policies: list[Any] = []
-    for path in args.policy or [DEFAULT_POLICY]:
-        policies.append(_load(path, f"dqn ({Path(path).parent.name})" if args.policy
-                              else "dqn (shipped default)"))
+    if not args.no_dqn:
+        for path in args.policy or [DEFAULT_POLICY]:
+            policies.append(_load(path, f"dqn ({Path(path).parent.name})" if args.policy
+                                  else "dqn (shipped default)"))
     for path in args.bandit or []:
         policies.append(_load(path, f"bandit ({Path(path).parent.name})"))
-    policies += fixed_policies(args.k, args.drift)
+    if not args.no_fixed:
+        policies += fixed_policies(args.k, args.drift)
+    earlier = [r for path in args.results or [] for r in
+               _earlier_results(path, settings, episodes, args.seed)]
     started = time.perf_counter()
-    results = run_control_bench(policies, episodes, settings, first_seed=args.seed)
+    results = earlier + run_control_bench(policies, episodes, settings,
+                                          first_seed=args.seed)
     summaries = []
     for prefix, name in (("dqn (", "DQN"), ("bandit (", "bandit")):
         group = [r for r in results if r.policy.startswith(prefix)]
@@ -323,10 +328,30 @@ def bench_command(args: Any) -> int:
         print(f"frontier plot -> {frontier_plot(rows, args.plot, title)}")
     if args.json is not None:
         args.json.write_text(json.dumps({"settings": _jsonable(asdict(settings)),
-                                         "episodes": episodes,
-                                         "results": [asdict(r) for r in rows]}, indent=2))
+                                         "episodes": episodes, "first_seed": args.seed,
+                                         "results": [asdict(r) for r in results],
+                                         "summaries": [asdict(r) for r in summaries]},
+                                        indent=2))
         print(f"results -> {args.json}")
     return 0
+
+
+def _earlier_results(path: Path, settings: EnvSettings, episodes: int,
+                     first_seed: int) -> list[PolicyResult]:
+    """Rows of an earlier `--json` run on the very same episodes (checked), so a long
+    benchmark can run in parts (the fixed policies while the DQN still trains)."""
+    from vmad.errors import UsageError
+
+    data = json.loads(Path(path).read_text())
+    same = (data.get("settings") == _jsonable(asdict(settings))
+            and data.get("episodes") == episodes and data.get("first_seed") == first_seed)
+    if not same:
+        raise UsageError(f"{path}: ran other episodes or settings than this run "
+                         f"(episodes, --seed, --steps, --kind, --r1, --validation must match)")
+    return [PolicyResult(**{**row, "actions": dict(row["actions"]),
+                            **{k: tuple(row[k]) for k in
+                               ("episode_f1", "episode_far", "episode_batches")}})
+            for row in data["results"]]
 
 
 def _jsonable(value: Any) -> Any:

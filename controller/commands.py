@@ -53,6 +53,11 @@ def register(commands: Any, bench: Any) -> None:
     control.add_argument("--episodes", type=int, help="held-out episodes (default 20; quick 2)")
     control.add_argument("--steps", type=int, help="decisions per episode (default 36)")
     control.add_argument("--plot", type=Path, help="write the F1-vs-compute frontier here")
+    control.add_argument("--results", type=Path, action="append",
+                         help="add the rows of an earlier --json run on the same episodes")
+    control.add_argument("--no-fixed", action="store_true", help="skip the fixed policies")
+    control.add_argument("--no-dqn", action="store_true",
+                         help="skip the DQN (with --no-fixed and --bandit: bandits only)")
     control.add_argument("--seed", type=int, default=0, help="first held-out episode")
     control.add_argument("--k", type=int, default=4, help="K of 'retrain every K steps'")
     control.add_argument("--drift", type=float, default=1.5,

@@ -63,13 +63,25 @@ def test_bench_control_quick_with_seeds_bandit_plot_and_json(tmp_path, capsys) -
         paths.append(save_policy_file(tmp_path / name / "policy.npz",
                                       policy_file_of(model, {"trained": "test"})))
     plot, out = tmp_path / "frontier.png", tmp_path / "control.json"
+    # In two parts, as a long run would: the fixed policies first, then the learned ones
+    # on the same episodes, with the first part's rows added.
+    fixed = tmp_path / "fixed.json"
+    assert main(["bench", "control", "--quick", "--episodes", "2", "--no-dqn",
+                 "--json", str(fixed)]) == 0
+    capsys.readouterr()
     assert main(["bench", "control", "--quick", "--episodes", "2", "--policy", str(paths[0]),
-                 "--policy", str(paths[1]), "--bandit", str(paths[2]), "--plot", str(plot),
-                 "--json", str(out)]) == 0
+                 "--policy", str(paths[1]), "--bandit", str(paths[2]), "--no-fixed",
+                 "--results", str(fixed), "--plot", str(plot), "--json", str(out)]) == 0
     text = capsys.readouterr().out
+    # Rows of other episodes are refused, naming the file.
+    assert main(["bench", "control", "--quick", "--episodes", "3", "--no-fixed",
+                 "--results", str(fixed)]) == 2
+    assert "fixed.json: ran other episodes" in capsys.readouterr().err
     assert "DQN, mean of 2 seeds" in text and "bandit (bandit-s0)" in text
     assert "minus each policy, paired by episode" in text and "Target " in text
     assert plot.stat().st_size > 10_000
-    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
-    assert {"dqn (dqn-s0)", "dqn (dqn-s1)", "DQN, mean of 2 seeds", "rules"} <= set(rows)
-    assert len(rows["DQN, mean of 2 seeds"]["episode_f1"]) == 2
+    data = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in data["results"]}
+    assert {"dqn (dqn-s0)", "dqn (dqn-s1)", "bandit (bandit-s0)", "rules"} <= set(rows)
+    (mean,) = data["summaries"]
+    assert mean["policy"] == "DQN, mean of 2 seeds" and len(mean["episode_f1"]) == 2
