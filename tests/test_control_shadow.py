@@ -150,7 +150,7 @@ def test_no_policy_exceeds_the_nodes_hourly_budget(tmp_path) -> None:
 
 
 @pytest.mark.integration
-def test_controller_process_in_shadow_mode_with_a_budget(tmp_path) -> None:
+def test_controller_process_in_shadow_mode_with_a_budget(tmp_path, capsys) -> None:
     """A real controller, `policy.kind: shadow` and a budget in its YAML, reports over
     gRPC: the rules act within the budget, the DQN's decisions are logged beside them,
     and `vmad status` shows both, the budget and the learning state."""
@@ -195,4 +195,10 @@ def test_controller_process_in_shadow_mode_with_a_budget(tmp_path) -> None:
     assert all(r.shadow is not None and r.shadow.reason.startswith("dqn greedy")
                for r in logged)
     assert learner is not None and learner["transitions"] == 9 and learner["updates"] > 0
+    capsys.readouterr()
     assert main(["status", "--database", str(tmp_path / "registry.sqlite")]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "in shadow" in shown and f"DQN learning: {learner['updates']} gradient steps" in shown
+    assert "Compute budget: 250 batches per node per hour; used in the last hour: node-1 200" \
+        in shown
+    assert "Shadow backtest" in shown and "the rules act" in shown
