@@ -29,7 +29,8 @@ Two halves:
   kill -9 loses no transition and the gradient-step counter goes on where it would be.
 
 Reading policy files needs NumPy only; building a `DQNPolicy` imports PyTorch and
-stable-baselines3, which the controller does only when `policy.kind` is `dqn`.
+stable-baselines3, which the controller does only when `policy.kind` is `dqn` or
+`shadow`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pydantic import Field
@@ -53,6 +54,9 @@ from vmad.config import StrictModel
 from vmad.controller.policy import RulePolicy
 from vmad.controller.reward import DEFAULT_GAMMA
 from vmad.state import FEATURES, VMState
+
+if TYPE_CHECKING:
+    from vmad.controller.registry import Registry
 
 __all__ = ["DEFAULT_POLICY", "LEARNER", "MAX_EPSILON", "DQNPolicy", "DQNSettings",
            "LearnerStore", "PolicyFile", "PolicyFileError", "build_dqn_policy",
@@ -476,7 +480,7 @@ class LearnerStore(Protocol):
         ...
 
 
-def build_dqn_policy(settings: DQNSettings, *, gamma: float, store: Any,
+def build_dqn_policy(settings: DQNSettings, *, gamma: float, store: Registry,
                      fallback: RulePolicy) -> DQNPolicy | None:
     """The controller's DQN, going on where it stopped.
 
