@@ -255,7 +255,7 @@ def frontier_plot(results: list[PolicyResult], path: Path, title: str) -> Path:
                         color=color, capsize=3, zorder=4, label=r.policy)
     ax.set_xscale("log")
     ax.set_xlabel("fine-tuning mini-batches per episode (log; 0 drawn at 5)")
-    ax.set_ylabel("mean point-wise F1 over held-out episodes")
+    ax.set_ylabel("mean point-wise F1 over held-out episodes\n(bars: unpaired 95 % over episodes)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -310,12 +310,14 @@ def bench_command(args: Any) -> int:
             summaries.append(seed_mean(group, f"{name}, mean of {len(group)} seeds"))
     title = (f"Control on {episodes} held-out episodes x {settings.steps} decisions "
              f"({settings.kind}, window {settings.window}, R1 = {settings.reward.r1}, "
-             f"validation {settings.validation}), {time.perf_counter() - started:.0f} s")
+             f"validation {settings.validation})")
+    took = (f"{time.perf_counter() - started:.0f} s" if not earlier else
+            f"{len(earlier)} rows from earlier runs, {time.perf_counter() - started:.0f} s here")
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)  # logs and docs: one row per policy
     rows = results + summaries
-    console.print(render(rows, title))
+    console.print(render(rows, f"{title}, {took}"))
     dqn = next((r for r in summaries if r.policy.startswith("DQN")),
                next((r for r in results if r.policy.startswith("dqn")), None))
     if dqn is not None:
