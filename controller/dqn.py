@@ -493,6 +493,8 @@ def build_dqn_policy(settings: DQNSettings, *, gamma: float, store: Registry,
     3. Catch-up: transitions recorded after the checkpoint (a crash came before the next
        one) are learned from now, in order, exactly as they would have been live; so
        a kill -9 loses no transition and the step counter goes on where it would be.
+       Without a checkpoint (a first start), the history only fills the buffer, and a
+       checkpoint is written at once.
     """
     saved = store.load_learner(LEARNER)
     if saved is not None:
@@ -520,6 +522,10 @@ def build_dqn_policy(settings: DQNSettings, *, gamma: float, store: Registry,
         policy = load_policy_file(source)
         log.info("DQN policy from %s (%s)", source, policy.meta.get("trained", "no provenance"))
         dqn = DQNPolicy(policy, settings, gamma=gamma, store=store, fallback=fallback)
+        # A first start (or a switch from the rules) learns from what arrives from now
+        # on: the history fills the replay buffer but is not replayed as gradient steps.
+        newest = store.transitions(1, newest=True)
+        dqn.consumed_through = newest[0].transition_id if newest else 0
     restored = dqn.restore((t.state, t.decision, t.reward, t.next_state) for t in
                            store.transitions(settings.buffer_size, newest=True,
                                              through=dqn.consumed_through))
@@ -530,6 +536,7 @@ def build_dqn_policy(settings: DQNSettings, *, gamma: float, store: Registry,
     if missed:
         log.info("DQN caught up on %d transitions recorded after its last checkpoint "
                  "(now %d gradient steps)", len(missed), dqn.updates)
-        dqn.save()
+    if missed or saved is None:
+        dqn.save()  # a crash from here on catches up from this checkpoint
     dqn.remember_explorations(store.exploration_times(time.time() - 3600.0))
     return dqn

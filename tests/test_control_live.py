@@ -409,3 +409,31 @@ def test_registry_of_the_previous_schema_is_upgraded(tmp_path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() \
             == ("3",)
+
+
+def test_first_dqn_start_on_a_registry_with_history_fills_the_buffer_only(
+        tmp_path, recorded_states, initial_policy) -> None:
+    """Switching a fleet from the rules to the DQN: the rules' transitions fill the
+    replay buffer but are not replayed as gradient steps, and a checkpoint is written at
+    once, so a crash right after catches up from there."""
+    from vmad.controller.core import ControlCore
+    from vmad.controller.dqn import build_dqn_policy
+    from vmad.controller.policy import RulePolicy
+    from vmad.controller.registry import Registry
+
+    registry = Registry(tmp_path / "registry.sqlite")
+    rules = ControlCore(registry, RulePolicy())
+    for i, state in enumerate(recorded_states):
+        rules.report("node-1", state, now=1000.0 + i)
+    history = registry.counts()["transitions"]
+    settings = DQNSettings(initial=initial_policy, learning_starts=2, train_every=1,
+                           batch_size=2)
+    dqn = build_dqn_policy(settings, gamma=0.9, store=registry, fallback=RulePolicy())
+    assert dqn is not None and dqn.stored == history and dqn.updates == 0
+    meta = registry.learner_meta("dqn")
+    assert meta["consumed_through"] == history and meta["updates"] == 0
+    # The next transition is learned from at once (the buffer is past learning_starts).
+    core = ControlCore(registry, dqn)
+    core.report("node-1", recorded_states[0], now=5000.0)
+    assert dqn.updates == 1 and dqn.transitions == 1
+    registry.close()
