@@ -23,7 +23,7 @@ class _Fixed:
     name = "fixed"
 
     def observe(self, state: VMState, decision: Decision, reward: float,
-                next_state: VMState) -> None:
+                next_state: VMState, transition_id: int = 0) -> None:
         """Fixed policies do not learn."""
 
     def close(self) -> None:

@@ -22,6 +22,13 @@ judged by the model it left in place, so a fine-tune is never credited for the w
 it trained on. `info` carries the step's accuracy, F1, loss, confusion counts and the
 compute spent, which `vmad bench control` adds up.
 
+Labels: by default (`validation: "labels"`) the reward and the state's quality
+features are measured against the windows' true labels, as the trainer's state report
+does today. With `validation: "injected"` they come from controller/validation.py's
+label-free set instead: synthetic faults injected into the VM's own recent samples,
+plus the incidents the operator labelled (`label_share` of them), weighted up. The
+verdicts `vmad bench control` scores are always judged against the true labels.
+
 Splits: "train" and "eval" episodes draw their workloads from disjoint seed streams
 (numpy SeedSequence spawn keys) and disjoint SMD machines, and the pretrained detector
 from a third, so a policy is never evaluated on what it was trained on.
@@ -29,6 +36,7 @@ from a third, so a policy is never evaluated on what it was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import tempfile
@@ -53,6 +61,8 @@ SMD_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "smd"
 _SPLITS = {"pretrain": 0, "train": 1, "eval": 2}
 Split = Literal["train", "eval"]
 _VM = "vm"
+# Newest samples the state's label-free quality features are measured on.
+_STATE_VALIDATION_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,14 @@ class EnvSettings:
     smd_share: share of episodes built from SMD servers when `smd_dir` holds them.
     pretrain_batches: mini-batches of the pretraining the episodes start from.
     reward: controller/reward.py's settings.
+    validation: what R1, R2 and the state's quality features are measured on. "labels":
+        the windows' true labels (an operator who marks every incident). "injected":
+        the label-free validation set of controller/validation.py, synthetic faults
+        injected into the VM's own recent samples plus the incidents the operator
+        labelled, weighted up; the evaluation (`vmad bench control`) still scores
+        verdicts against the true labels.
+    label_share: in "injected" mode, the share of real incidents the operator labels
+        (each incident independently); only those reach the trainer and the validation.
     """
 
     kind: str = "mlp"
@@ -86,6 +104,8 @@ class EnvSettings:
     pretrain_batches: int = 600
     seed: int = 0
     reward: RewardSettings = field(default_factory=RewardSettings)
+    validation: Literal["labels", "injected"] = "labels"
+    label_share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -266,6 +286,8 @@ class VMLifeEnv(gym.Env):
         self._store: Any = None
         self.models: Any = None
         self.stream: Stream | None = None
+        self._labels_for: Stream | None = None
+        self._labels = np.zeros(0, dtype=np.int8)
 
     # -- gymnasium ---------------------------------------------------------------------
 
@@ -304,7 +326,13 @@ class VMLifeEnv(gym.Env):
         self._cursor = stop
         self._step_index += 1
         accuracy, f1, loss = quality
-        terms = reward_terms(decision, accuracy=accuracy, f1=f1, loss=loss,
+        measured = quality
+        if self.settings.validation == "injected":
+            # The reward judges the model on the samples after the action with faults
+            # injected, never on labels the fleet would not have.
+            measured, _ = self._validation_quality(
+                max(0, start - self.settings.window + 1), stop)
+        terms = reward_terms(decision, accuracy=measured[0], f1=measured[1], loss=measured[2],
                              labelled=stop - start, settings=self.settings.reward)
         regime = sum(1 for first, _ in self.stream.regimes if first < stop) - 1
         info = {"action": decision.action.value, "batches": batches, "train_seconds": seconds,
@@ -323,11 +351,57 @@ class VMLifeEnv(gym.Env):
 
     def _observe(self) -> np.ndarray:
         """The trainer's state report now; kept as `last_state` for policies that read
-        the state itself rather than its vector."""
+        the state itself rather than its vector. In "injected" mode its quality
+        features come from the label-free validation set over the newest samples."""
         assert self.stream is not None
         now = float(self.stream.timestamps(self._cursor - 1, self._cursor)[0])
-        self.last_state = self.models.state(_VM, now=now)
-        return self.last_state.to_vector()
+        state = self.models.state(_VM, now=now)
+        if self.settings.validation == "injected":
+            start = max(0, self._cursor - _STATE_VALIDATION_SAMPLES)
+            quality, windows = self._validation_quality(start, self._cursor)
+            accuracy, f1, loss = quality
+            state = dataclasses.replace(state, accuracy=accuracy, f1=f1, loss=loss,
+                                        labelled_windows=windows)
+        self.last_state = state
+        return state.to_vector()
+
+    def _operator_labels(self) -> np.ndarray:
+        """The labels the operator gives this episode: every incident in "labels" mode,
+        each with probability `label_share` in "injected" mode."""
+        assert self.stream is not None
+        if self._labels_for is not self.stream:
+            labels = self.stream.labels.astype(np.int8)
+            if self.settings.validation == "injected" and self.settings.label_share < 1:
+                labels = labels.copy()
+                rng = np.random.default_rng([self.episode_seed, 7])
+                for a, b in events(labels):
+                    if rng.random() >= self.settings.label_share:
+                        labels[a:b] = 0
+            self._labels_for, self._labels = self.stream, labels
+        return self._labels
+
+    def _validation_quality(self, start: int, stop: int
+                            ) -> tuple[tuple[float, float, float], int]:
+        """(accuracy, F1, loss) of the VM's current model on the label-free validation
+        set built from samples [start, stop) (controller/validation.py), and how many
+        windows it holds."""
+        from vmad.controller.validation import injected_validation, validation_quality
+        from vmad.trainer.training import predict_proba
+        from vmad.windows import make_windows, window_labels
+
+        assert self.stream is not None
+        window = self.settings.window
+        if stop - start < window:
+            return (0.0, 0.0, 0.0), 0
+        checkpoint = self.models.checkpoint(_VM)
+        validation = injected_validation(
+            self.stream.values[start:stop], self._operator_labels()[start:stop],
+            self.stream.interval_s, seed=self.episode_seed * 100_003 + stop)
+        windows = make_windows(checkpoint.normalizer.apply(validation.values), window)
+        scores = predict_proba(checkpoint.model, np.ascontiguousarray(windows))
+        labels = window_labels(validation.labels, window)
+        weights = window_labels(validation.weights, window)
+        return validation_quality(scores, labels, weights, checkpoint.threshold), len(labels)
 
     def _execute(self, decision: Decision) -> tuple[int, float]:
         """Run `decision` as the trainer's action worker does; (batches, seconds)."""
@@ -372,7 +446,7 @@ class VMLifeEnv(gym.Env):
             verdicts = [(float(t), float(p), bool(f), version) for t, p, f in
                         zip(timestamps[first - start:], scores, flagged, strict=True)]
         labels = [LabelInterval(a, b, True, "env")
-                  for a, b in _anomalous_runs(stream.labels[start:stop], timestamps)]
+                  for a, b in _anomalous_runs(self._operator_labels()[start:stop], timestamps)]
         self._store.ingest(_VM, DEFAULT_METRICS, np.arange(start + 1, stop + 1), timestamps,
                            stream.values[start:stop], verdicts=verdicts, labels=labels,
                            now=float(timestamps[-1]))

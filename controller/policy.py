@@ -10,14 +10,16 @@ The actions and decisions themselves are the shared contract in `vmad/actions.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from pydantic import Field
+
 from vmad.actions import ACTIONS, CONTROL_ACTIONS, Action, Decision, action_index
+from vmad.config import StrictModel
 from vmad.state import VMState
 
 __all__ = ["ACTIONS", "CONTROL_ACTIONS", "Action", "Decision", "Policy", "RulePolicy",
-           "RuleSettings", "action_index", "build_policy"]
+           "RuleSettings", "action_index"]
 
 
 @runtime_checkable
@@ -31,8 +33,9 @@ class Policy(Protocol):
         ...
 
     def observe(self, state: VMState, decision: Decision, reward: float,
-                next_state: VMState) -> None:
-        """A transition finished: `decision` taken in `state` led to `next_state`."""
+                next_state: VMState, transition_id: int = 0) -> None:
+        """A transition finished: `decision` taken in `state` led to `next_state`
+        (`transition_id`: its row in the registry, 0 when it has none)."""
         ...
 
     def close(self) -> None:
@@ -40,9 +43,8 @@ class Policy(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class RuleSettings:
-    """Thresholds of the rule policy (keys of `policy.rules` in controller.yaml).
+class RuleSettings(StrictModel):
+    """Thresholds of the rule policy (`policy.rules` in controller.yaml).
 
     min_labelled: labelled windows needed before the model is judged at all; below this
         the VM keeps its model (judging on a handful of windows chases noise).
@@ -57,13 +59,14 @@ class RuleSettings:
         are judged on windows it has actually scored.
     """
 
-    min_labelled: int = 32
-    min_f1: float = 0.6
-    min_accuracy: float = 0.9
-    finetune_batches: int = 100
-    max_batches_per_model: int = 600
-    reset_drift: float = 3.0
-    cooldown_s: float = 30.0
+    min_labelled: int = Field(32, ge=0)
+    # Above 1: every judged model is poor (tests use this to force training).
+    min_f1: float = Field(0.6, ge=0)
+    min_accuracy: float = Field(0.9, ge=0)
+    finetune_batches: int = Field(100, ge=1, le=10_000)
+    max_batches_per_model: int = Field(600, ge=1)
+    reset_drift: float = Field(3.0, ge=0)
+    cooldown_s: float = Field(30.0, ge=0)
 
 
 class RulePolicy:
@@ -104,16 +107,8 @@ class RulePolicy:
         return Decision(Action.FINETUNE, s.finetune_batches, f"poor: {quality}")
 
     def observe(self, state: VMState, decision: Decision, reward: float,
-                next_state: VMState) -> None:
+                next_state: VMState, transition_id: int = 0) -> None:
         """Rules do not learn."""
 
     def close(self) -> None:
         """Nothing to persist."""
-
-
-def build_policy(kind: str, rules: RuleSettings | None = None) -> Policy:
-    """The rule policy. A DQN needs its settings and files: controller/dqn.py builds it."""
-    if kind == "rules":
-        return RulePolicy(rules)
-    raise ValueError(f"unknown policy {kind!r}: build_policy makes 'rules'; "
-                     f"'dqn' is built by controller.dqn.build_dqn_policy")

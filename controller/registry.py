@@ -11,12 +11,20 @@ Tables:
 - `vms`: id, its trainer, last state (JSON of trainer/state.py's VMState), last decision.
 - `decisions`: the decision log: when, which VM, the state, the action, why, which policy,
   and the DQN's Q-values behind it (a JSON list, empty for other policies).
-- `transitions`: (state, action, reward, next state) for learning policies
-  (controller/dqn.py refills its replay buffer from them after a restart).
+- `transitions`: (state, action, reward, next state) for learning policies: the DQN's
+  replay buffer, refilled from here after a restart (controller/dqn.py).
+- `learners`: a learning policy's checkpoint: its arrays (networks, optimizer moments)
+  as one `.npz` blob read back with `allow_pickle=False`, and its counters as JSON.
+- `meta`: the schema version, and small JSON facts such as the shadow mode's latest
+  backtest (`put_fact` / `fact`).
+
+Decisions of a policy running in shadow (controller/shadow.py) sit beside the acted one
+in `decisions.shadow` (JSON of the decision, empty when none).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import threading
@@ -25,16 +33,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from vmad.actions import Action, Decision
 from vmad.state import VMState
 
 __all__ = ["DecisionRow", "Registry", "TrainerRow", "TransitionRow", "VMRow"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # What each older schema lacks, applied in order when an older registry is opened.
 _MIGRATIONS = {
     1: "ALTER TABLE decisions ADD COLUMN q_values TEXT NOT NULL DEFAULT '[]'",
+    2: "ALTER TABLE decisions ADD COLUMN shadow TEXT NOT NULL DEFAULT ''",
 }
 
 _SCHEMA = """
@@ -65,9 +77,17 @@ CREATE TABLE IF NOT EXISTS decisions (
     batches INTEGER NOT NULL,
     reason TEXT NOT NULL,
     policy TEXT NOT NULL,
-    q_values TEXT NOT NULL DEFAULT '[]'
+    q_values TEXT NOT NULL DEFAULT '[]',
+    shadow TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS decisions_vm ON decisions (vm_id, decision_id);
+CREATE INDEX IF NOT EXISTS decisions_trainer ON decisions (trainer_id, at);
+CREATE TABLE IF NOT EXISTS learners (
+    name TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    arrays BLOB NOT NULL,
+    meta TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS transitions (
     transition_id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -112,6 +132,7 @@ class DecisionRow:
     state: VMState
     decision: Decision
     policy: str
+    shadow: Decision | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,21 @@ def _state_json(state: VMState) -> str:
 
 def _state(text: str) -> VMState:
     return VMState.from_dict(json.loads(text))
+
+
+def _decision_json(decision: Decision | None) -> str:
+    if decision is None:
+        return ""
+    return json.dumps({"action": decision.action.value, "batches": decision.batches,
+                       "reason": decision.reason, "q_values": list(decision.q_values)})
+
+
+def _decision(text: str) -> Decision | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    return Decision(Action(data["action"]), int(data["batches"]), data["reason"],
+                    tuple(float(v) for v in data["q_values"]))
 
 
 class Registry:
@@ -191,7 +227,7 @@ class Registry:
     def record_report(
         self, trainer_id: str, state: VMState, decision: Decision, policy: str,
         reward_of: Callable[[Decision, VMState], float] | None = None,
-        now: float | None = None,
+        now: float | None = None, shadow: Decision | None = None,
     ) -> tuple[int, TransitionRow | None]:
         """Store a state report and the decision answering it, in one transaction.
 
@@ -212,9 +248,10 @@ class Registry:
                 (state.vm_id,)).fetchone()
             cursor = db.execute(
                 "INSERT INTO decisions (at, vm_id, trainer_id, state, action, batches, reason, "
-                "policy, q_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "policy, q_values, shadow) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (now, state.vm_id, trainer_id, state_text, decision.action.value,
-                 decision.batches, decision.reason, policy, json.dumps(decision.q_values)))
+                 decision.batches, decision.reason, policy, json.dumps(decision.q_values),
+                 _decision_json(shadow)))
             decision_id = int(cursor.lastrowid or 0)
             db.execute(
                 "INSERT INTO vms (vm_id, trainer_id, first_seen, last_seen, state, model_version,"
@@ -260,7 +297,7 @@ class Registry:
     def decisions(self, vm_id: str | None = None, limit: int = 100) -> list[DecisionRow]:
         """The most recent decisions, newest first."""
         query = ("SELECT decision_id, at, vm_id, trainer_id, state, action, batches, reason, "
-                 "policy, q_values FROM decisions")
+                 "policy, q_values, shadow FROM decisions")
         args: tuple = ()
         if vm_id is not None:
             query += " WHERE vm_id=?"
@@ -270,23 +307,93 @@ class Registry:
             rows = self._db.execute(query, (*args, limit)).fetchall()
         return [DecisionRow(r[0], r[1], r[2], r[3], _state(r[4]),
                             Decision(Action(r[5]), r[6], r[7],
-                                     tuple(float(v) for v in json.loads(r[9]))), r[8])
+                                     tuple(float(v) for v in json.loads(r[9]))), r[8],
+                            _decision(r[10]))
                 for r in rows]
 
-    def transitions(self, limit: int | None = None, *, newest: bool = False
-                    ) -> list[TransitionRow]:
-        """Transitions in the order they were recorded (oldest first): the first `limit`,
-        or with `newest` the last `limit` (what a replay buffer of that size holds)."""
+    def transitions(self, limit: int | None = None, *, newest: bool = False,
+                    after: int = 0, through: int | None = None) -> list[TransitionRow]:
+        """Transitions in the order they were recorded (oldest first), those with
+        `after` < id <= `through`: the first `limit`, or with `newest` the last `limit`
+        (what a replay buffer of that size holds)."""
         query = ("SELECT transition_id, at, vm_id, state, action, batches, reward, next_state "
-                 "FROM transitions ORDER BY transition_id" + (" DESC" if newest else ""))
+                 "FROM transitions WHERE transition_id > ? AND transition_id <= ? "
+                 "ORDER BY transition_id" + (" DESC" if newest else ""))
+        args: tuple[int, ...] = (after, 2**62 if through is None else through)
         if limit is not None:
-            query += f" LIMIT {int(limit)}"
+            query += " LIMIT ?"
+            args = (*args, int(limit))
         with self._lock:
-            rows = self._db.execute(query).fetchall()
+            rows = self._db.execute(query, args).fetchall()
         if newest:
             rows.reverse()
         return [TransitionRow(r[0], r[1], r[2], _state(r[3]), Decision(Action(r[4]), r[5]),
                               r[6], _state(r[7])) for r in rows]
+
+    def batches_since(self, trainer_id: str, since: float) -> int:
+        """Fine-tuning batches decided for `trainer_id`'s VMs since `since` (what its
+        hourly compute budget counts)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(batches), 0) FROM decisions WHERE trainer_id=? AND at>? "
+                "AND action IN ('finetune', 'reset_finetune')", (trainer_id, since)).fetchone()
+        return int(row[0])
+
+    def budget_use(self, since: float) -> dict[str, int]:
+        """Fine-tuning batches per trainer since `since`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT trainer_id, COALESCE(SUM(batches), 0) FROM decisions WHERE at>? AND "
+                "action IN ('finetune', 'reset_finetune') GROUP BY trainer_id ORDER BY "
+                "trainer_id", (since,)).fetchall()
+        return {t: int(n) for t, n in rows}
+
+    def exploration_times(self, since: float) -> list[float]:
+        """When the DQN explored (acted at random) since `since`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at FROM decisions WHERE at>? AND reason LIKE 'dqn explore%' "
+                "ORDER BY at", (since,)).fetchall()
+        return [float(r[0]) for r in rows]
+
+    # -- a learning policy's checkpoint, and small facts ----------------------------------
+
+    def save_learner(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any],
+                     now: float | None = None) -> None:
+        """Replace `name`'s checkpoint in one transaction (a crash keeps the old one)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO learners VALUES (?, ?, ?, ?)",
+                       (name, time.time() if now is None else now, buffer.getvalue(),
+                        json.dumps(meta, sort_keys=True)))
+
+    def load_learner(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """`name`'s checkpoint (arrays, meta), or None. Arrays are read without pickle."""
+        with self._lock:
+            row = self._db.execute("SELECT arrays, meta FROM learners WHERE name=?",
+                                   (name,)).fetchone()
+        if row is None:
+            return None
+        with np.load(io.BytesIO(row[0]), allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        return arrays, json.loads(row[1])
+
+    def learner_meta(self, name: str) -> dict[str, Any] | None:
+        """`name`'s checkpointed counters without its arrays (for `vmad status`)."""
+        with self._lock:
+            row = self._db.execute("SELECT meta, at FROM learners WHERE name=?",
+                                   (name,)).fetchone()
+        return None if row is None else {**json.loads(row[0]), "saved_at": row[1]}
+
+    def put_fact(self, key: str, value: Any) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def fact(self, key: str) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -23,6 +23,16 @@ and makes each term lie in [0, 1], so the weights mean what they say:
   keep sends to the agent (bundles of one model kind all have the same size, so bytes
   sent are proportional to pushes), capped at 1.
 
+Where the labels come from (a departure from the paper, which measures R1 on labelled
+batches): a fleet has almost none. So R1 and R2, and the state's quality features, are
+meant to be measured on a per-VM *validation set without human labels*: synthetic faults
+of the project's kinds (vmad/synthetic.py) injected into the VM's own recent samples,
+plus the incidents an operator did label, each counted `real_weight` (5) times
+(controller/validation.py). The environment measures on it with
+`EnvSettings(validation="injected")`; the live controller reads whatever the trainer's
+state report measured. The weights stay the paper's (0.4, 0.3, 0.3) by default, with
+R1 = F1 rather than accuracy (docs/control.md measures both).
+
 Where the batch comes from: the control environment (controller/env.py) measures R1 and
 R2 on the windows that arrive *after* the action, scored by the model the action left
 in place: what the agent will actually see. The live controller only has the trainer's
@@ -37,29 +47,37 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import Field, model_validator
+
 from vmad.actions import Action, Decision
+from vmad.config import StrictModel
 from vmad.state import VMState
 
-__all__ = ["WEIGHTS", "RewardSettings", "RewardTerms", "reward", "reward_terms"]
+__all__ = ["DEFAULT_GAMMA", "WEIGHTS", "RewardSettings", "RewardTerms", "reward", "reward_terms"]
 
 WEIGHTS: tuple[float, float, float] = (0.4, 0.3, 0.3)
 """The paper's (a1, a2, a3)."""
+DEFAULT_GAMMA = 0.9
+"""The discount of future rewards the shipped policy was trained with."""
 
 
-@dataclass(frozen=True)
-class RewardSettings:
-    """a1 / a2 / a3: weights of R1 / R2 / R3 (sum 1 keeps R in [0, 1]).
-    r1: "accuracy" (the paper's) or "f1" as R1.
-    batch_budget: fine-tuning batches that cost all of R3.
-    push_cost: share of R3 one bundle push costs.
-    """
+class RewardSettings(StrictModel):
+    """`reward:` in controller.yaml: R = a1*R1 + a2*R2 + a3*R3 and its discount."""
 
-    a1: float = WEIGHTS[0]
-    a2: float = WEIGHTS[1]
-    a3: float = WEIGHTS[2]
-    r1: Literal["accuracy", "f1"] = "f1"
-    batch_budget: int = 200
-    push_cost: float = 0.1
+    a1: float = Field(WEIGHTS[0], ge=0, le=1, description="weight of R1 (accuracy or F1)")
+    a2: float = Field(WEIGHTS[1], ge=0, le=1, description="weight of R2 (exp(-loss))")
+    a3: float = Field(WEIGHTS[2], ge=0, le=1, description="weight of R3 (1 - action cost)")
+    r1: Literal["accuracy", "f1"] = Field("f1", description="what R1 measures")
+    gamma: float = Field(DEFAULT_GAMMA, ge=0, lt=1, description="discount of future rewards")
+    batch_budget: int = Field(200, ge=1, description="fine-tuning batches that cost all of R3")
+    push_cost: float = Field(0.1, ge=0, le=1, description="cost of sending a new bundle")
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> RewardSettings:
+        total = self.a1 + self.a2 + self.a3
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"a1 + a2 + a3 must be 1 (R stays in [0, 1]); got {total:g}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from typing import Any
 import grpc
 
 from vmad.config import ConfigError, load_config
+from vmad.controller.budget import BUDGET_FACT, BudgetGuard
 from vmad.controller.config import ControllerConfig
 from vmad.controller.core import ControlCore
 from vmad.controller.fleet_page import open_fleet_page
 from vmad.controller.metrics import ControllerMetrics
-from vmad.controller.policy import Policy, build_policy
+from vmad.controller.policy import Policy, RulePolicy
 from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
 from vmad.http_endpoint import HttpEndpoint
@@ -60,14 +61,15 @@ class ControllerServer:
 
         self.config = config
         self.registry = Registry(config.database)
-        settings = config.reward.settings()
         try:
             policy = make_policy(config, self.registry)
         except Exception:
             self.registry.close()
             raise
         self.core = ControlCore(self.registry, policy,
-                                reward_of=lambda d, s: reward(d, s, settings))
+                                reward_of=lambda d, s: reward(d, s, config.reward),
+                                budget=BudgetGuard(config.budget))
+        self.registry.put_fact(BUDGET_FACT, config.budget.model_dump())
         self.server, self.token_check = make_server(config.security, max_workers=16)
         self.metrics = ControllerMetrics(self.registry, config.database, self.token_check)
         self.fleet_page: HttpEndpoint | None = None
@@ -128,28 +130,22 @@ class ControllerServer:
 
 
 def make_policy(config: ControllerConfig, registry: Registry) -> Policy:
-    """The configured policy. For `dqn`: the controller's own learned weights, else the
-    configured or shipped initial ones, its replay buffer refilled from the registry;
-    the rules when there is no policy file at all. PyTorch is imported only here."""
-    rules = build_policy("rules", config.policy.rules.settings())
+    """The configured policy. For `dqn` and `shadow`: the DQN going on from the learning
+    state its registry checkpointed (controller/dqn.py's build_dqn_policy), else from
+    the configured or shipped initial weights; the rules when there is no policy file
+    at all. PyTorch is imported only here."""
+    rules = RulePolicy(config.policy.rules)
     if config.policy.kind == "rules":
         return rules
-    from vmad.controller.dqn import DQNSettings, build_dqn_policy
+    from vmad.controller.dqn import build_dqn_policy
+    from vmad.controller.shadow import ShadowPolicy
 
-    d = config.policy.dqn
-    settings = DQNSettings(
-        learning_starts=d.learning_starts, buffer_size=d.buffer_size, batch_size=d.batch_size,
-        learning_rate=d.learning_rate, train_every=d.train_every,
-        target_update=d.target_update, save_every=d.save_every, gamma=config.reward.gamma,
-        epsilon=d.epsilon, learn=d.learn, seed=d.seed)
-    state_path = d.state or config.database.with_name("policy.npz")
-    dqn = build_dqn_policy(settings, state_path=state_path, initial=d.initial,
-                           fallback=rules)  # type: ignore[arg-type]
+    dqn = build_dqn_policy(config.policy.dqn, gamma=config.reward.gamma, store=registry,
+                           fallback=rules)
     if dqn is None:
         return rules
-    restored = dqn.restore((t.state, t.decision, t.reward, t.next_state)
-                           for t in registry.transitions(d.buffer_size, newest=True))
-    log.info("DQN replay buffer: %d transitions restored from %s", restored, config.database)
+    if config.policy.kind == "shadow":
+        return ShadowPolicy(rules, dqn, registry, config.policy.shadow, config.reward)
     return dqn
 
 

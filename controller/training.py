@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmad.controller.env import EnvSettings, VMLifeEnv
+from vmad.controller.reward import DEFAULT_GAMMA
 
 __all__ = ["TrainSettings", "train_policy"]
 
@@ -40,7 +41,7 @@ class TrainSettings:
     buffer_size: int = 50_000
     learning_starts: int = 500
     batch_size: int = 64
-    gamma: float = 0.9
+    gamma: float = DEFAULT_GAMMA
     train_freq: int = 1
     target_update_interval: int = 250
     exploration_fraction: float = 0.4
@@ -143,6 +144,7 @@ def train_policy(out: Path, settings: TrainSettings, *, progress: bool = True) -
         env.close()
     env_settings = asdict(settings.env)
     env_settings["smd_dir"] = str(settings.env.smd_dir or "")
+    env_settings["reward"] = settings.env.reward.model_dump()
     meta = {"trained": f"vmad controller train-policy: {settings.steps} steps, seed "
                        f"{settings.seed}, {time.perf_counter() - started:.0f} s",
             "train_settings": {k: v for k, v in asdict(settings).items() if k != "env"},

@@ -145,11 +145,15 @@ def test_reward_config_is_validated(tmp_path) -> None:
     good.write_text("database: r.sqlite\nreward: {a1: 0.5, a2: 0.25, a3: 0.25, r1: accuracy,"
                     " gamma: 0.8}\npolicy: {kind: dqn, dqn: {learning_starts: 10}}\n")
     config = load_config(good, ControllerConfig)
-    assert config.reward.settings() == RewardSettings(0.5, 0.25, 0.25, "accuracy")
+    assert config.reward == RewardSettings(a1=0.5, a2=0.25, a3=0.25, r1="accuracy", gamma=0.8)
     assert config.reward.gamma == 0.8 and config.policy.dqn.learning_starts == 10
     for text, problem in [("reward: {a4: 0.1}", "a4"), ("reward: {a1: 0.5}", "must be 1"),
                           ("reward: {r1: recall}", "r1"), ("reward: {gamma: 1.5}", "gamma"),
                           ("policy: {dqn: {epsilon: 2}}", "epsilon"),
+                          ("policy: {dqn: {epsilon: 0.5}}", "epsilon"),
+                          ("policy: {kind: shadow, shadow: {min_coverage: 0}}", "min_coverage"),
+                          ("budget: {batches_per_node_hour: -1}", "batches_per_node_hour"),
+                          ("budget: {batches: 5}", "batches"),
                           ("policy: {dqn: {learnng_starts: 5}}", "learnng_starts"),
                           ("policy: {kind: ppo}", "kind")]:
         bad = tmp_path / "bad.yaml"

@@ -60,16 +60,33 @@ def initial_policy(tmp_path_factory) -> Path:
     return save_policy_file(path, policy_file_of(model, {"trained": "test: random init"}))
 
 
-def _controller_config(folder: Path, port: int, initial: Path) -> Path:
+def _controller_config(folder: Path, port: int, initial: Path, **dqn: object) -> Path:
     path = folder / "controller.yaml"
     path.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}", "database": str(folder / "registry.sqlite"),
         "policy": {"kind": "dqn", "dqn": {
             "initial": str(initial), "learning_starts": LEARNING_STARTS, "train_every": 1,
-            "batch_size": 4, "learning_rate": 0.01, "save_every": 1000, "target_update": 3}},
+            "batch_size": 4, "learning_rate": 0.01, "save_every": 1000, "target_update": 3,
+            **dqn}},
+        "budget": {"batches_per_node_hour": 1_000_000},
         "security": {"insecure": True},
     }))
     return path
+
+
+def _learned(database: Path) -> tuple[PolicyFile, dict]:
+    """The DQN's checkpointed learning state in the registry: its network and counters."""
+    from vmad.controller.registry import Registry
+
+    registry = Registry(database)
+    try:
+        arrays, meta = registry.load_learner("dqn")
+    finally:
+        registry.close()
+    layers = tuple((arrays[f"net/q_net.q_net.{2 * i}.weight"],
+                    arrays[f"net/q_net.q_net.{2 * i}.bias"])
+                   for i in range(len(meta["net_arch"]) + 1))
+    return PolicyFile(layers, meta), meta
 
 
 def _report(stub: object, state: VMState) -> Decision:
@@ -135,12 +152,13 @@ def test_live_dqn_decides_logs_learns_and_survives_a_restart(tmp_path, recorded_
     assert min(late) > 1e-3
     assert "DQN started learning" in process.log_text()
 
-    # Stopped gracefully, it saved its weights: one gradient step per transition from
-    # the LEARNING_STARTS-th on.
-    saved = load_policy_file(tmp_path / "policy.npz")
+    # Stopped gracefully, it checkpointed its learning state into the registry: one
+    # gradient step per transition from the LEARNING_STARTS-th on.
+    saved, meta = _learned(tmp_path / "registry.sqlite")
     transitions = len(states) - 1
-    assert saved.meta["live_updates"] == transitions - LEARNING_STARTS + 1
-    assert saved.meta["live_transitions"] == transitions
+    assert meta["updates"] == transitions - LEARNING_STARTS + 1
+    assert meta["transitions"] == transitions and meta["consumed_through"] == transitions
+    assert not (tmp_path / "policy.npz").exists()
 
     # Restart: the same weights answer, and the replay buffer comes back from the
     # registry, so learning goes on at once (an empty buffer would wait for
@@ -157,8 +175,100 @@ def test_live_dqn_decides_logs_learns_and_survives_a_restart(tmp_path, recorded_
     _, _, _, q = _logged(tmp_path / "registry.sqlite")[-1]
     np.testing.assert_allclose(q, saved.q_values(recorded_states[-1].to_vector()), atol=1e-4)
     assert f"{transitions} transitions restored" in process.log_text()
-    resumed = load_policy_file(tmp_path / "policy.npz")
-    assert resumed.meta["live_updates"] == saved.meta["live_updates"] + 1
+    _, resumed = _learned(tmp_path / "registry.sqlite")
+    assert resumed["updates"] == meta["updates"] + 1
+
+
+@pytest.mark.integration
+def test_kill_9_during_live_learning_loses_no_transition(tmp_path, recorded_states,
+                                                         initial_policy) -> None:
+    """A controller killed with SIGKILL while trainers report and it learns: after a
+    restart every recorded transition has been learned from and the gradient-step
+    counter is where an uninterrupted controller's would be."""
+    import dataclasses
+    import threading
+    import time
+
+    import grpc
+
+    from vmad.controller.registry import Registry
+    from vmad.launch import free_port, start, wait_serving
+    from vmad.protos.vmad.v1 import control_pb2_grpc
+
+    port = free_port()
+    # Checkpoints every 4 gradient steps: the kill lands between two of them.
+    config = _controller_config(tmp_path, port, initial_policy, save_every=4)
+    database = tmp_path / "registry.sqlite"
+    vms = [f"vm-{i}" for i in range(4)]
+    reports = [dataclasses.replace(s, vm_id=vm) for s in recorded_states for vm in vms]
+    answered: list[int] = []
+
+    def send(stub: object, queue: list[VMState]) -> None:
+        from vmad.protos.vmad.v1 import control_pb2
+        from vmad.wire import state_to_message
+
+        while queue:
+            try:
+                reply = stub.Report(control_pb2.StateReport(  # type: ignore[attr-defined]
+                    trainer_id="node-1", state=state_to_message(queue[0])), timeout=10)
+            except grpc.RpcError:
+                return  # the controller died: the trainer will send this one again
+            answered.append(reply.decision_id)
+            queue.pop(0)
+
+    queue = list(reports)
+    process = start("controller", ["controller", "--config", str(config)], tmp_path / "logs")
+    try:
+        wait_serving(f"127.0.0.1:{port}", 60, process=process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = control_pb2_grpc.ControlServiceStub(channel)
+            sender = threading.Thread(target=send, args=(stub, queue))
+            sender.start()
+            deadline = time.monotonic() + 60
+            while len(answered) < len(reports) // 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            process.kill()  # SIGKILL, mid-stream: no shutdown hook runs
+            sender.join(30)
+    finally:
+        process.kill()
+    assert process.popen.returncode == -9
+    assert LEARNING_STARTS + 4 < len(answered) < len(reports)
+
+    registry = Registry(database)
+    try:
+        at_kill = registry.counts()["transitions"]
+        checkpoint = registry.learner_meta("dqn")
+    finally:
+        registry.close()
+    # The last checkpoint is behind what the controller had learned when it died.
+    assert checkpoint is not None and checkpoint["updates"] % 4 == 0
+    assert checkpoint["consumed_through"] < at_kill
+
+    # Restart; the trainer sends what was not answered.
+    process = start("controller-2", ["controller", "--config", str(config)], tmp_path / "logs")
+    try:
+        wait_serving(f"127.0.0.1:{port}", 60, process=process)
+        assert f"caught up on {at_kill - checkpoint['consumed_through']} transitions" \
+            in process.log_text()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            send(control_pb2_grpc.ControlServiceStub(channel), queue)
+    finally:
+        assert process.stop() == 0, process.log_text()[-2000:]
+    assert not queue
+
+    registry = Registry(database)
+    try:
+        rows = registry.transitions()
+        decision_ids = {d.decision_id for d in registry.decisions(limit=10_000)}
+    finally:
+        registry.close()
+    # Every answered decision is on disk, and every transition was learned from, once.
+    assert set(answered) <= decision_ids
+    _, meta = _learned(database)
+    assert meta["transitions"] == len(rows) >= len(reports) - len(vms)
+    assert meta["consumed_through"] == rows[-1].transition_id
+    # One gradient step per transition from the LEARNING_STARTS-th on, across the crash.
+    assert meta["updates"] == len(rows) - LEARNING_STARTS + 1
 
 
 def test_exploration_fallback_and_learning_start_in_process(recorded_states,
@@ -167,9 +277,19 @@ def test_exploration_fallback_and_learning_start_in_process(recorded_states,
     state = recorded_states[3]
     greedy = DQNPolicy(policy, DQNSettings(epsilon=0.0))
     assert {greedy.decide(state).reason.split(":")[0] for _ in range(20)} == {"dqn greedy"}
-    explorer = DQNPolicy(policy, DQNSettings(epsilon=1.0, seed=1))
-    picks = {(d.action, d.batches) for d in (explorer.decide(state) for _ in range(60))}
-    assert len(picks) == len(CONTROL_ACTIONS)
+    # Exploration is bounded: epsilon per decision, and explore_per_hour in all.
+    explorer = DQNPolicy(policy, DQNSettings(epsilon=0.2, explore_per_hour=25, seed=1))
+    hour = [explorer.decide(state, now=1000.0 + i) for i in range(400)]
+    explored = [d for d in hour if d.reason.startswith("dqn explore")]
+    assert len(explored) == explorer.explorations == explorer.explorations_last_hour == 25
+    assert len({(d.action, d.batches) for d in explored}) == len(CONTROL_ACTIONS)
+    assert all(d.reason.startswith("dqn greedy") for d in hour[-100:])
+    # An hour later the cap has room again; a shadow decision never explores.
+    later = [explorer.decide(state, now=1000.0 + 3700 + i) for i in range(200)]
+    assert any(d.reason.startswith("dqn explore") for d in later)
+    assert explorer.explorations_last_hour <= 25
+    assert all(explorer.decide(state, explore=False).reason.startswith("dqn greedy")
+               for _ in range(50))
     # A trainer with 38 metrics reports a longer vector: the rules answer, saying why.
     wide = VMState("vm-wide", 0.0, f1=0.1, accuracy=0.5, labelled_windows=500,
                    summary=(0.0,) * 76)
@@ -248,9 +368,9 @@ def test_shipped_default_policy_loads_and_reads_the_state_vector() -> None:
 def test_rules_controller_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "from controller.config import ControllerConfig\n"
-        "from controller.registry import Registry\n"
-        "from controller.service import make_policy\n"
+        "from vmad.controller.config import ControllerConfig\n"
+        "from vmad.controller.registry import Registry\n"
+        "from vmad.controller.service import make_policy\n"
         "config = ControllerConfig(database=':memory:')\n"
         "policy = make_policy(config, Registry(':memory:'))\n"
         "assert policy.name == 'rules'\n"
@@ -287,4 +407,33 @@ def test_registry_of_the_previous_schema_is_upgraded(tmp_path) -> None:
     assert registry.decisions(limit=1)[0].decision.q_values == (0.5, 0.25)
     registry.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() \
+            == ("3",)
+
+
+def test_first_dqn_start_on_a_registry_with_history_fills_the_buffer_only(
+        tmp_path, recorded_states, initial_policy) -> None:
+    """Switching a fleet from the rules to the DQN: the rules' transitions fill the
+    replay buffer but are not replayed as gradient steps, and a checkpoint is written at
+    once, so a crash right after catches up from there."""
+    from vmad.controller.core import ControlCore
+    from vmad.controller.dqn import build_dqn_policy
+    from vmad.controller.policy import RulePolicy
+    from vmad.controller.registry import Registry
+
+    registry = Registry(tmp_path / "registry.sqlite")
+    rules = ControlCore(registry, RulePolicy())
+    for i, state in enumerate(recorded_states):
+        rules.report("node-1", state, now=1000.0 + i)
+    history = registry.counts()["transitions"]
+    settings = DQNSettings(initial=initial_policy, learning_starts=2, train_every=1,
+                           batch_size=2)
+    dqn = build_dqn_policy(settings, gamma=0.9, store=registry, fallback=RulePolicy())
+    assert dqn is not None and dqn.stored == history and dqn.updates == 0
+    meta = registry.learner_meta("dqn")
+    assert meta["consumed_through"] == history and meta["updates"] == 0
+    # The next transition is learned from at once (the buffer is past learning_starts).
+    core = ControlCore(registry, dqn)
+    core.report("node-1", recorded_states[0], now=5000.0)
+    assert dqn.updates == 1 and dqn.transitions == 1
+    registry.close()

@@ -118,12 +118,16 @@ def test_event_scoring() -> None:
 def test_example_configs_load() -> None:
     from tests.conftest import REPO_ROOT
     from vmad.config import load_config
-    from vmad.controller.config import ControllerConfig
+    from vmad.controller.budget import BudgetSettings
+    from vmad.controller.config import ControllerConfig, PolicyConfig
+    from vmad.controller.reward import RewardSettings
     from vmad.trainer.config import TrainerConfig
 
     controller = load_config(REPO_ROOT / "deploy" / "controller.yaml",
                                        ControllerConfig)
-    assert controller.policy.rules.settings() == RuleSettings()
+    # The example file documents the defaults: loading it gives them, section by section.
+    assert controller.policy == PolicyConfig()
+    assert controller.reward == RewardSettings() and controller.budget == BudgetSettings()
     trainer = load_config(REPO_ROOT / "deploy" / "trainer.yaml", TrainerConfig)
     assert trainer.controller.address == "127.0.0.1:50071"
     load_config(REPO_ROOT / "deploy" / "demo" / "controller.yaml", ControllerConfig)
