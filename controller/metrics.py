@@ -5,7 +5,9 @@ answered report): reports answered, the latest decision's Q-values by action. Th
 the registry already keeps are read at scrape time by `_RegistryCollector`, so they are
 persisted and survive restarts: decisions by action, transitions, the recent mean reward,
 registry size (trainers, VMs, decisions, file bytes), seconds since each trainer last
-reported, and token refusals.
+reported, and token refusals. `_CoreCollector` exports the live policy's own counters
+(`ControlCore.gauges()`: budget refusals, exploration, learning progress, the shadow
+verdict) under `vmad_controller_<name>`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vmad.actions import CONTROL_ACTIONS, Decision
+from vmad.controller.core import ControlCore
 from vmad.controller.registry import Registry
 from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry, token_refusals
 from vmad.security import TokenInterceptor
@@ -32,9 +35,11 @@ REWARD_WINDOW = 100
 
 class ControllerMetrics:
     def __init__(self, registry: Registry, database: Path,
-                 token_check: TokenInterceptor | None) -> None:
+                 token_check: TokenInterceptor | None, core: ControlCore | None = None) -> None:
         self.registry = process_registry()
         r = self.registry
+        if core is not None:
+            r.register(_CoreCollector(core))
         self.reports = Counter("vmad_controller_reports", "state reports answered", registry=r)
         self.q_value = Gauge("vmad_controller_q_value",
                              "policy Q-value of each action for the latest decided state",
@@ -108,3 +113,22 @@ class _RegistryCollector(Collector):
         for label, n in sorted(token_refusals(self.token_check).items()):
             refused.add_metric([label], n)
         yield refused
+
+
+class _CoreCollector(Collector):
+    """The control core's counters (names ending `_total`) and gauges, read at scrape
+    time from the objects that keep them, so exploration and the budget are visible."""
+
+    def __init__(self, core: ControlCore) -> None:
+        self.core = core
+
+    def collect(self) -> Iterable[Any]:
+        for name, value in sorted(self.core.gauges().items()):
+            if name == "decisions_total":  # the persisted count by action says it already
+                continue
+            if name.endswith("_total"):
+                yield CounterMetricFamily(f"vmad_controller_{name[:-len('_total')]}",
+                                          f"control core: {name}", value=value)
+            else:
+                yield GaugeMetricFamily(f"vmad_controller_{name}", f"control core: {name}",
+                                        value=value)

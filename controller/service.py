@@ -71,7 +71,8 @@ class ControllerServer:
                                 budget=BudgetGuard(config.budget))
         self.registry.put_fact(BUDGET_FACT, config.budget.model_dump())
         self.server, self.token_check = make_server(config.security, max_workers=16)
-        self.metrics = ControllerMetrics(self.registry, config.database, self.token_check)
+        self.metrics = ControllerMetrics(self.registry, config.database, self.token_check,
+                                         self.core)
         self.fleet_page: HttpEndpoint | None = None
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
         self.health = health.HealthServicer()
