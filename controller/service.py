@@ -22,7 +22,7 @@ from vmad.controller.policy import Policy, build_policy
 from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
 from vmad.protos.vmad.v1 import control_pb2, control_pb2_grpc
-from vmad.security import add_port, call_metadata, make_server, open_channel
+from vmad.security import add_health, add_port, call_metadata, make_server, open_channel
 from vmad.signals import run_until_signalled
 from vmad.wire import (
     decision_from_message,
@@ -53,8 +53,6 @@ class _Servicer(control_pb2_grpc.ControlServiceServicer):
 
 class ControllerServer:
     def __init__(self, config: ControllerConfig) -> None:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
         self.config = config
         self.registry = Registry(config.database)
         settings = config.reward.settings()
@@ -67,21 +65,17 @@ class ControllerServer:
                                 reward_of=lambda d, s: reward(d, s, settings))
         self.server, self.token_check = make_server(config.security, max_workers=16)
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health = add_health(self.server, [CONTROL_SERVICE], serving=False)
         self.port = add_port(self.server, config.listen, config.security)
         host = config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
-        self._serving = health_pb2.HealthCheckResponse.SERVING
-        self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
 
     def start(self) -> None:
         self.server.start()
-        self.health.set("", self._serving)
-        self.health.set(CONTROL_SERVICE, self._serving)
+        self.health.set_serving(True)
 
     def stop(self, grace: float = 5.0) -> None:
-        self.health.set("", self._not_serving)
+        self.health.set_serving(False)
         self.server.stop(grace).wait()
         self.core.policy.close()
         self.registry.close()

@@ -16,9 +16,10 @@ agent restarts and (vm_id, seq) stays unique for the receiver's de-duplication.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
+
+from vmad import sqlite as vmad_sqlite
 
 __all__ = ["Spool"]
 
@@ -38,9 +39,7 @@ class Spool:
         self.max_rows = max_rows
         self._lock = threading.Lock()
         # One connection shared by the agent's threads, serialized by the lock.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoint
+        self._db = vmad_sqlite.connect(self.path)
         self._db.executescript(_SCHEMA)
         rows, size = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(sample) + COALESCE(LENGTH(verdict), 0)), 0)"
@@ -66,20 +65,14 @@ class Spool:
 
     def append(self, seq: int, sample: bytes, verdict: bytes | None = None) -> None:
         size = len(sample) + (len(verdict) if verdict else 0)
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.execute("INSERT INTO samples (seq, sample, verdict) VALUES (?, ?, ?)",
-                                 (seq, sample, verdict))
-                self._rows += 1
-                self._bytes += size
-                self._next_seq = max(self._next_seq, seq + 1)
-                self._set_meta("next_seq", self._next_seq)
-                self._enforce_bound()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with vmad_sqlite.transaction(self._db, self._lock):
+            self._db.execute("INSERT INTO samples (seq, sample, verdict) VALUES (?, ?, ?)",
+                             (seq, sample, verdict))
+            self._rows += 1
+            self._bytes += size
+            self._next_seq = max(self._next_seq, seq + 1)
+            self._set_meta("next_seq", self._next_seq)
+            self._enforce_bound()
 
     def _enforce_bound(self) -> None:
         while self._rows > self.max_rows or (self._bytes > self.max_bytes and self._rows > 1):

@@ -172,13 +172,19 @@ def test_bad_and_oversized_batches_are_refused_without_harm(tmp_path, checkpoint
         assert good.send_until(50) == 50
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
+            now = time.time()
             nan = pb.TelemetryBatch(vm_id="vm-bad", metrics=list(DEFAULT_METRICS), samples=[
-                pb.Sample(seq=1, values=[1.0, float("nan"), 1.0, 1.0])])
+                pb.Sample(seq=1, timestamp=now, values=[1.0, float("nan"), 1.0, 1.0]),
+                pb.Sample(seq=2, timestamp=now, values=[1.0, 2.0, 1.0, 1.0])])
             wrong = pb.TelemetryBatch(vm_id="vm-bad", metrics=["cpu"],
-                                      samples=[pb.Sample(seq=2, values=[1.0])])
+                                      samples=[pb.Sample(seq=3, values=[1.0])])
             replies = list(stub.Stream(iter([nan, wrong, pb.TelemetryBatch()]), timeout=10))
-            assert len(replies) == 3 and all(r.error for r in replies)
-            assert "NaN" in replies[0].error and "metrics" in replies[1].error
+            assert len(replies) == 3
+            # The NaN sample alone is refused; the good one is stored, both are acked.
+            assert not replies[0].error and replies[0].refused == 1
+            assert "NaN" in replies[0].refused_reason
+            assert (replies[0].stored, replies[0].acked_seq) == (1, 2)
+            assert "metrics" in replies[1].error and "vm_id" in replies[2].error
             huge = pb.TelemetryBatch(vm_id="vm-huge",
                                      metrics=["m" * 1000] * (MAX_MESSAGE_BYTES // 1000 + 1))
             with pytest.raises(grpc.RpcError) as refused:
@@ -214,8 +220,9 @@ def test_wrong_token_is_refused(tmp_path, checkpoint_dir):
         agent.close()
         # A valid token speaks only for its own VM.
         other = ReplayAgent(address, "vm-other", _series(20), security=right)
-        with pytest.raises(ValueError, match="may not send"):
+        with pytest.raises(grpc.RpcError) as denied:
             other.send_until(20)
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
         other.close()
     finally:
         trainer.stop()

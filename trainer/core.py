@@ -51,6 +51,8 @@ class TrainerCore:
         self._generation: dict[str, int] = {}
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
+        # Called (in the worker thread) with the id of a VM whose model changed.
+        self.on_model_changed: Callable[[str], None] | None = None
 
     # -- telemetry --------------------------------------------------------------------
 
@@ -73,6 +75,8 @@ class TrainerCore:
         with self._bundle_cond:
             self._generation[outcome.vm_id] = self._generation.get(outcome.vm_id, 0) + 1
             self._bundle_cond.notify_all()
+        if self.on_model_changed is not None:
+            self.on_model_changed(outcome.vm_id)
 
     def next_bundle(self, vm_id: str, running_version: str, timeout: float) -> Bundle | None:
         """The bundle `vm_id` should run if it is not `running_version`, waiting up to
