@@ -59,6 +59,11 @@ class AgentMetrics:
         self.rejected = Gauge("vmad_agent_bundles_rejected_total",
                               "bundles refused by verification, ever", registry=r)
         self.connected = Gauge("vmad_agent_trainer_connected", "1 while streaming", registry=r)
+        self.restarts = Counter("vmad_agent_thread_restarts", "worker threads restarted "
+                                "after a failure", ["thread"], registry=r)
+        self.bundle_failures = Gauge("vmad_agent_bundle_run_failures_total",
+                                     "bundles that failed while scoring (rolled back), ever",
+                                     registry=r)
 
 
 class Agent:
@@ -74,6 +79,7 @@ class Agent:
         self.detector = Detector(self.slot)
         self._in_anomaly = False
         self._threads: list[threading.Thread] = []
+        self.thread_restarts: dict[str, int] = {}  # worker thread name -> restarts
         self._http: object | None = None
         from vmad.edge_agent.link import ActiveCalls
 
@@ -91,11 +97,11 @@ class Agent:
             from vmad.edge_agent.link import stream_loop, watch_loop
 
             self._threads += [
-                threading.Thread(target=stream_loop, name="stream", daemon=True,
-                                 args=(self.config, self.spool, self.stop_event, self._active,
-                                       self._version, METRICS, self.metrics.connected.set)),
-                threading.Thread(target=watch_loop, name="bundles", daemon=True,
-                                 args=(self.config, self.slot, self.stop_event, self._active)),
+                self._supervised("stream", stream_loop, self.config, self.spool,
+                                 self.stop_event, self._active, self._version, METRICS,
+                                 self.metrics.connected.set),
+                self._supervised("bundles", watch_loop, self.config, self.slot,
+                                 self.stop_event, self._active),
             ]
         for thread in self._threads:
             thread.start()
@@ -109,7 +115,12 @@ class Agent:
         next_tick = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # one bad sample never ends the sampling loop
+                    log.exception("sampling step failed")
+                    self.thread_restarts["sampling"] = self.thread_restarts.get("sampling", 0) + 1
+                    self.metrics.restarts.labels("sampling").inc()
                 next_tick += self.config.interval_s
                 now = time.monotonic()
                 if next_tick < now:  # fell behind (suspended VM): do not burst to catch up
@@ -132,6 +143,34 @@ class Agent:
                 shutdown()
             self._http = None
         self.spool.close()
+
+    def _supervised(self, name: str, target: Callable[..., None], *args: object
+                    ) -> threading.Thread:
+        """A daemon thread running `target(*args)` until the agent stops: if it raises
+        (or returns early) it is logged, counted in `thread_restarts` and
+        `vmad_agent_thread_restarts_total`, and started again after a backoff (1 s
+        doubling to 60 s), so no worker dies for good."""
+        from vmad.edge_agent.link import Backoff
+
+        def run() -> None:
+            backoff = Backoff(1.0, 60.0)
+            while not self.stop_event.is_set():
+                try:
+                    target(*args)
+                    if self.stop_event.is_set():
+                        return
+                    problem = "returned"
+                except Exception as error:  # the point: nothing may end this thread
+                    log.exception("agent thread %s failed", name)
+                    problem = f"{type(error).__name__}: {error}"
+                self.thread_restarts[name] = self.thread_restarts.get(name, 0) + 1
+                self.metrics.restarts.labels(name).inc()
+                delay = max(backoff.initial, backoff.next_delay())
+                log.error("agent thread %s %s; restart %d in %.1f s", name, problem,
+                          self.thread_restarts[name], delay)
+                self.stop_event.wait(delay)
+
+        return threading.Thread(target=run, name=name, daemon=True)
 
     def _version(self) -> str:
         bundle = self.slot.current
@@ -169,6 +208,7 @@ class Agent:
         self.metrics.spool_bytes.set(self.spool.bytes)
         self.metrics.dropped.set(self.spool.dropped)
         self.metrics.rejected.set(self.slot.rejected)
+        self.metrics.bundle_failures.set(self.slot.run_failures)
         bundle = self.slot.current
         if bundle is not None:
             self.metrics.model.info({"version": bundle.metadata.version,

@@ -202,7 +202,7 @@ def watch_loop(config: AgentConfig, slot: BundleSlot, stop: threading.Event,
                     backoff.reset()
                     # A refused bundle is logged and counted by the slot; the old one runs on.
                     with contextlib.suppress(BundleError):
-                        slot.install(bundle.metadata_json, bundle.onnx, bundle.sha256 or None)
+                        slot.install(bundle.metadata_json, bundle.onnx, bundle.sha256)
         except grpc.FutureTimeoutError:
             pass
         except grpc.RpcError as error:

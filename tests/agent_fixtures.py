@@ -15,8 +15,9 @@ from vmad.windows import Normalizer
 
 
 def tiny_onnx(metrics: int = len(DEFAULT_METRICS), window: int = DEFAULT_WINDOW,
-              bias: float = 0.0) -> bytes:
-    """score = sigmoid(mean of the normalized window + bias)."""
+              bias: float = 0.0, squash: bool = True) -> bytes:
+    """score = sigmoid(mean of the normalized window + bias) (without the sigmoid when
+    not `squash`: not a probability)."""
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", metrics, window])
@@ -24,7 +25,8 @@ def tiny_onnx(metrics: int = len(DEFAULT_METRICS), window: int = DEFAULT_WINDOW,
     nodes = [
         helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
         helper.make_node("Add", ["m", "b"], ["s"]),
-        helper.make_node("Sigmoid", ["s"], ["y"]),
+        helper.make_node("Sigmoid", ["s"], ["y"]) if squash
+        else helper.make_node("Add", ["s", "b"], ["y"]),
     ]
     bias_init = helper.make_tensor("b", TensorProto.FLOAT, [], [bias])
     graph = helper.make_graph(nodes, "tiny", [x], [y], [bias_init])

@@ -14,7 +14,7 @@ import pytest
 
 from tests.agent_fixtures import RecordingTrainer, tiny_bundle
 from vmad import security
-from vmad.bundle import BundleError
+from vmad.bundle import BundleError, sha256_hex
 from vmad.edge_agent.config import AgentConfig
 from vmad.edge_agent.detector import BundleSlot, Detector
 from vmad.edge_agent.link import Backoff
@@ -185,13 +185,20 @@ def test_agent_spools_while_trainer_away_then_replays_exactly_once(tmp_path: Pat
         assert trainer.metadata[0]["authorization"] == "Bearer t1"
 
         metadata, onnx = tiny_bundle("v2", bias=3.0)
+        other_metadata, other_onnx = tiny_bundle("v3", bias=1.0)
         with trainer.lock:
             trainer.bundles.append(bundle_pb2.ModelBundle(
-                version="bad", onnx=onnx + b"x", metadata_json=metadata))
+                version="bad", onnx=onnx + b"x", metadata_json=metadata,
+                sha256=sha256_hex(onnx)))
+            # Consistent bundle, but not the bytes the trainer signed for in the message.
             trainer.bundles.append(bundle_pb2.ModelBundle(
-                version="v2", onnx=onnx, metadata_json=metadata))
+                version="v3", onnx=other_onnx, metadata_json=other_metadata,
+                sha256=sha256_hex(onnx)))
+            trainer.bundles.append(bundle_pb2.ModelBundle(
+                version="v2", onnx=onnx, metadata_json=metadata, sha256=sha256_hex(onnx)))
         wait_for(lambda: agent.slot.current.metadata.version == "v2")
-        assert agent.slot.rejected == 1
+        assert agent.slot.rejected == 2
+        assert agent.slot.previous.metadata.version == "v1"  # v3 never ran
     finally:
         agent.stop()
         server.stop(None)

@@ -46,6 +46,7 @@ from vmad.security import (
     add_health,
     add_port,
     call_metadata,
+    channel_credentials,
     make_aio_server,
     open_channel,
 )
@@ -107,6 +108,8 @@ class TrainerServer:
         self.config = config
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        if config.controller.address and not config.security.insecure:
+            channel_credentials(config.security)  # unreadable TLS files: fail now, one line
         if checkpoint is None:
             checkpoint = _load_pretrained(config)
         self.store = TelemetryStore(
