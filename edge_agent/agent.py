@@ -52,6 +52,9 @@ class AgentMetrics:
         self.dropped = Gauge("vmad_agent_spool_dropped_total",
                              "samples dropped from the full spool (oldest first), ever",
                              registry=r)
+        self.drops = Gauge("vmad_agent_spool_drops_total", "samples not spooled or dropped "
+                           "from the spool, by reason (spool full, disk full, ...)",
+                           ["reason"], registry=r)
         self.model = Info("vmad_agent_model", "the running bundle", registry=r)
         self.latency = Histogram(
             "vmad_agent_inference_seconds", "bundle inference time per window", registry=r,
@@ -207,6 +210,8 @@ class Agent:
         self.metrics.spool_depth.set(self.spool.rows)
         self.metrics.spool_bytes.set(self.spool.bytes)
         self.metrics.dropped.set(self.spool.dropped)
+        for reason, count in self.spool.drops.items():
+            self.metrics.drops.labels(reason).set(count)
         self.metrics.rejected.set(self.slot.rejected)
         self.metrics.bundle_failures.set(self.slot.run_failures)
         bundle = self.slot.current
@@ -245,7 +250,8 @@ class Agent:
             except (ValueError, KeyError, TypeError) as error:
                 log.error("ignoring bad line in %s: %s", path, error)
                 continue
-            self.spool.add_label(label.id, label.SerializeToString())
+            if not self.spool.add_label(label.id, label.SerializeToString()):
+                return  # the spool cannot be written: read these lines again next time
             log.info("label %s [%.0f, %.0f) anomalous=%s", label.kind or label.id,
                      label.start, label.end, label.anomalous)
         self.spool.set_meta("labels_offset", offset + len(complete))

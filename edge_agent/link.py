@@ -113,7 +113,8 @@ def _batches(config: AgentConfig, spool: Spool, stop: threading.Event,
         batch_id += 1
         batch = telemetry_pb2.TelemetryBatch(
             vm_id=config.vm_id, metrics=list(metrics), interval_s=config.interval_s,
-            model_version=version(), batch_id=batch_id, first_seq=spool.first_seq())
+            model_version=version(), batch_id=batch_id, first_seq=spool.first_seq(),
+            spool_id=spool.spool_id)
         for _seq, sample, verdict in rows:
             batch.samples.append(telemetry_pb2.Sample.FromString(sample))
             if verdict:

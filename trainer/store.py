@@ -274,9 +274,12 @@ class TelemetryStore:
                                  f"sent [{row[0]}]")
             acked, since_prune, offset = int(row[1]), int(row[2]), int(row[4])
             if batch.spool_id and batch.spool_id != row[3]:
-                # A new spool restarts its seqs at 1: it continues this VM's seq space
-                # after everything stored so far (neither duplicates nor double counts).
-                offset = acked
+                if row[3]:
+                    # A new spool restarts its seqs at 1: it continues this VM's seq space
+                    # after everything stored so far (neither duplicates nor double
+                    # counts), and seqs below its first were dropped before first contact.
+                    offset = acked
+                # (An agent naming the spool it has always had keeps its seqs.)
                 db.execute("UPDATE vms SET spool_id=?, seq_offset=? WHERE vm_id=?",
                            (batch.spool_id, offset, vm_id))
         # From here on seqs are the trainer's: the agent's plus the spool's offset.

@@ -32,15 +32,16 @@ def connect(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Connection
 
 
 @contextlib.contextmanager
-def transaction(db: sqlite3.Connection, lock: threading.Lock | threading.RLock,
+def transaction(db: sqlite3.Connection, lock: threading.Lock | threading.RLock | None,
                 mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
-    """Hold `lock`, run the block in one transaction; commit, or roll back on any error.
+    """Hold `lock` (None: the caller holds it already), run the block in one
+    transaction; commit, or roll back on any error.
 
     IMMEDIATE takes the write lock at BEGIN, so a transaction never fails half-way for
     want of it. A failed rollback (disk full can fail it too) never hides the error that
     caused it: SQLite has already rolled back in that case.
     """
-    with lock:
+    with lock if lock is not None else contextlib.nullcontext():
         db.execute(f"BEGIN {mode}")
         try:
             yield db
