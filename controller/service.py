@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from vmad.certs import authorize
 from vmad.config import ConfigError, load_config
 from vmad.controller.config import ControllerConfig
 from vmad.controller.core import ControlCore
@@ -82,6 +83,11 @@ class ControllerServer:
 
     def report(self, request: control_pb2.StateReport,
                context: grpc.ServicerContext) -> control_pb2.Decision:
+        problem = authorize(context, "trainer", request.trainer_id,
+                            self.token_check is not None) if request.trainer_id else None
+        if problem:  # a trainer reports only as itself
+            log.warning("state report refused: %s", problem)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         try:
             if not request.trainer_id:
                 raise ValueError("state report has no trainer_id")

@@ -118,7 +118,7 @@ class TrainerCore:
                 decision = report(state)
             except Exception as error:  # grpc.RpcError and friends: keep serving agents
                 self.stats.failures += 1
-                self.stats.last_error = str(error).splitlines()[0][:200]
+                self.stats.last_error = _describe(error)
                 log.warning("state report for VM %s failed: %s", vm_id, self.stats.last_error)
                 break
             self.stats.reports += 1
@@ -150,3 +150,12 @@ class TrainerCore:
         self.worker.stop()
         if self._reporter is not None:
             self._reporter.join(5)
+
+
+def _describe(error: Exception) -> str:
+    """One line that says what went wrong: a gRPC error's status and details (its str()
+    starts with a line that says neither)."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):
+        return f"{code().name}: {details()}"[:300]
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]

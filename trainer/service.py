@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import grpc
 
 from vmad.actions import Decision
+from vmad.certs import authorize
 from vmad.config import ConfigError, load_config
 from vmad.protos.vmad.v1 import (
     bundle_pb2,
@@ -42,7 +43,6 @@ from vmad.protos.vmad.v1 import (
     telemetry_pb2_grpc,
 )
 from vmad.security import (
-    CLIENT_ID_HEADER,
     add_health,
     add_port,
     call_metadata,
@@ -208,16 +208,15 @@ class TrainerServer:
         await context.abort(code, message)
 
     async def _check_caller(self, context: grpc.aio.ServicerContext, vm_id: str) -> None:
-        """With tokens on, a caller acts only for the id its token vouches for."""
+        """An agent acts only for its own VM: the one its certificate (`vm:<id>`) names,
+        or its token vouches for (vmad/certs.py `authorize`)."""
         if not vm_id or len(vm_id) > MAX_ID_CHARS:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad vm_id",
                                f"vm_id must be 1 to {MAX_ID_CHARS} characters")
-        if self.token_check is None:
-            return
-        client_id = dict(context.invocation_metadata() or ()).get(CLIENT_ID_HEADER)
-        if vm_id != client_id:
+        problem = authorize(context, "vm", vm_id, self.token_check is not None)
+        if problem:
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "not own VM",
-                               f"client {client_id!r} may not act for VM {vm_id!r}")
+                               problem)
 
     async def _admit(self, context: grpc.aio.ServicerContext, open_now: int,
                      what: str) -> None:
@@ -249,7 +248,7 @@ class TrainerServer:
                                        " s; reconnect when there is some")
                 if batch is grpc.aio.EOF:
                     return
-                if self.token_check is not None and batch.vm_id != checked:
+                if batch.vm_id != checked and batch.vm_id:
                     await self._check_caller(context, batch.vm_id)
                     checked = batch.vm_id
                 await context.write(await self._ingest(batch))

@@ -181,6 +181,11 @@ class TelemetryStore:
         for name, kind in _ADDED_VM_COLUMNS:
             if name not in columns:  # a store written by an older vmad
                 self._db.execute(f"ALTER TABLE vms ADD COLUMN {name} {kind}")
+        if "ext_id" not in {r[1] for r in self._db.execute("PRAGMA table_info(labels)")}:
+            self._db.execute("ALTER TABLE labels ADD COLUMN ext_id TEXT")
+        # NULLs are distinct in a UNIQUE index: labels without an id are never merged.
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS labels_ext ON labels "
+                         "(vm_id, ext_id)")
 
     def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return vmad_sqlite.transaction(self._db, self._lock)
@@ -319,10 +324,11 @@ class TelemetryStore:
         if not label.end >= label.start:
             raise ValueError(f"label interval ends ({label.end}) before it starts "
                              f"({label.start})")
-        db.execute("INSERT INTO labels (vm_id, start_ts, end_ts, anomalous, source) "
-                   "VALUES (?, ?, ?, ?, ?)",
+        # A label with an id is stored once however often it is resent.
+        db.execute("INSERT OR IGNORE INTO labels (vm_id, start_ts, end_ts, anomalous, source, "
+                   "ext_id) VALUES (?, ?, ?, ?, ?, ?)",
                    (vm_id, float(label.start), float(label.end), int(label.anomalous),
-                    label.source))
+                    label.source, label.id or None))
 
     def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
         with self._write() as db:

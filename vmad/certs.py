@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROLES", "issue_certificate", "parse_identity", "peer_identity"]
+__all__ = ["ROLES", "authorize", "issue_certificate", "parse_identity", "peer_identity"]
 
 ROLES = ("vm", "trainer")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -108,3 +108,26 @@ def issue_certificate(ca_dir: str | Path, role: str, ident: str,
                                            serialization.NoEncryption()))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+def authorize(context: Any, role: str, claimed: str, tokens_on: bool) -> str | None:
+    """None when the caller of this gRPC call may act as `role` `claimed`; otherwise why
+    not. The identity is the caller's certificate (`role:id`) when it has one, and the
+    token's client id when tokens are on (bound to the certificate: both must agree).
+    A caller with neither (fleet-wide certificate, no tokens) is trusted fleet-wide."""
+    from vmad.security import CLIENT_ID_HEADER
+
+    peer = peer_identity(context)
+    client = dict(context.invocation_metadata() or ()).get(CLIENT_ID_HEADER)
+    if peer is not None:
+        peer_role, peer_id = peer
+        if peer_role != role:
+            return f"a {peer_role} certificate may not call as a {role}"
+        if peer_id != claimed:
+            return f"the certificate of {role} {peer_id!r} may not act for {claimed!r}"
+        if tokens_on and client != peer_id:
+            return f"token client id {client!r} does not match the certificate ({peer_id!r})"
+        return None
+    if tokens_on and client != claimed:
+        return f"client {client!r} may not act for {role} {claimed!r}"
+    return None

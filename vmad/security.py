@@ -391,8 +391,11 @@ def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
-                        ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+    # The server certificate is also a client one: a trainer serves agents and calls the
+    # controller with the same certificate.
+    for role, usages in (("server", [ExtendedKeyUsageOID.SERVER_AUTH,
+                                     ExtendedKeyUsageOID.CLIENT_AUTH]),
+                         ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder().subject_name(name(f"vmad {role}"))
@@ -401,7 +404,7 @@ def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA256())
         )
