@@ -59,6 +59,8 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self.verdicts = 0
         self.flagged: list[float] = []  # timestamps of anomalous verdicts
         self.acked: dict[str, int] = {}
+        self.arrivals: list[int] = []  # every seq received, copies included, in order
+        self.refuse_batches = 0  # answer this many batches with Ack.error first
         self.bundles: list[bundle_pb2.ModelBundle] = []
         self.metadata: list[dict[str, str]] = []
 
@@ -67,6 +69,13 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self.metadata.append(dict(context.invocation_metadata()))
         for batch in request_iterator:
             with self.lock:
+                if self.refuse_batches and batch.samples:
+                    self.refuse_batches -= 1
+                    # A misleading acked_seq too: an agent must not act on a refusal's.
+                    yield telemetry_pb2.Ack(batch_id=batch.batch_id, error="bad batch: test",
+                                            acked_seq=batch.samples[-1].seq)
+                    continue
+                self.arrivals += [sample.seq for sample in batch.samples]
                 stored = 0
                 for sample in batch.samples:
                     self.received += 1

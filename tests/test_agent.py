@@ -247,3 +247,35 @@ def test_agent_with_wrong_token_is_refused_and_keeps_everything(tmp_path: Path) 
     finally:
         agent.stop()
         server.stop(None)
+
+
+def test_refused_batch_stays_spooled_and_arrives_after_reconnect(tmp_path: Path,
+                                                                  caplog) -> None:
+    import logging
+
+    from vmad.edge_agent.agent import Agent
+
+    server, port, trainer = start_trainer()
+    trainer.refuse_batches = 1
+    agent = Agent(agent_config(tmp_path, port), source=fake_source())
+    with caplog.at_level(logging.ERROR, "vmad.edge_agent.link"):
+        agent.start()
+        try:
+            for _ in range(20):
+                agent.tick()
+            wait_for(lambda: any("trainer refused batch" in r.getMessage()
+                                 for r in caplog.records))
+            for _ in range(20):
+                agent.tick()
+            time.sleep(0.3)
+            # The refusal's acked_seq was not acted on: nothing left the spool.
+            assert agent.spool.first_seq() == 1 and agent.spool.rows == 39
+            server.stop(None)  # the next stream replays what was refused
+            server, _, trainer = start_trainer(port)
+            for _ in range(5):
+                agent.tick()
+            wait_for(lambda: trainer.acked.get("vm-1", 0) >= 44, timeout=15)
+            assert sorted(seq for _, seq in trainer.samples) == list(range(1, 45))
+        finally:
+            agent.stop()
+            server.stop(None)

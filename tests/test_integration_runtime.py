@@ -89,9 +89,18 @@ def test_trainer_killed_mid_stream_receives_every_sample_once(tmp_path, checkpoi
         with pytest.raises(grpc.RpcError):
             agent.send_until(total)
         trainer = _start("trainer", "trainer", config, tmp_path, port)
-        # Replay more than needed on purpose: the trainer must drop what it already has.
-        agent.acked = max(0, agent.acked - 30)
+        # Resume exactly after the last ack: a sample acked before it was committed would
+        # be missing now (no rewind that would send it again and hide the loss).
         agent.reconnect()
+        assert agent.send_until(total) == total
+        store = TelemetryStore(tmp_path / "trainer-data" / "store.sqlite")
+        counters = store.counters("vm-a")
+        assert counters is not None
+        assert counters.received == total and counters.lost == 0
+        assert store.recent("vm-a").seqs.tolist() == list(range(1, total + 1))
+        store.close()
+        # Then replay 30 on purpose: the trainer must drop what it already has.
+        agent.acked = total - 30
         assert agent.send_until(total) == total
     finally:
         agent.close()
@@ -229,8 +238,9 @@ def test_wrong_token_is_refused(tmp_path, checkpoint_dir):
 
 
 def test_real_agent_telemetry_arrives(tmp_path, checkpoint_dir):
-    """The real edge agent process (runtime-A's) streams this host's samples to our
-    trainer process."""
+    """The real edge agent process streams this host's samples to a real trainer
+    process: every sample once, none lost; then its spool is deleted (as an operator
+    might) and the restarted agent's new samples are stored, not taken for duplicates."""
     pytest.importorskip("vmad.edge_agent.agent_commands")
     from vmad.trainer.store import TelemetryStore
 
@@ -244,18 +254,40 @@ def test_real_agent_telemetry_arrives(tmp_path, checkpoint_dir):
         "spool": {"path": str(tmp_path / "spool.db")}, "metrics": {"listen": None},
         "inject": {"labels_file": str(tmp_path / "labels.jsonl")},
         "security": {"insecure": True}}))
-    agent = start("agent", ["agent", "--config", str(agent_config)], tmp_path / "logs")
-    try:
-        deadline = time.monotonic() + 30
-        received = 0
-        while time.monotonic() < deadline and received < 10:
-            time.sleep(0.5)
-            assert agent.alive(), agent.log_text()[-2000:]
-            store = TelemetryStore(tmp_path / "trainer-data" / "store.sqlite")
-            counters = store.counters("real-test")
+
+    def counters():
+        store = TelemetryStore(tmp_path / "trainer-data" / "store.sqlite")
+        try:
+            return store.counters("real-test"), store.recent("real-test").seqs.tolist()
+        finally:
             store.close()
-            received = counters.received if counters else 0
-        assert received >= 10, agent.log_text()[-2000:]
+
+    def run_agent_until(received: int) -> None:
+        agent = start("agent", ["agent", "--config", str(agent_config)], tmp_path / "logs")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                assert agent.alive(), agent.log_text()[-2000:]
+                current, _ = counters()
+                if current is not None and current.received >= received:
+                    break
+        finally:
+            assert agent.stop() == 0, agent.log_text()[-2000:]
+
+    try:
+        run_agent_until(10)
+        first, seqs = counters()
+        assert first is not None and first.received >= 10
+        assert (first.lost, first.duplicates, first.refused) == (0, 0, 0)
+        assert seqs == list(range(1, first.received + 1))  # each sample once, in order
+        (tmp_path / "spool.db").unlink()  # a new spool: seqs restart at 1, new spool id
+        for suffix in ("-wal", "-shm"):
+            Path(f"{tmp_path / 'spool.db'}{suffix}").unlink(missing_ok=True)
+        run_agent_until(first.received + 10)
+        second, seqs = counters()
+        assert second.received >= first.received + 10
+        assert (second.lost, second.duplicates) == (0, 0)
+        assert seqs == list(range(1, second.received + 1))  # one seq space, no gap
     finally:
-        agent.stop()
         trainer.stop()
