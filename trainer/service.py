@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from vmad.actions import Decision
 from vmad.certs import authorize
@@ -240,6 +241,9 @@ class TrainerServer:
                 self._last_read[task] = time.monotonic()
                 try:
                     batch = await context.read()
+                except DecodeError:
+                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                       "undecodable", "not a TelemetryBatch message")
                 except asyncio.CancelledError:
                     if task not in self._idle:
                         raise  # the server is stopping

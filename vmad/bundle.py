@@ -77,6 +77,8 @@ class BundleMetadata:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"bundle metadata is not valid JSON: {error}") from None
+        except RecursionError:
+            raise BundleError("bundle metadata is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise BundleError("bundle metadata must be a JSON object")
         fmt = data.get("format_version")

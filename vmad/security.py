@@ -48,6 +48,7 @@ __all__ = [
     "KEEPALIVE_TIME_MS",
     "MAX_MESSAGE_BYTES",
     "AsyncTokenInterceptor",
+    "DecodeGuard",
     "Health",
     "SecurityConfig",
     "TokenCheck",
@@ -275,6 +276,69 @@ class AsyncTokenInterceptor(grpc.aio.ServerInterceptor):
         return self.check.refused_total
 
 
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Bytes that do not parse as the method's request message end the call with
+    INVALID_ARGUMENT, a log line and a count (`refused`), instead of gRPC's own INTERNAL
+    "Exception deserializing request!" with a traceback."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    def _deny(self, context: grpc.ServicerContext, method: str, bad: _Undecodable) -> None:
+        with self._lock:
+            self.refused += 1
+        log.warning("call %s refused: request is not a valid message (%s)", method,
+                    str(bad.error)[:200])
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid message")
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def safe(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as error:  # protobuf's DecodeError and friends
+                return _Undecodable(error)
+
+        def one(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    self._deny(context, method, request)
+                return behavior(request, context)
+            return guarded
+
+        def many(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(requests: Any, context: grpc.ServicerContext) -> Any:
+                def checked() -> Any:
+                    for request in requests:
+                        if isinstance(request, _Undecodable):
+                            self._deny(context, method, request)
+                        yield request
+                return behavior(checked(), context)
+            return guarded
+
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, one),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, one),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, many),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, many))
+        for attribute, make, wrap in kinds:
+            behavior = getattr(handler, attribute)
+            if behavior is not None:
+                return make(wrap(behavior), request_deserializer=safe,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+
 def make_server(config: SecurityConfig, max_workers: int = 16,
                 interceptors: Sequence[grpc.ServerInterceptor] = ()
                 ) -> tuple[grpc.Server, TokenInterceptor | None]:
@@ -282,6 +346,7 @@ def make_server(config: SecurityConfig, max_workers: int = 16,
     interceptor (returned so the caller can export its refusal count)."""
     token_check = TokenInterceptor(config.tokens) if config.tokens else None
     chain = [token_check, *interceptors] if token_check else list(interceptors)
+    chain.append(DecodeGuard())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=chain, options=server_options())
     return server, token_check

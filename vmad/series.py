@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -170,7 +171,8 @@ def read_series(
     try:
         with _open_text(path) as handle:
             rows = list(csv.reader(handle))
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as error:
+        # A corrupt .gz raises zlib.error (bad data) or EOFError (truncated).
         raise SeriesFormatError(path, f"cannot read: {error}") from error
     if not rows or not rows[0]:
         raise SeriesFormatError(path, "empty file (a header row is required)", line=1)
