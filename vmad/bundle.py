@@ -248,6 +248,10 @@ def _open_session(onnx_bytes: bytes) -> Any:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # One small window at a time: an arena and pre-planned memory patterns only hold on to
+    # memory the agent does not need (docs/agent.md, bench/agent_imports.py).
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     try:
         return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises several private exception types
