@@ -221,12 +221,13 @@ def grpc_targets(folder: Path) -> tuple[dict[str, tuple], Callable[[], None]]:
         "Trainer.WatchBundles": (st.builds(
             lambda vm, v: pb.WatchBundlesRequest(vm_id=vm, running_version=v),
             st.one_of(st.just("vm-f"), texts), texts), watch, valid_trainer_client),
-        "Controller.Report": (st.one_of(st.builds(
-            lambda t, a, s: control_pb2.StateReport(trainer_id=t, address=a, state=s),
-            texts, texts, states), st.binary(max_size=200)), report, valid_controller_client),
+        # Fleet first: its reply grows with every VM the fuzzed reports register.
         "Controller.Fleet": (st.builds(lambda n: control_pb2.FleetRequest(decisions=n),
                                        st.integers(0, 2**32 - 1)), fleet,
                              valid_controller_client),
+        "Controller.Report": (st.one_of(st.builds(
+            lambda t, a, s: control_pb2.StateReport(trainer_id=t, address=a, state=s),
+            texts, texts, states), st.binary(max_size=200)), report, valid_controller_client),
     }
 
     def close() -> None:
@@ -316,7 +317,10 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)  # refusals are logged by design
-    rows = []
+    print(f"fuzz: up to {n} inputs per target (hypothesis, derandomized)")
+    print(f"{'target':<30} {'inputs':>7} {'accepted':>9} {'clean refusals':>15} "
+          f"{'unhandled':>10} {'valid client served after':>26} {'seconds':>8}", flush=True)
+    failed = False
     with tempfile.TemporaryDirectory(prefix="vmad-fuzz-") as tmp:
         folder = Path(tmp)
         targets, close = grpc_targets(folder)
@@ -331,20 +335,15 @@ def main() -> int:
                     ok = served()
                 except Exception:
                     ok = False
-                rows.append((name, stats, ok, time.perf_counter() - started))
+                unhandled = sum(stats.unhandled.values())
+                failed |= unhandled > 0 or not ok
+                print(f"{name:<30} {stats.inputs:>7} {stats.accepted:>9} {stats.refused:>15} "
+                      f"{unhandled:>10} {'yes' if ok else 'NO':>26} "
+                      f"{time.perf_counter() - started:>8.1f}", flush=True)
+                for what, count in stats.unhandled.most_common(5):
+                    print(f"    unhandled x{count}: {what}", flush=True)
         finally:
             close()
-    print(f"fuzz: up to {n} inputs per target (hypothesis, derandomized)")
-    print(f"{'target':<30} {'inputs':>7} {'accepted':>9} {'clean refusals':>15} "
-          f"{'unhandled':>10} {'valid client served after':>26} {'seconds':>8}")
-    failed = False
-    for name, stats, ok, seconds in rows:
-        unhandled = sum(stats.unhandled.values())
-        failed |= unhandled > 0 or not ok
-        print(f"{name:<30} {stats.inputs:>7} {stats.accepted:>9} {stats.refused:>15} "
-              f"{unhandled:>10} {'yes' if ok else 'NO':>26} {seconds:>8.1f}")
-        for what, count in stats.unhandled.most_common(5):
-            print(f"    unhandled x{count}: {what}")
     return 1 if failed else 0
 
 

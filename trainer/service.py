@@ -252,7 +252,8 @@ class TrainerServer:
                                        " s; reconnect when there is some")
                 if batch is grpc.aio.EOF:
                     return
-                if batch.vm_id != checked and batch.vm_id:
+                # (An empty or over-long id is answered by the Ack: a bad batch.)
+                if batch.vm_id != checked and 0 < len(batch.vm_id) <= MAX_ID_CHARS:
                     await self._check_caller(context, batch.vm_id)
                     checked = batch.vm_id
                 await context.write(await self._ingest(batch))

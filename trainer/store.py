@@ -13,7 +13,14 @@ De-duplication: an agent streams its samples in sequence order on one stream, so
 trainer keeps, per VM, the highest sequence number it has stored (`acked`). A sample at
 or below it is a duplicate (counted, dropped); a sample above `acked + 1` means the agent
 skipped some (its spool dropped its oldest when full): the gap is counted as `lost` and
-`acked` moves on, so one lost sample never wedges the stream.
+`acked` moves on, so one lost sample never wedges the stream. Samples refused by
+validation (trainer/intake.py) are acknowledged too and counted as `refused`, not lost.
+
+Spools: an agent names its spool (`spool_id`). A VM whose agent starts a new spool (its
+seqs restart at 1) continues in a new seq space after everything stored: the store adds
+`seq_offset` to the agent's seqs, so stored seqs stay unique and increasing, and acks go
+back in the agent's numbering. A new VM (or spool) whose first seq is above 1 dropped
+those samples before first contact: counted lost.
 
 Bounds (documented in trainer.yaml): at most `max_samples` samples, `max_verdicts`
 verdicts and `max_labels` label intervals per VM; the oldest go first. Pruning runs every
