@@ -53,3 +53,11 @@ def test_bad_yaml_files_are_clear_errors(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_config(path, AgentConfig)
     assert str(error.value).startswith("agent.yaml")
+
+
+def test_value_beyond_float32_is_refused_not_made_infinite(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("timestamp,cpu\n2024-01-01T00:00:00Z,1\n2024-01-01T00:00:05Z,1e39\n")
+    with pytest.raises(SeriesFormatError, match="out of range") as error:
+        read_series(path)
+    assert "line 3" in str(error.value)

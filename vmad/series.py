@@ -27,6 +27,8 @@ import numpy as np
 from vmad.errors import InputError
 from vmad.evaluation import events
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # series hold float32
+
 __all__ = [
     "DEFAULT_MAX_FILL",
     "Series",
@@ -212,6 +214,11 @@ def read_series(
     values = np.empty((len(body), len(metrics)), dtype=np.float64)
     for j, metric in enumerate(metrics):
         values[:, j] = _parse_column(path, metric, list(columns[j + 1]), max_fill)
+        too_big = np.abs(values[:, j]) > _FLOAT32_MAX  # would be stored as infinity
+        if too_big.any():
+            row = int(np.flatnonzero(too_big)[0])
+            raise SeriesFormatError(path, f"value {values[row, j]} is out of range (at most "
+                                    f"{_FLOAT32_MAX:.3g})", line=row + 2, column=metric)
         if not allow_negative and (values[:, j] < 0).any():
             row = int(np.flatnonzero(values[:, j] < 0)[0])
             raise SeriesFormatError(path, f"negative value {values[row, j]} (usage metrics are "
