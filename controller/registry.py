@@ -24,19 +24,20 @@ in `decisions.shadow` (JSON of the decision, empty when none).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vmad import sqlite as vmad_sqlite
 from vmad.actions import Action, Decision
 from vmad.state import VMState
 
@@ -177,10 +178,8 @@ class Registry:
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a decision the trainer has been told about survives a power cut.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = vmad_sqlite.connect(path, synchronous="FULL")
         with self._write() as db:
             has_meta = db.execute("SELECT name FROM sqlite_master WHERE type='table' AND "
                                   "name='meta'").fetchone()
@@ -198,16 +197,8 @@ class Registry:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return vmad_sqlite.transaction(self._db, self._lock)
 
     def close(self) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from vmad.certs import authorize
 from vmad.config import ConfigError, load_config
 from vmad.controller.budget import BUDGET_FACT, BudgetGuard
 from vmad.controller.config import ControllerConfig
@@ -26,7 +27,7 @@ from vmad.controller.registry import Registry
 from vmad.controller.reward import reward
 from vmad.http_endpoint import HttpEndpoint
 from vmad.protos.vmad.v1 import control_pb2, control_pb2_grpc
-from vmad.security import add_port, call_metadata, make_server, open_channel
+from vmad.security import add_health, add_port, call_metadata, make_server, open_channel
 from vmad.signals import run_until_signalled
 from vmad.wire import (
     decision_from_message,
@@ -57,8 +58,6 @@ class _Servicer(control_pb2_grpc.ControlServiceServicer):
 
 class ControllerServer:
     def __init__(self, config: ControllerConfig) -> None:
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
         self.config = config
         self.registry = Registry(config.database)
         try:
@@ -75,23 +74,19 @@ class ControllerServer:
                                          self.core)
         self.fleet_page: HttpEndpoint | None = None
         control_pb2_grpc.add_ControlServiceServicer_to_server(_Servicer(self), self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health = add_health(self.server, [CONTROL_SERVICE], serving=False)
         self.port = add_port(self.server, config.listen, config.security)
         host = config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
-        self._serving = health_pb2.HealthCheckResponse.SERVING
-        self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
 
     def start(self) -> None:
         self.server.start()
-        self.health.set("", self._serving)
-        self.health.set(CONTROL_SERVICE, self._serving)
+        self.health.set_serving(True)
         self.metrics.serve(self.config.metrics.listen)
         self.fleet_page = open_fleet_page(self.registry, self.config.fleet)
 
     def stop(self, grace: float = 5.0) -> None:
-        self.health.set("", self._not_serving)
+        self.health.set_serving(False)
         self.metrics.close()
         if self.fleet_page is not None:
             self.fleet_page.close()
@@ -101,6 +96,11 @@ class ControllerServer:
 
     def report(self, request: control_pb2.StateReport,
                context: grpc.ServicerContext) -> control_pb2.Decision:
+        problem = authorize(context, "trainer", request.trainer_id,
+                            self.token_check is not None) if request.trainer_id else None
+        if problem:  # a trainer reports only as itself
+            log.warning("state report refused: %s", problem)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         try:
             if not request.trainer_id:
                 raise ValueError("state report has no trainer_id")

@@ -59,6 +59,8 @@ class AgentMetrics:
         self.last_sample = Gauge("vmad_agent_last_sample_timestamp_seconds",
                                  "when the sampling loop last ran", registry=r)
         self.connected = Gauge("vmad_agent_trainer_connected", "1 while streaming", registry=r)
+        self.restarts = Counter("vmad_agent_thread_restarts", "worker threads restarted "
+                                "after a failure", ["thread"], registry=r)
 
 
 class Agent:
@@ -76,6 +78,7 @@ class Agent:
                                                          config.vm_id))
         self._in_anomaly = False
         self._threads: list[threading.Thread] = []
+        self.thread_restarts: dict[str, int] = {}  # worker thread name -> restarts
         self._http: HttpEndpoint | None = None
         self._last_tick = time.monotonic()
         from vmad.edge_agent.link import ActiveCalls
@@ -90,11 +93,11 @@ class Agent:
             from vmad.edge_agent.link import stream_loop, watch_loop
 
             self._threads += [
-                threading.Thread(target=stream_loop, name="stream", daemon=True,
-                                 args=(self.config, self.spool, self.stop_event, self._active,
-                                       self._version, METRICS, self.metrics.connected.set)),
-                threading.Thread(target=watch_loop, name="bundles", daemon=True,
-                                 args=(self.config, self.slot, self.stop_event, self._active)),
+                self._supervised("stream", stream_loop, self.config, self.spool,
+                                 self.stop_event, self._active, self._version, METRICS,
+                                 self.metrics.connected.set),
+                self._supervised("bundles", watch_loop, self.config, self.slot,
+                                 self.stop_event, self._active),
             ]
         for thread in self._threads:
             thread.start()
@@ -108,7 +111,12 @@ class Agent:
         next_tick = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # one bad sample never ends the sampling loop
+                    log.exception("sampling step failed")
+                    self.thread_restarts["sampling"] = self.thread_restarts.get("sampling", 0) + 1
+                    self.metrics.restarts.labels("sampling").inc()
                 next_tick += self.config.interval_s
                 now = time.monotonic()
                 if next_tick < now:  # fell behind (suspended VM): do not burst to catch up
@@ -132,6 +140,34 @@ class Agent:
     def sampling(self) -> bool:
         """/healthz: the sampling loop ran within three intervals (or 30 s)."""
         return time.monotonic() - self._last_tick < max(3 * self.config.interval_s, 30.0)
+
+    def _supervised(self, name: str, target: Callable[..., None], *args: object
+                    ) -> threading.Thread:
+        """A daemon thread running `target(*args)` until the agent stops: if it raises
+        (or returns early) it is logged, counted in `thread_restarts` and
+        `vmad_agent_thread_restarts_total`, and started again after a backoff (1 s
+        doubling to 60 s), so no worker dies for good."""
+        from vmad.edge_agent.link import Backoff
+
+        def run() -> None:
+            backoff = Backoff(1.0, 60.0)
+            while not self.stop_event.is_set():
+                try:
+                    target(*args)
+                    if self.stop_event.is_set():
+                        return
+                    problem = "returned"
+                except Exception as error:  # the point: nothing may end this thread
+                    log.exception("agent thread %s failed", name)
+                    problem = f"{type(error).__name__}: {error}"
+                self.thread_restarts[name] = self.thread_restarts.get(name, 0) + 1
+                self.metrics.restarts.labels(name).inc()
+                delay = max(backoff.initial, backoff.next_delay())
+                log.error("agent thread %s %s; restart %d in %.1f s", name, problem,
+                          self.thread_restarts[name], delay)
+                self.stop_event.wait(delay)
+
+        return threading.Thread(target=run, name=name, daemon=True)
 
     def _version(self) -> str:
         bundle = self.slot.current
@@ -205,7 +241,8 @@ class Agent:
             except (ValueError, KeyError, TypeError) as error:
                 log.error("ignoring bad line in %s: %s", path, error)
                 continue
-            self.spool.add_label(label.id, label.SerializeToString())
+            if not self.spool.add_label(label.id, label.SerializeToString()):
+                return  # the spool cannot be written: read these lines again next time
             log.info("label %s [%.0f, %.0f) anomalous=%s", label.kind or label.id,
                      label.start, label.end, label.anomalous)
         self.spool.set_meta("labels_offset", offset + len(complete))

@@ -77,7 +77,15 @@ def _run_agent(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _load(args.config)
     from vmad.edge_agent.agent import Agent
+    from vmad.errors import UsageError
 
+    if config.trainer.address and not config.security.insecure:
+        from vmad.security import channel_credentials
+
+        try:  # a missing or unreadable TLS file is a one-line error now, not a dead thread
+            channel_credentials(config.security)
+        except ValueError as error:
+            raise UsageError(f"{args.config}: {error}") from None
     agent = Agent(config)
     # SIGTERM (systemd, Kubernetes) stops as cleanly as Ctrl-C: spool closed, calls ended.
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())

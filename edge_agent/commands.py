@@ -32,6 +32,20 @@ def register(commands: Any, bench: Any) -> None:
     init.add_argument("--days", type=int, default=365)
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     init.set_defaults(run=_run_certs_init)
+    issue = certs_sub.add_parser(
+        "issue", help="sign a certificate for one agent (--vm) or trainer (--trainer)")
+    who = issue.add_mutually_exclusive_group(required=True)
+    who.add_argument("--vm", help="VM id: a client certificate for that VM's agent")
+    who.add_argument("--trainer", help="trainer id: server + client certificate")
+    issue.add_argument("--dir", required=True, help="the CA folder (vmad certs init --dir)")
+    issue.add_argument("--out", default=None, help="output folder (default: DIR/vms or "
+                       "DIR/trainers)")
+    issue.add_argument("--host", action="append", default=None,
+                       help="trainer only: name or IP agents dial (repeatable; default: "
+                            "localhost and 127.0.0.1)")
+    issue.add_argument("--days", type=int, default=365)
+    issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.set_defaults(run=_run_certs_issue)
 
     from vmad.edge_agent.agent_commands import register as register_agent
 
@@ -64,4 +78,19 @@ def _run_certs_init(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     for role, path in paths.items():
         print(f"{role:11s} {path}")
+    return 0
+
+
+def _run_certs_issue(args: argparse.Namespace) -> int:
+    from vmad.certs import issue_certificate
+    from vmad.errors import UsageError
+
+    role, ident = ("vm", args.vm) if args.vm else ("trainer", args.trainer)
+    try:
+        cert, key = issue_certificate(args.dir, role, ident, args.out,
+                                      hosts=args.host or ["localhost", "127.0.0.1"],
+                                      days=args.days, overwrite=args.force)
+    except (FileExistsError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    print(f"{role} {ident}: {cert} {key}")
     return 0

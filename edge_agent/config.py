@@ -18,10 +18,12 @@ __all__ = ["AgentConfig", "InjectSettings", "MetricsSettings", "SpoolSettings",
 class SpoolSettings(StrictModel):
     """The on-disk queue of unacknowledged telemetry (edge_agent/spool.py). When either
     bound is reached the oldest entries are dropped first and counted
-    (`vmad_agent_spool_dropped_total`)."""
+    (`vmad_agent_spool_drops_total{reason="spool full"}`). A disk that is full or
+    unwritable drops samples (counted by reason) while detection goes on."""
 
     path: Path = Field(Path("/var/lib/vmad/agent/spool.db"), description="SQLite file")
-    max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="bound on stored payload bytes")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=256 * 1024,
+                           description="bound on the spool's files (database + WAL)")
     max_rows: int = Field(500_000, ge=10, description="bound on spooled samples")
 
 

@@ -6,11 +6,14 @@ bundle's own metadata checks, the metric names and window this agent samples —
 then written to disk (`current/`, the old one moved to `previous/`) and swapped in with
 one reference assignment, so inference never sees a half-installed model. A bundle that
 fails any check never runs: it is counted in `rejected` and the old one keeps running.
-`rollback()` swaps back to the previous bundle.
+`rollback()` swaps back to the previous bundle; a bundle that fails while scoring (an
+ONNX Runtime error, a score that is not a probability) is rolled back the same way and
+counted in `run_failures`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -36,6 +39,7 @@ class BundleSlot:
         self.current: Bundle | None = None
         self.previous: Bundle | None = None
         self.rejected = 0
+        self.run_failures = 0
         self.last_error = ""
 
     def load_initial(self, configured: str | Path | None) -> Bundle | None:
@@ -82,23 +86,49 @@ class BundleSlot:
             bundle = Bundle.from_parts(metadata_json, onnx_bytes, expect_metrics=self.metrics,
                                        expect_window=self.window)
         except BundleError as error:
-            with self._lock:
-                self.rejected += 1
-                self.last_error = str(error)
-            log.error("refused bundle: %s", error)
+            self._refused(error)
             raise
         with self._lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
             current, previous = self.directory / "current", self.directory / "previous"
-            bundle.save(self.directory / "incoming")
-            if current.exists():
-                if previous.exists():
-                    shutil.rmtree(previous)
-                os.replace(current, previous)
-            os.replace(self.directory / "incoming", current)
-            self.previous, self.current = self.current, bundle
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                bundle.save(self.directory / "incoming")
+                if current.exists():
+                    if previous.exists():
+                        shutil.rmtree(previous)
+                    os.replace(current, previous)
+                os.replace(self.directory / "incoming", current)
+            except OSError as error:  # disk full, read-only: the running bundle stays
+                shutil.rmtree(self.directory / "incoming", ignore_errors=True)
+                refusal = BundleError(f"cannot write bundle {bundle.metadata.version}: "
+                                      f"{error}")
+            else:
+                self.previous, self.current = self.current, bundle
+                refusal = None
+        if refusal is not None:
+            self._refused(refusal)
+            raise refusal
         log.info("installed bundle %s", bundle.metadata.version)
         return bundle
+
+    def _refused(self, error: BundleError) -> None:
+        with self._lock:
+            self.rejected += 1
+            self.last_error = str(error)
+        log.error("refused bundle: %s", error)
+
+    def failed_to_run(self, bundle: Bundle, error: str) -> None:
+        """`bundle` failed while scoring: go back to the previous bundle (counted in
+        `run_failures`); without one, keep it and try again on the next sample."""
+        with self._lock:
+            self.run_failures += 1
+            self.last_error = f"bundle {bundle.metadata.version} failed to score: {error}"
+            rolled_back = self.current is bundle and self.previous is not None
+        log.error("%s; %s", self.last_error,
+                  "rolling back to the previous bundle" if rolled_back else "no previous bundle")
+        if rolled_back:
+            with contextlib.suppress(BundleError, OSError):
+                self.rollback()
 
     def rollback(self) -> Bundle:
         """Run the previous bundle again (disk and memory); raise if there is none."""
@@ -135,6 +165,13 @@ class Detector:
             return None
         window = np.roll(self._ring, -self._head, axis=1)[None]  # oldest first
         start = time.perf_counter()
-        score = float(bundle.score(window)[0])
+        try:
+            score = float(bundle.score(window)[0])
+        except Exception as error:  # onnxruntime's own types: never stop sampling
+            self.slot.failed_to_run(bundle, str(error)[:300])
+            return None
         self.last_latency_s = time.perf_counter() - start
+        if not 0.0 <= score <= 1.0:  # NaN fails too
+            self.slot.failed_to_run(bundle, f"score {score} is not a probability")
+            return None
         return score, score >= bundle.metadata.threshold, bundle.metadata.version

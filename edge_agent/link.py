@@ -8,7 +8,10 @@
   `BundleSlot.install`, which refuses (and counts) anything that fails verification.
 
 Both reconnect with exponential backoff and full jitter up to `backoff_max_s`, and reset
-the backoff once a call has made progress.
+the backoff once a call has made progress. Deadlines: connecting and each ack get
+`timeout_s` (a batch unacked for longer reopens the stream); keepalive pings
+(vmad/security.py) find a dead connection on either side. A trainer that is full answers
+RESOURCE_EXHAUSTED: logged as an error, retried with backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -68,12 +72,39 @@ class Backoff:
         self.attempt = 0
 
 
+class _InFlight:
+    """Batches sent on one stream and not yet acked, with when each went out: the ack
+    deadline. A trainer that takes the batches but never answers (overloaded, wedged)
+    is noticed within `timeout_s` and the stream reopened."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.sent: dict[int, float] = {}
+        self.labels: dict[int, list[str]] = {}
+        self.call: grpc.Future | None = None
+
+    def overdue(self) -> int | None:
+        """The id of a batch unacked past the deadline, if any."""
+        now = time.monotonic()
+        for batch_id, at in self.sent.items():
+            if now - at > self.timeout_s:
+                return batch_id
+        return None
+
+
 def _batches(config: AgentConfig, spool: Spool, stop: threading.Event,
-             version: Callable[[], str], sent_labels: dict[int, list[str]],
+             version: Callable[[], str], flight: _InFlight,
              metrics: tuple[str, ...]) -> Iterator[telemetry_pb2.TelemetryBatch]:
     last_sent = 0  # a fresh stream replays everything still spooled
     batch_id = 0
     while not stop.is_set():
+        late = flight.overdue()
+        if late is not None:
+            log.warning("no ack for batch %d within %.0f s: reopening the stream", late,
+                        flight.timeout_s)
+            if flight.call is not None:
+                flight.call.cancel()
+            return
         rows = spool.pending(last_sent, config.trainer.batch_max)
         labels = spool.labels() if batch_id % 10 == 0 or not rows else []
         if not rows and not labels:
@@ -82,19 +113,33 @@ def _batches(config: AgentConfig, spool: Spool, stop: threading.Event,
         batch_id += 1
         batch = telemetry_pb2.TelemetryBatch(
             vm_id=config.vm_id, metrics=list(metrics), interval_s=config.interval_s,
-            model_version=version(), batch_id=batch_id, first_seq=spool.first_seq())
+            model_version=version(), batch_id=batch_id, first_seq=spool.first_seq(),
+            spool_id=spool.spool_id)
         for _seq, sample, verdict in rows:
             batch.samples.append(telemetry_pb2.Sample.FromString(sample))
             if verdict:
                 batch.verdicts.append(telemetry_pb2.Verdict.FromString(verdict))
         for _id, payload in labels:
             batch.labels.append(telemetry_pb2.LabelInterval.FromString(payload))
-        sent_labels[batch_id] = [label_id for label_id, _ in labels]
+        flight.labels[batch_id] = [label_id for label_id, _ in labels]
+        flight.sent[batch_id] = time.monotonic()
         if rows:
             last_sent = rows[-1][0]
         yield batch
         if len(rows) < config.trainer.batch_max:
             stop.wait(config.trainer.flush_s)
+
+
+def _log_call_end(what: str, config: AgentConfig, error: grpc.RpcError) -> None:
+    code = error.code()
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        log.error("%s: trainer %s is full, retrying with backoff: %s", what,
+                  config.trainer.address, error.details())
+    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        log.error("%s: trainer %s refused this agent (%s): %s", what, config.trainer.address,
+                  code.name, error.details())
+    else:
+        log.warning("%s ended: %s %s", what, code, error.details())
 
 
 def stream_loop(config: AgentConfig, spool: Spool, stop: threading.Event, active: ActiveCalls,
@@ -108,18 +153,23 @@ def stream_loop(config: AgentConfig, spool: Spool, stop: threading.Event, active
             with security.open_channel(config.trainer.address, config.security) as channel:
                 grpc.channel_ready_future(channel).result(timeout=config.trainer.timeout_s)
                 stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
-                sent_labels: dict[int, list[str]] = {}
-                calls = stub.Stream(
-                    _batches(config, spool, stop, version, sent_labels, metrics),
-                    metadata=metadata)
+                flight = _InFlight(config.trainer.timeout_s)
+                calls = stub.Stream(_batches(config, spool, stop, version, flight, metrics),
+                                    metadata=metadata)
+                flight.call = calls
                 active.add(calls)
                 on_state(True)
                 for ack in calls:
+                    flight.sent.pop(ack.batch_id, None)
+                    sent = flight.labels.pop(ack.batch_id, [])
                     if ack.error:
                         log.error("trainer refused batch %d: %s", ack.batch_id, ack.error)
                         continue
+                    if ack.refused:
+                        log.warning("trainer refused %d values of batch %d: %s", ack.refused,
+                                    ack.batch_id, ack.refused_reason)
                     spool.ack(ack.acked_seq)
-                    spool.remove_labels(sent_labels.pop(ack.batch_id, []))
+                    spool.remove_labels(sent)
                     backoff.reset()
                     if stop.is_set():
                         calls.cancel()
@@ -128,7 +178,7 @@ def stream_loop(config: AgentConfig, spool: Spool, stop: threading.Event, active
         except grpc.RpcError as error:
             if stop.is_set():
                 break
-            log.warning("telemetry stream ended: %s %s", error.code(), error.details())
+            _log_call_end("telemetry stream", config, error)
         finally:
             on_state(False)
         if stop.wait(backoff.next_delay()):
@@ -153,13 +203,13 @@ def watch_loop(config: AgentConfig, slot: BundleSlot, stop: threading.Event,
                     backoff.reset()
                     # A refused bundle is logged and counted by the slot; the old one runs on.
                     with contextlib.suppress(BundleError):
-                        slot.install(bundle.metadata_json, bundle.onnx, bundle.sha256 or None)
+                        slot.install(bundle.metadata_json, bundle.onnx, bundle.sha256)
         except grpc.FutureTimeoutError:
             pass
         except grpc.RpcError as error:
             if stop.is_set():
                 break
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                log.warning("bundle watch ended: %s %s", error.code(), error.details())
+                _log_call_end("bundle watch", config, error)
         if stop.wait(backoff.next_delay()):
             break

@@ -3,7 +3,8 @@ at scrape time: `vmad_agent_info{vm_id}` (join on `instance` to name a VM's seri
 the counts its spool and bundle slot keep themselves, as counters.
 
 `vmad_agent_spool_dropped_total` is persisted in the spool (it survives restarts);
-`vmad_agent_bundles_rejected_total` counts since start. Both only ever grow, so they are
+`vmad_agent_spool_drops_total{reason}`, `vmad_agent_bundles_rejected_total` and
+`vmad_agent_bundle_run_failures_total` count since start. Both only ever grow, so they are
 counters, which is what their `_total` names promise to `rate()` and `promtool`.
 """
 
@@ -29,6 +30,16 @@ class PersistedCounters(Collector):
         yield CounterMetricFamily(
             "vmad_agent_spool_dropped",
             "samples dropped from the full spool (oldest first), ever", value=self.spool.dropped)
+        drops = CounterMetricFamily(
+            "vmad_agent_spool_drops", "samples not spooled or dropped from the spool, "
+            "by reason (spool full, disk full, ...)", labels=["reason"])
+        for reason, count in sorted(self.spool.drops.items()):
+            drops.add_metric([reason], count)
+        yield drops
         yield CounterMetricFamily(
             "vmad_agent_bundles_rejected", "bundles refused by verification",
             value=self.slot.rejected)
+        yield CounterMetricFamily(
+            "vmad_agent_bundle_run_failures",
+            "bundles that failed while scoring (rolled back to the previous one)",
+            value=self.slot.run_failures)

@@ -15,8 +15,9 @@ from vmad.windows import Normalizer
 
 
 def tiny_onnx(metrics: int = len(DEFAULT_METRICS), window: int = DEFAULT_WINDOW,
-              bias: float = 0.0) -> bytes:
-    """score = sigmoid(mean of the normalized window + bias)."""
+              bias: float = 0.0, squash: bool = True) -> bytes:
+    """score = sigmoid(mean of the normalized window + bias) (without the sigmoid when
+    not `squash`: not a probability)."""
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", metrics, window])
@@ -24,7 +25,8 @@ def tiny_onnx(metrics: int = len(DEFAULT_METRICS), window: int = DEFAULT_WINDOW,
     nodes = [
         helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2], keepdims=0),
         helper.make_node("Add", ["m", "b"], ["s"]),
-        helper.make_node("Sigmoid", ["s"], ["y"]),
+        helper.make_node("Sigmoid", ["s"], ["y"]) if squash
+        else helper.make_node("Add", ["s", "b"], ["y"]),
     ]
     bias_init = helper.make_tensor("b", TensorProto.FLOAT, [], [bias])
     graph = helper.make_graph(nodes, "tiny", [x], [y], [bias_init])
@@ -57,6 +59,8 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self.verdicts = 0
         self.flagged: list[float] = []  # timestamps of anomalous verdicts
         self.acked: dict[str, int] = {}
+        self.arrivals: list[int] = []  # every seq received, copies included, in order
+        self.refuse_batches = 0  # answer this many batches with Ack.error first
         self.bundles: list[bundle_pb2.ModelBundle] = []
         self.metadata: list[dict[str, str]] = []
 
@@ -65,6 +69,13 @@ class RecordingTrainer(telemetry_pb2_grpc.TelemetryServiceServicer):
         self.metadata.append(dict(context.invocation_metadata()))
         for batch in request_iterator:
             with self.lock:
+                if self.refuse_batches and batch.samples:
+                    self.refuse_batches -= 1
+                    # A misleading acked_seq too: an agent must not act on a refusal's.
+                    yield telemetry_pb2.Ack(batch_id=batch.batch_id, error="bad batch: test",
+                                            acked_seq=batch.samples[-1].seq)
+                    continue
+                self.arrivals += [sample.seq for sample in batch.samples]
                 stored = 0
                 for sample in batch.samples:
                     self.received += 1

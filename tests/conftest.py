@@ -14,3 +14,11 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip("../shared/datasets is not present")
     return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint():
+    """A tiny MLP checkpoint over the default metrics (window 8) for in-process trainers."""
+    from tests.trainer_fixtures import small_checkpoint as make
+
+    return make()

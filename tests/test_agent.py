@@ -14,7 +14,7 @@ import pytest
 
 from tests.agent_fixtures import RecordingTrainer, tiny_bundle
 from vmad import security
-from vmad.bundle import BundleError
+from vmad.bundle import BundleError, sha256_hex
 from vmad.edge_agent.config import AgentConfig
 from vmad.edge_agent.detector import BundleSlot, Detector
 from vmad.edge_agent.link import Backoff
@@ -185,13 +185,20 @@ def test_agent_spools_while_trainer_away_then_replays_exactly_once(tmp_path: Pat
         assert trainer.metadata[0]["authorization"] == "Bearer t1"
 
         metadata, onnx = tiny_bundle("v2", bias=3.0)
+        other_metadata, other_onnx = tiny_bundle("v3", bias=1.0)
         with trainer.lock:
             trainer.bundles.append(bundle_pb2.ModelBundle(
-                version="bad", onnx=onnx + b"x", metadata_json=metadata))
+                version="bad", onnx=onnx + b"x", metadata_json=metadata,
+                sha256=sha256_hex(onnx)))
+            # Consistent bundle, but not the bytes the trainer signed for in the message.
             trainer.bundles.append(bundle_pb2.ModelBundle(
-                version="v2", onnx=onnx, metadata_json=metadata))
+                version="v3", onnx=other_onnx, metadata_json=other_metadata,
+                sha256=sha256_hex(onnx)))
+            trainer.bundles.append(bundle_pb2.ModelBundle(
+                version="v2", onnx=onnx, metadata_json=metadata, sha256=sha256_hex(onnx)))
         wait_for(lambda: agent.slot.current.metadata.version == "v2")
-        assert agent.slot.rejected == 1
+        assert agent.slot.rejected == 2
+        assert agent.slot.previous.metadata.version == "v1"  # v3 never ran
     finally:
         agent.stop()
         server.stop(None)
@@ -240,3 +247,35 @@ def test_agent_with_wrong_token_is_refused_and_keeps_everything(tmp_path: Path) 
     finally:
         agent.stop()
         server.stop(None)
+
+
+def test_refused_batch_stays_spooled_and_arrives_after_reconnect(tmp_path: Path,
+                                                                  caplog) -> None:
+    import logging
+
+    from vmad.edge_agent.agent import Agent
+
+    server, port, trainer = start_trainer()
+    trainer.refuse_batches = 1
+    agent = Agent(agent_config(tmp_path, port), source=fake_source())
+    with caplog.at_level(logging.ERROR, "vmad.edge_agent.link"):
+        agent.start()
+        try:
+            for _ in range(20):
+                agent.tick()
+            wait_for(lambda: any("trainer refused batch" in r.getMessage()
+                                 for r in caplog.records))
+            for _ in range(20):
+                agent.tick()
+            time.sleep(0.3)
+            # The refusal's acked_seq was not acted on: nothing left the spool.
+            assert agent.spool.first_seq() == 1 and agent.spool.rows == 39
+            server.stop(None)  # the next stream replays what was refused
+            server, _, trainer = start_trainer(port)
+            for _ in range(5):
+                agent.tick()
+            wait_for(lambda: trainer.acked.get("vm-1", 0) >= 44, timeout=15)
+            assert sorted(seq for _, seq in trainer.samples) == list(range(1, 45))
+        finally:
+            agent.stop()
+            server.stop(None)

@@ -63,7 +63,10 @@ def test_agent_process_streams_and_ships_injected_fault_label(tmp_path: Path) ->
         server.stop(None)
     assert agent.returncode == 0, stderr
     seqs = sorted(seq for _, seq in trainer.samples)
-    assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate
+    assert seqs == list(range(1, len(seqs) + 1))  # no gap
+    # No duplicate: one stream that never broke sends each sample once (the dict above
+    # would hide a copy; the arrival log does not).
+    assert sorted(trainer.arrivals) == seqs
 
 
 def test_agent_refuses_bad_config_naming_the_key(tmp_path: Path) -> None:

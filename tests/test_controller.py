@@ -115,8 +115,11 @@ def test_event_scoring() -> None:
     assert score_events(labels, flagged, unscored).events == 1
 
 
-def test_example_configs_load() -> None:
+def test_example_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import REPO_ROOT
+
+    for name in ("VMAD_TRAINER_TOKEN", "VMAD_AGENT_TOKEN_VM_1", "VMAD_TRAINER_TOKEN_NODE_1"):
+        monkeypatch.setenv(name, "example-token")
     from vmad.config import load_config
     from vmad.controller.budget import BudgetSettings
     from vmad.controller.config import ControllerConfig, PolicyConfig

@@ -53,12 +53,9 @@ def test_trainer_metrics_count_streams_acks_and_persisted_samples(tiny_models): 
     acks = [telemetry_pb2.Ack(batch_id=1, stored=30),
             telemetry_pb2.Ack(batch_id=2, error="bad batch: batch has no vm_id"),
             telemetry_pb2.Ack(batch_id=3, error="bad batch: holds a NaN or infinite value")]
-    stream = metrics.track_stream(iter(acks))
-    assert next(stream).batch_id == 1
+    for ack in acks:
+        metrics.count_ack(ack)
     r = metrics.registry
-    assert sample(r, "vmad_trainer_agents_connected") == 1.0  # open while streaming
-    assert [a.batch_id for a in stream] == [2, 3]
-    assert sample(r, "vmad_trainer_agents_connected") == 0.0
     assert sample(r, "vmad_trainer_batches_total") == 1.0
     assert sample(r, "vmad_trainer_batches_refused_total", reason="missing_vm_id") == 1.0
     assert sample(r, "vmad_trainer_batches_refused_total", reason="non_finite") == 1.0
@@ -168,29 +165,15 @@ def test_agent_healthz_fails_when_sampling_stalls_and_counters_are_counters(tmp_
         agent.stop()
 
 
-def test_trainer_metrics_wrap_async_streams_and_reports_too(tiny_models):  # noqa: F811
+def test_trainer_metrics_time_async_reports_too(tiny_models):  # noqa: F811
     import asyncio
 
     models, store = tiny_models
     metrics = TrainerMetrics(store, TrainerCore(store, models), None)
 
-    async def acks():
-        yield telemetry_pb2.Ack(batch_id=1, stored=5)
-        yield telemetry_pb2.Ack(batch_id=2, error="bad batch: a sample does not have one "
-                                                  "value per metric (4)")
-
     async def report(state):
         await asyncio.sleep(0.01)
         return Decision(Action.KEEP)
 
-    async def main() -> list[int]:
-        seen = [ack.batch_id async for ack in metrics.track_stream(acks())]
-        await metrics.timed_report(report)(None)
-        return seen
-
-    assert asyncio.run(main()) == [1, 2]
-    r = metrics.registry
-    assert sample(r, "vmad_trainer_batches_total") == 1.0
-    assert sample(r, "vmad_trainer_batches_refused_total", reason="shape") == 1.0
-    assert sample(r, "vmad_trainer_agents_connected") == 0.0
-    assert sample(r, "vmad_trainer_report_seconds_count") == 1.0
+    asyncio.run(metrics.timed_report(report)(None))
+    assert sample(metrics.registry, "vmad_trainer_report_seconds_count") == 1.0

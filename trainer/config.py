@@ -19,8 +19,8 @@ from vmad.security import SecurityConfig
 if TYPE_CHECKING:  # transfer.py needs torch; validating a trainer.yaml must not
     from vmad.trainer.transfer import TransferSettings
 
-__all__ = ["ControllerLink", "ModelSettings", "StoreSettings", "TrainerConfig",
-           "TrainingSettings"]
+__all__ = ["ControllerLink", "ModelSettings", "ServingSettings", "StoreSettings",
+           "TrainerConfig", "TrainingSettings"]
 
 
 class ControllerLink(StrictModel):
@@ -43,6 +43,18 @@ class StoreSettings(StrictModel):
     max_samples_per_vm: int = Field(20_000, ge=16, description="samples kept per VM")
     max_verdicts_per_vm: int = Field(20_000, ge=1, description="agent verdicts kept per VM")
     max_labels_per_vm: int = Field(1_000, ge=1, description="label intervals kept per VM")
+
+
+class ServingSettings(StrictModel):
+    """How many agents this trainer holds and how long it waits on each (every open call
+    is a coroutine on one event loop, not a thread)."""
+
+    max_agents: int = Field(
+        5_000, ge=1, description="open telemetry streams (and as many bundle watches) at "
+        "most; the next agent is refused with RESOURCE_EXHAUSTED, logged and counted")
+    stream_idle_s: float = Field(
+        300.0, gt=0, description="a telemetry stream that sends nothing for this long is "
+        "closed with DEADLINE_EXCEEDED (the agent reconnects); frees a dead agent's slot")
 
 
 class TrainingSettings(StrictModel):
@@ -75,6 +87,7 @@ class TrainerConfig(StrictModel):
     controller: ControllerLink = ControllerLink()
     model: ModelSettings = ModelSettings()
     store: StoreSettings = StoreSettings()
+    serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
     # mTLS, this trainer's token towards the controller, the agents' accepted tokens.
     security: SecurityConfig = SecurityConfig()

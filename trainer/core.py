@@ -51,6 +51,8 @@ class TrainerCore:
         self._generation: dict[str, int] = {}
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
+        # Called (in the worker thread) with the id of a VM whose model changed.
+        self.on_model_changed: Callable[[str], None] | None = None
 
     # -- telemetry --------------------------------------------------------------------
 
@@ -73,6 +75,8 @@ class TrainerCore:
         with self._bundle_cond:
             self._generation[outcome.vm_id] = self._generation.get(outcome.vm_id, 0) + 1
             self._bundle_cond.notify_all()
+        if self.on_model_changed is not None:
+            self.on_model_changed(outcome.vm_id)
 
     def next_bundle(self, vm_id: str, running_version: str, timeout: float) -> Bundle | None:
         """The bundle `vm_id` should run if it is not `running_version`, waiting up to
@@ -114,7 +118,7 @@ class TrainerCore:
                 decision = report(state)
             except Exception as error:  # grpc.RpcError and friends: keep serving agents
                 self.stats.failures += 1
-                self.stats.last_error = str(error).splitlines()[0][:200]
+                self.stats.last_error = _describe(error)
                 log.warning("state report for VM %s failed: %s", vm_id, self.stats.last_error)
                 break
             self.stats.reports += 1
@@ -146,3 +150,12 @@ class TrainerCore:
         self.worker.stop()
         if self._reporter is not None:
             self._reporter.join(5)
+
+
+def _describe(error: Exception) -> str:
+    """One line that says what went wrong: a gRPC error's status and details (its str()
+    starts with a line that says neither)."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):
+        return f"{code().name}: {details()}"[:300]
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]

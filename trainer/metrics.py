@@ -2,23 +2,24 @@
 
 Two kinds:
 - live instruments updated where things happen, through three hooks in
-  trainer/service.py: `track_stream` wraps each telemetry stream (open streams, batches
-  accepted, batches refused by reason, read off the acks it yields), `timed_report`
-  wraps the state-report call (latency), and the action worker's `on_done` callback
-  (fine-tune seconds);
+  trainer/service.py: `count_ack` reads each telemetry ack (batches accepted, batches
+  refused by reason), `timed_report` wraps the state-report call (latency), and the
+  action worker's `on_done` callback (fine-tune seconds);
 - counts that already exist, read at scrape time by `_TrainerCollector`: per-VM samples
   received / duplicate / lost (persisted in the store, so they survive restarts), the
-  reporter's and the action worker's counters, and token refusals.
+  service's own counts (open streams and bundle watches, values refused one by one and
+  whole calls refused, by reason), the reporter's and the action worker's counters, and
+  token refusals.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -30,11 +31,13 @@ from vmad.trainer.transfer import TrainOutcome
 
 __all__ = ["TrainerMetrics", "refusal_reason"]
 
-T = TypeVar("T")
 
-# The bad-batch messages of trainer/service.py and trainer/core.py -> a bounded label.
+# The bad-batch messages of trainer/intake.py and trainer/service.py -> a bounded label.
+# (Single bad values are refused one by one and counted in vmad_trainer_values_refused.)
 _BATCH_REASONS = (
     ("has no vm_id", "missing_vm_id"),
+    ("characters, above", "id_too_long"),
+    ("could not store", "store_failed"),
     ("may not send for", "vm_id_not_client"),
     ("one value per metric", "shape"),
     ("NaN or infinite", "non_finite"),
@@ -52,22 +55,23 @@ def refusal_reason(error: str) -> str:
 
 class TrainerMetrics:
     def __init__(self, store: TelemetryStore, core: TrainerCore,
-                 token_check: TokenInterceptor | None) -> None:
+                 token_check: TokenInterceptor | None, service_stats: Any = None) -> None:
+        # service_stats: trainer/service.py's ServiceStats (plain counters it keeps).
+        self.token_check = token_check
+        self.service_stats = service_stats
         self.registry = process_registry()
         r = self.registry
         self.batches = Counter("vmad_trainer_batches", "telemetry batches accepted",
                                registry=r)
         self.refused = Counter("vmad_trainer_batches_refused",
                                "telemetry batches refused, by reason", ["reason"], registry=r)
-        self.streams = Gauge("vmad_trainer_agents_connected", "open telemetry streams",
-                             registry=r)
         self.report_seconds = Histogram(
             "vmad_trainer_report_seconds", "state report round trip to the controller",
             registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.finetune_seconds = Histogram(
             "vmad_trainer_action_seconds", "time per model action (fine-tune, reset)",
             ["action"], registry=r, buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        r.register(_TrainerCollector(store, core, token_check))
+        r.register(_TrainerCollector(store, core, self))
         previous = core.worker.on_done
 
         def on_done(outcome: TrainOutcome) -> None:
@@ -91,37 +95,13 @@ class TrainerMetrics:
             self.endpoint.close()
             self.endpoint = None
 
-    def track_stream(self, acks: Any) -> Any:
-        """Pass a telemetry stream's acks through, counting what they say. Takes an
-        iterator (grpc's thread servers) or an async iterator (grpc.aio)."""
-        if hasattr(acks, "__aiter__"):
-            return self._track_async(acks)
-        return self._track(acks)
-
-    def _count(self, ack: Any) -> None:
+    def count_ack(self, ack: Any) -> None:
+        """Count one telemetry ack: accepted, or refused with a bounded reason."""
         error = getattr(ack, "error", "")
         if error:
             self.refused.labels(refusal_reason(error)).inc()
         else:
             self.batches.inc()
-
-    def _track(self, acks: Iterator[T]) -> Iterator[T]:
-        self.streams.inc()
-        try:
-            for ack in acks:
-                self._count(ack)
-                yield ack
-        finally:
-            self.streams.dec()
-
-    async def _track_async(self, acks: AsyncIterator[T]) -> AsyncIterator[T]:
-        self.streams.inc()
-        try:
-            async for ack in acks:
-                self._count(ack)
-                yield ack
-        finally:
-            self.streams.dec()
 
     def timed_report(self, report: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """`report` (plain or async) timed into vmad_trainer_report_seconds."""
@@ -147,10 +127,10 @@ class TrainerMetrics:
 
 class _TrainerCollector(Collector):
     def __init__(self, store: TelemetryStore, core: TrainerCore,
-                 token_check: TokenInterceptor | None) -> None:
+                 owner: TrainerMetrics) -> None:
         self.store = store
         self.core = core
-        self.token_check = token_check
+        self.owner = owner
 
     def collect(self) -> Iterable[Any]:
         received = CounterMetricFamily("vmad_trainer_samples_received",
@@ -172,6 +152,26 @@ class _TrainerCollector(Collector):
         yield from (received, duplicate, lost)
         yield GaugeMetricFamily("vmad_trainer_vms", "VMs in this trainer's store",
                                 value=len(vm_ids))
+        service = self.owner.service_stats
+        if service is not None:
+            yield GaugeMetricFamily("vmad_trainer_agents_connected", "open telemetry streams",
+                                    value=service.open_streams)
+            yield GaugeMetricFamily("vmad_trainer_bundle_watches", "open bundle watches",
+                                    value=service.open_watches)
+            values = CounterMetricFamily(
+                "vmad_trainer_values_refused",
+                "samples, verdicts and labels refused one by one at the wire, by reason",
+                labels=["reason"])
+            for reason, n in sorted(service.refused.items()):
+                values.add_metric([reason], n)
+            yield values
+            calls = CounterMetricFamily(
+                "vmad_trainer_calls_refused",
+                "whole calls refused (too many agents, identity, idle), by reason",
+                labels=["reason"])
+            for reason, n in sorted(service.calls_refused.items()):
+                calls.add_metric([reason], n)
+            yield calls
 
         stats = self.core.stats
         yield CounterMetricFamily("vmad_trainer_reports", "state reports answered",
@@ -201,6 +201,6 @@ class _TrainerCollector(Collector):
         refused = CounterMetricFamily("vmad_trainer_calls_unauthenticated",
                                       "calls refused for a missing or wrong token, by reason",
                                       labels=["reason"])
-        for label, n in sorted(token_refusals(self.token_check).items()):
+        for label, n in sorted(token_refusals(self.owner.token_check).items()):
             refused.add_metric([label], n)
         yield refused

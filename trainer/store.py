@@ -13,7 +13,14 @@ De-duplication: an agent streams its samples in sequence order on one stream, so
 trainer keeps, per VM, the highest sequence number it has stored (`acked`). A sample at
 or below it is a duplicate (counted, dropped); a sample above `acked + 1` means the agent
 skipped some (its spool dropped its oldest when full): the gap is counted as `lost` and
-`acked` moves on, so one lost sample never wedges the stream.
+`acked` moves on, so one lost sample never wedges the stream. Samples refused by
+validation (trainer/intake.py) are acknowledged too and counted as `refused`, not lost.
+
+Spools: an agent names its spool (`spool_id`). A VM whose agent starts a new spool (its
+seqs restart at 1) continues in a new seq space after everything stored: the store adds
+`seq_offset` to the agent's seqs, so stored seqs stay unique and increasing, and acks go
+back in the agent's numbering. A new VM (or spool) whose first seq is above 1 dropped
+those samples before first contact: counted lost.
 
 Bounds (documented in trainer.yaml): at most `max_samples` samples, `max_verdicts`
 verdicts and `max_labels` label intervals per VM; the oldest go first. Pruning runs every
@@ -22,19 +29,21 @@ verdicts and `max_labels` label intervals per VM; the oldest go first. Pruning r
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vmad import sqlite as vmad_sqlite
 from vmad.labels import LabelInterval
 
-__all__ = ["IngestResult", "RecentData", "TelemetryStore", "VMModelInfo"]
+__all__ = ["IngestBatch", "IngestResult", "RecentData", "TelemetryStore", "VMModelInfo"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -46,7 +55,10 @@ CREATE TABLE IF NOT EXISTS vms (
     lost INTEGER NOT NULL DEFAULT 0,
     since_prune INTEGER NOT NULL DEFAULT 0,
     first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen REAL NOT NULL,
+    spool_id TEXT NOT NULL DEFAULT '',
+    seq_offset INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS samples (
     vm_id TEXT NOT NULL,
@@ -84,6 +96,11 @@ CREATE TABLE IF NOT EXISTS models (
 );
 """
 
+# Columns added since the first release, for stores an older vmad created.
+_ADDED_VM_COLUMNS = (("spool_id", "TEXT NOT NULL DEFAULT ''"),
+                     ("seq_offset", "INTEGER NOT NULL DEFAULT 0"),
+                     ("refused", "INTEGER NOT NULL DEFAULT 0"))
+
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -94,6 +111,21 @@ class IngestResult:
     duplicates: int
     lost: int
     acked: int
+
+
+@dataclass(frozen=True)
+class IngestBatch:
+    """One telemetry batch for `TelemetryStore.ingest_many` (see `ingest`)."""
+
+    vm_id: str
+    metrics: tuple[str, ...]
+    seqs: Sequence[int] | np.ndarray
+    timestamps: Sequence[float] | np.ndarray
+    values: np.ndarray
+    verdicts: Sequence[tuple[float, float, bool, str]] = ()
+    labels: Sequence[LabelInterval] = ()
+    spool_id: str = ""
+    refused_seqs: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +163,9 @@ class VMCounters:
     lost: int
     first_seen: float
     last_seen: float
+    refused: int = 0  # samples refused by validation
+    spool_id: str = ""  # the agent spool seen last
+    seq_offset: int = 0  # agent seq + seq_offset = stored seq (see `ingest`)
 
 
 class TelemetryStore:
@@ -147,21 +182,20 @@ class TelemetryStore:
         self.max_labels = max_labels
         self.prune_every = prune_every
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = vmad_sqlite.connect(path)
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(vms)")}
+        for name, kind in _ADDED_VM_COLUMNS:
+            if name not in columns:  # a store written by an older vmad
+                self._db.execute(f"ALTER TABLE vms ADD COLUMN {name} {kind}")
+        if "ext_id" not in {r[1] for r in self._db.execute("PRAGMA table_info(labels)")}:
+            self._db.execute("ALTER TABLE labels ADD COLUMN ext_id TEXT")
+        # NULLs are distinct in a UNIQUE index: labels without an id are never merged.
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS labels_ext ON labels "
+                         "(vm_id, ext_id)")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return vmad_sqlite.transaction(self._db, self._lock)
 
     def close(self) -> None:
         with self._lock:
@@ -180,78 +214,128 @@ class TelemetryStore:
         verdicts: Sequence[tuple[float, float, bool, str]] = (),
         labels: Sequence[LabelInterval] = (),
         now: float | None = None,
+        spool_id: str = "",
+        refused_seqs: Sequence[int] = (),
     ) -> IngestResult:
         """Store one telemetry batch atomically and return the acknowledgement.
 
         seqs / timestamps / values: the samples, in sequence order, `values[N, M]` in the
         order of `metrics`. verdicts: (window end timestamp, score, anomalous, model
         version). labels: ground-truth intervals the agent shipped (e.g. an injection).
+        spool_id: the agent's spool (see `IngestBatch`). refused_seqs: seqs of this batch
+        refused by validation (acknowledged, counted apart, never as lost).
         Raises ValueError for a batch whose shape or metric list does not fit.
         """
+        batch = IngestBatch(vm_id, tuple(metrics), seqs, timestamps, values, verdicts, labels,
+                            spool_id, refused_seqs)
+        (result,) = self.ingest_many([batch], now=now)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def ingest_many(self, batches: Sequence[IngestBatch], now: float | None = None
+                    ) -> list[IngestResult | ValueError]:
+        """Store several batches in one transaction (group commit: one commit for every
+        stream's waiting batch). Each batch is its own savepoint, so a batch refused with
+        ValueError changes nothing and the others are stored. A failure of the whole
+        transaction (disk full) raises sqlite3.Error and stores none of them."""
         now = time.time() if now is None else now
-        values = np.asarray(values, dtype=np.float32)
-        seqs = np.asarray(seqs, dtype=np.int64)
+        results: list[IngestResult | ValueError] = []
+        with self._write() as db:
+            for batch in batches:
+                db.execute("SAVEPOINT batch")
+                try:
+                    results.append(self._ingest_one(db, batch, now))
+                except ValueError as error:
+                    db.execute("ROLLBACK TO batch")
+                    results.append(error)
+                db.execute("RELEASE batch")
+        return results
+
+    def _ingest_one(self, db: sqlite3.Connection, batch: IngestBatch,
+                    now: float) -> IngestResult:
+        vm_id, metrics = batch.vm_id, batch.metrics
+        values = np.asarray(batch.values, dtype=np.float32)
+        seqs = np.asarray(batch.seqs, dtype=np.int64)
+        timestamps = batch.timestamps
         if values.ndim != 2 or values.shape != (len(seqs), len(metrics)):
             raise ValueError(f"batch of {len(seqs)} samples has values of shape {values.shape},"
                              f" expected ({len(seqs)}, {len(metrics)})")
         if len(timestamps) != len(seqs):
             raise ValueError(f"{len(seqs)} sequence numbers but {len(timestamps)} timestamps")
-        if len(seqs) > 1 and np.any(np.diff(seqs) <= 0):
+        seq_list = seqs.tolist()
+        if any(b <= a for a, b in itertools.pairwise(seq_list)):
             raise ValueError("sequence numbers in a batch must strictly increase")
         metrics_text = ",".join(metrics)
-        with self._write() as db:
-            row = db.execute("SELECT metrics, acked, since_prune FROM vms WHERE vm_id=?",
-                             (vm_id,)).fetchone()
-            if row is None:
-                # A VM's first batch sets the base: whatever came before it is not ours.
-                acked = int(seqs[0]) - 1 if len(seqs) else 0
-                since_prune = 0
-                db.execute("INSERT INTO vms (vm_id, metrics, acked, first_seen, last_seen) "
-                           "VALUES (?, ?, ?, ?, ?)", (vm_id, metrics_text, acked, now, now))
-            else:
-                if row[0] != metrics_text:
-                    raise ValueError(f"VM {vm_id} sends metrics [{metrics_text}] but earlier "
-                                     f"sent [{row[0]}]")
-                acked, since_prune = int(row[1]), int(row[2])
-            fresh = seqs > acked
-            duplicates = int(len(seqs) - fresh.sum())
-            lost = 0
-            if fresh.any():
-                first = int(seqs[fresh][0])
-                lost = max(0, first - acked - 1)
-                index = np.flatnonzero(fresh)
-                db.executemany(
-                    "INSERT INTO samples VALUES (?, ?, ?, ?)",
-                    ((vm_id, int(seqs[i]), float(timestamps[i]), values[i].tobytes())
-                     for i in index))
-                lost += int(seqs[index[-1]] - first + 1 - len(index))
-                acked = int(seqs[index[-1]])
-            stored = int(fresh.sum())
-            since_prune += stored
-            if verdicts:
-                db.executemany(
-                    "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
-                    ((vm_id, float(ts), float(score), int(bool(flag)), version)
-                     for ts, score, flag, version in verdicts))
-            for label in labels:
-                self._insert_label(db, vm_id, label)
-            if since_prune >= self.prune_every:
-                self._prune(db, vm_id)
-                since_prune = 0
-            db.execute(
-                "UPDATE vms SET acked=?, received=received+?, duplicates=duplicates+?, "
-                "lost=lost+?, since_prune=?, last_seen=? WHERE vm_id=?",
-                (acked, stored, duplicates, lost, since_prune, now, vm_id))
-        return IngestResult(stored, duplicates, lost, acked)
+        row = db.execute("SELECT metrics, acked, since_prune, spool_id, seq_offset FROM vms "
+                         "WHERE vm_id=?", (vm_id,)).fetchone()
+        lost = 0
+        if row is None:
+            # A VM's first batch sets the base. An agent that names its spool numbers it
+            # from 1, so seqs below its first were dropped before first contact: lost.
+            # Without a spool id whatever came before is not known to be ours.
+            first = int(seqs[0]) if len(seqs) else 1
+            acked = 0 if batch.spool_id else first - 1
+            offset, since_prune = 0, 0
+            db.execute("INSERT INTO vms (vm_id, metrics, acked, first_seen, last_seen, "
+                       "spool_id, seq_offset) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (vm_id, metrics_text, acked, now, now, batch.spool_id, offset))
+        else:
+            if row[0] != metrics_text:
+                raise ValueError(f"VM {vm_id} sends metrics [{metrics_text}] but earlier "
+                                 f"sent [{row[0]}]")
+            acked, since_prune, offset = int(row[1]), int(row[2]), int(row[4])
+            if batch.spool_id and batch.spool_id != row[3]:
+                if row[3]:
+                    # A new spool restarts its seqs at 1: it continues this VM's seq space
+                    # after everything stored so far (neither duplicates nor double
+                    # counts), and seqs below its first were dropped before first contact.
+                    offset = acked
+                # (An agent naming the spool it has always had keeps its seqs.)
+                db.execute("UPDATE vms SET spool_id=?, seq_offset=? WHERE vm_id=?",
+                           (batch.spool_id, offset, vm_id))
+        # From here on seqs are the trainer's: the agent's plus the spool's offset.
+        # (Plain lists: a batch is 1 to a few hundred samples.)
+        fresh = [i for i, seq in enumerate(seq_list) if seq + offset > acked]
+        refused = {seq + offset for seq in batch.refused_seqs if seq + offset > acked}
+        duplicates = len(seq_list) - len(fresh)
+        stored = len(fresh)
+        if fresh:
+            stamps = np.asarray(timestamps, dtype=np.float64).tolist()
+            db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)",
+                           ((vm_id, seq_list[i] + offset, stamps[i], values[i].tobytes())
+                            for i in fresh))
+        top = max(acked, seq_list[-1] + offset if fresh else 0, max(refused, default=0))
+        # Every seq in (acked, top] is now stored, refused or given up on (lost).
+        lost += (top - acked) - stored - len(refused)
+        acked = top
+        since_prune += stored
+        if batch.verdicts:
+            db.executemany(
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                ((vm_id, float(ts), float(score), int(bool(flag)), version)
+                 for ts, score, flag, version in batch.verdicts))
+        for label in batch.labels:
+            self._insert_label(db, vm_id, label)
+        if since_prune >= self.prune_every:
+            self._prune(db, vm_id)
+            since_prune = 0
+        db.execute(
+            "UPDATE vms SET acked=?, received=received+?, duplicates=duplicates+?, "
+            "lost=lost+?, refused=refused+?, since_prune=?, last_seen=? WHERE vm_id=?",
+            (acked, stored, duplicates, lost, len(batch.refused_seqs), since_prune, now,
+             vm_id))
+        return IngestResult(stored, duplicates, lost, acked - offset)
 
     def _insert_label(self, db: sqlite3.Connection, vm_id: str, label: LabelInterval) -> None:
         if not label.end >= label.start:
             raise ValueError(f"label interval ends ({label.end}) before it starts "
                              f"({label.start})")
-        db.execute("INSERT INTO labels (vm_id, start_ts, end_ts, anomalous, source) "
-                   "VALUES (?, ?, ?, ?, ?)",
+        # A label with an id is stored once however often it is resent.
+        db.execute("INSERT OR IGNORE INTO labels (vm_id, start_ts, end_ts, anomalous, source, "
+                   "ext_id) VALUES (?, ?, ?, ?, ?, ?)",
                    (vm_id, float(label.start), float(label.end), int(label.anomalous),
-                    label.source))
+                    label.source, label.id or None))
 
     def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
         with self._write() as db:
@@ -281,14 +365,16 @@ class TelemetryStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT vm_id, metrics, acked, received, duplicates, lost, first_seen, "
-                "last_seen FROM vms WHERE vm_id=?", (vm_id,)).fetchone()
+                "last_seen, refused, spool_id, seq_offset FROM vms WHERE vm_id=?",
+                (vm_id,)).fetchone()
         if row is None:
             return None
         return VMCounters(row[0], tuple(row[1].split(",")) if row[1] else (), *row[2:])
 
     def acked(self, vm_id: str) -> int | None:
+        """The acknowledgement as the VM's agent counts (its current spool's seqs)."""
         counters = self.counters(vm_id)
-        return None if counters is None else counters.acked
+        return None if counters is None else counters.acked - counters.seq_offset
 
     def recent(self, vm_id: str, limit: int | None = None) -> RecentData:
         """The newest `limit` samples (all stored when None), oldest first."""

@@ -77,6 +77,8 @@ class BundleMetadata:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"bundle metadata is not valid JSON: {error}") from None
+        except RecursionError:
+            raise BundleError("bundle metadata is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise BundleError("bundle metadata must be a JSON object")
         fmt = data.get("format_version")
@@ -184,10 +186,33 @@ class Bundle:
                 f"ONNX input shape {shape} does not match metadata [batch, {want[0]}, {want[1]}]"
             )
         bundle = cls(metadata, onnx_bytes, session)
-        probe = bundle.probabilities(np.zeros((1, *want), dtype=np.float32))
-        if probe.shape != (1,):
-            raise BundleError(f"ONNX output shape {probe.shape} is not [batch]")
+        bundle.self_test()
         return bundle
+
+    def self_test(self) -> None:
+        """Run the model on realistic raw windows (at the normalization centre, typical
+        noise, far out on either side, past the clip) and refuse it unless it runs and
+        every output is a finite probability: a model whose output is NaN or that fails
+        at run time must never be installed."""
+        center = np.asarray(self.metadata.normalization.center, dtype=np.float32)
+        scale = np.asarray(self.metadata.normalization.scale, dtype=np.float32)
+        m, t = len(self.metadata.metrics), self.metadata.window
+        z = np.random.default_rng(0).normal(size=(8, m, t)).astype(np.float32)
+        z[1] = 0.0
+        z[2] += 3.0
+        z[3] -= 3.0
+        z[4] = 20.0  # past the clip
+        z[5, :, t // 2:] += 6.0  # a step, as at the start of an incident
+        raw = center[None, :, None] + scale[None, :, None] * z
+        try:
+            scores = self.score(raw)
+        except Exception as error:  # onnxruntime raises several private exception types
+            raise BundleError(f"the model fails to run: {str(error)[:300]}") from None
+        if scores.shape != (len(raw),):
+            raise BundleError(f"ONNX output shape {scores.shape} is not [batch]")
+        if not np.all(np.isfinite(scores)) or scores.min() < 0.0 or scores.max() > 1.0:
+            raise BundleError("the model's output on test windows is not a finite "
+                              f"probability in [0, 1] (min {scores.min()}, max {scores.max()})")
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -223,6 +248,10 @@ def _open_session(onnx_bytes: bytes) -> Any:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # One small window at a time: an arena and pre-planned memory patterns only hold on to
+    # memory the agent does not need (docs/agent.md, bench/agent_imports.py).
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     try:
         return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises several private exception types

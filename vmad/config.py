@@ -79,19 +79,47 @@ def _substitute(text: str, path: Path) -> str:
     return _ENV.sub(replace, text)
 
 
+MAX_YAML_DEPTH = 64  # a config is a few levels deep; far deeper is an attack or an accident
+
+
+def _bounded_loader() -> type:
+    """yaml.SafeLoader (no Python object tags) that refuses nesting past MAX_YAML_DEPTH
+    at once, instead of recursing until Python's limit (slow, then RecursionError)."""
+    import yaml
+
+    class BoundedSafeLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedSafeLoader
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The file's top-level mapping after `${ENV}` substitution (empty file = {})."""
     import yaml
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(path, [f"cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, [f"not UTF-8 text: byte {error.start} is "
+                                 f"{error.object[error.start:error.start + 1]!r}"]) from None
     try:
-        data = yaml.safe_load(_substitute(text, path))
+        data = yaml.load(_substitute(text, path), Loader=_bounded_loader())
     except yaml.YAMLError as error:
         raise ConfigError(path, [f"not valid YAML: {error}"]) from None
+    except RecursionError:
+        raise ConfigError(path, ["not valid YAML: nested too deeply"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

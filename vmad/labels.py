@@ -11,9 +11,11 @@ __all__ = ["LabelInterval"]
 
 @dataclass(frozen=True)
 class LabelInterval:
-    """[start, end] in Unix seconds; `source` says who labelled it (injection, operator)."""
+    """[start, end] in Unix seconds; `source` says who labelled it (injection, operator);
+    `id`, when set, names the interval so a resent copy is stored once."""
 
     start: float
     end: float
     anomalous: bool
     source: str = ""
+    id: str = ""

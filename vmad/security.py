@@ -15,14 +15,16 @@ What each process uses (trainer, controller, agent, tools):
 - `open_channel(address, config)`: a channel with those options and credentials.
 - `call_metadata(config)`: metadata to pass on every call (`authorization: Bearer <token>`
   and `vmad-client-id: <id>`); the interceptor checks the token against `tokens[id]`.
-- `TokenInterceptor`: refuses with UNAUTHENTICATED (and counts it) a call whose token is
-  missing or wrong. The health service is exempt so probes need no token.
-- `add_health(server, services)`: standard grpc.health.v1 service, SERVING.
+- `TokenInterceptor` / `AsyncTokenInterceptor`: refuses with UNAUTHENTICATED (and counts
+  it) a call whose token is missing or wrong. The health service is exempt so probes need no token.
+- `make_aio_server(config)`: the same for grpc.aio (no thread per open call).
+- `add_health(server, services)`: standard grpc.health.v1 service (threaded or aio).
 - `make_certs(dir)`: CA + server + client certificates for localhost/127.0.0.1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import ipaddress
@@ -45,12 +47,17 @@ __all__ = [
     "KEEPALIVE_TIMEOUT_MS",
     "KEEPALIVE_TIME_MS",
     "MAX_MESSAGE_BYTES",
+    "AsyncTokenInterceptor",
+    "DecodeGuard",
+    "Health",
     "SecurityConfig",
+    "TokenCheck",
     "TokenInterceptor",
     "add_health",
     "add_port",
     "call_metadata",
     "channel_options",
+    "make_aio_server",
     "make_certs",
     "make_server",
     "open_channel",
@@ -178,12 +185,12 @@ def call_metadata(config: SecurityConfig) -> tuple[tuple[str, str], ...]:
     return tuple(metadata)
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenCheck:
     """Accept a call only if `authorization: Bearer <t>` matches `tokens[vmad-client-id]`.
 
     Refusals end the call with UNAUTHENTICATED before any handler runs (so a refused
     client costs no service work) and are counted in `refused` by reason. Services that
-    need to know the caller read the `vmad-client-id` metadata, which this interceptor has
+    need to know the caller read the `vmad-client-id` metadata, which this check has
     vouched for; a service should check that a batch's vm_id equals it.
     """
 
@@ -194,9 +201,45 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self.refused: Counter[str] = Counter()
 
-    def _refuse(self, reason: str) -> grpc.RpcMethodHandler:
+    def reason_to_refuse(self, details: grpc.HandlerCallDetails) -> str | None:
+        """None when the call may go on; otherwise why not (counted)."""
+        if self._exempt(details.method):
+            return None
+        metadata = dict(details.invocation_metadata or ())
+        client = metadata.get(CLIENT_ID_HEADER)
+        header = metadata.get(AUTH_HEADER, "")
+        expected = self._tokens.get(client or "")
+        if not header.startswith("Bearer "):
+            reason = "missing bearer token"
+        elif expected is None:
+            reason = f"unknown client id {client!r}"
+        elif not hmac.compare_digest(header[len("Bearer "):].encode(), expected):
+            reason = f"wrong token for {client!r}"
+        else:
+            return None
         with self._lock:
             self.refused[reason] += 1
+        log.warning("call %s refused: %s", details.method, reason)
+        return reason
+
+    @property
+    def refused_total(self) -> int:
+        with self._lock:
+            return sum(self.refused.values())
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """`TokenCheck` for the threaded grpc.Server."""
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self.check = TokenCheck(tokens)
+        self.refused = self.check.refused
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        reason = self.check.reason_to_refuse(handler_call_details)
+        if reason is None:
+            return continuation(handler_call_details)
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
@@ -205,26 +248,95 @@ class TokenInterceptor(grpc.ServerInterceptor):
         # message is read or written.
         return grpc.unary_unary_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation: Callable[..., Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        if self._exempt(handler_call_details.method):
-            return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        client = metadata.get(CLIENT_ID_HEADER)
-        header = metadata.get(AUTH_HEADER, "")
-        if not header.startswith("Bearer "):
-            return self._refuse("missing bearer token")
-        expected = self._tokens.get(client or "")
-        if expected is None:
-            return self._refuse(f"unknown client id {client!r}")
-        if not hmac.compare_digest(header[len("Bearer "):].encode(), expected):
-            return self._refuse(f"wrong token for {client!r}")
-        return continuation(handler_call_details)
+    @property
+    def refused_total(self) -> int:
+        return self.check.refused_total
+
+
+class AsyncTokenInterceptor(grpc.aio.ServerInterceptor):
+    """`TokenCheck` for grpc.aio servers."""
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self.check = TokenCheck(tokens)
+        self.refused = self.check.refused
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        reason = self.check.reason_to_refuse(handler_call_details)
+        if reason is None:
+            return await continuation(handler_call_details)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
 
     @property
     def refused_total(self) -> int:
+        return self.check.refused_total
+
+
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Bytes that do not parse as the method's request message end the call with
+    INVALID_ARGUMENT, a log line and a count (`refused`), instead of gRPC's own INTERNAL
+    "Exception deserializing request!" with a traceback."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    def _deny(self, context: grpc.ServicerContext, method: str, bad: _Undecodable) -> None:
         with self._lock:
-            return sum(self.refused.values())
+            self.refused += 1
+        log.warning("call %s refused: request is not a valid message (%s)", method,
+                    str(bad.error)[:200])
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid message")
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def safe(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as error:  # protobuf's DecodeError and friends
+                return _Undecodable(error)
+
+        def one(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    self._deny(context, method, request)
+                return behavior(request, context)
+            return guarded
+
+        def many(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(requests: Any, context: grpc.ServicerContext) -> Any:
+                def checked() -> Any:
+                    for request in requests:
+                        if isinstance(request, _Undecodable):
+                            self._deny(context, method, request)
+                        yield request
+                return behavior(checked(), context)
+            return guarded
+
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, one),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, one),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, many),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, many))
+        for attribute, make, wrap in kinds:
+            behavior = getattr(handler, attribute)
+            if behavior is not None:
+                return make(wrap(behavior), request_deserializer=safe,
+                            response_serializer=handler.response_serializer)
+        return handler
 
 
 def make_server(config: SecurityConfig, max_workers: int = 16,
@@ -234,21 +346,61 @@ def make_server(config: SecurityConfig, max_workers: int = 16,
     interceptor (returned so the caller can export its refusal count)."""
     token_check = TokenInterceptor(config.tokens) if config.tokens else None
     chain = [token_check, *interceptors] if token_check else list(interceptors)
+    chain.append(DecodeGuard())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=chain, options=server_options())
     return server, token_check
 
 
-def add_health(server: grpc.Server, services: Iterable[str] = ()) -> Any:
-    """Serve grpc.health.v1 with "" and each of `services` SERVING; returns the servicer
-    (call `set(name, status)` on it to report NOT_SERVING while draining)."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+def make_aio_server(config: SecurityConfig, *, max_concurrent_rpcs: int | None = None,
+                    ) -> tuple[grpc.aio.Server, AsyncTokenInterceptor | None]:
+    """A grpc.aio.Server (calls are coroutines on one event loop: an open stream costs no
+    thread) with the standard options and, when `tokens` is set, the token interceptor.
+    Create it with the event loop that will run it current."""
+    token_check = AsyncTokenInterceptor(config.tokens) if config.tokens else None
+    server = grpc.aio.server(interceptors=[token_check] if token_check else None,
+                             options=server_options(), maximum_concurrent_rpcs=max_concurrent_rpcs)
+    return server, token_check
 
+
+class Health:
+    """The standard grpc.health.v1 service for "" and each named service."""
+
+    def __init__(self, servicer: Any, services: Iterable[str]) -> None:
+        self.servicer = servicer
+        self.services = ("", *services)
+
+    def set_serving(self, serving: bool) -> Any:
+        """Report SERVING or NOT_SERVING (while draining). Returns what the servicer's
+        `set` returns: a coroutine to await for the aio servicer, None otherwise."""
+        from grpc_health.v1 import health_pb2
+
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        results = [self.servicer.set(name, status) for name in self.services]
+        if results and asyncio.iscoroutine(results[0]):
+            return asyncio.gather(*results)
+        return None
+
+
+def add_health(server: grpc.Server | grpc.aio.Server, services: Iterable[str] = (),
+               serving: bool = True) -> Health:
+    """Serve grpc.health.v1 on `server` (threaded or aio) for "" and each of `services`.
+
+    Threaded servers start SERVING when `serving`; an aio server starts NOT_SERVING until
+    `await health.set_serving(True)` (its servicer's `set` is a coroutine).
+    """
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    if isinstance(server, grpc.aio.Server):
+        servicer: Any = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        return Health(servicer, services)
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    for name in ("", *services):
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return servicer
+    status = Health(servicer, services)
+    status.set_serving(serving)
+    return status
 
 
 def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
@@ -304,11 +456,11 @@ def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    # The server certificate may also act as a client: a trainer serves agents and
-    # presents the same certificate when it reports to the controller.
-    for role, usage in (("server", [ExtendedKeyUsageOID.SERVER_AUTH,
-                                    ExtendedKeyUsageOID.CLIENT_AUTH]),
-                        ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
+    # The server certificate is also a client one: a trainer serves agents and calls the
+    # controller with the same certificate.
+    for role, usages in (("server", [ExtendedKeyUsageOID.SERVER_AUTH,
+                                     ExtendedKeyUsageOID.CLIENT_AUTH]),
+                         ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder().subject_name(name(f"vmad {role}"))
@@ -317,7 +469,7 @@ def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA256())
         )

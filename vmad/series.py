@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ import numpy as np
 
 from vmad.errors import InputError
 from vmad.evaluation import events
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # series hold float32
 
 __all__ = [
     "DEFAULT_MAX_FILL",
@@ -171,7 +174,8 @@ def read_series(
     try:
         with _open_text(path) as handle:
             rows = list(csv.reader(handle))
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as error:
+        # A corrupt .gz raises zlib.error (bad data) or EOFError (truncated).
         raise SeriesFormatError(path, f"cannot read: {error}") from error
     if not rows or not rows[0]:
         raise SeriesFormatError(path, "empty file (a header row is required)", line=1)
@@ -211,6 +215,11 @@ def read_series(
     values = np.empty((len(body), len(metrics)), dtype=np.float64)
     for j, metric in enumerate(metrics):
         values[:, j] = _parse_column(path, metric, list(columns[j + 1]), max_fill)
+        too_big = np.abs(values[:, j]) > _FLOAT32_MAX  # would be stored as infinity
+        if too_big.any():
+            row = int(np.flatnonzero(too_big)[0])
+            raise SeriesFormatError(path, f"value {values[row, j]} is out of range (at most "
+                                    f"{_FLOAT32_MAX:.3g})", line=row + 2, column=metric)
         if not allow_negative and (values[:, j] < 0).any():
             row = int(np.flatnonzero(values[:, j] < 0)[0])
             raise SeriesFormatError(path, f"negative value {values[row, j]} (usage metrics are "

@@ -73,5 +73,13 @@ def labels_from_messages(messages: object) -> list[LabelInterval]:
     for m in messages:  # type: ignore[attr-defined]
         source = _SOURCE_NAMES.get(m.source, "unspecified")
         out.append(LabelInterval(m.start, m.end, m.anomalous,
-                                 f"{source}:{m.kind}" if m.kind else source))
+                                 f"{source}:{m.kind}" if m.kind else source, m.id))
     return out
+
+
+def labels_to_messages(labels: list[LabelInterval]) -> list[telemetry_pb2.LabelInterval]:
+    return [telemetry_pb2.LabelInterval(
+        start=label.start, end=label.end, anomalous=label.anomalous,
+        source=_SOURCES.get(label.source.split(":")[0], 0),
+        kind=label.source.split(":", 1)[1] if ":" in label.source else "", id=label.id)
+        for label in labels]
