@@ -56,13 +56,16 @@ class TrainerCore:
 
     def ingest(self, vm_id: str, metrics: Sequence[str], seqs: np.ndarray,
                timestamps: np.ndarray, values: np.ndarray,
-               verdicts: Sequence[tuple[float, float, bool, str]] = (),
+               verdicts: Sequence[tuple] = (),
                labels: Sequence[LabelInterval] = ()) -> IngestResult:
         if tuple(metrics) != self.models.metrics:
             raise ValueError(f"VM {vm_id} sends metrics {list(metrics)}; this trainer's "
                              f"model takes {list(self.models.metrics)}")
-        return self.store.ingest(vm_id, metrics, seqs, timestamps, values,
-                                 verdicts=verdicts, labels=labels)
+        result = self.store.ingest(vm_id, metrics, seqs, timestamps, values,
+                                   verdicts=verdicts, labels=labels)
+        if result.stored and self.models.needs_adaptation(vm_id):
+            self.worker.submit_adaptation(vm_id)
+        return result
 
     def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
         self.store.add_labels(vm_id, labels)

@@ -80,7 +80,8 @@ class TrainerServer:
             max_verdicts=config.store.max_verdicts_per_vm,
             max_labels=config.store.max_labels_per_vm)
         self.models = VMModels(checkpoint, self.store, data_dir / "models",
-                               config.training.transfer(), seed=config.training.seed)
+                               config.training, seed=config.training.seed,
+                               adaptation=config.adaptation)
         self.core = TrainerCore(self.store, self.models)
         self.bad_batches = 0
         self.server, self.token_check = make_server(config.security, max_workers=64)
@@ -144,8 +145,8 @@ class TrainerServer:
                 values = np.array(rows, dtype=np.float32).reshape(n, m)
                 if not np.all(np.isfinite(values)):
                     raise ValueError("batch holds a NaN or infinite metric value")
-                verdicts = [(v.timestamp, v.score, v.anomalous, v.model_version)
-                            for v in batch.verdicts]
+                verdicts = [(v.timestamp, v.score, v.anomalous, v.model_version,
+                             tuple(v.contributions)) for v in batch.verdicts]
                 result = self.core.ingest(batch.vm_id, tuple(batch.metrics), seqs, ts, values,
                                           verdicts=verdicts,
                                           labels=labels_from_messages(batch.labels))
