@@ -8,13 +8,17 @@ exported bundle (trainer/export.py) computes, inside one ONNX graph:
 
     z = w * (logit - cnn_center) / cnn_scale
         + (1 - w) * (log1p(deviation) - dev_center) / dev_scale
-    score = sigmoid(z)
+    score = sigmoid(z - offset)
 
 where `deviation` is the largest per-metric contribution of the window's newest sample
 (trainer/residual.py) and the centres and scales are the median and robust spread of
 each part on the VM's own windows, so both parts speak in "how unusual for this VM".
-With w = 1, centre 0 and scale 1 the score is the network's probability: that is the
-pooled, warm-up bundle.
+`offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
+own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
+normal windows exceed it: the score is 0.5 exactly there, and the bundle's threshold is
+0.5. Centring on the threshold keeps float32 scores away from saturation where it
+matters. With w = 1, centre 0, scale 1 and offset 0 the score is the network's
+probability: that is the pooled warm-up bundle, which keeps its shipped threshold.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from torch import nn
 
-from vmad.evaluation import false_alarm_threshold
+from vmad.evaluation import tail_threshold
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
@@ -45,6 +49,7 @@ class Fusion:
     dev_center: float = 0.0
     dev_scale: float = 1.0
     cnn_weight: float = 1.0
+    offset: float = 0.0
 
     def z(self, logits: np.ndarray, deviation: np.ndarray) -> np.ndarray:
         w = self.cnn_weight
@@ -53,15 +58,15 @@ class Fusion:
         return w * cnn + (1.0 - w) * dev
 
     def score(self, logits: np.ndarray, deviation: np.ndarray) -> np.ndarray:
-        return (1.0 / (1.0 + np.exp(-np.clip(self.z(logits, deviation), -60, 60)))).astype(
-            np.float32)
+        z = self.z(logits, deviation) - self.offset
+        return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Fusion:
-        fusion = cls(**{k: float(data[k]) for k in cls.__dataclass_fields__})
+        fusion = cls(**{k: float(data.get(k, 0.0)) for k in cls.__dataclass_fields__})
         if not (fusion.cnn_scale > 0 and fusion.dev_scale > 0 and 0 <= fusion.cnn_weight <= 1):
             raise ValueError(f"invalid fusion parameters {data}")
         return fusion
@@ -122,14 +127,14 @@ def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray
 def fit_adaptation(
     model: nn.Module, raw: np.ndarray, window: int, *,
     floors: float | Sequence[float] = 0.0, components: int = 0, cnn_weight: float = 0.5,
-    false_alarm_rate: float = 0.005, min_threshold: float = 0.0,
+    false_alarm_rate: float = 0.005,
     received: int = 0, now: float = 0.0, generation: int = 1,
     normalizer: Normalizer | None = None,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
-    The threshold flags `false_alarm_rate` of the VM's own windows (taken as normal: no
-    label is used), and never less than `min_threshold`. `normalizer` keeps given
+    The fused score's 0.5 sits where `false_alarm_rate` of the VM's own windows (taken as
+    normal: no label is used) are expected above it; the threshold is 0.5. `normalizer` keeps given
     statistics (the network was just fine-tuned on them) instead of fitting new ones.
     """
     from vmad.trainer.training import predict_logits
@@ -146,7 +151,6 @@ def fit_adaptation(
     logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
     deviation = deviation_of_windows(residual, normalized, window)
     fusion = fit_fusion(logits, deviation, cnn_weight)
-    threshold = max(false_alarm_threshold(fusion.score(logits, deviation), false_alarm_rate),
-                    min_threshold)
-    return VMAdaptation(normalizer, residual, fusion, min(float(threshold), 1.0), len(raw),
+    offset = tail_threshold(fusion.z(logits, deviation), false_alarm_rate)
+    return VMAdaptation(normalizer, residual, replace(fusion, offset=offset), 0.5, len(raw),
                         received, now, generation)

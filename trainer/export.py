@@ -53,7 +53,7 @@ class _FusedScore(nn.Module):
         z = f.cnn_weight * (logit - f.cnn_center) / f.cnn_scale
         if f.cnn_weight < 1.0:
             z = z + (1.0 - f.cnn_weight) * (torch.log1p(deviation) - f.dev_center) / f.dev_scale
-        return torch.sigmoid(z), contributions
+        return torch.sigmoid(z - f.offset), contributions
 
 
 def onnx_bytes(model: nn.Module, n_metrics: int, window: int,

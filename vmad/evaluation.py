@@ -22,6 +22,7 @@ __all__ = [
     "best_f1_threshold",
     "events",
     "false_alarm_threshold",
+    "tail_threshold",
     "hit_rate",
     "read_interpretation_labels",
     "roc_auc",
@@ -143,6 +144,24 @@ def false_alarm_threshold(normal_scores: np.ndarray, rate: float) -> float:
     flagged."""
     cut = np.float32(np.quantile(np.asarray(normal_scores), 1 - rate))
     return float(np.nextafter(cut, np.float32(np.inf)))
+
+
+def tail_threshold(normal_scores: np.ndarray, rate: float, tail: float = 0.1) -> float:
+    """The threshold a score exceeds with probability `rate` on normal data, from a
+    peaks-over-threshold fit (SPOT, Siffer et al., KDD 2017, with the exponential tail):
+    above u, the (1 - tail) quantile, excesses are taken as exponential with their mean
+    sigma, so P(score > u + x) = tail * exp(-x / sigma) and the threshold is
+    u + sigma * ln(tail / rate). Unlike a plain quantile it extrapolates beyond the
+    largest score seen, which a few hundred warm-up windows need for a rate of 0.5 %."""
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    if len(scores) == 0 or not np.isfinite(scores).all():
+        raise ValueError("tail_threshold needs finite scores")
+    if not 0 < rate < tail < 1:
+        raise ValueError(f"need 0 < rate < tail < 1, got rate {rate}, tail {tail}")
+    u = float(np.quantile(scores, 1 - tail))
+    excess = scores[scores > u] - u
+    sigma = float(excess.mean()) if len(excess) else 0.0
+    return u + sigma * float(np.log(tail / rate))
 
 
 # One anomaly's rows [start, stop) (0-based, stop exclusive) and the 0-based metric
