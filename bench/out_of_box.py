@@ -143,7 +143,8 @@ def main() -> None:
     if args.quick:
         args.interval, args.warmup, args.quiet, args.leak = 0.1, 200, 20.0, 6.0
     with tempfile.TemporaryDirectory(prefix="vmad-oob-") as scratch:
-        result = run_out_of_box(Path(args.keep) if args.keep else Path(scratch), interval_s=args.interval, warmup=args.warmup,
+        work = Path(args.keep) if args.keep else Path(scratch)
+        result = run_out_of_box(work, interval_s=args.interval, warmup=args.warmup,
                                 quiet_s=args.quiet, leak_s=args.leak,
                                 memory_share=args.memory_share,
                                 detect_within_s=max(60.0, args.leak * 3))

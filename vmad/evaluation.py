@@ -22,11 +22,11 @@ __all__ = [
     "best_f1_threshold",
     "events",
     "false_alarm_threshold",
-    "tail_threshold",
     "hit_rate",
     "read_interpretation_labels",
     "roc_auc",
     "score_detection",
+    "tail_threshold",
 ]
 
 
