@@ -38,8 +38,10 @@ from vmad.windows import Normalizer, make_windows
 __all__ = ["Fusion", "VMAdaptation", "fit_adaptation", "fit_fusion", "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
-# VM's own windows must not be blown up into the dominant one.
+# VM's own windows must not be blown up into the dominant one. The deviation's is
+# larger: a quiet warm-up says little about how far an ordinary day strays (log1p units).
 _PART_SCALE_FLOOR = 0.05
+_DEVIATION_SCALE_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tup
 def fit_fusion(logits: np.ndarray, deviation: np.ndarray, cnn_weight: float) -> Fusion:
     """Standardize both parts on the VM's own (mostly normal) windows."""
     cc, cs = robust_location(logits)
-    dc, ds = robust_location(np.log1p(np.asarray(deviation, np.float64)))
+    dc, ds = robust_location(np.log1p(np.asarray(deviation, np.float64)),
+                             _DEVIATION_SCALE_FLOOR)
     return Fusion(cc, cs, dc, ds, float(cnn_weight))
 
 
@@ -127,7 +130,7 @@ def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray
 def fit_adaptation(
     model: nn.Module, raw: np.ndarray, window: int, *,
     floors: float | Sequence[float] = 0.0, components: int = 0, cnn_weight: float = 0.5,
-    false_alarm_rate: float = 0.005,
+    false_alarm_rate: float = 0.005, min_deviation: float = 0.0,
     received: int = 0, now: float = 0.0, generation: int = 1,
     normalizer: Normalizer | None = None,
 ) -> VMAdaptation:
@@ -152,5 +155,8 @@ def fit_adaptation(
     deviation = deviation_of_windows(residual, normalized, window)
     fusion = fit_fusion(logits, deviation, cnn_weight)
     offset = tail_threshold(fusion.z(logits, deviation), false_alarm_rate)
+    if min_deviation > 0:
+        floor = fusion.z(np.array([fusion.cnn_center]), np.array([min_deviation]))[0]
+        offset = max(offset, float(floor))
     return VMAdaptation(normalizer, residual, replace(fusion, offset=offset), 0.5, len(raw),
                         received, now, generation)

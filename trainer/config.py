@@ -80,6 +80,9 @@ class AdaptationSettings(StrictModel):
         4_320, ge=80, description="newest samples a refit uses (4,320 = 6 h at 5 s)")
     target_false_alarm_rate: float = Field(
         0.005, gt=0, lt=0.5, description="threshold flags this share of the VM's own windows")
+    min_deviation: float = Field(
+        6.0, ge=0, description="no alarm below this many spreads of the most deviant "
+                               "metric while the network is at its usual level")
     cnn_weight: float = Field(
         0.5, ge=0, le=1, description="weight of the network in the fused score; the rest "
                                      "goes to the per-metric deviation")
