@@ -154,3 +154,18 @@ def test_hit_rate_counts_cause_metrics_among_the_top(tmp_path) -> None:
     path.write_text("oops\n")
     with pytest.raises(ValueError, match="start-end"):
         read_interpretation_labels(path)
+
+
+def test_injected_validation_set_labels_faults_at_the_vms_own_levels() -> None:
+    from vmad.trainer.injection import injected_validation_set
+
+    vm, _ = generate_vm(11, 1500, fault_rate=0.0)
+    injected = injected_validation_set(vm.values, WINDOW, seed=1)
+    assert injected.windows.shape[1:] == (4, WINDOW) and len(injected.kinds) >= 4
+    assert 0.05 < injected.labels.mean() < 0.4
+    # Anomalous windows really differ from the VM's own windows; normal ones are its own.
+    normal = make_windows(vm.values, WINDOW)
+    assert np.allclose(injected.windows[: len(normal)][injected.labels[: len(normal)] == 0][:5],
+                       normal[injected.labels[: len(normal)] == 0][:5])
+    with pytest.raises(ValueError, match="at least"):
+        injected_validation_set(vm.values[:40], WINDOW)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from torch import nn
@@ -101,13 +101,17 @@ class VMAdaptation:
     received_at_fit: int  # the VM's received-sample counter when it was fitted
     fitted_at: float
     generation: int = 1
+    # Scores on the VM's own history with synthetic faults injected (trainer/injection.py):
+    # the quality estimate the trainer reports without any label.
+    quality: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({
             "normalization": self.normalizer.to_dict(), "residual": self.residual.to_dict(),
             "fusion": self.fusion.to_dict(), "threshold": self.threshold,
             "samples_fitted": self.samples_fitted, "received_at_fit": self.received_at_fit,
-            "fitted_at": self.fitted_at, "generation": self.generation}, indent=1)
+            "fitted_at": self.fitted_at, "generation": self.generation,
+            "quality": self.quality}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> VMAdaptation:
@@ -118,7 +122,8 @@ class VMAdaptation:
         return cls(Normalizer.from_dict(data["normalization"]),
                    ResidualModel.from_dict(data["residual"]), Fusion.from_dict(data["fusion"]),
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
-                   float(data["fitted_at"]), int(data["generation"]))
+                   float(data["fitted_at"]), int(data["generation"]),
+                   {k: float(v) for k, v in (data.get("quality") or {}).items()})
 
 
 def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vmad.bundle import Bundle
+from vmad.evaluation import score_detection
 from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
 from vmad.state import VMState, compute_state
 from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
@@ -231,8 +232,24 @@ class VMModels:
             normalizer=previous.normalizer if keep_normalizer and previous else None)
         self._save_adaptation(vm_id, adaptation)
         bundle = self.bundle(vm_id)
+        quality = self._injected_quality(raw, bundle)
+        if quality:
+            self._save_adaptation(vm_id, replace(adaptation, quality=quality))
         return TrainOutcome(vm_id, "adapt", 0, float("nan"), time.perf_counter() - started,
                             bundle.metadata.version, bundle)
+
+    def _injected_quality(self, raw: np.ndarray, bundle: Bundle) -> dict[str, float]:
+        """The VM's detector on its own history with synthetic faults injected; empty
+        for other metric sets or a history too short to hold faults."""
+        from vmad.trainer.injection import injected_validation_set
+
+        if self.metrics != DEFAULT_METRICS or len(raw) < 4 * self.window:
+            return {}
+        injected = injected_validation_set(raw, self.window, seed=self.seed)
+        result = score_detection(injected.labels, bundle.score(injected.windows),
+                                 bundle.metadata.threshold)
+        return {k: float(getattr(result, k)) for k in (
+            "precision", "recall", "point_f1", "false_alarm_rate", "event_recall", "auc")}
 
     def _save_adaptation(self, vm_id: str, adaptation: VMAdaptation) -> None:
         path = self._adaptation_file(vm_id)

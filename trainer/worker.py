@@ -141,10 +141,11 @@ class ActionWorker:
     def adapt(self, vm_id: str) -> TrainOutcome:
         outcome = self.models.adapt(vm_id)
         adaptation = self.models.adaptation(vm_id)
-        log.info("VM %s: adapted without labels on %d samples in %.1f s -> %s "
-                 "(threshold %.4f)", vm_id, adaptation.samples_fitted if adaptation else 0,
-                 outcome.seconds, outcome.version,
-                 adaptation.threshold if adaptation else float("nan"))
+        quality = adaptation.quality if adaptation else {}
+        log.info("VM %s: adapted without labels on %d samples in %.1f s -> %s; on its own "
+                 "history with injected faults: %s", vm_id,
+                 adaptation.samples_fitted if adaptation else 0, outcome.seconds,
+                 outcome.version, ", ".join(f"{k} {v:.3f}" for k, v in quality.items()) or "-")
         return outcome
 
     def execute(self, vm_id: str, decision: Decision) -> TrainOutcome:
