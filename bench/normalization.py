@@ -42,10 +42,12 @@ def main() -> None:
                         help="samples of warm-up (default: trainer.yaml's, 720 = 1 h at 5 s)")
     parser.add_argument("--vms", type=int, default=10, help="unseen VMs to score")
     parser.add_argument("--samples", type=int, default=6000, help="samples per scored VM")
+    parser.add_argument("--cnn-weight", type=float, default=AdaptationSettings().cnn_weight,
+                        help="the network's weight in the fused score (trainer.yaml's default)")
     args = parser.parse_args()
     if args.quick:
         args.vms, args.samples = 3, 2000
-    settings = AdaptationSettings(warmup_samples=args.warmup)
+    settings = AdaptationSettings(warmup_samples=args.warmup, cnn_weight=args.cnn_weight)
     shipped = load_default_checkpoint()
     window = shipped.window
     started = time.perf_counter()

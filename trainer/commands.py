@@ -67,6 +67,9 @@ def register(commands: Any, bench: Any) -> None:
                                 "is used (thresholds from --false-alarm-rate on the train part)")
     detection.add_argument("--false-alarm-rate", type=float, default=0.005,
                            help="label-free thresholds flag this share of the train part")
+    detection.add_argument("--threshold-rule", choices=("tail", "quantile"), default="tail",
+                           help="label-free threshold: peaks-over-threshold fit (as the "
+                                "trainer) or the train part's empirical quantile")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -228,7 +231,8 @@ def run_bench_detection(args: argparse.Namespace) -> int:
 
     config = QUICK if args.quick else ProtocolConfig()
     config = replace(config, folds=args.folds, seed=args.seed, labels=args.labels,
-                     false_alarm_rate=args.false_alarm_rate)
+                     false_alarm_rate=args.false_alarm_rate,
+                     threshold_rule=args.threshold_rule)
     if args.max_series is not None:
         config = replace(config, max_series=args.max_series)
     if args.pretrain_batches is not None:

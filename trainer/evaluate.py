@@ -51,6 +51,7 @@ from vmad.evaluation import (
     hit_rate,
     read_interpretation_labels,
     score_detection,
+    tail_threshold,
 )
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
@@ -81,7 +82,9 @@ class ProtocolConfig:
     "none". false_alarm_rate: the label-free threshold's target on the train part.
     scale_floor: least normalization scale, in the data's units (SMD is min-max scaled
     to [0, 1]: 0.05 is 5 % of a metric's full range). fusion_weights / cnn_weight: the
-    network's weight in `fused`, picked on the head / fixed without labels."""
+    network's weight in `fused`, picked on the head / fixed without labels.
+    threshold_rule: without labels, "tail" (peaks over threshold, as the trainer does) or
+    "quantile" (the empirical quantile of the train part's scores)."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -103,6 +106,7 @@ class ProtocolConfig:
     scale_floor: float = 0.05
     fusion_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     cnn_weight: float = 0.5
+    threshold_rule: str = "tail"
 
 
 QUICK = ProtocolConfig(
@@ -298,8 +302,10 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
                                                  config)
             extra["cnn_weight"] = weight
     if config.labels == "none":
-        threshold = false_alarm_threshold(train_scores[np.isfinite(train_scores)],
-                                          config.false_alarm_rate)
+        finite = train_scores[np.isfinite(train_scores)]
+        threshold = tail_threshold(finite, config.false_alarm_rate) \
+            if config.threshold_rule == "tail" else \
+            false_alarm_threshold(finite, config.false_alarm_rate)
     else:
         threshold = best_f1_threshold(labels[:cut], scores[:cut])
     result = score_detection(labels[first:], scores[first:], threshold)

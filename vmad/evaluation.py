@@ -152,7 +152,9 @@ def tail_threshold(normal_scores: np.ndarray, rate: float, tail: float = 0.1) ->
     above u, the (1 - tail) quantile, excesses are taken as exponential with their mean
     sigma, so P(score > u + x) = tail * exp(-x / sigma) and the threshold is
     u + sigma * ln(tail / rate). Unlike a plain quantile it extrapolates beyond the
-    largest score seen, which a few hundred warm-up windows need for a rate of 0.5 %."""
+    largest score seen, which a few hundred warm-up windows need for a rate of 0.5 %; it
+    never returns less than the empirical (1 - rate) quantile, which a heavier tail than
+    the exponential (the largest of many metrics' deviations) would otherwise undercut."""
     scores = np.asarray(normal_scores, dtype=np.float64)
     if len(scores) == 0 or not np.isfinite(scores).all():
         raise ValueError("tail_threshold needs finite scores")
@@ -161,7 +163,7 @@ def tail_threshold(normal_scores: np.ndarray, rate: float, tail: float = 0.1) ->
     u = float(np.quantile(scores, 1 - tail))
     excess = scores[scores > u] - u
     sigma = float(excess.mean()) if len(excess) else 0.0
-    return u + sigma * float(np.log(tail / rate))
+    return max(u + sigma * float(np.log(tail / rate)), float(np.quantile(scores, 1 - rate)))
 
 
 # One anomaly's rows [start, stop) (0-based, stop exclusive) and the 0-based metric
