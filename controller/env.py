@@ -293,8 +293,9 @@ class VMLifeEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        from vmad.trainer.config import TrainingSettings
         from vmad.trainer.store import TelemetryStore
-        from vmad.trainer.transfer import TransferSettings, VMModels
+        from vmad.trainer.transfer import VMModels
 
         super().reset(seed=seed)
         if seed is None:
@@ -308,7 +309,7 @@ class VMLifeEnv(gym.Env):
         folder = self._workdir / f"episode-{self._episode}"
         self.models = VMModels(
             self._pretrained, self._store, folder,
-            TransferSettings(lr=s.lr, batch_size=s.batch_size, max_windows=s.max_windows,
+            TrainingSettings(lr=s.lr, batch_size=s.batch_size, max_windows=s.max_windows,
                              state_samples=min(s.max_windows, 2000), assume_normal_unlabelled=True),
             seed=seed % 2**31)
         self._step_index = 0

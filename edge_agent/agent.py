@@ -5,7 +5,10 @@ bundle watch (edge_agent/link.py), and prometheus_client's /metrics server. Dete
 never waits on the network: samples and verdicts go to the spool, and the stream thread
 ships whatever the spool holds whenever the trainer is reachable.
 
-Anomaly start/end events are logged (`anomaly start vm=... score=...` / `anomaly end`).
+Anomaly start/end events are logged (`anomaly start vm=... score=... top=<metrics to
+blame>` / `anomaly end`). Warm-up (a bundle whose statistics are pooled, not this VM's
+own: no alarms until the trainer pushes the VM's own) is logged when it starts and ends
+and exported as the `vmad_agent_warmup` gauge.
 Labelled intervals written by `vmad inject` or `vmad label --labels-file` to
 `inject.labels_file` (JSON lines) are read incrementally and shipped as ground truth.
 """
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmad.edge_agent.config import AgentConfig
-from vmad.edge_agent.detector import BundleSlot, Detector
+from vmad.edge_agent.detector import BundleSlot, WindowScorer
 from vmad.edge_agent.metrics import PersistedCounters
 from vmad.edge_agent.sampler import METRICS, Reading, Sampler
 from vmad.edge_agent.spool import Spool
@@ -61,6 +64,9 @@ class AgentMetrics:
         self.connected = Gauge("vmad_agent_trainer_connected", "1 while streaming", registry=r)
         self.restarts = Counter("vmad_agent_thread_restarts", "worker threads restarted "
                                 "after a failure", ["thread"], registry=r)
+        self.warmup = Gauge("vmad_agent_warmup",
+                            "1 while the bundle's statistics are not this VM's own (no alarms)",
+                            registry=r)
 
 
 class Agent:
@@ -73,10 +79,11 @@ class Agent:
         self.spool = Spool(config.spool.path, config.spool.max_bytes, config.spool.max_rows)
         self.slot = BundleSlot(config.bundle_dir, METRICS, DEFAULT_WINDOW)
         self.slot.load_initial(config.bundle)
-        self.detector = Detector(self.slot)
+        self.detector = WindowScorer(self.slot)
         self.metrics.registry.register(PersistedCounters(self.spool, self.slot,
                                                          config.vm_id))
         self._in_anomaly = False
+        self._in_warmup: bool | None = None
         self._threads: list[threading.Thread] = []
         self.thread_restarts: dict[str, int] = {}  # worker thread name -> restarts
         self._http: HttpEndpoint | None = None
@@ -187,19 +194,20 @@ class Agent:
         self.metrics.samples.inc()
         verdict_bytes = None
         if result is not None:
-            score, anomalous, version = result
-            self.metrics.score.set(score)
-            self.metrics.anomalous.set(1 if anomalous else 0)
-            self.metrics.verdicts.labels("anomalous" if anomalous else "normal").inc()
+            self.metrics.score.set(result.score)
+            self.metrics.anomalous.set(1 if result.anomalous else 0)
+            self.metrics.verdicts.labels("anomalous" if result.anomalous else "normal").inc()
             self.metrics.latency.observe(self.detector.last_latency_s)
             verdict_bytes = telemetry_pb2.Verdict(
-                end_seq=seq, timestamp=timestamp, score=score, anomalous=anomalous,
-                model_version=version).SerializeToString()
-            if anomalous != self._in_anomaly:
-                self._in_anomaly = anomalous
-                log.warning("anomaly %s vm=%s seq=%d score=%.3f model=%s",
-                            "start" if anomalous else "end", self.config.vm_id, seq, score,
-                            version)
+                end_seq=seq, timestamp=timestamp, score=result.score,
+                anomalous=result.anomalous, model_version=result.version,
+                contributions=result.contributions, warmup=result.warmup).SerializeToString()
+            self._log_warmup(result.warmup, result.version)
+            if result.anomalous != self._in_anomaly:
+                self._in_anomaly = result.anomalous
+                log.warning("anomaly %s vm=%s seq=%d score=%.3f model=%s top=%s",
+                            "start" if result.anomalous else "end", self.config.vm_id, seq,
+                            result.score, result.version, result.top_metrics(METRICS))
         self.spool.append(seq, telemetry_pb2.Sample(seq=seq, timestamp=timestamp,
                                                     values=values).SerializeToString(),
                           verdict_bytes)
@@ -209,6 +217,18 @@ class Agent:
         if bundle is not None:
             self.metrics.model.info({"version": bundle.metadata.version,
                                      "kind": bundle.metadata.model_kind})
+
+    def _log_warmup(self, warmup: bool, version: str) -> None:
+        self.metrics.warmup.set(1 if warmup else 0)
+        if warmup == self._in_warmup:
+            return
+        self._in_warmup = warmup
+        if warmup:
+            log.warning("warm-up vm=%s model=%s: statistics pooled over other VMs, no alarms "
+                        "until the trainer pushes this VM's own bundle", self.config.vm_id,
+                        version)
+        else:
+            log.info("warm-up over vm=%s model=%s: alarms on", self.config.vm_id, version)
 
     def _read_labels(self) -> None:
         """Pick up lines appended to the labels file since the last read (offset kept in

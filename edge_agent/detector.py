@@ -9,6 +9,11 @@ fails any check never runs: it is counted in `rejected` and the old one keeps ru
 `rollback()` swaps back to the previous bundle; a bundle that fails while scoring (an
 ONNX Runtime error, a score that is not a probability) is rolled back the same way and
 counted in `run_failures`.
+
+`WindowScorer` keeps the ring of the last T samples and scores the newest window with
+the slot's bundle. A bundle marked `warmup` (statistics pooled over other VMs, before
+the trainer has fitted this VM's own) is scored but never raises an alarm: that is the
+agent's warm-up state, shown in its log, `/metrics` and the trainer's store.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vmad.bundle import Bundle, BundleError, load_bundle, sha256_hex
 
-__all__ = ["BundleSlot", "Detector"]
+__all__ = ["BundleSlot", "WindowScorer", "WindowVerdict"]
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +151,23 @@ class BundleSlot:
             return self.current
 
 
-class Detector:
+@dataclass(frozen=True)
+class WindowVerdict:
+    score: float
+    anomalous: bool  # score >= threshold, and never during warm-up
+    version: str
+    warmup: bool  # the bundle's statistics are not this VM's own yet
+    contributions: tuple[float, ...]  # per metric, larger = more to blame; may be empty
+
+    def top_metrics(self, metrics: tuple[str, ...], count: int = 2) -> str:
+        """'memory_percent=12.3,cpu_percent=1.1': the metrics most to blame."""
+        if not self.contributions:
+            return "-"
+        order = np.argsort(-np.asarray(self.contributions), kind="stable")[:count]
+        return ",".join(f"{metrics[i]}={self.contributions[i]:.1f}" for i in order)
+
+
+class WindowScorer:
     """Ring of the last `window` samples; scores the newest window with the slot's bundle."""
 
     def __init__(self, slot: BundleSlot) -> None:
@@ -155,8 +177,8 @@ class Detector:
         self._head = 0  # next column to write
         self.last_latency_s = 0.0
 
-    def push(self, values: list[float]) -> tuple[float, bool, str] | None:
-        """Add a sample; return (score, anomalous, bundle version) once a window is full."""
+    def push(self, values: list[float]) -> WindowVerdict | None:
+        """Add a sample; return the newest window's verdict once a window is full."""
         self._ring[:, self._head] = values
         self._head = (self._head + 1) % self._ring.shape[1]
         self._filled = min(self._filled + 1, self._ring.shape[1])
@@ -166,12 +188,18 @@ class Detector:
         window = np.roll(self._ring, -self._head, axis=1)[None]  # oldest first
         start = time.perf_counter()
         try:
-            score = float(bundle.score(window)[0])
+            scores, contributions = bundle.score_with_contributions(window)
         except Exception as error:  # onnxruntime's own types: never stop sampling
             self.slot.failed_to_run(bundle, str(error)[:300])
             return None
         self.last_latency_s = time.perf_counter() - start
+        score = float(scores[0])
         if not 0.0 <= score <= 1.0:  # NaN fails too
             self.slot.failed_to_run(bundle, f"score {score} is not a probability")
             return None
-        return score, score >= bundle.metadata.threshold, bundle.metadata.version
+        meta = bundle.metadata
+        return WindowVerdict(
+            score=score, anomalous=score >= meta.threshold and not meta.warmup,
+            version=meta.version, warmup=meta.warmup,
+            contributions=tuple(float(c) for c in contributions[0])
+            if contributions is not None else ())

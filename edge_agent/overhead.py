@@ -7,7 +7,7 @@ final RSS, CPU seconds / wall seconds after a 2 s start-up allowance.
 
 Inference latency: the first window is complete only after 64 samples (320 s at 5 s),
 so a 2-minute run scores no window. Latency is therefore measured in this process on the
-same code path the agent runs per sample (`Detector.push` on a full ring: ring copy,
+same code path the agent runs per sample (`WindowScorer.push` on a full ring: ring copy,
 normalization, ONNX Runtime with one thread), 2,000 times, p50 and p99.
 
 The bundle is the packaged default, the one a fresh agent runs.
@@ -31,7 +31,7 @@ TARGETS = {"rss_mb": 80.0, "cpu_percent": 1.0, "p50_us": 100.0}
 
 
 def inference_latency(bundle: Path | None, runs: int = 2000) -> tuple[float, float, str]:
-    from vmad.edge_agent.detector import BundleSlot, Detector
+    from vmad.edge_agent.detector import BundleSlot, WindowScorer
     from vmad.edge_agent.sampler import METRICS
     from vmad.schema import DEFAULT_WINDOW
 
@@ -39,7 +39,7 @@ def inference_latency(bundle: Path | None, runs: int = 2000) -> tuple[float, flo
         slot = BundleSlot(scratch, METRICS, DEFAULT_WINDOW)
         loaded = slot.load_initial(bundle)
         assert loaded is not None, "no usable bundle"
-        detector = Detector(slot)
+        detector = WindowScorer(slot)
         rng = np.random.default_rng(0)
         for _ in range(DEFAULT_WINDOW):
             detector.push(list(rng.random(4) * 50))

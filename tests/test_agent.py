@@ -16,7 +16,7 @@ from tests.agent_fixtures import RecordingTrainer, tiny_bundle
 from vmad import security
 from vmad.bundle import BundleError, sha256_hex
 from vmad.edge_agent.config import AgentConfig
-from vmad.edge_agent.detector import BundleSlot, Detector
+from vmad.edge_agent.detector import BundleSlot, WindowScorer
 from vmad.edge_agent.link import Backoff
 from vmad.edge_agent.sampler import METRICS, Reading, Sampler, counter_delta
 from vmad.edge_agent.spool import Spool
@@ -93,9 +93,9 @@ def test_spool_survives_restart_and_acks(tmp_path: Path) -> None:
 def test_bundle_swap_refuses_corrupt_and_rolls_back(tmp_path: Path) -> None:
     slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
     slot.install(*tiny_bundle("v1", bias=-5.0))
-    detector = Detector(slot)
+    detector = WindowScorer(slot)
     results = [detector.push([1.0, 1.0, 1.0, 1.0]) for _ in range(DEFAULT_WINDOW)]
-    assert results[-2] is None and results[-1][2] == "v1" and not results[-1][1]
+    assert results[-2] is None and results[-1].version == "v1" and not results[-1].anomalous
 
     metadata, onnx = tiny_bundle("v2", bias=+5.0)
     corrupt = bytearray(onnx)
@@ -105,11 +105,11 @@ def test_bundle_swap_refuses_corrupt_and_rolls_back(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="metrics"):
         slot.install(*tiny_bundle("v3", metrics=("a", "b", "c", "d")))
     assert slot.rejected == 2 and slot.current.metadata.version == "v1"
-    assert detector.push([1.0] * 4)[2] == "v1"  # the old one keeps running
+    assert detector.push([1.0] * 4).version == "v1"  # the old one keeps running
 
     slot.install(metadata, onnx)
-    score, anomalous, version = detector.push([1.0] * 4)
-    assert version == "v2" and anomalous and score > 0.99
+    verdict = detector.push([1.0] * 4)
+    assert verdict.version == "v2" and verdict.anomalous and verdict.score > 0.99
     assert slot.rollback().metadata.version == "v1"
     # On disk too: a restarted agent comes back with what ran last.
     fresh = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)

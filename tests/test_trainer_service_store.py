@@ -88,14 +88,15 @@ def test_drift_and_state() -> None:
 @pytest.fixture
 def tiny_models(tmp_path):
     from vmad.trainer.checkpoint import Checkpoint
+    from vmad.trainer.config import TrainingSettings
     from vmad.trainer.models import build_model
-    from vmad.trainer.transfer import TransferSettings, VMModels
+    from vmad.trainer.transfer import VMModels
 
     rng = np.random.default_rng(0)
     normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
     pretrained = Checkpoint(build_model("mlp", 4, 8), "mlp", METRICS, 8, normalizer, 0.5)
     store = TelemetryStore(tmp_path / "s.sqlite")
-    settings = TransferSettings(batch_size=16, max_windows=400, assume_normal_unlabelled=True)
+    settings = TrainingSettings(batch_size=16, max_windows=400, assume_normal_unlabelled=True)
     return VMModels(pretrained, store, tmp_path / "models", settings), store
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 from vmad.schema import DEFAULT_WINDOW
 
-TABLE_COLUMNS = ("point_f1", "event_f1", "precision", "recall", "false_alarm_rate", "auc")
+TABLE_COLUMNS = ("point_f1", "event_f1", "precision", "recall", "false_alarm_rate", "auc",
+                 "hitrate_100", "hitrate_150")
 TABLE_HEADERS = {"point_f1": "point F1", "event_f1": "event F1", "precision": "precision",
-                 "recall": "recall", "false_alarm_rate": "false alarms", "auc": "AUC"}
+                 "recall": "recall", "false_alarm_rate": "false alarms", "auc": "AUC",
+                 "hitrate_100": "HitRate@100", "hitrate_150": "HitRate@150"}
 
 
 def register(commands: Any, bench: Any) -> None:
@@ -31,6 +33,9 @@ def register(commands: Any, bench: Any) -> None:
                                "synthetic VMs is flagged (default 0.002)")
     pretrain.add_argument("--calibration-vms", type=int, default=4,
                           help="unseen synthetic VMs the threshold is set on")
+    pretrain.add_argument("--warmup", type=int, default=720,
+                          help="each VM is normalized by its own first this many samples, "
+                               "as the trainer does at run time (default 720 = 1 h at 5 s)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=run_pretrain)
 
@@ -54,7 +59,17 @@ def register(commands: Any, bench: Any) -> None:
         "detection", help="pretrain / fine-tune / evaluate protocol on a folder of series")
     detection.add_argument("--data", required=True, type=Path,
                            help="folder of series folders with train and labelled test parts")
-    detection.add_argument("--detectors", default="zoom-cnn,cnn,mlp,zoom-2,zoom-4,pca")
+    detection.add_argument("--detectors",
+                           default="zoom-cnn,cnn,mlp,zoom-2,zoom-4,residual,fused,pca")
+    detection.add_argument("--labels", choices=("head", "none"), default="head",
+                           help="head: labels of the first 30 %% of each test part pick "
+                                "thresholds and fine-tune; none: no label of the target "
+                                "is used (thresholds from --false-alarm-rate on the train part)")
+    detection.add_argument("--false-alarm-rate", type=float, default=0.005,
+                           help="label-free thresholds flag this share of the train part")
+    detection.add_argument("--threshold-rule", choices=("tail", "quantile"), default="tail",
+                           help="label-free threshold: peaks-over-threshold fit (as the "
+                                "trainer) or the train part's empirical quantile")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -88,14 +103,16 @@ def run_pretrain(args: argparse.Namespace) -> int:
         series += [read_series_folder(folder)[1] for folder in list_series_folders(args.data)]
     metrics = series[0].metrics
     series = [s.select(metrics) for s in series]
-    # One set of statistics for every source: the bundle carries one normalizer, and a
-    # fresh VM is normalized with it until the trainer refits on that VM's own data.
-    normalizer = Normalizer.fit(np.concatenate([s.values for s in series]))
+    floors = _scale_floors(metrics)
+    # Each VM normalized by its own first hour, as the trainer adapts every VM at run time;
+    # the pooled statistics only serve the warm-up bundle (scored, never alarming).
+    normalizer = Normalizer.fit(np.concatenate([s.values for s in series]), floor=floors)
+    own = [Normalizer.fit(s.values[:args.warmup], floor=floors) for s in series]
     cut = [int(len(s) * 0.85) for s in series]
-    fit = WindowPool([WindowSource.from_series(s, normalizer, args.window, stop=c)
-                      for s, c in zip(series, cut, strict=True)])
-    held = WindowPool([WindowSource.from_series(s, normalizer, args.window, start=c)
-                       for s, c in zip(series, cut, strict=True)])
+    fit = WindowPool([WindowSource.from_series(s, n, args.window, start=args.warmup, stop=c)
+                      for s, n, c in zip(series, own, cut, strict=True)])
+    held = WindowPool([WindowSource.from_series(s, n, args.window, start=c)
+                       for s, n, c in zip(series, own, cut, strict=True)])
     validation = (held[np.arange(len(held))], held.labels)
     model = build_model(args.kind, len(metrics), args.window)
     config = TrainConfig(max_batches=args.batches, batch_size=128, eval_every=50, patience=5,
@@ -105,9 +122,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         "command": "vmad pretrain", "seed": args.seed, "synthetic_vms": args.synthetic_vms,
         "synthetic_samples": args.synthetic_samples, "data": str(args.data or ""),
         "batches": result.batches, "validation_loss": result.best_validation_loss,
+        "normalization": f"per VM, its first {args.warmup} samples",
     }
     if args.data is None and args.calibration_vms > 0:
-        threshold, calibration = _calibrate(model, normalizer, args)
+        threshold, calibration = _calibrate(model, args)
         provenance["calibration"] = calibration
         print(f"calibrated on {args.calibration_vms} unseen VMs: " + ", ".join(
             f"{k} {v:.3f}" for k, v in calibration.items() if isinstance(v, float)))
@@ -126,19 +144,29 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate(model: Any, normalizer: Any, args: argparse.Namespace) -> tuple[float, dict]:
+def _scale_floors(metrics: tuple[str, ...]) -> Any:
+    from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
+
+    return list(DEFAULT_SCALE_FLOORS) if tuple(metrics) == DEFAULT_METRICS else 0.0
+
+
+def _calibrate(model: Any, args: argparse.Namespace) -> tuple[float, dict]:
     """The threshold flagging `args.false_alarm_rate` of normal windows on synthetic VMs
-    the model never saw (their own seeds), and what it catches there. Not on held-out
-    tails of the training VMs: a fresh VM's levels are new, and scores there run higher."""
+    the model never saw (their own seeds, each normalized by its own first `--warmup`
+    samples, scored after them), and what it catches there. Not on held-out tails of the
+    training VMs: a fresh VM's levels are new, and scores there run higher."""
     import numpy as np
 
     from vmad.evaluation import false_alarm_threshold, score_detection
     from vmad.synthetic import generate_fleet
     from vmad.trainer.datasets import WindowSource
     from vmad.trainer.training import predict_proba
+    from vmad.windows import Normalizer
 
     fleet = generate_fleet(args.seed + 10_000, args.calibration_vms, args.synthetic_samples)
-    sources = [WindowSource.from_series(vm, normalizer, args.window) for vm in fleet]
+    floors = _scale_floors(fleet[0].metrics)
+    sources = [WindowSource.from_series(vm, Normalizer.fit(vm.values[:args.warmup], floor=floors),
+                                        args.window, start=args.warmup) for vm in fleet]
     scores = np.concatenate([predict_proba(model, s.gather(np.arange(len(s)))) for s in sources])
     labels = np.concatenate([s.labels for s in sources]).astype(bool)
     threshold = false_alarm_threshold(scores[~labels], args.false_alarm_rate)
@@ -202,7 +230,9 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     )
 
     config = QUICK if args.quick else ProtocolConfig()
-    config = replace(config, folds=args.folds, seed=args.seed)
+    config = replace(config, folds=args.folds, seed=args.seed, labels=args.labels,
+                     false_alarm_rate=args.false_alarm_rate,
+                     threshold_rule=args.threshold_rule)
     if args.max_series is not None:
         config = replace(config, max_series=args.max_series)
     if args.pretrain_batches is not None:
@@ -234,6 +264,11 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(scores: dict, column: str) -> str:
+    value = scores.get(column, float("nan"))
+    return "-" if value != value else f"{value:.3f}"  # NaN: not defined for this detector
+
+
 def markdown_tables(result: dict) -> str:
     """The mean table (one row per detector) and the per-series point-wise F1 table."""
     detectors = result["protocol"]["detectors"]
@@ -241,7 +276,7 @@ def markdown_tables(result: dict) -> str:
     lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     for detector in detectors:
         scores = result["mean"][detector]
-        lines.append(f"| {detector} | " + " | ".join(f"{scores[c]:.3f}" for c in TABLE_COLUMNS)
+        lines.append(f"| {detector} | " + " | ".join(_cell(scores, c) for c in TABLE_COLUMNS)
                      + " |")
     lines += ["", "Point-wise F1 per series:", "",
               "| series | " + " | ".join(detectors) + " |", "|---" * (len(detectors) + 1) + "|"]
@@ -266,8 +301,7 @@ def print_table(result: dict) -> None:
     rows = [*result["series"].items(), ("MEAN", result["mean"])]
     for name, scores in rows:
         for detector in detectors:
-            table.add_row(name, detector,
-                          *(f"{scores[detector][c]:.3f}" for c in TABLE_COLUMNS))
+            table.add_row(name, detector, *(_cell(scores[detector], c) for c in TABLE_COLUMNS))
         table.add_section()
     # Wide enough for every column: a log file must not get a truncated table.
     Console(width=max(120, Console().width)).print(table)

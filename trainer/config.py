@@ -8,7 +8,6 @@ substitution included).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -16,10 +15,8 @@ from vmad.config import StrictModel
 from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
 
-if TYPE_CHECKING:  # transfer.py needs torch; validating a trainer.yaml must not
-    from vmad.trainer.transfer import TransferSettings
-
-__all__ = ["ControllerLink", "ModelSettings", "ServingSettings", "StoreSettings",
+__all__ = ["AdaptationSettings", "ControllerLink", "ModelSettings", "ServingSettings",
+           "StoreSettings",
            "TrainerConfig", "TrainingSettings"]
 
 
@@ -58,6 +55,14 @@ class ServingSettings(StrictModel):
 
 
 class TrainingSettings(StrictModel):
+    """How the trainer adapts each VM's model (`training` in trainer.yaml); trainer/transfer.py
+    uses this model directly.
+
+    assume_normal_unlabelled: count windows nobody labelled as normal. Real agents only
+    ship labels for injected faults and operator marks; with this on, everything else is
+    taken as normal, which is what an operator who marks every incident means.
+    """
+
     lr: float = Field(3e-4, gt=0, description="fine-tuning learning rate")
     batch_size: int = Field(64, ge=1, description="windows per mini-batch")
     freeze_early: bool = Field(False, description="train only the classifier layers")
@@ -69,14 +74,38 @@ class TrainingSettings(StrictModel):
     threads: int = Field(1, ge=1, description="PyTorch threads (the node also runs VMs)")
     seed: int = Field(0, description="makes fine-tuning repeatable")
 
-    def transfer(self) -> TransferSettings:
-        from vmad.trainer.transfer import TransferSettings
 
-        return TransferSettings(
-            lr=self.lr, batch_size=self.batch_size, freeze_early=self.freeze_early,
-            max_windows=self.max_windows, state_samples=self.state_samples,
-            refit_normalization=self.refit_normalization,
-            assume_normal_unlabelled=self.assume_normal_unlabelled)
+class AdaptationSettings(StrictModel):
+    """Label-free adaptation of each VM's detector (trainer/adaptation.py): its own
+    statistics, its own per-metric score fused with the network's, its own threshold.
+
+    A VM runs the pooled warm-up bundle (no alarms) until `warmup_samples` of its own
+    samples have arrived; the trainer then fits on them and pushes the VM's bundle
+    without waiting for any label. Every `refresh_samples` further samples it refits on
+    the newest `history_samples` that no verdict flagged and no label marked anomalous,
+    so the VM's normal may drift without alarms while a fault is not learnt as normal.
+    """
+
+    warmup_samples: int = Field(
+        720, ge=80, description="own samples before the first per-VM bundle (720 = 1 h at 5 s)")
+    refresh_samples: int = Field(
+        17_280, ge=1, description="refit after this many more samples (17,280 = 1 day at 5 s)")
+    history_samples: int = Field(
+        4_320, ge=80, description="newest samples a refit uses (4,320 = 6 h at 5 s)")
+    target_false_alarm_rate: float = Field(
+        0.005, gt=0, lt=0.5, description="threshold flags this share of the VM's own windows")
+    min_deviation: float = Field(
+        6.0, ge=0, description="no alarm below this many spreads of the most deviant "
+                               "metric while the network is at its usual level")
+    cnn_weight: float = Field(
+        0.5, ge=0, le=1, description="weight of the network in the fused score; the rest "
+                                     "goes to the per-metric deviation")
+    components: int = Field(
+        0, ge=0, description="principal components removed before the per-metric score "
+                             "(0 = plain per-metric deviation)")
+    scale_floors: list[float] | None = Field(
+        None, description="least normalization scale per metric, in its units; null = "
+                          "vmad.schema.DEFAULT_SCALE_FLOORS for the default metrics, else 0")
 
 
 class TrainerConfig(StrictModel):
@@ -89,6 +118,7 @@ class TrainerConfig(StrictModel):
     store: StoreSettings = StoreSettings()
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
+    adaptation: AdaptationSettings = AdaptationSettings()
     # mTLS, this trainer's token towards the controller, the agents' accepted tokens.
     security: SecurityConfig = SecurityConfig()
     # Plaintext /metrics, /healthz, /readyz (docs/operations.md); null = off.

@@ -58,13 +58,21 @@ class TrainerCore:
 
     def ingest(self, vm_id: str, metrics: Sequence[str], seqs: np.ndarray,
                timestamps: np.ndarray, values: np.ndarray,
-               verdicts: Sequence[tuple[float, float, bool, str]] = (),
+               verdicts: Sequence[tuple] = (),
                labels: Sequence[LabelInterval] = ()) -> IngestResult:
         if tuple(metrics) != self.models.metrics:
             raise ValueError(f"VM {vm_id} sends metrics {list(metrics)}; this trainer's "
                              f"model takes {list(self.models.metrics)}")
-        return self.store.ingest(vm_id, metrics, seqs, timestamps, values,
-                                 verdicts=verdicts, labels=labels)
+        result = self.store.ingest(vm_id, metrics, seqs, timestamps, values,
+                                   verdicts=verdicts, labels=labels)
+        self.stored(vm_id, result)
+        return result
+
+    def stored(self, vm_id: str, result: IngestResult) -> None:
+        """After new samples of `vm_id` are stored: adapt its detector once it has
+        streamed its warm-up samples, and again every refresh period (label-free)."""
+        if result.stored and self.models.needs_adaptation(vm_id):
+            self.worker.submit_adaptation(vm_id)
 
     def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
         self.store.add_labels(vm_id, labels)

@@ -12,32 +12,63 @@ For each target series folder in DIR (train part unlabelled, test part labelled)
 3. pick the threshold that maximizes point-wise F1 on that same 30 %;
 4. score every sample of the remaining 70 % (a sample's score is that of the window
    ending at it) with point-wise and event-wise metrics, never point-adjusted.
-Each series is normalized with statistics of its own train part, as a deployed bundle
-carries statistics of its own VM. `pca` is fitted on the target's train part only.
+Each series is normalized with statistics of its own train part (scale floor
+`scale_floor`), as a deployed bundle carries statistics of its own VM. `pca` is fitted
+on the target's train part only.
+
+The label-free detectors need no pretraining per target, so they cost seconds:
+- `residual`: the per-metric deviation of each sample from the train part's normal
+  (trainer/residual.py), its largest contribution as the score;
+- `fused`: the shipped pretrained Zoom-CNN (trainer/default_checkpoint, on the target's
+  metrics that carry the default metrics' quantities, see SYNTHETIC_ALIASES) fused with
+  `residual` as the agent's bundle does (trainer/adaptation.py). With labels the
+  network's weight is the one of `fusion_weights` with the best F1 on the head; without,
+  it is `cnn_weight`, the trainer's default.
+With `labels="none"` no label of the target is used: thresholds flag `false_alarm_rate`
+of the train part's samples, and the neural detectors are not fine-tuned.
+Attribution: for the detectors with per-metric contributions (`residual`, `fused`,
+`pca`), HitRate@100 % / @150 % against `interpretation_label.txt` when the series
+folder has one (NaN otherwise).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vmad.evaluation import DetectionScores, best_f1_threshold, score_detection
+from vmad.evaluation import (
+    DetectionScores,
+    Interpretation,
+    best_f1_threshold,
+    false_alarm_threshold,
+    hit_rate,
+    read_interpretation_labels,
+    score_detection,
+    tail_threshold,
+)
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
-from vmad.trainer.datasets import WindowPool, WindowSource, align_metrics
+from vmad.trainer.adaptation import fit_fusion
+from vmad.trainer.checkpoint import load_default_checkpoint
+from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
 from vmad.trainer.models import MODEL_KINDS, build_model
 from vmad.trainer.pca_detector import PCADetector
-from vmad.trainer.training import TrainConfig, predict_proba, train
-from vmad.windows import Normalizer
+from vmad.trainer.residual import ResidualModel
+from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
+from vmad.windows import Normalizer, make_windows
 
 __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
 
-DETECTORS: tuple[str, ...] = (*MODEL_KINDS, "pca")
+LABEL_FREE: tuple[str, ...] = ("residual", "fused", "pca")
+DETECTORS: tuple[str, ...] = (*MODEL_KINDS, *LABEL_FREE)
+LABEL_MODES: tuple[str, ...] = ("head", "none")
 SYNTHETIC_SOURCE = "synthetic"
 
 
@@ -46,7 +77,14 @@ class ProtocolConfig:
     """window: samples per window (T). finetune_share: head of the target's test part used
     to fine-tune and pick the threshold. synthetic_*: the generated source domain (VMs,
     samples each, share of pretraining draws). max_samples: cut each part to this many
-    samples (quick runs). folds: 0 = leave-one-out pretraining per target."""
+    samples (quick runs). folds: 0 = leave-one-out pretraining per target.
+    labels: "head" (labels of the first finetune_share of the test part are used) or
+    "none". false_alarm_rate: the label-free threshold's target on the train part.
+    scale_floor: least normalization scale, in the data's units (SMD is min-max scaled
+    to [0, 1]: 0.05 is 5 % of a metric's full range). fusion_weights / cnn_weight: the
+    network's weight in `fused`, picked on the head / fixed without labels.
+    threshold_rule: without labels, "tail" (peaks over threshold, as the trainer does) or
+    "quantile" (the empirical quantile of the train part's scores)."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -63,6 +101,12 @@ class ProtocolConfig:
     max_samples: int | None = None
     folds: int = 0
     seed: int = 0
+    labels: str = "head"
+    false_alarm_rate: float = 0.005
+    scale_floor: float = 0.05
+    fusion_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    cnn_weight: float = 0.5
+    threshold_rule: str = "tail"
 
 
 QUICK = ProtocolConfig(
@@ -83,6 +127,7 @@ class _Target:
     train: Series
     test: Series
     normalizer: Normalizer
+    interpretation: list[Interpretation] | None = None
 
 
 def _load(data_dir: Path, config: ProtocolConfig) -> list[_Target]:
@@ -98,8 +143,11 @@ def _load(data_dir: Path, config: ProtocolConfig) -> list[_Target]:
             test_part = test_part.slice(0, config.max_samples)
         if test_part.labels is None:
             raise ValueError(f"{folder}: the test part has no label column")
-        normalizer = Normalizer.fit(train_part.values)
-        targets.append(_Target(folder.name, train_part, test_part, normalizer))
+        normalizer = Normalizer.fit(train_part.values, floor=config.scale_floor)
+        labels_file = folder / "interpretation_label.txt"
+        interpretation = read_interpretation_labels(labels_file) if labels_file.is_file() \
+            else None
+        targets.append(_Target(folder.name, train_part, test_part, normalizer, interpretation))
     metrics = targets[0].test.metrics
     for target in targets:
         if target.test.metrics != metrics or target.train.metrics != metrics:
@@ -173,6 +221,17 @@ def _evaluate_neural(
             pretrained[key] = ({k: v.clone() for k, v in model.state_dict().items()},
                                pre.batches)
     cut = int(len(target.test) * config.finetune_share)
+    held = WindowSource.from_series(target.test, target.normalizer, config.window, start=cut)
+    if config.labels == "none":
+        # No label of the target: the pretrained model as it is, its threshold flagging
+        # false_alarm_rate of the train part's windows.
+        train_windows = make_windows(target.normalizer.apply(target.train.values), config.window)
+        threshold = false_alarm_threshold(predict_proba(model, train_windows),
+                                          config.false_alarm_rate)
+        scores = predict_proba(model, WindowPool([held]))
+        cost = {"pretrain_batches": pre_batches, "finetune_batches": 0,
+                "seconds": time.perf_counter() - started}
+        return score_detection(held.labels, scores, threshold), cost
     tune = WindowSource.from_series(target.test, target.normalizer, config.window, stop=cut)
     tune_windows = tune.gather(np.arange(len(tune)))
     held_blocks = _held_blocks(tune.ends, config.window)
@@ -184,7 +243,6 @@ def _evaluate_neural(
                  validation=validation,
                  progress=f"{target.name} {kind} fine-tune" if progress else None)
     threshold = best_f1_threshold(tune.labels, predict_proba(model, tune_windows))
-    held = WindowSource.from_series(target.test, target.normalizer, config.window, start=cut)
     scores = predict_proba(model, WindowPool([held]))
     cost = {"pretrain_batches": pre_batches, "finetune_batches": fine.batches,
             "seconds": time.perf_counter() - started}
@@ -198,19 +256,93 @@ def _held_blocks(ends: np.ndarray, window: int) -> np.ndarray:
     return (ends // (8 * window)) % 4 == 3
 
 
-def _evaluate_pca(target: _Target, config: ProtocolConfig) -> tuple[DetectionScores, dict]:
+def _shipped_logits(target: _Target, shipped: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The shipped network's logit per sample of the train and test parts (the window
+    ending at it; NaN before the first full window), on the target's columns that carry
+    the default metrics' quantities. None when the target has none of them."""
+    position = {name: i for i, name in enumerate(target.test.metrics)}
+    columns = [position.get(name, position.get(SYNTHETIC_ALIASES.get(name, ""), -1))
+               for name in shipped.metrics]
+    if min(columns) < 0:
+        return None
+    out = []
+    for part in (target.train, target.test):
+        normalized = target.normalizer.apply(part.values)[:, columns]
+        logits = np.full(len(part), np.nan, dtype=np.float64)
+        windows = make_windows(normalized, shipped.window)
+        logits[shipped.window - 1:] = predict_logits(shipped.model, windows)
+        out.append(logits)
+    return out[0], out[1]
+
+
+def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
+                         shipped: Any) -> tuple[DetectionScores, dict]:
     started = time.perf_counter()
-    detector = PCADetector().fit(target.normalizer.apply(target.train.values))
-    scores = detector.score(target.normalizer.apply(target.test.values))
+    train_values = target.normalizer.apply(target.train.values)
+    test_values = target.normalizer.apply(target.test.values)
     labels = target.test.labels
     assert labels is not None
     cut = int(len(target.test) * config.finetune_share)
     # The first window - 1 samples have no full window for the neural detectors: score the
     # same samples for every detector.
-    first = max(cut, config.window - 1)
-    threshold = best_f1_threshold(labels[:cut], scores[:cut])
+    first = max(cut, config.window - 1, shipped.window - 1 if kind == "fused" else 0)
+    extra: dict[str, float] = {}
+    if kind == "pca":
+        detector = PCADetector().fit(train_values)
+        train_scores, scores = detector.score(train_values), detector.score(test_values)
+        contributions = detector.contributions(test_values)
+    else:
+        residual = ResidualModel.fit(train_values, components=0, spread_floor=1.0)
+        train_scores = residual.score_samples(train_values)
+        scores = residual.score_samples(test_values)
+        contributions = residual.contributions(test_values)
+        logits = _shipped_logits(target, shipped) if kind == "fused" else None
+        if logits is not None:
+            train_scores, scores, weight = _fuse(logits, train_scores, scores, labels, cut,
+                                                 config)
+            extra["cnn_weight"] = weight
+    if config.labels == "none":
+        finite = train_scores[np.isfinite(train_scores)]
+        threshold = tail_threshold(finite, config.false_alarm_rate) \
+            if config.threshold_rule == "tail" else \
+            false_alarm_threshold(finite, config.false_alarm_rate)
+    else:
+        threshold = best_f1_threshold(labels[:cut], scores[:cut])
     result = score_detection(labels[first:], scores[first:], threshold)
-    return result, {"seconds": time.perf_counter() - started}
+    if target.interpretation is not None:
+        extra["hitrate_100"] = hit_rate(contributions, target.interpretation, 1.0,
+                                        slice(first, None))
+        extra["hitrate_150"] = hit_rate(contributions, target.interpretation, 1.5,
+                                        slice(first, None))
+    return result, {**extra, "seconds": time.perf_counter() - started}
+
+
+def _fuse(logits: tuple[np.ndarray, np.ndarray], train_dev: np.ndarray, test_dev: np.ndarray,
+          labels: np.ndarray, cut: int, config: ProtocolConfig
+          ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fused train and test scores and the network weight used (see module docstring)."""
+    train_logits, test_logits = logits
+    fusion = fit_fusion(train_logits[np.isfinite(train_logits)],
+                        train_dev[np.isfinite(train_logits)], config.cnn_weight)
+    # Samples without a full window yet: the network part sits at its median (neutral).
+    train_logits = np.where(np.isfinite(train_logits), train_logits, fusion.cnn_center)
+    test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
+
+    def fused(weight: float) -> tuple[np.ndarray, np.ndarray]:
+        f = replace(fusion, cnn_weight=weight)
+        return f.z(train_logits, train_dev), f.z(test_logits, test_dev)
+
+    weight = config.cnn_weight
+    if config.labels != "none" and cut and labels[:cut].any():
+        def head_f1(w: float) -> float:
+            head = fused(w)[1][:cut]
+            return score_detection(labels[:cut], head,
+                                   best_f1_threshold(labels[:cut], head)).point_f1
+        # Ties go to the trainer's default weight, then to the lower network weight.
+        candidates = sorted(config.fusion_weights, key=lambda w: (w != config.cnn_weight, w))
+        weight = max(candidates, key=head_f1)
+    train_scores, test_scores = fused(weight)
+    return train_scores, test_scores, float(weight)
 
 
 def run_detection_benchmark(
@@ -225,31 +357,39 @@ def run_detection_benchmark(
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
+    if config.labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {config.labels!r}")
     targets = _load(Path(data_dir), config)
-    synthetic = _synthetic_sources(config, targets[0].test.metrics) if config.synthetic_vms else []
+    neural = [d for d in detectors if d not in LABEL_FREE]
+    synthetic = _synthetic_sources(config, targets[0].test.metrics) \
+        if config.synthetic_vms and neural else []
+    shipped = load_default_checkpoint() if "fused" in detectors else None
     per_series: dict[str, dict[str, dict[str, float]]] = {}
     pretrained: dict = {}
     for index, target in enumerate(targets):
         fold = _fold_of(index, config.folds) if config.folds > 0 else None
         per_series[target.name] = {}
-        neural = [d for d in detectors if d != "pca"]
         pretraining = _pretraining_data(targets, index, synthetic, config) if neural else None
         for detector in detectors:
-            if detector == "pca":
-                scores, cost = _evaluate_pca(target, config)
+            if detector in LABEL_FREE:
+                scores, cost = _evaluate_label_free(detector, target, config, shipped)
             else:
                 scores, cost = _evaluate_neural(detector, target, pretraining, config, progress,
                                                 fold, pretrained)
+            if target.interpretation is not None:
+                # Detectors without per-metric contributions name no metric to blame.
+                cost = {"hitrate_100": float("nan"), "hitrate_150": float("nan"), **cost}
             per_series[target.name][detector] = {**scores.to_dict(), **cost}
             if on_result is not None:
                 on_result(target.name, detector, scores)
-    mean = {
-        detector: {
-            key: float(np.nanmean([per_series[s][detector][key] for s in per_series]))
-            for key in per_series[targets[0].name][detector]
-        }
-        for detector in detectors
-    }
+    mean = {}
+    for detector in detectors:
+        keys = sorted({k for s in per_series for k in per_series[s][detector]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a key NaN on every series
+            mean[detector] = {key: float(np.nanmean(
+                [per_series[s][detector].get(key, np.nan) for s in per_series]))
+                for key in keys}
     return {
         "protocol": {**asdict(config), "data": str(data_dir), "detectors": list(detectors)},
         "mean": mean,

@@ -1,9 +1,13 @@
 """Export a trainer checkpoint to an agent bundle (ONNX + metadata, see vmad/bundle.py).
 
-The exported graph includes normalization-free inference only: the agent normalizes
-with the statistics in the bundle metadata, then the graph returns sigmoid(logit), the
-anomaly probability per window. Export goes through ONNX Runtime's own loader before
-it is returned, so a bundle that leaves this module has passed the agent's checks.
+The agent normalizes with the statistics in the bundle metadata; the graph then returns
+two outputs per window: the fused anomaly score in [0, 1] (the network's logit and the
+per-metric deviation of the newest sample, combined as trainer/adaptation.py says) and
+each metric's contribution `[batch, M]`, which names the metrics to blame. Without a
+VM adaptation the score is the network's probability alone and the bundle is marked
+`warmup` (pooled statistics: the agent raises no alarm on it). Export goes through ONNX
+Runtime's own loader before it is returned, so a bundle that leaves this module has
+passed the agent's checks.
 """
 
 from __future__ import annotations
@@ -16,50 +20,86 @@ import torch
 from torch import nn
 
 from vmad.bundle import Bundle, BundleMetadata, sha256_hex
+from vmad.trainer.adaptation import Fusion, VMAdaptation
 from vmad.trainer.checkpoint import Checkpoint
+from vmad.trainer.residual import ResidualModel
 
 __all__ = ["export_bundle", "onnx_bytes"]
 
 ONNX_OPSET = 17
 
 
-class _Probability(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+class _FusedScore(nn.Module):
+    """`windows[B, M, T]` -> (`score[B]`, `contributions[B, M]`)."""
+
+    def __init__(self, model: nn.Module, residual: ResidualModel, fusion: Fusion) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("mean", torch.tensor(residual.mean, dtype=torch.float32))
+        self.register_buffer("components",
+                             torch.tensor(residual.components, dtype=torch.float32))
+        self.register_buffer("spread", torch.tensor(residual.spread, dtype=torch.float32))
+        self.use_components = residual.components.shape[0] > 0
+        self.fusion = fusion
 
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(windows))
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.fusion
+        logit = self.model(windows)
+        centred = windows[:, :, -1] - self.mean
+        if self.use_components:
+            centred = centred - (centred @ self.components.T) @ self.components
+        contributions = centred.abs() / self.spread
+        deviation = contributions.max(dim=1).values
+        z = f.cnn_weight * (logit - f.cnn_center) / f.cnn_scale
+        if f.cnn_weight < 1.0:
+            z = z + (1.0 - f.cnn_weight) * (torch.log1p(deviation) - f.dev_center) / f.dev_scale
+        return torch.sigmoid(z - f.offset), contributions
 
 
-def onnx_bytes(model: nn.Module, n_metrics: int, window: int) -> bytes:
-    """Serialize `model` (logits) as ONNX: `windows[batch, M, T]` -> `probability[batch]`."""
+def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
+               adaptation: VMAdaptation | None = None) -> bytes:
+    """Serialize `model` (logits) fused with `adaptation`'s per-metric score as ONNX:
+    `windows[batch, M, T]` -> `score[batch]`, `contributions[batch, M]`."""
     model.eval()
+    residual = adaptation.residual if adaptation else ResidualModel.identity(n_metrics)
+    fusion = adaptation.fusion if adaptation else Fusion()
     example = torch.zeros(2, n_metrics, window)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _Probability(model), (example,), buffer,
-            input_names=["windows"], output_names=["probability"],
-            dynamic_axes={"windows": {0: "batch"}, "probability": {0: "batch"}},
+            _FusedScore(model, residual, fusion), (example,), buffer,
+            input_names=["windows"], output_names=["score", "contributions"],
+            dynamic_axes={"windows": {0: "batch"}, "score": {0: "batch"},
+                          "contributions": {0: "batch"}},
             opset_version=ONNX_OPSET, dynamo=False,
         )
     return buffer.getvalue()
 
 
-def export_bundle(checkpoint: Checkpoint, version: str, folder: str | Path | None = None) -> Bundle:
-    """Export `checkpoint` as a verified bundle named `version`; saved to `folder` if given."""
-    data = onnx_bytes(checkpoint.model, len(checkpoint.metrics), checkpoint.window)
+def export_bundle(checkpoint: Checkpoint, version: str, folder: str | Path | None = None,
+                  adaptation: VMAdaptation | None = None,
+                  warmup: bool | None = None) -> Bundle:
+    """Export `checkpoint` as a verified bundle named `version`, adapted to one VM when
+    `adaptation` is given (its normalizer, per-metric score, fusion and threshold);
+    saved to `folder` if given. `warmup` (default: no adaptation given) marks a bundle
+    whose statistics are not the VM's own: agents raise no alarm on it."""
+    data = onnx_bytes(checkpoint.model, len(checkpoint.metrics), checkpoint.window, adaptation)
+    provenance = dict(checkpoint.provenance)
+    if adaptation is not None:
+        provenance["adaptation"] = {
+            "fusion": adaptation.fusion.to_dict(), "samples_fitted": adaptation.samples_fitted,
+            "fitted_at": adaptation.fitted_at, "generation": adaptation.generation}
     metadata = BundleMetadata(
         version=version,
         model_kind=checkpoint.kind,
         metrics=checkpoint.metrics,
         window=checkpoint.window,
-        normalization=checkpoint.normalizer,
-        threshold=float(checkpoint.threshold),
+        normalization=adaptation.normalizer if adaptation else checkpoint.normalizer,
+        threshold=float(adaptation.threshold if adaptation else checkpoint.threshold),
         onnx_sha256=sha256_hex(data),
-        provenance=dict(checkpoint.provenance),
+        provenance=provenance,
+        warmup=adaptation is None if warmup is None else warmup,
     )
     bundle = Bundle.from_parts(metadata.to_json(), data)
     if folder is not None:

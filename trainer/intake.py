@@ -44,7 +44,8 @@ class CleanBatch:
     seqs: np.ndarray  # int64 [N], strictly increasing
     timestamps: np.ndarray  # float64 [N]
     values: np.ndarray  # float32 [N, M]
-    verdicts: list[tuple[float, float, bool, str]]
+    # (timestamp, score, anomalous, model version, per-metric contributions or ())
+    verdicts: list[tuple[float, float, bool, str, tuple[float, ...]]]
     labels: list[LabelInterval]
     spool_id: str
     first_seq: int
@@ -113,8 +114,12 @@ def clean_batch(batch: telemetry_pb2.TelemetryBatch, metrics: tuple[str, ...],
             refused["verdict score not a finite number in [0, 1]"] += 1
         elif len(v.model_version) > MAX_ID_CHARS:
             refused["verdict model_version too long"] += 1
+        elif v.contributions and (len(v.contributions) != m or not all(
+                isfinite(c) for c in v.contributions)):
+            refused["verdict contributions not one finite value per metric"] += 1
         else:
-            verdicts.append((v.timestamp, v.score, v.anomalous, v.model_version))
+            verdicts.append((v.timestamp, v.score, v.anomalous, v.model_version,
+                             tuple(v.contributions)))
     good_labels = []
     for message in batch.labels:
         reason = label_problem(message, now)

@@ -24,6 +24,9 @@ __all__ = ["MLP", "MODEL_KINDS", "PlainCNN", "ZoomCNN", "build_model", "early_la
 # Kernel sizes of the paper's zoom layer that divide the default window of 64 samples.
 DEFAULT_ZOOM_KERNELS: tuple[int, ...] = (2, 4, 8, 16)
 MODEL_KINDS: tuple[str, ...] = ("zoom-cnn", "cnn", "mlp", "zoom-2", "zoom-4")
+# Models see normalized values within +-INPUT_CLAMP: the range they were trained on.
+# Normalizers clip much wider, so the per-metric score still sees how far off a metric is.
+INPUT_CLAMP = 10.0
 
 
 class ZoomLayer(nn.Module):
@@ -108,6 +111,7 @@ class ZoomCNN(nn.Module):
         self.classifier = _classifier(conv_channels * pooled, hidden, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(-INPUT_CLAMP, INPUT_CLAMP)
         return self.classifier(self.correlation(self.zoom(x))).squeeze(1)
 
 
@@ -124,6 +128,7 @@ class PlainCNN(nn.Module):
         self.classifier = _classifier(conv_channels * pooled, hidden, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(-INPUT_CLAMP, INPUT_CLAMP)
         return self.classifier(self.correlation(x.unsqueeze(1))).squeeze(1)
 
 
@@ -143,7 +148,7 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).squeeze(1)
+        return self.layers(x.clamp(-INPUT_CLAMP, INPUT_CLAMP)).squeeze(1)
 
 
 def build_model(kind: str, n_metrics: int, window: int) -> nn.Module:

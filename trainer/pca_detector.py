@@ -31,10 +31,14 @@ class PCADetector:
         self.components = vt[: min(keep, len(vt))]
         return self
 
-    def score(self, values: np.ndarray) -> np.ndarray:
-        """Squared reconstruction error per sample of normalized `values[N, M]`."""
+    def contributions(self, values: np.ndarray) -> np.ndarray:
+        """Squared reconstruction error per sample and metric `[N, M]`."""
         if self.mean is None or self.components is None:
-            raise RuntimeError("PCADetector.score called before fit")
+            raise RuntimeError("PCADetector used before fit")
         centred = np.asarray(values, dtype=np.float64) - self.mean
         residual = centred - (centred @ self.components.T) @ self.components
-        return np.sum(residual**2, axis=1)
+        return residual**2
+
+    def score(self, values: np.ndarray) -> np.ndarray:
+        """Squared reconstruction error per sample of normalized `values[N, M]`."""
+        return self.contributions(values).sum(axis=1)

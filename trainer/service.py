@@ -119,7 +119,8 @@ class TrainerServer:
             max_verdicts=config.store.max_verdicts_per_vm,
             max_labels=config.store.max_labels_per_vm)
         self.models = VMModels(checkpoint, self.store, data_dir / "models",
-                               config.training.transfer(), seed=config.training.seed)
+                               config.training, seed=config.training.seed,
+                               adaptation=config.adaptation)
         self.core = TrainerCore(self.store, self.models)
         self.core.on_model_changed = self._model_changed
         self.writer = GroupWriter(self.store)
@@ -293,6 +294,7 @@ class TrainerServer:
             return self._bad_batch(batch, f"bad batch: {error}")
         except Exception as error:  # the store failed (disk full): the agent resends
             return self._bad_batch(batch, f"trainer could not store the batch: {error}")
+        self.core.stored(clean.vm_id, result)
         refused = sum(clean.refused.values())
         if refused:
             self.stats.refused.update(clean.refused)

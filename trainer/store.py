@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
     score REAL NOT NULL,
     anomalous INTEGER NOT NULL,
     model_version TEXT NOT NULL,
+    contributions BLOB,
     PRIMARY KEY (vm_id, ts)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS labels (
@@ -122,7 +123,7 @@ class IngestBatch:
     seqs: Sequence[int] | np.ndarray
     timestamps: Sequence[float] | np.ndarray
     values: np.ndarray
-    verdicts: Sequence[tuple[float, float, bool, str]] = ()
+    verdicts: Sequence[tuple] = ()  # (ts, score, anomalous, version[, contributions])
     labels: Sequence[LabelInterval] = ()
     spool_id: str = ""
     refused_seqs: Sequence[int] = ()
@@ -184,6 +185,9 @@ class TelemetryStore:
         self._lock = threading.Lock()
         self._db = vmad_sqlite.connect(path)
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(verdicts)")}
+        if "contributions" not in columns:  # a store written before contributions existed
+            self._db.execute("ALTER TABLE verdicts ADD COLUMN contributions BLOB")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(vms)")}
         for name, kind in _ADDED_VM_COLUMNS:
             if name not in columns:  # a store written by an older vmad
@@ -211,7 +215,7 @@ class TelemetryStore:
         timestamps: Sequence[float] | np.ndarray,
         values: np.ndarray,
         *,
-        verdicts: Sequence[tuple[float, float, bool, str]] = (),
+        verdicts: Sequence[tuple] = (),
         labels: Sequence[LabelInterval] = (),
         now: float | None = None,
         spool_id: str = "",
@@ -221,7 +225,7 @@ class TelemetryStore:
 
         seqs / timestamps / values: the samples, in sequence order, `values[N, M]` in the
         order of `metrics`. verdicts: (window end timestamp, score, anomalous, model
-        version). labels: ground-truth intervals the agent shipped (e.g. an injection).
+        version[, per-metric contributions]). labels: ground-truth intervals the agent shipped (e.g. an injection).
         spool_id: the agent's spool (see `IngestBatch`). refused_seqs: seqs of this batch
         refused by validation (acknowledged, counted apart, never as lost).
         Raises ValueError for a batch whose shape or metric list does not fit.
@@ -312,9 +316,11 @@ class TelemetryStore:
         since_prune += stored
         if batch.verdicts:
             db.executemany(
-                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
-                ((vm_id, float(ts), float(score), int(bool(flag)), version)
-                 for ts, score, flag, version in batch.verdicts))
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?)",
+                ((vm_id, float(v[0]), float(v[1]), int(bool(v[2])), v[3],
+                  np.asarray(v[4], np.float32).tobytes() if len(v) > 4 and len(v[4])
+                  else None)
+                 for v in batch.verdicts))
         for label in batch.labels:
             self._insert_label(db, vm_id, label)
         if since_prune >= self.prune_every:
@@ -400,6 +406,16 @@ class TelemetryStore:
         rows.reverse()
         arr = np.array(rows, dtype=np.float64).reshape(-1, 3)
         return arr[:, 0], arr[:, 1], arr[:, 2] > 0
+
+    def contributions(self, vm_id: str, limit: int = 100) -> list[tuple[float, np.ndarray]]:
+        """Newest `limit` verdicts that carry per-metric contributions, oldest first:
+        (timestamp, contributions[M])."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ts, contributions FROM verdicts WHERE vm_id=? AND contributions IS "
+                "NOT NULL ORDER BY ts DESC LIMIT ?", (vm_id, limit)).fetchall()
+        rows.reverse()
+        return [(r[0], np.frombuffer(r[1], dtype=np.float32)) for r in rows]
 
     def label_intervals(self, vm_id: str) -> list[LabelInterval]:
         """Oldest first; a later interval overrides an earlier one where they overlap."""

@@ -170,14 +170,21 @@ def validation_loss(model: nn.Module, windows: np.ndarray, labels: np.ndarray) -
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, windows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Anomaly probability per window for normalized `windows[W, M, T]`."""
+def predict_logits(model: nn.Module, windows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Anomaly logit per window for normalized `windows[W, M, T]`."""
     model.eval()
     out = np.empty(len(windows), dtype=np.float32)
-    for start in range(0, len(windows), batch_size):
-        chunk = np.ascontiguousarray(windows[start:start + batch_size], dtype=np.float32)
-        out[start:start + len(chunk)] = torch.sigmoid(model(torch.from_numpy(chunk))).numpy()
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            chunk = np.ascontiguousarray(windows[start:start + batch_size], dtype=np.float32)
+            out[start:start + len(chunk)] = model(torch.from_numpy(chunk)).numpy()
     return out
+
+
+def predict_proba(model: nn.Module, windows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Anomaly probability per window for normalized `windows[W, M, T]`."""
+    logits = predict_logits(model, windows, batch_size)
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
 class _ProgressBar:

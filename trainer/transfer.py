@@ -1,9 +1,13 @@
 """Per-VM models on the trainer: the paper's transfer training module.
 
 The trainer holds one pretrained checkpoint and, per VM, either "use the pretrained one"
-or a fine-tuned copy of it. Fine-tuning starts from the VM's current model (or from the
-pretrained weights after a reset), trains on the VM's recent labelled windows from the
-store, and exports a bundle for the agent. Fine-tuned checkpoints live under
+or a fine-tuned copy of it, plus the VM's label-free adaptation (trainer/adaptation.py:
+its own statistics, per-metric score, fusion and threshold), fitted once the VM has
+streamed `adaptation.warmup_samples` and refitted every `refresh_samples` more. Until
+then the VM gets the pooled warm-up bundle, on which its agent raises no alarm.
+Fine-tuning starts from the VM's current model (or from the pretrained weights after a
+reset), trains on the VM's recent labelled windows from the store, normalized with the
+VM's own statistics, and exports a bundle for the agent. Fine-tuned checkpoints live under
 `models_dir/<vm>/` and their bookkeeping in the store, so a restarted trainer serves the
 same model to the same VM.
 
@@ -25,35 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from vmad.bundle import Bundle
+from vmad.evaluation import score_detection
+from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
 from vmad.state import VMState, compute_state
+from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.store import TelemetryStore, VMModelInfo
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["LabelledWindows", "TrainOutcome", "TransferSettings", "VMModels"]
-
-
-@dataclass(frozen=True)
-class TransferSettings:
-    """How fine-tuning uses a VM's data (keys of `training` in trainer.yaml).
-
-    lr / batch_size / freeze_early: passed to trainer/training.py's TrainConfig.
-    max_windows: newest labelled windows used for fine-tuning and for the state report.
-    state_samples: newest samples summarized in the state report (drift, summary).
-    refit_normalization: refit the normalizer on the VM's own recent data when
-        fine-tuning, so the model sees this VM's "normal" as normal.
-    assume_normal_unlabelled: count windows nobody labelled as normal. Real agents only
-        ship labels for injected faults and operator marks; with this on, everything else
-        is taken as normal, which is what an operator who marks every incident means.
-    """
-
-    lr: float = 3e-4
-    batch_size: int = 64
-    freeze_early: bool = False
-    max_windows: int = 4_000
-    state_samples: int = 2_000
-    refit_normalization: bool = True
-    assume_normal_unlabelled: bool = False
+__all__ = ["LabelledWindows", "TrainOutcome", "VMModels"]
 
 
 @dataclass(frozen=True)
@@ -86,18 +71,21 @@ class VMModels:
     """The pretrained checkpoint plus one current model per VM."""
 
     def __init__(self, pretrained: Checkpoint, store: TelemetryStore, models_dir: str | Path,
-                 settings: TransferSettings | None = None, seed: int = 0) -> None:
+                 settings: TrainingSettings | None = None, seed: int = 0,
+                 adaptation: AdaptationSettings | None = None) -> None:
         from vmad.trainer.export import export_bundle
 
         self.pretrained = pretrained
         self.store = store
         self.models_dir = Path(models_dir)
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.settings = settings or TransferSettings()
+        self.settings = settings or TrainingSettings()
+        self.adaptation_settings = adaptation or AdaptationSettings()
         self.seed = seed
         self._lock = threading.Lock()
         self._models: dict[str, Checkpoint] = {}
         self._bundles: dict[str, Bundle] = {}
+        self._adaptations: dict[str, VMAdaptation | None] = {}
         # Versions name the weights: the same pretrained model gets the same version on
         # every trainer and after every restart, so agents are not pushed a copy they run.
         digest = hashlib.sha256(
@@ -143,20 +131,134 @@ class VMModels:
         return checkpoint
 
     def bundle(self, vm_id: str) -> Bundle:
-        """The bundle the VM's agent should run."""
+        """The bundle the VM's agent should run: the pooled warm-up bundle until the VM
+        is adapted, then its weights with its own adaptation."""
+        adaptation = self.adaptation(vm_id)
         info = self.info(vm_id)
-        if not info.finetuned:
+        if adaptation is None and not info.finetuned:
             return self.pretrained_bundle
+        version = info.version if adaptation is None else \
+            f"{info.version}+{_safe_name(vm_id)}-a{adaptation.generation}"
         with self._lock:
             cached = self._bundles.get(vm_id)
-        if cached is not None and cached.metadata.version == info.version:
+        if cached is not None and cached.metadata.version == version:
             return cached
         from vmad.trainer.export import export_bundle
 
-        bundle = export_bundle(self.checkpoint(vm_id), info.version)
+        bundle = export_bundle(self.checkpoint(vm_id), version, adaptation=adaptation,
+                               warmup=adaptation is None and not info.finetuned)
         with self._lock:
             self._bundles[vm_id] = bundle
         return bundle
+
+    # -- label-free adaptation ----------------------------------------------------------
+
+    def _adaptation_file(self, vm_id: str) -> Path:
+        return self.models_dir / _safe_name(vm_id) / "adaptation.json"
+
+    def adaptation(self, vm_id: str) -> VMAdaptation | None:
+        """The VM's adaptation, None while it warms up."""
+        with self._lock:
+            if vm_id in self._adaptations:
+                return self._adaptations[vm_id]
+        path = self._adaptation_file(vm_id)
+        adaptation = None
+        if path.is_file():
+            try:
+                adaptation = VMAdaptation.from_json(path.read_text())
+            except (OSError, ValueError, KeyError, TypeError):
+                # A corrupt file: the VM warms up again and is refitted.
+                adaptation = None
+        with self._lock:
+            self._adaptations[vm_id] = adaptation
+        return adaptation
+
+    def needs_adaptation(self, vm_id: str) -> bool:
+        """True when the VM has streamed enough for its first adaptation, or enough more
+        since the last one for a refresh. Cheap: called after every ingested batch."""
+        counters = self.store.counters(vm_id)
+        if counters is None:
+            return False
+        settings = self.adaptation_settings
+        current = self.adaptation(vm_id)
+        if current is None:
+            return counters.received >= max(settings.warmup_samples, self.window + 16)
+        return counters.received - current.received_at_fit >= settings.refresh_samples
+
+    def _scale_floors(self) -> list[float] | float:
+        floors = self.adaptation_settings.scale_floors
+        if floors is not None:
+            if len(floors) != len(self.metrics):
+                raise ValueError(f"adaptation.scale_floors has {len(floors)} values for "
+                                 f"{len(self.metrics)} metrics")
+            return floors
+        return list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS else 0.0
+
+    def _normal_history(self, vm_id: str, first: bool) -> np.ndarray:
+        """Raw samples to fit on: the first warm-up samples, or on a refresh the newest
+        `history_samples` outside flagged windows and anomalous labels."""
+        settings = self.adaptation_settings
+        recent = self.store.recent(vm_id, settings.warmup_samples if first
+                                   else settings.history_samples)
+        if first or not len(recent):
+            return recent.values
+        keep = self.store.labels_at(vm_id, recent.timestamps) != 1
+        times, _, flagged = self.store.verdicts(vm_id, len(recent))
+        for end in times[flagged]:
+            # The whole flagged window, not only its last sample.
+            span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9)
+            keep &= ~((recent.timestamps > end - span) & (recent.timestamps <= end))
+        values = recent.values[keep]
+        return values if len(values) >= self.window + 16 else recent.values
+
+    def adapt(self, vm_id: str, now: float | None = None, *,
+              keep_normalizer: bool = False) -> TrainOutcome:
+        """Fit (or refresh) the VM's adaptation on its own samples, without labels.
+        `keep_normalizer`: the weights changed, the statistics stay (refit the rest)."""
+        started = time.perf_counter()
+        now = time.time() if now is None else now
+        previous = self.adaptation(vm_id)
+        settings = self.adaptation_settings
+        counters = self.store.counters(vm_id)
+        raw = self._normal_history(vm_id, first=previous is None)
+        checkpoint = self.checkpoint(vm_id)
+        adaptation = fit_adaptation(
+            checkpoint.model, raw, self.window, floors=self._scale_floors(),
+            components=settings.components, cnn_weight=settings.cnn_weight,
+            false_alarm_rate=settings.target_false_alarm_rate,
+            min_deviation=settings.min_deviation,
+            received=counters.received if counters else 0, now=now,
+            generation=previous.generation + 1 if previous else 1,
+            normalizer=previous.normalizer if keep_normalizer and previous else None)
+        self._save_adaptation(vm_id, adaptation)
+        bundle = self.bundle(vm_id)
+        quality = self._injected_quality(raw, bundle)
+        if quality:
+            self._save_adaptation(vm_id, replace(adaptation, quality=quality))
+        return TrainOutcome(vm_id, "adapt", 0, float("nan"), time.perf_counter() - started,
+                            bundle.metadata.version, bundle)
+
+    def _injected_quality(self, raw: np.ndarray, bundle: Bundle) -> dict[str, float]:
+        """The VM's detector on its own history with synthetic faults injected; empty
+        for other metric sets or a history too short to hold faults."""
+        from vmad.trainer.injection import injected_validation_set
+
+        if self.metrics != DEFAULT_METRICS or len(raw) < 4 * self.window:
+            return {}
+        injected = injected_validation_set(raw, self.window, seed=self.seed)
+        result = score_detection(injected.labels, bundle.score(injected.windows),
+                                 bundle.metadata.threshold)
+        return {k: float(getattr(result, k)) for k in (
+            "precision", "recall", "point_f1", "false_alarm_rate", "event_recall", "auc")}
+
+    def _save_adaptation(self, vm_id: str, adaptation: VMAdaptation) -> None:
+        path = self._adaptation_file(vm_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(".adaptation.json.tmp")
+        staging.write_text(adaptation.to_json())
+        staging.replace(path)
+        with self._lock:
+            self._adaptations[vm_id] = adaptation
 
     # -- data -------------------------------------------------------------------------
 
@@ -188,11 +290,13 @@ class VMModels:
 
         now = time.time() if now is None else now
         checkpoint = self.checkpoint(vm_id)
+        adaptation = self.adaptation(vm_id)
+        normalizer = adaptation.normalizer if adaptation else checkpoint.normalizer
         info = self.info(vm_id)
         data = self.labelled_windows(vm_id)
         probabilities = np.zeros(0, np.float32)
         if len(data.labels):
-            normalized = _normalize(data.raw, checkpoint.normalizer)
+            normalized = _normalize(data.raw, normalizer)
             probabilities = predict_proba(checkpoint.model, normalized)
         recent = self.store.recent(vm_id, self.settings.state_samples)
         _, _, flagged = self.store.verdicts(vm_id, self.settings.state_samples)
@@ -200,13 +304,13 @@ class VMModels:
         received = counters.received if counters else 0
         values = recent.values if len(recent) else np.zeros((0, len(self.metrics)), np.float32)
         return compute_state(
-            vm_id, timestamp=now, recent_values=values, normalizer=checkpoint.normalizer,
+            vm_id, timestamp=now, recent_values=values, normalizer=normalizer,
             probabilities=probabilities, labels=data.labels, threshold=checkpoint.threshold,
             agent_verdicts=flagged, recent_windows=max(0, len(recent) - self.window + 1),
             last_trained_at=info.trained_at,
             samples_since_training=received - info.samples_at_training,
             batches_trained=info.batches_trained, finetuned=info.finetuned,
-            model_version=info.version,
+            model_version=self.bundle(vm_id).metadata.version,
         )
 
     # -- actions ----------------------------------------------------------------------
@@ -222,14 +326,17 @@ class VMModels:
         with self._lock:
             self._models.pop(vm_id, None)
             self._bundles.pop(vm_id, None)
-        return TrainOutcome(vm_id, "reset", 0, float("nan"), 0.0, self.pretrained_version,
-                            self.pretrained_bundle)
+        if self.adaptation(vm_id) is not None:
+            # Other weights, other scores: refit fusion and threshold on the same statistics.
+            self.adapt(vm_id, now, keep_normalizer=True)
+        bundle = self.bundle(vm_id)
+        return TrainOutcome(vm_id, "reset", 0, float("nan"), 0.0, bundle.metadata.version,
+                            bundle)
 
     def finetune(self, vm_id: str, batches: int, *, reset: bool = False,
                  now: float | None = None) -> TrainOutcome:
         """Fine-tune the VM's model (or the pretrained one when `reset`) for `batches`
         mini-batches on its labelled windows, export, and make it current."""
-        from vmad.trainer.export import export_bundle
         from vmad.trainer.training import TrainConfig, train
 
         started = time.perf_counter()
@@ -244,7 +351,10 @@ class VMModels:
         base = self.pretrained if reset or not info.finetuned else self.checkpoint(vm_id)
         model = copy.deepcopy(base.model)
         normalizer = base.normalizer
-        if self.settings.refit_normalization:
+        adaptation = self.adaptation(vm_id)
+        if adaptation is not None:
+            normalizer = adaptation.normalizer  # the VM's own, fitted without labels
+        elif self.settings.refit_normalization:
             recent = self.store.recent(vm_id, self.settings.max_windows + self.window - 1)
             normalizer = Normalizer.fit(recent.values)
         config = TrainConfig(max_batches=batches, batch_size=self.settings.batch_size,
@@ -259,7 +369,6 @@ class VMModels:
                       "anomalous_windows": int(data.labels.sum())}
         checkpoint = Checkpoint(model, base.kind, base.metrics, base.window, normalizer,
                                 base.threshold, provenance)
-        bundle = export_bundle(checkpoint, version)
         save_checkpoint(self.models_dir / _safe_name(vm_id), checkpoint)
         counters = self.store.counters(vm_id)
         now = time.time() if now is None else now
@@ -268,7 +377,12 @@ class VMModels:
             base.threshold, n))
         with self._lock:
             self._models[vm_id] = checkpoint
-            self._bundles[vm_id] = bundle
+            self._bundles.pop(vm_id, None)
+        if adaptation is not None:
+            # New weights, new scores: refit fusion and threshold on the same statistics.
+            self.adapt(vm_id, now, keep_normalizer=True)
+        bundle = self.bundle(vm_id)
+        version = bundle.metadata.version
         return TrainOutcome(vm_id, "reset_finetune" if reset else "finetune", result.batches,
                             result.final_loss, time.perf_counter() - started, version, bundle)
 

@@ -5,7 +5,9 @@ The queue holds at most one pending action per VM: a newer decision for a VM rep
 older one that has not started (the controller answers each state report, and only its
 latest answer reflects the latest state). The number of VMs bounds the queue. Actions run
 one at a time, in the order their VMs first queued: training is CPU-bound and the
-trainer shares its node with the VMs it serves.
+trainer shares its node with the VMs it serves. Label-free adaptations (a VM finished its
+warm-up, or its normal drifted: `submit_adaptation`) queue beside the actions, at most one
+per VM, and go first: they are quick and end a VM's warm-up.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ActionWorker:
         self.on_done = on_done
         self.stats = WorkerStats()
         self._pending: OrderedDict[str, Decision] = OrderedDict()
+        self._adaptations: OrderedDict[str, None] = OrderedDict()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vmad-action-worker",
@@ -73,6 +76,15 @@ class ActionWorker:
             self.stats.queued += 1
             self._cond.notify()
 
+    def submit_adaptation(self, vm_id: str) -> None:
+        """Queue a label-free (re)fit of `vm_id`'s adaptation unless one is queued."""
+        with self._cond:
+            if vm_id in self._adaptations or self.stats.running == vm_id:
+                return
+            self._adaptations[vm_id] = None
+            self.stats.queued += 1
+            self._cond.notify()
+
     def pending(self) -> dict[str, Decision]:
         with self._cond:
             return dict(self._pending)
@@ -80,11 +92,12 @@ class ActionWorker:
     def busy(self, vm_id: str) -> bool:
         """True while an action for `vm_id` is queued or running."""
         with self._cond:
-            return vm_id in self._pending or self.stats.running == vm_id
+            return (vm_id in self._pending or vm_id in self._adaptations
+                    or self.stats.running == vm_id)
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self.stats.running
+            return not self._pending and not self._adaptations and not self.stats.running
 
     def wait_idle(self, timeout: float) -> bool:
         with self._cond:
@@ -93,16 +106,23 @@ class ActionWorker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._stopping)
+                self._cond.wait_for(
+                    lambda: self._pending or self._adaptations or self._stopping)
                 if self._stopping:
                     return
-                vm_id, decision = self._pending.popitem(last=False)
+                decision: Decision | None = None
+                if self._adaptations:
+                    vm_id, _ = self._adaptations.popitem(last=False)
+                else:
+                    vm_id, decision = self._pending.popitem(last=False)
                 self.stats.running = vm_id
             try:
-                outcome = self.execute(vm_id, decision)
+                outcome = self.execute(vm_id, decision) if decision is not None \
+                    else self.adapt(vm_id)
             except Exception:
                 # One VM's bad data must not stop training for the others.
-                log.exception("action %s for VM %s failed", decision.action.value, vm_id)
+                log.exception("%s for VM %s failed",
+                              decision.action.value if decision else "adaptation", vm_id)
                 with self._cond:
                     self.stats.failed += 1
                 outcome = None
@@ -117,6 +137,16 @@ class ActionWorker:
                     self.on_done(outcome)
                 except Exception:
                     log.exception("after action for VM %s", vm_id)
+
+    def adapt(self, vm_id: str) -> TrainOutcome:
+        outcome = self.models.adapt(vm_id)
+        adaptation = self.models.adaptation(vm_id)
+        quality = adaptation.quality if adaptation else {}
+        log.info("VM %s: adapted without labels on %d samples in %.1f s -> %s; on its own "
+                 "history with injected faults: %s", vm_id,
+                 adaptation.samples_fitted if adaptation else 0, outcome.seconds,
+                 outcome.version, ", ".join(f"{k} {v:.3f}" for k, v in quality.items()) or "-")
+        return outcome
 
     def execute(self, vm_id: str, decision: Decision) -> TrainOutcome:
         """Run one action now, in the caller's thread."""

@@ -2,9 +2,12 @@
 
 A bundle is a folder holding `model.onnx` and `bundle.json`. The metadata carries
 everything the agent must not guess: metric names and order, window length,
-normalization, decision threshold, model kind, provenance, and the sha256 of the ONNX
-file. The ONNX graph takes normalized windows `float32[batch, M, T]` and returns the
-anomaly probability `float32[batch]`.
+normalization, decision threshold, model kind, provenance, the sha256 of the ONNX
+file, and `warmup`: true when the statistics are not the VM's own (the pooled bundle a
+fresh VM starts with), so its verdicts must not raise alarms. The ONNX graph takes
+normalized windows `float32[batch, M, T]` and returns the anomaly score
+`float32[batch]` in [0, 1] and, optionally, each metric's contribution
+`float32[batch, M]` (larger = more to blame).
 
 Loading never unpickles anything, and every check failure raises `BundleError` naming
 the problem. NumPy + ONNX Runtime only: the agent imports this module.
@@ -51,6 +54,7 @@ class BundleMetadata:
     threshold: float
     onnx_sha256: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    warmup: bool = False
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -66,6 +70,7 @@ class BundleMetadata:
                 "onnx_file": ONNX_FILE,
                 "onnx_sha256": self.onnx_sha256,
                 "provenance": self.provenance,
+                "warmup": self.warmup,
             },
             indent=2,
             sort_keys=True,
@@ -114,6 +119,9 @@ class BundleMetadata:
                 f"bundle normalization covers {len(normalization.center)} metrics "
                 f"but the bundle names {len(metrics)}"
             )
+        warmup = data.get("warmup", False)
+        if not isinstance(warmup, bool):
+            raise BundleError("bundle metadata key 'warmup' has the wrong type")
         return cls(
             version=data["version"],
             model_kind=data["model_kind"],
@@ -123,6 +131,7 @@ class BundleMetadata:
             threshold=threshold,
             onnx_sha256=data["onnx_sha256"].lower(),
             provenance=dict(data.get("provenance") or {}),
+            warmup=warmup,
         )
 
 
@@ -174,10 +183,10 @@ class Bundle:
             )
         session = _open_session(onnx_bytes)
         inputs, outputs = session.get_inputs(), session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
+        if len(inputs) != 1 or len(outputs) not in (1, 2):
             raise BundleError(
-                "ONNX model must have one input and one output, "
-                f"has {len(inputs)} and {len(outputs)}"
+                "ONNX model must have one input and one or two outputs (score, "
+                f"contributions), has {len(inputs)} and {len(outputs)}"
             )
         shape = inputs[0].shape
         want = (len(metadata.metrics), metadata.window)
@@ -205,11 +214,15 @@ class Bundle:
         z[5, :, t // 2:] += 6.0  # a step, as at the start of an incident
         raw = center[None, :, None] + scale[None, :, None] * z
         try:
-            scores = self.score(raw)
+            scores, contributions = self.score_with_contributions(raw)
         except Exception as error:  # onnxruntime raises several private exception types
             raise BundleError(f"the model fails to run: {str(error)[:300]}") from None
         if scores.shape != (len(raw),):
             raise BundleError(f"ONNX output shape {scores.shape} is not [batch]")
+        if contributions is not None and (contributions.shape != (len(raw), m)
+                                          or not np.all(np.isfinite(contributions))):
+            raise BundleError(f"ONNX contributions (shape {contributions.shape}) are not "
+                              f"finite [batch, {m}]")
         if not np.all(np.isfinite(scores)) or scores.min() < 0.0 or scores.max() > 1.0:
             raise BundleError("the model's output on test windows is not a finite "
                               f"probability in [0, 1] (min {scores.min()}, max {scores.max()})")
@@ -222,16 +235,31 @@ class Bundle:
     def window(self) -> int:
         return self.metadata.window
 
-    def probabilities(self, normalized: np.ndarray) -> np.ndarray:
-        """Anomaly probability per window for already-normalized `float32[W, M, T]`."""
-        (out,) = self._session.run(None, {self._input_name: normalized.astype(np.float32)})
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+    def run(self, normalized: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Score per window and, if the graph gives them, per-metric contributions
+        `[W, M]`, for already-normalized `float32[W, M, T]`."""
+        outputs = self._session.run(None, {self._input_name: normalized.astype(np.float32)})
+        scores = np.asarray(outputs[0], dtype=np.float32).reshape(-1)
+        contributions = np.asarray(outputs[1], dtype=np.float32) if len(outputs) > 1 else None
+        return scores, contributions
 
-    def score(self, raw_windows: np.ndarray) -> np.ndarray:
-        """Anomaly probability per window for raw `[W, M, T]` windows (normalized here)."""
+    def probabilities(self, normalized: np.ndarray) -> np.ndarray:
+        """Anomaly score per window for already-normalized `float32[W, M, T]`."""
+        return self.run(normalized)[0]
+
+    def normalize(self, raw_windows: np.ndarray) -> np.ndarray:
         raw = np.asarray(raw_windows, dtype=np.float32)
         normalized = self.metadata.normalization.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1)
-        return self.probabilities(np.ascontiguousarray(normalized))
+        return np.ascontiguousarray(normalized)
+
+    def score(self, raw_windows: np.ndarray) -> np.ndarray:
+        """Anomaly score per window for raw `[W, M, T]` windows (normalized here)."""
+        return self.probabilities(self.normalize(raw_windows))
+
+    def score_with_contributions(self, raw_windows: np.ndarray
+                                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores and per-metric contributions for raw `[W, M, T]` windows."""
+        return self.run(self.normalize(raw_windows))
 
     def verdicts(self, scores: np.ndarray) -> np.ndarray:
         return scores >= self.metadata.threshold

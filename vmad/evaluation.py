@@ -11,7 +11,9 @@ NumPy only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -20,8 +22,11 @@ __all__ = [
     "best_f1_threshold",
     "events",
     "false_alarm_threshold",
+    "hit_rate",
+    "read_interpretation_labels",
     "roc_auc",
     "score_detection",
+    "tail_threshold",
 ]
 
 
@@ -139,3 +144,68 @@ def false_alarm_threshold(normal_scores: np.ndarray, rate: float) -> float:
     flagged."""
     cut = np.float32(np.quantile(np.asarray(normal_scores), 1 - rate))
     return float(np.nextafter(cut, np.float32(np.inf)))
+
+
+def tail_threshold(normal_scores: np.ndarray, rate: float, tail: float = 0.1) -> float:
+    """The threshold a score exceeds with probability `rate` on normal data, from a
+    peaks-over-threshold fit (SPOT, Siffer et al., KDD 2017, with the exponential tail):
+    above u, the (1 - tail) quantile, excesses are taken as exponential with their mean
+    sigma, so P(score > u + x) = tail * exp(-x / sigma) and the threshold is
+    u + sigma * ln(tail / rate). Unlike a plain quantile it extrapolates beyond the
+    largest score seen, which a few hundred warm-up windows need for a rate of 0.5 %; it
+    never returns less than the empirical (1 - rate) quantile, which a heavier tail than
+    the exponential (the largest of many metrics' deviations) would otherwise undercut."""
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    if len(scores) == 0 or not np.isfinite(scores).all():
+        raise ValueError("tail_threshold needs finite scores")
+    if not 0 < rate < tail < 1:
+        raise ValueError(f"need 0 < rate < tail < 1, got rate {rate}, tail {tail}")
+    u = float(np.quantile(scores, 1 - tail))
+    excess = scores[scores > u] - u
+    sigma = float(excess.mean()) if len(excess) else 0.0
+    return max(u + sigma * float(np.log(tail / rate)), float(np.quantile(scores, 1 - rate)))
+
+
+# One anomaly's rows [start, stop) (0-based, stop exclusive) and the 0-based metric
+# columns that experts named as its cause.
+Interpretation = tuple[int, int, tuple[int, ...]]
+
+
+def read_interpretation_labels(path: str | Path) -> list[Interpretation]:
+    """SMD's `interpretation_label.txt`: lines `start-end:d1,d2,...` with 1-based,
+    inclusive rows of the test part and 1-based metric columns."""
+    out: list[Interpretation] = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows, dims = line.strip().split(":")
+            start, end = (int(v) for v in rows.split("-"))
+            columns = tuple(int(d) - 1 for d in dims.split(",") if d.strip())
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'start-end:d1,d2,...', got {line!r}")\
+                from None
+        if start < 1 or end < start or not columns or min(columns) < 0:
+            raise ValueError(f"{path}:{number}: bad interpretation label {line!r}")
+        out.append((start - 1, end, columns))
+    return out
+
+
+def hit_rate(contributions: np.ndarray, interpretation: list[Interpretation],
+             share: float, rows: slice = slice(None)) -> float:
+    """OmniAnomaly's HitRate@P: for every labelled anomalous row with its cause metrics
+    G, the share of G among the ceil(P * |G|) metrics with the largest contribution;
+    averaged over those rows. `contributions[N, M]` covers the rows of the test part;
+    only rows inside `rows` count. NaN when no labelled row is inside."""
+    first = rows.start or 0
+    last = len(contributions) if rows.stop is None else rows.stop
+    hits: list[float] = []
+    for start, stop, causes in interpretation:
+        lo, hi = max(start, first), min(stop, last)
+        if lo >= hi:
+            continue
+        k = math.ceil(share * len(causes))
+        top = np.argsort(-contributions[lo:hi], axis=1, kind="stable")[:, :k]
+        found = np.isin(top, np.asarray(causes)).sum(axis=1)
+        hits.extend((found / len(causes)).tolist())
+    return float(np.mean(hits)) if hits else float("nan")

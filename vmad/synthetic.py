@@ -27,7 +27,7 @@ import numpy as np
 from vmad.schema import DEFAULT_INTERVAL_S, DEFAULT_METRICS
 from vmad.series import Series
 
-__all__ = ["FAULT_KINDS", "PROFILES", "Fault", "generate_fleet", "generate_vm"]
+__all__ = ["FAULT_KINDS", "PROFILES", "Fault", "generate_fleet", "generate_vm", "inject_fault"]
 
 CPU, MEM, DISK, NET = range(4)
 
@@ -152,6 +152,18 @@ def _inject(kind: str, values: np.ndarray, start: int, stop: int,
         normal = np.median(values[:, NET])
         values[region, NET] += (rng.uniform(30, 300) + normal * rng.uniform(5, 20)) \
             * np.exp(0.3 * rng.standard_normal(span))
+
+
+def inject_fault(kind: str, values: np.ndarray, start: int, stop: int,
+                 rng: np.random.Generator) -> None:
+    """Add fault `kind` to rows [start, stop) of `values[N, 4]` (DEFAULT_METRICS, in their
+    units) in place; disk and network faults scale with the series' own median level."""
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {kind!r}; kinds: {sorted(FAULT_KINDS)}")
+    _inject(kind, values, start, stop, rng)
+    values[:, CPU] = np.clip(values[:, CPU], 0, 100)
+    values[:, MEM] = np.clip(values[:, MEM], 0, 100)
+    values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
 
 
 def generate_vm(

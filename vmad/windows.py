@@ -7,6 +7,7 @@ NumPy only: the agent uses this module too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,25 +59,34 @@ class Normalizer:
     """Robust per-metric scaling: (x - median) / scale, clipped to [-clip, clip].
 
     `scale` is the inter-quartile range / 1.349 (the standard deviation for Gaussian
-    data), falling back to the standard deviation and then to 1 for constant metrics, so
-    one wild sample in the fitting data does not squash every other value to zero.
+    data), falling back to the standard deviation, then raised to at least `floor` (in
+    the metric's own units): a metric that barely moved in the fitting data (a disk that
+    idled for an hour, a counter stuck at 0) would otherwise get a tiny scale and turn
+    its first ordinary wobble into a huge deviation. A metric with neither spread nor
+    floor gets scale 1. Models clamp their own input further (trainer/models.py); the
+    wide default clip keeps large deviations visible to the per-metric score.
     Its statistics travel inside the model bundle: agent and trainer never guess them.
     """
 
     center: tuple[float, ...]
     scale: tuple[float, ...]
-    clip: float = 10.0
+    clip: float = 100.0
 
     @classmethod
-    def fit(cls, values: np.ndarray, clip: float = 10.0) -> Normalizer:
+    def fit(cls, values: np.ndarray, clip: float = 100.0,
+            floor: float | Sequence[float] = 0.0) -> Normalizer:
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or len(values) == 0:
             raise ValueError(f"need a non-empty [samples, metrics] array, got {values.shape}")
+        floors = np.broadcast_to(np.asarray(floor, dtype=np.float64), values.shape[1:])
+        if np.any(floors < 0) or not np.all(np.isfinite(floors)):
+            raise ValueError(f"scale floors must be finite and >= 0, got {floor}")
         center = np.median(values, axis=0)
         q75, q25 = np.percentile(values, [75, 25], axis=0)
         scale = (q75 - q25) / 1.349
         std = values.std(axis=0)
         scale = np.where(scale > 1e-9, scale, std)
+        scale = np.maximum(scale, floors)
         scale = np.where(scale > 1e-9, scale, 1.0)
         return cls(tuple(map(float, center)), tuple(map(float, scale)), float(clip))
 

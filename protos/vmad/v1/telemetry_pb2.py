@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from vmad.protos.vmad.v1 import bundle_pb2 as vmad_dot_v1_dot_bundle__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vmad/v1/telemetry.proto\x12\x07vmad.v1\x1a\x14vmad/v1/bundle.proto\"8\n\x06Sample\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0e\n\x06values\x18\x03 \x03(\x01\"f\n\x07Verdict\x12\x0f\n\x07\x65nd_seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x11\n\tanomalous\x18\x04 \x01(\x08\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"~\n\rLabelInterval\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x01\x12\x11\n\tanomalous\x18\x03 \x01(\x08\x12$\n\x06source\x18\x04 \x01(\x0e\x32\x14.vmad.v1.LabelSource\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\n\n\x02id\x18\x06 \x01(\t\"\x80\x02\n\x0eTelemetryBatch\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0f\n\x07metrics\x18\x02 \x03(\t\x12\x12\n\ninterval_s\x18\x03 \x01(\x01\x12 \n\x07samples\x18\x04 \x03(\x0b\x32\x0f.vmad.v1.Sample\x12\"\n\x08verdicts\x18\x05 \x03(\x0b\x32\x10.vmad.v1.Verdict\x12&\n\x06labels\x18\x06 \x03(\x0b\x32\x16.vmad.v1.LabelInterval\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x08 \x01(\x04\x12\x11\n\tfirst_seq\x18\t \x01(\x04\x12\x10\n\x08spool_id\x18\n \x01(\t\"\x94\x01\n\x03\x41\x63k\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\x12\x0c\n\x04lost\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07refused\x18\x07 \x01(\r\x12\x16\n\x0erefused_reason\x18\x08 \x01(\t\"E\n\x0cLabelRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12&\n\x06labels\x18\x02 \x03(\x0b\x32\x16.vmad.v1.LabelInterval\"\x1e\n\nLabelReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"=\n\x13WatchBundlesRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x17\n\x0frunning_version\x18\x02 \x01(\t*b\n\x0bLabelSource\x12\x1c\n\x18LABEL_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LABEL_SOURCE_INJECTION\x10\x01\x12\x19\n\x15LABEL_SOURCE_OPERATOR\x10\x02\x32\xc2\x01\n\x10TelemetryService\x12\x33\n\x06Stream\x12\x17.vmad.v1.TelemetryBatch\x1a\x0c.vmad.v1.Ack(\x01\x30\x01\x12\x44\n\x0cWatchBundles\x12\x1c.vmad.v1.WatchBundlesRequest\x1a\x14.vmad.v1.ModelBundle0\x01\x12\x33\n\x05Label\x12\x15.vmad.v1.LabelRequest\x1a\x13.vmad.v1.LabelReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vmad/v1/telemetry.proto\x12\x07vmad.v1\x1a\x14vmad/v1/bundle.proto\"8\n\x06Sample\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x0e\n\x06values\x18\x03 \x03(\x01\"\x8d\x01\n\x07Verdict\x12\x0f\n\x07\x65nd_seq\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x11\n\tanomalous\x18\x04 \x01(\x08\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x15\n\rcontributions\x18\x06 \x03(\x02\x12\x0e\n\x06warmup\x18\x07 \x01(\x08\"~\n\rLabelInterval\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x01\x12\x11\n\tanomalous\x18\x03 \x01(\x08\x12$\n\x06source\x18\x04 \x01(\x0e\x32\x14.vmad.v1.LabelSource\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\n\n\x02id\x18\x06 \x01(\t\"\x80\x02\n\x0eTelemetryBatch\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0f\n\x07metrics\x18\x02 \x03(\t\x12\x12\n\ninterval_s\x18\x03 \x01(\x01\x12 \n\x07samples\x18\x04 \x03(\x0b\x32\x0f.vmad.v1.Sample\x12\"\n\x08verdicts\x18\x05 \x03(\x0b\x32\x10.vmad.v1.Verdict\x12&\n\x06labels\x18\x06 \x03(\x0b\x32\x16.vmad.v1.LabelInterval\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x08 \x01(\x04\x12\x11\n\tfirst_seq\x18\t \x01(\x04\x12\x10\n\x08spool_id\x18\n \x01(\t\"\x94\x01\n\x03\x41\x63k\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x11\n\tacked_seq\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\x12\x0c\n\x04lost\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07refused\x18\x07 \x01(\r\x12\x16\n\x0erefused_reason\x18\x08 \x01(\t\"E\n\x0cLabelRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12&\n\x06labels\x18\x02 \x03(\x0b\x32\x16.vmad.v1.LabelInterval\"\x1e\n\nLabelReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"=\n\x13WatchBundlesRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x17\n\x0frunning_version\x18\x02 \x01(\t*b\n\x0bLabelSource\x12\x1c\n\x18LABEL_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LABEL_SOURCE_INJECTION\x10\x01\x12\x19\n\x15LABEL_SOURCE_OPERATOR\x10\x02\x32\xc2\x01\n\x10TelemetryService\x12\x33\n\x06Stream\x12\x17.vmad.v1.TelemetryBatch\x1a\x0c.vmad.v1.Ack(\x01\x30\x01\x12\x44\n\x0cWatchBundles\x12\x1c.vmad.v1.WatchBundlesRequest\x1a\x14.vmad.v1.ModelBundle0\x01\x12\x33\n\x05Label\x12\x15.vmad.v1.LabelRequest\x1a\x13.vmad.v1.LabelReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmad.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LABELSOURCE']._serialized_start=924
-  _globals['_LABELSOURCE']._serialized_end=1022
+  _globals['_LABELSOURCE']._serialized_start=964
+  _globals['_LABELSOURCE']._serialized_end=1062
   _globals['_SAMPLE']._serialized_start=58
   _globals['_SAMPLE']._serialized_end=114
-  _globals['_VERDICT']._serialized_start=116
-  _globals['_VERDICT']._serialized_end=218
-  _globals['_LABELINTERVAL']._serialized_start=220
-  _globals['_LABELINTERVAL']._serialized_end=346
-  _globals['_TELEMETRYBATCH']._serialized_start=349
-  _globals['_TELEMETRYBATCH']._serialized_end=605
-  _globals['_ACK']._serialized_start=608
-  _globals['_ACK']._serialized_end=756
-  _globals['_LABELREQUEST']._serialized_start=758
-  _globals['_LABELREQUEST']._serialized_end=827
-  _globals['_LABELREPLY']._serialized_start=829
-  _globals['_LABELREPLY']._serialized_end=859
-  _globals['_WATCHBUNDLESREQUEST']._serialized_start=861
-  _globals['_WATCHBUNDLESREQUEST']._serialized_end=922
-  _globals['_TELEMETRYSERVICE']._serialized_start=1025
-  _globals['_TELEMETRYSERVICE']._serialized_end=1219
+  _globals['_VERDICT']._serialized_start=117
+  _globals['_VERDICT']._serialized_end=258
+  _globals['_LABELINTERVAL']._serialized_start=260
+  _globals['_LABELINTERVAL']._serialized_end=386
+  _globals['_TELEMETRYBATCH']._serialized_start=389
+  _globals['_TELEMETRYBATCH']._serialized_end=645
+  _globals['_ACK']._serialized_start=648
+  _globals['_ACK']._serialized_end=796
+  _globals['_LABELREQUEST']._serialized_start=798
+  _globals['_LABELREQUEST']._serialized_end=867
+  _globals['_LABELREPLY']._serialized_start=869
+  _globals['_LABELREPLY']._serialized_end=899
+  _globals['_WATCHBUNDLESREQUEST']._serialized_start=901
+  _globals['_WATCHBUNDLESREQUEST']._serialized_end=962
+  _globals['_TELEMETRYSERVICE']._serialized_start=1065
+  _globals['_TELEMETRYSERVICE']._serialized_end=1259
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,171 @@
+"""Label-free per-VM adaptation: the fused ONNX graph equals its NumPy definition, a VM's
+first hours give it its own bundle without a label, warm-up bundles never alarm, verdict
+contributions reach the store, and HitRate counts what it should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vmad.evaluation import hit_rate, read_interpretation_labels
+from vmad.schema import DEFAULT_METRICS
+from vmad.synthetic import generate_vm
+from vmad.trainer.adaptation import fit_adaptation
+from vmad.trainer.checkpoint import Checkpoint
+from vmad.trainer.config import AdaptationSettings, TrainingSettings
+from vmad.trainer.export import export_bundle
+from vmad.trainer.models import build_model
+from vmad.trainer.residual import ResidualModel
+from vmad.trainer.store import TelemetryStore
+from vmad.trainer.training import predict_logits
+from vmad.windows import Normalizer, make_windows
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Checkpoint:
+    import torch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
+    return Checkpoint(build_model("zoom-cnn", 4, WINDOW), "zoom-cnn", DEFAULT_METRICS, WINDOW,
+                      normalizer, 0.9)
+
+
+def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
+    vm, _ = generate_vm(5, 1200)
+    for components in (0, 2):
+        adaptation = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW,
+                                    floors=[1.0, 0.5, 0.5, 0.2], components=components,
+                                    cnn_weight=0.5, false_alarm_rate=0.01)
+        bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
+        assert not bundle.metadata.warmup
+        raw = make_windows(vm.values[600:900], WINDOW)
+        scores, contributions = bundle.score_with_contributions(raw)
+        normalized = adaptation.normalizer.apply(vm.values[600:900])
+        expected_contrib = adaptation.residual.contributions(normalized[WINDOW - 1:])
+        logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+        expected = adaptation.fusion.score(logits, expected_contrib.max(axis=1))
+        assert np.allclose(contributions, expected_contrib, atol=1e-3)
+        assert np.allclose(scores, expected, atol=1e-4)
+
+
+def test_threshold_meets_the_false_alarm_target_on_own_windows(checkpoint) -> None:
+    vm, _ = generate_vm(6, 3000, fault_rate=0.0)
+    adaptation = fit_adaptation(checkpoint.model, vm.values[:2000], WINDOW,
+                                false_alarm_rate=0.01)
+    normalized = adaptation.normalizer.apply(vm.values[:2000])
+    logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+    deviation = adaptation.residual.score_samples(normalized[WINDOW - 1:])
+    flagged = adaptation.fusion.score(logits, deviation) >= adaptation.threshold
+    # The tail fit extrapolates: about the target, not exactly it, on the fitting data.
+    assert adaptation.threshold == 0.5 and flagged.mean() <= 0.02
+
+
+def test_tail_threshold_extrapolates_beyond_the_sample() -> None:
+    from vmad.evaluation import tail_threshold
+
+    rng = np.random.default_rng(0)
+    few = rng.exponential(1.0, 300)
+    # Exponential scores: the true 0.1 % quantile is ln(1000) = 6.9, above most samples.
+    assert 5.5 < tail_threshold(few, 0.001) < 8.5
+    many = rng.exponential(1.0, 200_000)
+    assert (many > tail_threshold(few, 0.005)).mean() < 0.012
+    with pytest.raises(ValueError):
+        tail_threshold(few, 0.2)
+
+
+def test_scale_floor_keeps_a_constant_metric_from_exploding() -> None:
+    values = np.column_stack([np.full(500, 3.0), np.random.default_rng(0).normal(50, 5, 500)])
+    bare = Normalizer.fit(values)
+    floored = Normalizer.fit(values, floor=[0.5, 0.5])
+    wobble = np.array([[3.2, 50.0]])
+    assert bare.scale[0] == 1.0  # no spread, no floor: unit scale
+    assert floored.scale[0] == 0.5 and abs(floored.apply(wobble)[0, 0] - 0.4) < 1e-6
+    with pytest.raises(ValueError, match="floor"):
+        Normalizer.fit(values, floor=[-1.0, 0.0])
+    residual = ResidualModel.fit(floored.apply(values), spread_floor=1.0)
+    assert residual.spread[0] == 1.0
+
+
+def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp_path) -> None:
+    from vmad.trainer.transfer import VMModels
+
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                      adaptation=AdaptationSettings(warmup_samples=300, refresh_samples=200,
+                                                    history_samples=300))
+    vm, _ = generate_vm(7, 800, fault_rate=0.0)
+    seqs = np.arange(1, 801)
+    store.ingest("vm", DEFAULT_METRICS, seqs[:250], vm.timestamps[:250], vm.values[:250])
+    assert not models.needs_adaptation("vm")
+    assert models.bundle("vm").metadata.warmup  # the pooled model: the agent stays quiet
+    store.ingest("vm", DEFAULT_METRICS, seqs[250:300], vm.timestamps[250:300],
+                 vm.values[250:300])
+    assert models.needs_adaptation("vm")
+    outcome = models.adapt("vm")
+    bundle = models.bundle("vm")
+    assert outcome.action == "adapt" and not bundle.metadata.warmup
+    assert bundle.metadata.version == outcome.version
+    assert not models.needs_adaptation("vm")
+    # A restarted trainer finds the same adaptation on disk.
+    again = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings())
+    assert again.bundle("vm").metadata.version == bundle.metadata.version
+    # The VM drifts on: a refresh after refresh_samples more, a new version.
+    store.ingest("vm", DEFAULT_METRICS, seqs[300:], vm.timestamps[300:], vm.values[300:],
+                 verdicts=[(float(vm.timestamps[700]), 0.99, True, bundle.metadata.version,
+                            (0.1, 7.0, 0.2, 0.3))])
+    assert models.needs_adaptation("vm")
+    models.adapt("vm")
+    assert models.adaptation("vm").generation == 2
+    assert models.bundle("vm").metadata.version != bundle.metadata.version
+    [(ts, contributions)] = store.contributions("vm")
+    assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
+
+
+def test_warmup_bundle_never_alarms(checkpoint, tmp_path) -> None:
+    from vmad.edge_agent.detector import BundleSlot, WindowScorer
+
+    pooled = Checkpoint(checkpoint.model, "zoom-cnn", DEFAULT_METRICS, WINDOW,
+                        checkpoint.normalizer, threshold=0.0)  # would flag everything
+    bundle = export_bundle(pooled, "pooled")
+    slot = BundleSlot(tmp_path / "b", DEFAULT_METRICS, WINDOW)
+    slot.install(bundle.metadata.to_json(), bundle.onnx_bytes)
+    scorer = WindowScorer(slot)
+    verdicts = [scorer.push([90.0, 95.0, 50.0, 20.0]) for _ in range(WINDOW + 3)]
+    last = verdicts[-1]
+    assert last is not None and last.warmup and not last.anomalous
+    assert len(last.contributions) == 4 and last.top_metrics(DEFAULT_METRICS).count("=") == 2
+
+
+def test_hit_rate_counts_cause_metrics_among_the_top(tmp_path) -> None:
+    path = tmp_path / "interpretation_label.txt"
+    path.write_text("2-3:1,3\n5-5:2\n")
+    labels = read_interpretation_labels(path)
+    assert labels == [(1, 3, (0, 2)), (4, 5, (1,))]
+    contributions = np.zeros((6, 3))
+    contributions[1:3] = [5.0, 0.0, 4.0]  # both causes on top
+    contributions[4] = [3.0, 2.0, 1.0]  # the cause is second
+    assert hit_rate(contributions, labels, 1.0) == pytest.approx(2 / 3)
+    assert hit_rate(contributions, labels, 1.5) == pytest.approx(1.0)
+    assert np.isnan(hit_rate(contributions, labels, 1.0, slice(5, None)))
+    path.write_text("oops\n")
+    with pytest.raises(ValueError, match="start-end"):
+        read_interpretation_labels(path)
+
+
+def test_injected_validation_set_labels_faults_at_the_vms_own_levels() -> None:
+    from vmad.trainer.injection import injected_validation_set
+
+    vm, _ = generate_vm(11, 1500, fault_rate=0.0)
+    injected = injected_validation_set(vm.values, WINDOW, seed=1)
+    assert injected.windows.shape[1:] == (4, WINDOW) and len(injected.kinds) >= 4
+    assert 0.05 < injected.labels.mean() < 0.4
+    # Anomalous windows really differ from the VM's own windows; normal ones are its own.
+    normal = make_windows(vm.values, WINDOW)
+    assert np.allclose(injected.windows[: len(normal)][injected.labels[: len(normal)] == 0][:5],
+                       normal[injected.labels[: len(normal)] == 0][:5])
+    with pytest.raises(ValueError, match="at least"):
+        injected_validation_set(vm.values[:40], WINDOW)

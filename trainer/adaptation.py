@@ -1,0 +1,167 @@
+"""Label-free adaptation of a detector to one VM: its own normalizer, its own unsupervised
+per-metric score, the fusion of that score with the Zoom-CNN's, and a threshold set to a
+target false-alarm rate on its own windows. Nothing here needs a label.
+
+`fit_adaptation` takes a VM's raw samples (its first hours, or its recent normal
+history on a refresh) and the network it runs, and returns a `VMAdaptation`; the
+exported bundle (trainer/export.py) computes, inside one ONNX graph:
+
+    z = w * (logit - cnn_center) / cnn_scale
+        + (1 - w) * (log1p(deviation) - dev_center) / dev_scale
+    score = sigmoid(z - offset)
+
+where `deviation` is the largest per-metric contribution of the window's newest sample
+(trainer/residual.py) and the centres and scales are the median and robust spread of
+each part on the VM's own windows, so both parts speak in "how unusual for this VM".
+`offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
+own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
+normal windows exceed it: the score is 0.5 exactly there, and the bundle's threshold is
+0.5. Centring on the threshold keeps float32 scores away from saturation where it
+matters. With w = 1, centre 0, scale 1 and offset 0 the score is the network's
+probability: that is the pooled warm-up bundle, which keeps its shipped threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from torch import nn
+
+from vmad.evaluation import tail_threshold
+from vmad.trainer.residual import ResidualModel
+from vmad.windows import Normalizer, make_windows
+
+__all__ = ["Fusion", "VMAdaptation", "fit_adaptation", "fit_fusion", "robust_location"]
+
+# Spread floor of each fused part in its own units: a part that hardly varies on the
+# VM's own windows must not be blown up into the dominant one. The deviation's is
+# larger: a quiet warm-up says little about how far an ordinary day strays (log1p units).
+_PART_SCALE_FLOOR = 0.05
+_DEVIATION_SCALE_FLOOR = 0.5
+
+
+@dataclass(frozen=True)
+class Fusion:
+    cnn_center: float = 0.0
+    cnn_scale: float = 1.0
+    dev_center: float = 0.0
+    dev_scale: float = 1.0
+    cnn_weight: float = 1.0
+    offset: float = 0.0
+
+    def z(self, logits: np.ndarray, deviation: np.ndarray) -> np.ndarray:
+        w = self.cnn_weight
+        cnn = (np.asarray(logits, np.float64) - self.cnn_center) / self.cnn_scale
+        dev = (np.log1p(np.asarray(deviation, np.float64)) - self.dev_center) / self.dev_scale
+        return w * cnn + (1.0 - w) * dev
+
+    def score(self, logits: np.ndarray, deviation: np.ndarray) -> np.ndarray:
+        z = self.z(logits, deviation) - self.offset
+        return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Fusion:
+        fusion = cls(**{k: float(data.get(k, 0.0)) for k in cls.__dataclass_fields__})
+        if not (fusion.cnn_scale > 0 and fusion.dev_scale > 0 and 0 <= fusion.cnn_weight <= 1):
+            raise ValueError(f"invalid fusion parameters {data}")
+        return fusion
+
+
+def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tuple[float, float]:
+    """Median and IQR / 1.349 (at least `floor`) of `values`."""
+    values = np.asarray(values, np.float64)
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return float(q50), float(max((q75 - q25) / 1.349, floor))
+
+
+def fit_fusion(logits: np.ndarray, deviation: np.ndarray, cnn_weight: float) -> Fusion:
+    """Standardize both parts on the VM's own (mostly normal) windows."""
+    cc, cs = robust_location(logits)
+    dc, ds = robust_location(np.log1p(np.asarray(deviation, np.float64)),
+                             _DEVIATION_SCALE_FLOOR)
+    return Fusion(cc, cs, dc, ds, float(cnn_weight))
+
+
+@dataclass(frozen=True)
+class VMAdaptation:
+    """What makes the shared network this VM's detector, fitted without labels."""
+
+    normalizer: Normalizer
+    residual: ResidualModel
+    fusion: Fusion
+    threshold: float
+    samples_fitted: int  # samples the fit used
+    received_at_fit: int  # the VM's received-sample counter when it was fitted
+    fitted_at: float
+    generation: int = 1
+    # Scores on the VM's own history with synthetic faults injected (trainer/injection.py):
+    # the quality estimate the trainer reports without any label.
+    quality: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "normalization": self.normalizer.to_dict(), "residual": self.residual.to_dict(),
+            "fusion": self.fusion.to_dict(), "threshold": self.threshold,
+            "samples_fitted": self.samples_fitted, "received_at_fit": self.received_at_fit,
+            "fitted_at": self.fitted_at, "generation": self.generation,
+            "quality": self.quality}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> VMAdaptation:
+        data = json.loads(text)
+        threshold = float(data["threshold"])
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"adaptation threshold must lie in [0, 1], got {threshold}")
+        return cls(Normalizer.from_dict(data["normalization"]),
+                   ResidualModel.from_dict(data["residual"]), Fusion.from_dict(data["fusion"]),
+                   threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
+                   float(data["fitted_at"]), int(data["generation"]),
+                   {k: float(v) for k, v in (data.get("quality") or {}).items()})
+
+
+def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,
+                         window: int) -> np.ndarray:
+    """Deviation of each window (that of its newest sample) over normalized samples."""
+    return residual.score_samples(normalized_samples[window - 1:])
+
+
+def fit_adaptation(
+    model: nn.Module, raw: np.ndarray, window: int, *,
+    floors: float | Sequence[float] = 0.0, components: int = 0, cnn_weight: float = 0.5,
+    false_alarm_rate: float = 0.005, min_deviation: float = 0.0,
+    received: int = 0, now: float = 0.0, generation: int = 1,
+    normalizer: Normalizer | None = None,
+) -> VMAdaptation:
+    """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
+
+    The fused score's 0.5 sits where `false_alarm_rate` of the VM's own windows (taken as
+    normal: no label is used) are expected above it; the threshold is 0.5. `normalizer` keeps given
+    statistics (the network was just fine-tuned on them) instead of fitting new ones.
+    """
+    from vmad.trainer.training import predict_logits
+
+    raw = np.asarray(raw, np.float64)
+    if len(raw) < window + 1:
+        raise ValueError(f"need at least {window + 1} samples to adapt, got {len(raw)}")
+    if normalizer is None:
+        normalizer = Normalizer.fit(raw, floor=floors)
+    normalized = normalizer.apply(raw)
+    # Spread floor in normalized units: the normalizer's floor already bounds the scale,
+    # so one normalized unit is the least spread a metric may claim.
+    residual = ResidualModel.fit(normalized, components=components, spread_floor=1.0)
+    logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
+    deviation = deviation_of_windows(residual, normalized, window)
+    fusion = fit_fusion(logits, deviation, cnn_weight)
+    offset = tail_threshold(fusion.z(logits, deviation), false_alarm_rate)
+    if min_deviation > 0:
+        floor = fusion.z(np.array([fusion.cnn_center]), np.array([min_deviation]))[0]
+        offset = max(offset, float(floor))
+    return VMAdaptation(normalizer, residual, replace(fusion, offset=offset), 0.5, len(raw),
+                        received, now, generation)

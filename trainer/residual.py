@@ -1,0 +1,80 @@
+"""The unsupervised per-VM score: how far the newest sample sits from the VM's own normal,
+metric by metric.
+
+Fitted on a VM's own (normalized, unlabelled, mostly normal) history: the principal
+subspace of its normal samples (`components` directions) and, per metric, the spread
+of the residual outside that subspace on the fitting data. A sample's contribution of
+metric m is |residual_m| / spread_m: how many of its usual residual widths metric m
+is off what the other metrics predict for it. The score is the largest contribution.
+Spreads have a floor (`spread_floor`, in normalized units), so a metric that never
+moved while fitting cannot turn a tiny wobble into a huge contribution.
+
+The same arithmetic runs in three places: here (NumPy, for the benchmarks and the
+trainer's own calibration), inside the exported ONNX graph (trainer/export.py) and
+nowhere else; a test holds them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ResidualModel"]
+
+
+@dataclass(frozen=True)
+class ResidualModel:
+    mean: np.ndarray  # float64 [M]
+    components: np.ndarray  # float64 [K, M], orthonormal rows (K may be 0)
+    spread: np.ndarray  # float64 [M], > 0
+
+    @classmethod
+    def fit(cls, values: np.ndarray, components: int = 10,
+            spread_floor: float = 0.25) -> ResidualModel:
+        """Fit on normalized `values[N, M]`; `components` is capped below M so some
+        residual always remains."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or len(values) < 2:
+            raise ValueError(f"need [samples >= 2, metrics] values, got {values.shape}")
+        mean = values.mean(axis=0)
+        keep = max(0, min(components, values.shape[1] - 1, len(values) - 1))
+        if keep:
+            _, _, vt = np.linalg.svd(values - mean, full_matrices=False)
+            basis = vt[:keep]
+        else:
+            basis = np.zeros((0, values.shape[1]))
+        model = cls(mean, basis, np.ones(values.shape[1]))
+        residual = model.residuals(values)
+        spread = np.maximum(np.sqrt(np.mean(residual**2, axis=0)), spread_floor)
+        return cls(mean, basis, spread)
+
+    @classmethod
+    def identity(cls, n_metrics: int) -> ResidualModel:
+        """No subspace, unit spread: contributions are the normalized values' magnitudes."""
+        return cls(np.zeros(n_metrics), np.zeros((0, n_metrics)), np.ones(n_metrics))
+
+    def residuals(self, values: np.ndarray) -> np.ndarray:
+        centred = np.asarray(values, dtype=np.float64) - self.mean
+        return centred - (centred @ self.components.T) @ self.components
+
+    def contributions(self, values: np.ndarray) -> np.ndarray:
+        """|residual| / spread per metric of normalized `values[N, M]` -> `[N, M]`."""
+        return np.abs(self.residuals(values)) / self.spread
+
+    def score_samples(self, values: np.ndarray) -> np.ndarray:
+        """The largest contribution per sample -> `[N]`."""
+        return self.contributions(values).max(axis=1)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mean": self.mean.tolist(), "components": self.components.tolist(),
+                "spread": self.spread.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResidualModel:
+        mean = np.asarray(data["mean"], dtype=np.float64)
+        components = np.asarray(data["components"], dtype=np.float64).reshape(-1, len(mean))
+        spread = np.asarray(data["spread"], dtype=np.float64)
+        if spread.shape != mean.shape or not np.all(np.isfinite(spread)) or np.any(spread <= 0):
+            raise ValueError("residual spread must be finite, positive, one per metric")
+        return cls(mean, components, spread)
