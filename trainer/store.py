@@ -225,7 +225,8 @@ class TelemetryStore:
 
         seqs / timestamps / values: the samples, in sequence order, `values[N, M]` in the
         order of `metrics`. verdicts: (window end timestamp, score, anomalous, model
-        version[, per-metric contributions]). labels: ground-truth intervals the agent shipped (e.g. an injection).
+        version[, per-metric contributions]). labels: ground-truth intervals the agent
+        shipped (e.g. an injection).
         spool_id: the agent's spool (see `IngestBatch`). refused_seqs: seqs of this batch
         refused by validation (acknowledged, counted apart, never as lost).
         Raises ValueError for a batch whose shape or metric list does not fit.
