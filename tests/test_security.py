@@ -99,3 +99,21 @@ def test_mtls_round_trip_and_plain_client_refused(tmp_path: Path) -> None:
 def test_missing_certificate_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"security\.key is required"):
         security.server_credentials(SecurityConfig())
+
+
+def test_group_token_accepts_any_name_with_the_token_only() -> None:
+    from types import SimpleNamespace
+
+    check = security.TokenCheck({"*": "group-secret", "vm-1": "own-secret"})
+
+    def call(client: str, token: str) -> str | None:
+        metadata = ((security.CLIENT_ID_HEADER, client),
+                    (security.AUTH_HEADER, f"Bearer {token}"))
+        return check.reason_to_refuse(SimpleNamespace(method="/vmad.v1.ControlService/Report",
+                                                      invocation_metadata=metadata))
+
+    assert call("node-7", "group-secret") is None
+    assert call("node-7", "own-secret") == "wrong token for 'node-7'"
+    # A name with a token of its own is held to it, not to the group's.
+    assert call("vm-1", "group-secret") == "wrong token for 'vm-1'"
+    assert call("vm-1", "own-secret") is None

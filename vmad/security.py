@@ -90,7 +90,8 @@ class SecurityConfig(StrictModel):
     token: str | None = Field(None, description="token presented to servers")
     tokens: dict[str, str] = Field(
         default_factory=dict,
-        description="server side: client id -> accepted token; empty = no token check")
+        description="server side: client id -> accepted token (\"*\": a token shared by a "
+                    "group, any client id); empty = no token check")
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -186,7 +187,8 @@ def call_metadata(config: SecurityConfig) -> tuple[tuple[str, str], ...]:
 
 
 class TokenCheck:
-    """Accept a call only if `authorization: Bearer <t>` matches `tokens[vmad-client-id]`.
+    """Accept a call only if `authorization: Bearer <t>` matches `tokens[vmad-client-id]`
+(or `tokens["*"]`, a token shared by a group whose members name themselves).
 
     Refusals end the call with UNAUTHENTICATED before any handler runs (so a refused
     client costs no service work) and are counted in `refused` by reason. Services that
@@ -209,6 +211,10 @@ class TokenCheck:
         client = metadata.get(CLIENT_ID_HEADER)
         header = metadata.get(AUTH_HEADER, "")
         expected = self._tokens.get(client or "")
+        if expected is None and client:
+            # "*": one token shared by a group (a DaemonSet's trainers): whoever holds it
+            # may use any client id, which then names the caller for authorization.
+            expected = self._tokens.get("*")
         if not header.startswith("Bearer "):
             reason = "missing bearer token"
         elif expected is None:
