@@ -169,3 +169,17 @@ def test_injected_validation_set_labels_faults_at_the_vms_own_levels() -> None:
                        normal[injected.labels[: len(normal)] == 0][:5])
     with pytest.raises(ValueError, match="at least"):
         injected_validation_set(vm.values[:40], WINDOW)
+
+
+def test_detector_registry_creates_by_name() -> None:
+    from vmad.detectors import Detector, create, names
+    from vmad.trainer import pca_detector, residual  # noqa: F401 - they register themselves
+
+    assert {"pca", "residual"} <= set(names())
+    train = np.random.default_rng(0).normal(size=(300, 5))
+    for name in ("pca", "residual"):
+        detector = create(name).fit(train)
+        assert isinstance(detector, Detector)
+        assert detector.score_samples(train[:7]).shape == (7,)
+    with pytest.raises(ValueError, match="unknown detector 'lstm'"):
+        create("lstm")

@@ -158,7 +158,8 @@ def test_core_loop_trains_and_offers_the_new_bundle(tiny_models, tmp_path) -> No
                     labels=[LabelInterval(151 * 5.0, 200 * 5.0, True, "inject")]
                     if first == 151 else ())
     core.start(None, 1.0)
-    pretrained = models.pretrained_version
+    pretrained = models.pretrained_bundle.metadata.version
+    assert pretrained.endswith("-warmup")
     assert core.next_bundle("vm", "something-else", 0.1).metadata.version == pretrained
     assert core.next_bundle("vm", pretrained, 0.05) is None
     answered = core.report_round(lambda state: control.report("t1", state)[1])

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from vmad.detectors import create
 from vmad.evaluation import (
     DetectionScores,
     Interpretation,
@@ -55,12 +56,11 @@ from vmad.evaluation import (
 )
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
+from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
 from vmad.trainer.adaptation import fit_fusion
 from vmad.trainer.checkpoint import load_default_checkpoint
 from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
 from vmad.trainer.models import MODEL_KINDS, build_model
-from vmad.trainer.pca_detector import PCADetector
-from vmad.trainer.residual import ResidualModel
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
 from vmad.windows import Normalizer, make_windows
 
@@ -287,20 +287,15 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
     # same samples for every detector.
     first = max(cut, config.window - 1, shipped.window - 1 if kind == "fused" else 0)
     extra: dict[str, float] = {}
-    if kind == "pca":
-        detector = PCADetector().fit(train_values)
-        train_scores, scores = detector.score(train_values), detector.score(test_values)
-        contributions = detector.contributions(test_values)
-    else:
-        residual = ResidualModel.fit(train_values, components=0, spread_floor=1.0)
-        train_scores = residual.score_samples(train_values)
-        scores = residual.score_samples(test_values)
-        contributions = residual.contributions(test_values)
-        logits = _shipped_logits(target, shipped) if kind == "fused" else None
-        if logits is not None:
-            train_scores, scores, weight = _fuse(logits, train_scores, scores, labels, cut,
-                                                 config)
-            extra["cnn_weight"] = weight
+    # The per-sample part comes from the detector registry; `fused` adds the network.
+    detector = create("residual" if kind == "fused" else kind).fit(train_values)
+    train_scores = detector.score_samples(train_values)
+    scores = detector.score_samples(test_values)
+    contributions = detector.contributions(test_values)  # type: ignore[attr-defined]
+    logits = _shipped_logits(target, shipped) if kind == "fused" else None
+    if logits is not None:
+        train_scores, scores, weight = _fuse(logits, train_scores, scores, labels, cut, config)
+        extra["cnn_weight"] = weight
     if config.labels == "none":
         finite = train_scores[np.isfinite(train_scores)]
         threshold = tail_threshold(finite, config.false_alarm_rate) \

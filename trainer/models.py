@@ -14,12 +14,13 @@ a 2x2 max-pool, and fully connected layers down to one logit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["MLP", "MODEL_KINDS", "PlainCNN", "ZoomCNN", "build_model", "early_layers"]
+__all__ = ["MLP", "MODEL_BUILDERS", "MODEL_KINDS", "PlainCNN", "ZoomCNN", "build_model",
+           "early_layers"]
 
 # Kernel sizes of the paper's zoom layer that divide the default window of 64 samples.
 DEFAULT_ZOOM_KERNELS: tuple[int, ...] = (2, 4, 8, 16)
@@ -151,18 +152,27 @@ class MLP(nn.Module):
         return self.layers(x.clamp(-INPUT_CLAMP, INPUT_CLAMP)).squeeze(1)
 
 
+def _zoom(n_metrics: int, window: int) -> nn.Module:
+    return ZoomCNN(n_metrics, window, kernels=tuple(k for k in DEFAULT_ZOOM_KERNELS if k <= window))
+
+
+# The registry of network kinds by name: benches, CLIs and checkpoints build from it.
+MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "zoom-cnn": _zoom,
+    "cnn": PlainCNN,
+    "mlp": MLP,
+    "zoom-2": lambda m, t: ZoomCNN(m, t, kernels=(2,)),
+    "zoom-4": lambda m, t: ZoomCNN(m, t, kernels=(4,)),
+}
+assert tuple(MODEL_BUILDERS) == MODEL_KINDS
+
+
 def build_model(kind: str, n_metrics: int, window: int) -> nn.Module:
     """A fresh model of `kind` (one of MODEL_KINDS) for M = n_metrics, T = window."""
-    if kind == "zoom-cnn":
-        kernels = tuple(k for k in DEFAULT_ZOOM_KERNELS if k <= window)
-        return ZoomCNN(n_metrics, window, kernels=kernels)
-    if kind in ("zoom-2", "zoom-4"):
-        return ZoomCNN(n_metrics, window, kernels=(int(kind.split("-")[1]),))
-    if kind == "cnn":
-        return PlainCNN(n_metrics, window)
-    if kind == "mlp":
-        return MLP(n_metrics, window)
-    raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODEL_KINDS)}")
+    builder = MODEL_BUILDERS.get(kind)
+    if builder is None:
+        raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODEL_KINDS)}")
+    return builder(n_metrics, window)
 
 
 def early_layers(model: nn.Module) -> list[nn.Module]:

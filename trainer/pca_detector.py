@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmad.detectors import register
+
 __all__ = ["PCADetector"]
 
 
@@ -39,6 +41,11 @@ class PCADetector:
         residual = centred - (centred @ self.components.T) @ self.components
         return residual**2
 
-    def score(self, values: np.ndarray) -> np.ndarray:
+    def score_samples(self, values: np.ndarray) -> np.ndarray:
         """Squared reconstruction error per sample of normalized `values[N, M]`."""
         return self.contributions(values).sum(axis=1)
+
+    score = score_samples
+
+
+register("pca", PCADetector)

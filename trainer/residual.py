@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ResidualModel"]
+from vmad.detectors import register
+
+__all__ = ["ResidualDetector", "ResidualModel"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +80,30 @@ class ResidualModel:
         if spread.shape != mean.shape or not np.all(np.isfinite(spread)) or np.any(spread <= 0):
             raise ValueError("residual spread must be finite, positive, one per metric")
         return cls(mean, components, spread)
+
+
+class ResidualDetector:
+    """`ResidualModel` behind the `vmad.detectors.Detector` interface."""
+
+    def __init__(self, components: int = 0, spread_floor: float = 1.0) -> None:
+        self.components = components
+        self.spread_floor = spread_floor
+        self.model: ResidualModel | None = None
+
+    def fit(self, train: np.ndarray) -> ResidualDetector:
+        self.model = ResidualModel.fit(train, self.components, self.spread_floor)
+        return self
+
+    def _fitted(self) -> ResidualModel:
+        if self.model is None:
+            raise RuntimeError("ResidualDetector used before fit")
+        return self.model
+
+    def score_samples(self, values: np.ndarray) -> np.ndarray:
+        return self._fitted().score_samples(values)
+
+    def contributions(self, values: np.ndarray) -> np.ndarray:
+        return self._fitted().contributions(values)
+
+
+register("residual", ResidualDetector)

@@ -92,7 +92,8 @@ class VMModels:
             b"".join(t.detach().numpy().tobytes()
                      for t in pretrained.model.state_dict().values())).hexdigest()[:10]
         self.pretrained_version = f"{pretrained.kind}-pretrained-{digest}"
-        self.pretrained_bundle = export_bundle(pretrained, self.pretrained_version)
+        # The warm-up bundle says so in its version: `vmad status` shows which VMs warm up.
+        self.pretrained_bundle = export_bundle(pretrained, f"{self.pretrained_version}-warmup")
 
     @property
     def metrics(self) -> tuple[str, ...]:

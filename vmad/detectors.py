@@ -1,0 +1,46 @@
+"""The one interface every sample-scoring detector offers, and the registry of them by name.
+
+Like scikit-learn's `fit` / `score_samples`: `fit(train)` on normalized, unlabelled,
+mostly normal samples `[N, M]`, then `score_samples(values)` gives one score per sample
+(larger = more anomalous). Detectors that can say which metric is to blame also offer
+`contributions(values)` `[N, M]`. Components register their detectors here
+(`register`); benches and CLIs create them by name (`create`) instead of branching on
+strings. Windowed networks are built by `vmad.trainer.models.MODEL_BUILDERS` and scored
+through bundles. NumPy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Detector", "create", "names", "register"]
+
+
+@runtime_checkable
+class Detector(Protocol):
+    def fit(self, train: np.ndarray) -> Detector: ...
+
+    def score_samples(self, values: np.ndarray) -> np.ndarray: ...
+
+
+_REGISTRY: dict[str, Callable[[], Detector]] = {}
+
+
+def register(name: str, factory: Callable[[], Detector]) -> None:
+    """Make `factory()` available as `name` (a second registration replaces the first)."""
+    _REGISTRY[name] = factory
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def create(name: str) -> Detector:
+    """A fresh, unfitted detector registered as `name`."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"unknown detector {name!r}; registered: {', '.join(_REGISTRY)}")
+    return factory()
