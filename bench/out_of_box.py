@@ -4,8 +4,8 @@ shortcut), except a warm-up shortened to `--warmup` samples. Then ordinary load 
 `--quiet` seconds, then a real `vmad inject memory-leak`.
 
 Reports: how long warm-up took (until the agent's `vmad_agent_warmup` gauge drops to 0,
-that is until the trainer pushed this VM's own bundle), windows flagged during warm-up
-(the agent's /metrics), windows scored and flagged in the quiet phase (false alarms),
+that is until the trainer pushed this VM's own bundle), windows scored and flagged by
+the warm-up bundle, windows scored and flagged in the quiet phase (false alarms),
 and the delay from the start of the injection to the first flagged window whose most
 blamed metric is memory, both from the verdicts (with their per-metric contributions)
 in the trainer's store. `leak_really_lasted_s` is the labelled interval `vmad inject`
@@ -41,10 +41,6 @@ def _metric(port: int, name: str, labels: str = "") -> float:
     pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
     found = pattern.search(text)
     return float(found.group(1)) if found else 0.0  # a labelled series appears on first use
-
-
-def _flagged(port: int) -> float:
-    return _metric(port, "vmad_agent_verdicts_total", '{verdict="anomalous"}')
 
 
 def _scored(port: int) -> float:
@@ -92,7 +88,6 @@ def run_out_of_box(work: Path, *, interval_s: float, warmup: int, quiet_s: float
               "the agent's first (warm-up) verdict")
         warm = _wait(lambda: _metric(metrics_port, "vmad_agent_warmup") == 0.0,
                      warmup * interval_s * 3 + 120, "the end of warm-up", step=0.2)
-        flagged_in_warmup = _flagged(metrics_port)
         quiet_from = time.time()
         time.sleep(quiet_s)
         injected_at = time.time()
@@ -108,7 +103,7 @@ def run_out_of_box(work: Path, *, interval_s: float, warmup: int, quiet_s: float
             agent.stop()
         trainer.stop()
     log = agent.log_text() if agent is not None else ""
-    times, flags, tops = _verdicts(work / "trainer-data" / "store.sqlite")
+    times, flags, tops, warming = _verdicts(work / "trainer-data" / "store.sqlite")
     quiet = (times >= quiet_from) & (times < injected_at)
     after = flags & (times >= injected_at) & (tops == METRICS.index("memory_percent"))
     first = float(times[after][0]) if after.any() else None
@@ -116,7 +111,8 @@ def run_out_of_box(work: Path, *, interval_s: float, warmup: int, quiet_s: float
     return {
         "interval_s": interval_s, "warmup_samples": warmup,
         "warmup_s": round(warm - began, 1),
-        "flagged_during_warmup": flagged_in_warmup,
+        "warmup_windows": int(warming.sum()),
+        "flagged_during_warmup": int((flags & warming).sum()),
         "quiet_s": quiet_s, "quiet_windows": int(quiet.sum()),
         "quiet_flagged": int((flags & quiet).sum()),
         "quiet_false_alarm_rate": float(flags[quiet].mean()) if quiet.any() else float("nan"),
@@ -129,19 +125,21 @@ def run_out_of_box(work: Path, *, interval_s: float, warmup: int, quiet_s: float
     }
 
 
-def _verdicts(store: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The trainer's stored verdicts: timestamps, flags, index of the metric most to blame."""
+def _verdicts(store: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The trainer's stored verdicts: timestamps, flags, index of the metric most to blame,
+    and whether the warm-up bundle gave it."""
     db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT ts, anomalous, contributions FROM verdicts ORDER BY ts"
-                          ).fetchall()
+        rows = db.execute("SELECT ts, anomalous, contributions, model_version FROM verdicts "
+                          "ORDER BY ts").fetchall()
     finally:
         db.close()
     times = np.array([r[0] for r in rows], dtype=np.float64)
     flags = np.array([bool(r[1]) for r in rows], dtype=bool)
     tops = np.array([int(np.argmax(np.frombuffer(r[2], np.float32))) if r[2] else -1
                      for r in rows], dtype=np.int64)
-    return times, flags, tops
+    warming = np.array([r[3].endswith("-warmup") for r in rows], dtype=bool)
+    return times, flags, tops, warming
 
 
 def main() -> None:
