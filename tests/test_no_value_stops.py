@@ -17,7 +17,7 @@ import pytest
 from tests.agent_fixtures import tiny_bundle, tiny_onnx
 from tests.trainer_fixtures import OpenStream, trainer_server
 from vmad.bundle import Bundle, BundleError, BundleMetadata, sha256_hex
-from vmad.edge_agent.detector import BundleSlot, Detector
+from vmad.edge_agent.detector import BundleSlot, WindowScorer
 from vmad.edge_agent.sampler import METRICS
 from vmad.protos.vmad.v1 import telemetry_pb2 as pb
 from vmad.protos.vmad.v1 import telemetry_pb2_grpc
@@ -140,17 +140,17 @@ def test_bundle_failing_while_scoring_rolls_back_and_scoring_goes_on(tmp_path):
     slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
     slot.install(*tiny_bundle("v1"))
     slot.install(*tiny_bundle("v2", bias=1.0))
-    detector = Detector(slot)
+    detector = WindowScorer(slot)
     broken = slot.current
     assert isinstance(broken, Bundle)
 
     def fails(raw):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
 
-    broken.score = fails  # type: ignore[method-assign]
+    broken.score_with_contributions = fails  # type: ignore[method-assign]
     results = [detector.push([10.0, 40.0, 1.0, 1.0]) for _ in range(DEFAULT_WINDOW + 1)]
     assert results[DEFAULT_WINDOW - 1] is None  # the failing step gives no verdict...
-    assert results[DEFAULT_WINDOW][2] == "v1"  # ...and the next is scored by the previous
+    assert results[DEFAULT_WINDOW].version == "v1"  # ...the next is scored by the previous
     assert slot.run_failures == 1 and slot.current.metadata.version == "v1"
     assert "failed to score" in slot.last_error
 
