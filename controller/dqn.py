@@ -5,8 +5,8 @@ Two halves:
 
 - **Policy files.** A Q-network travels as a `.npz` of float arrays (`w0, b0, w1, b1,
   ...`: the linear layers of an MLP with ReLU between them) plus `meta`, a JSON string
-  naming the format, the observation layout (trainer/state.py's FEATURES and the metric
-  count), the action table (controller/policy.py's CONTROL_ACTIONS) and where the
+  naming the format, the observation layout (vmad/state.py's FEATURES and the metric
+  count), the action table (vmad/actions.py's CONTROL_ACTIONS) and where the
   weights came from. It is read with `allow_pickle=False`, so a policy file can carry
   numbers and nothing else; its shapes, values and tables are checked, and any mismatch
   is a `PolicyFileError` naming the file and the problem. stable-baselines3's own `.zip`

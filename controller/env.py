@@ -15,7 +15,7 @@ Each step the environment, in the trainer's place:
    trainer's `TelemetryStore` (labels arrive with the samples: an operator who marks
    every incident, as `assume_normal_unlabelled` means);
 3. observes `VMModels.state(...).to_vector()`: exactly the vector the trainer reports
-   in production (trainer/state.py), so a policy trained here reads live states as is.
+   in production (vmad/state.py), so a policy trained here reads live states as is.
 
 The reward (controller/reward.py) scores the action by the windows that arrive after it,
 judged by the model it left in place, so a fine-tune is never credited for the windows
@@ -258,7 +258,7 @@ class VMLifeEnv(gym.Env):
     """A VM's life as a gymnasium environment (see the module docstring).
 
     Observation: `VMState.to_vector()`, float32 of length 11 + 2*M (19 for the default
-    four metrics). Actions: `Discrete(len(CONTROL_ACTIONS))` (controller/policy.py).
+    four metrics). Actions: `Discrete(len(CONTROL_ACTIONS))` (vmad/actions.py).
     `reset(seed=s)` plays episode s of `split`; without a seed, episodes follow on from
     the environment's own seed.
     """

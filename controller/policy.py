@@ -53,7 +53,7 @@ class RuleSettings(StrictModel):
     finetune_batches: mini-batches per fine-tune (the paper: fewer than 200).
     max_batches_per_model: once a model has had this many fine-tuning batches since its
         last reset and is still poor, start again from the pretrained weights.
-    reset_drift: drift (trainer/state.py) beyond which a poor fine-tuned model is
+    reset_drift: drift (vmad/state.py) beyond which a poor fine-tuned model is
         reset before fine-tuning: it was tuned to data that no longer looks like now.
     cooldown_s: after a training, keep the new model at least this long so its verdicts
         are judged on windows it has actually scored.

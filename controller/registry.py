@@ -8,7 +8,7 @@ the trainer saw is on disk.
 
 Tables:
 - `trainers`: id, address, first/last seen.
-- `vms`: id, its trainer, last state (JSON of trainer/state.py's VMState), last decision.
+- `vms`: id, its trainer, last state (JSON of vmad/state.py's VMState), last decision.
 - `decisions`: the decision log: when, which VM, the state, the action, why, which policy,
   and the DQN's Q-values behind it (a JSON list, empty for other policies).
 - `transitions`: (state, action, reward, next state) for learning policies: the DQN's

@@ -9,7 +9,7 @@ and makes each term lie in [0, 1], so the weights mean what they say:
   `r1: f1`, its F1 there. Accuracy is the paper's; on data with a few percent anomalies
   a model that never alarms scores about 0.95 on it, so the reward barely separates a
   useful detector from a mute one. F1 does (docs/control.md measures both). F1 of a
-  batch without anomalies and without alarms is 1, with alarms 0 (trainer/state.py).
+  batch without anomalies and without alarms is 1, with alarms 0 (vmad/state.py).
   With no labelled window there is nothing to measure: R1 = 0.5, neither praise nor
   blame.
 - R2 = exp(-loss), loss being that model's class-balanced cross-entropy on the same

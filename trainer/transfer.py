@@ -286,7 +286,7 @@ class VMModels:
                                recent.timestamps[window - 1:][keep])
 
     def state(self, vm_id: str, now: float | None = None) -> VMState:
-        """The VM's state for the controller (see trainer/state.py)."""
+        """The VM's state for the controller (see vmad/state.py)."""
         from vmad.trainer.training import predict_proba
 
         now = time.time() if now is None else now
