@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from vmad.detectors import register
+
 __all__ = ["DLA", "LA", "BadSampleError", "Detector", "deviation_score", "robust_scale"]
 
 
@@ -73,6 +75,17 @@ class Detector(ABC):
     def reset(self) -> None:
         """Forget everything seen, so the next series starts clean."""
         self._seen = 0
+
+    def fit(self, train: np.ndarray) -> Detector:
+        """The shared detector interface (vmad/detectors.py): forget, then stream the
+        history `train` ([N] or [N, 1]) through, so scoring starts warm."""
+        self.score_series(np.asarray(train, dtype=np.float64).reshape(-1))
+        return self
+
+    def score_samples(self, values: np.ndarray) -> np.ndarray:
+        """Go on streaming: one score in [0, 1] per sample of `values` ([N] or [N, 1])."""
+        return np.fromiter((self.update(v)[0] for v in np.asarray(values).reshape(-1)),
+                           dtype=np.float64)
 
     def score_series(self, values: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
         """Reset, then score every sample in order; returns (scores float64, verdicts bool)."""
@@ -165,3 +178,7 @@ class DLA(Detector):
         self.estimate = med
         self._buf.append(x)
         return deviation_score(abs(x - med) / scale, self.tolerance)
+
+
+register("la", LA)
+register("dla", DLA)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from vmad.detectors import create
 from vmad.planner.config import PlannerConfig
 from vmad.planner.detectors import Detector
 from vmad.planner.history import read_history
@@ -29,30 +30,23 @@ PUBLISHED = {
 
 
 def make_detector(name: str, config: PlannerConfig, learn: int | None = None) -> Detector:
-    """A fresh detector by name, from the YAML config."""
-    from vmad.planner.detectors import DLA, LA
-    from vmad.planner.wha import WHA
+    """A fresh detector from the shared registry (vmad/detectors.py), with its settings
+    from the YAML config (`learn` overrides LA's learning length)."""
+    import vmad.planner.likelihood  # noqa: F401  (registers wha and wha-likelihood)
 
-    if name == "la":
-        settings = config.la.model_dump()
-        if learn is not None:
-            settings["learn"] = learn
-        return LA(**settings)
-    if name == "dla":
-        return DLA(**config.dla.model_dump())
-    if name == "wha":
-        return WHA(**config.wha.model_dump())
     if name == "wha-likelihood":
-        from vmad.planner.likelihood import AnomalyLikelihood
-
         lk = config.likelihood
-        base = config.wha.model_dump() | {
-            "window": lk.window,
-            "half_life": lk.half_life,
-            "tolerance": lk.tolerance,
-        }
-        return AnomalyLikelihood(WHA(**base), lk.learn, lk.history, lk.short, lk.min_std)
-    raise ValueError(f"unknown detector {name!r}; choose la, dla, wha or wha-likelihood")
+        options = config.wha.model_dump() | {
+            "window": lk.window, "half_life": lk.half_life, "tolerance": lk.tolerance,
+            "learn": lk.learn, "history": lk.history, "short": lk.short,
+            "min_std": lk.min_std}
+    elif name in ("la", "dla", "wha"):
+        options = getattr(config, name).model_dump()
+        if name == "la" and learn is not None:
+            options["learn"] = learn
+    else:
+        raise ValueError(f"unknown detector {name!r}; choose la, dla, wha or wha-likelihood")
+    return create(name, **options)  # type: ignore[return-value]
 
 
 def _stamp(text: str) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+import vmad.planner.wha  # noqa: F401  (registers wha)
+from vmad.detectors import create
 from vmad.planner.config import PlannerConfig
-from vmad.planner.detectors import DLA, LA, Detector
+from vmad.planner.detectors import Detector
 from vmad.planner.recurrence import RecurrenceDetector, find_periods
-from vmad.planner.wha import WHA
 
 __all__ = ["FilterResult", "filter_history", "hourly_detector", "hourly_peaks"]
 
@@ -31,15 +32,21 @@ def hourly_peaks(timestamps: np.ndarray, values: np.ndarray) -> tuple[int, np.nd
     return first, peaks
 
 
+# Windows sized for hourly steps (a day = 24 samples), over each detector's YAML settings.
+_HOURLY: dict[str, dict[str, float]] = {
+    "la": {"learn": 168},
+    "dla": {"window": 48},
+    "wha": {"window": 48, "half_life": 24.0, "sg_window": 7},
+}
+
+
 def hourly_detector(name: str, config: PlannerConfig) -> Detector:
-    """The point detectors with windows sized for hourly steps (a day = 24 samples)."""
-    if name == "la":
-        return LA(**{**config.la.model_dump(), "learn": 168})
-    if name == "dla":
-        return DLA(**{**config.dla.model_dump(), "window": 48})
-    if name == "wha":
-        return WHA(**{**config.wha.model_dump(), "window": 48, "half_life": 24.0, "sg_window": 7})
-    raise ValueError(f"unknown filter {name!r}")
+    """A point detector from the shared registry (vmad/detectors.py), sized for hourly
+    steps."""
+    if name not in _HOURLY:
+        raise ValueError(f"unknown filter {name!r}; choose {', '.join(_HOURLY)}")
+    options = getattr(config, name).model_dump() | _HOURLY[name]
+    return create(name, **options)  # type: ignore[return-value]
 
 
 class FilterResult:

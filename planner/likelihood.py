@@ -17,6 +17,7 @@ from collections import deque
 
 import numpy as np
 
+from vmad.detectors import register
 from vmad.planner.detectors import Detector
 from vmad.planner.wha import WHA
 
@@ -75,3 +76,12 @@ class AnomalyLikelihood(Detector):
         tail = 0.5 * math.erfc((average - mean) / (std * math.sqrt(2.0)))
         likelihood = 1.0 - tail
         return math.log(1.0000000001 - likelihood) / math.log(1.0000000001 - 0.9999999999)
+
+
+def _from_settings(*, learn: int, history: int, short: int, min_std: float,
+                   **wha: object) -> AnomalyLikelihood:
+    """The registry's factory: the likelihood's own settings, the rest for its WHA."""
+    return AnomalyLikelihood(WHA(**wha), learn, history, short, min_std)  # type: ignore[arg-type]
+
+
+register("wha-likelihood", _from_settings)

@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 from scipy.signal import savgol_coeffs
 
+from vmad.detectors import register
 from vmad.planner.detectors import Detector, deviation_score, robust_scale
 
 __all__ = ["WHA"]
@@ -110,3 +111,6 @@ class WHA(Detector):
         self._raw.append(x)
         self._clean.append(clean)
         return score
+
+
+register("wha", WHA)

@@ -133,3 +133,18 @@ def test_anomaly_likelihood_quiets_a_noisy_series_and_flags_a_jump_in_a_quiet_on
     assert scores[300:1190].max() < scores[1200:1215].max()
     # Deterministic and stateless across series (same contract as every detector).
     np.testing.assert_array_equal(scores, det.score_series(quiet)[0])
+
+
+def test_streaming_detectors_honour_the_shared_interface_and_registry() -> None:
+    import vmad.planner.likelihood  # noqa: F401  (registers wha and wha-likelihood)
+    from vmad import detectors
+
+    assert {"la", "dla", "wha", "wha-likelihood"} <= set(detectors.names())
+    detector = detectors.create("dla", window=20)
+    assert isinstance(detector, detectors.Detector)
+    detector.fit(np.sin(np.arange(200) / 5.0))
+    scores = detector.score_samples(np.r_[np.sin(np.arange(200, 220) / 5.0), 50.0])
+    assert scores.shape == (21,)
+    assert scores[-1] > scores[:-1].max()  # the spike, after a warm fit
+    with pytest.raises(ValueError, match="unknown detector"):
+        detectors.create("no-such-detector")

@@ -5,8 +5,10 @@ mostly normal samples `[N, M]`, then `score_samples(values)` gives one score per
 (larger = more anomalous). Detectors that can say which metric is to blame also offer
 `contributions(values)` `[N, M]`. Components register their detectors here
 (`register`); benches and CLIs create them by name (`create`) instead of branching on
-strings. Windowed networks are built by `vmad.trainer.models.MODEL_BUILDERS` and scored
-through bundles. NumPy only.
+strings. The planner's streaming detectors (LA, DLA, WHA, its anomaly likelihood) are
+univariate: `fit` streams the history through them, `score_samples` goes on streaming.
+Windowed networks are built by `vmad.trainer.models.MODEL_BUILDERS` and scored through
+bundles. NumPy only.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ class Detector(Protocol):
     def score_samples(self, values: np.ndarray) -> np.ndarray: ...
 
 
-_REGISTRY: dict[str, Callable[[], Detector]] = {}
+_REGISTRY: dict[str, Callable[..., Detector]] = {}
 
 
-def register(name: str, factory: Callable[[], Detector]) -> None:
-    """Make `factory()` available as `name` (a second registration replaces the first)."""
+def register(name: str, factory: Callable[..., Detector]) -> None:
+    """Make `factory(**options)` available as `name` (a second registration replaces the
+    first)."""
     _REGISTRY[name] = factory
 
 
@@ -38,9 +41,10 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def create(name: str) -> Detector:
-    """A fresh, unfitted detector registered as `name`."""
+def create(name: str, **options: object) -> Detector:
+    """A fresh, unfitted detector registered as `name`, built with `options` (its
+    settings, e.g. a config section's values)."""
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ValueError(f"unknown detector {name!r}; registered: {', '.join(_REGISTRY)}")
-    return factory()
+    return factory(**options)
