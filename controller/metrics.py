@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from vmad.actions import CONTROL_ACTIONS, Decision
 from vmad.controller.core import ControlCore
 from vmad.controller.registry import Registry
-from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry, token_refusals
+from vmad.http_endpoint import ServedMetrics, counts_by, token_refusals
 from vmad.security import TokenInterceptor
 
 __all__ = ["REWARD_WINDOW", "ControllerMetrics"]
@@ -33,10 +33,10 @@ __all__ = ["REWARD_WINDOW", "ControllerMetrics"]
 REWARD_WINDOW = 100
 
 
-class ControllerMetrics:
+class ControllerMetrics(ServedMetrics):
     def __init__(self, registry: Registry, database: Path,
                  token_check: TokenInterceptor | None, core: ControlCore | None = None) -> None:
-        self.registry = process_registry()
+        super().__init__()
         r = self.registry
         if core is not None:
             r.register(_CoreCollector(core))
@@ -45,24 +45,12 @@ class ControllerMetrics:
                              "policy Q-value of each action for the latest decided state",
                              ["action"], registry=r)
         r.register(_RegistryCollector(registry, database, token_check))
-        self.ready = False
-        self.endpoint: HttpEndpoint | None = None
 
     def decided(self, decision: Decision) -> None:
         self.reports.inc()
         for action, value in zip(CONTROL_ACTIONS, decision.q_values, strict=False):
             self.q_value.labels(action.label).set(value)
 
-    def serve(self, listen: str | None) -> None:
-        """Serve /metrics, /healthz and /readyz; /readyz answers 200 until `close()`."""
-        self.endpoint = open_endpoint(listen, self.registry, ready=lambda: self.ready)
-        self.ready = True
-
-    def close(self) -> None:
-        self.ready = False
-        if self.endpoint is not None:
-            self.endpoint.close()
-            self.endpoint = None
 
 
 class _RegistryCollector(Collector):
@@ -73,12 +61,8 @@ class _RegistryCollector(Collector):
         self.token_check = token_check
 
     def collect(self) -> Iterable[Any]:
-        decisions = CounterMetricFamily("vmad_controller_decisions",
-                                        "decisions recorded, by action (persisted)",
-                                        labels=["action"])
-        for action, n in sorted(self.registry.action_counts().items()):
-            decisions.add_metric([action], n)
-        yield decisions
+        yield counts_by("vmad_controller_decisions", "decisions recorded, by action (persisted)",
+                        "action", self.registry.action_counts())
         counts = self.registry.counts()
         yield CounterMetricFamily("vmad_controller_transitions",
                                   "transitions (state, decision, reward, next state) recorded",
@@ -107,12 +91,9 @@ class _RegistryCollector(Collector):
         for trainer in self.registry.trainers():
             age.add_metric([trainer.trainer_id], max(0.0, now - trainer.last_seen))
         yield age
-        refused = CounterMetricFamily("vmad_controller_calls_unauthenticated",
-                                      "calls refused for a missing or wrong token, by reason",
-                                      labels=["reason"])
-        for label, n in sorted(token_refusals(self.token_check).items()):
-            refused.add_metric([label], n)
-        yield refused
+        yield counts_by("vmad_controller_calls_unauthenticated",
+                        "calls refused for a missing or wrong token, by reason", "reason",
+                        token_refusals(self.token_check))
 
 
 class _CoreCollector(Collector):

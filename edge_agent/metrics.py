@@ -16,6 +16,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from vmad.http_endpoint import counts_by
+
 __all__ = ["PersistedCounters"]
 
 
@@ -30,12 +32,9 @@ class PersistedCounters(Collector):
         yield CounterMetricFamily(
             "vmad_agent_spool_dropped",
             "samples dropped from the full spool (oldest first), ever", value=self.spool.dropped)
-        drops = CounterMetricFamily(
+        yield counts_by(
             "vmad_agent_spool_drops", "samples not spooled or dropped from the spool, "
-            "by reason (spool full, disk full, ...)", labels=["reason"])
-        for reason, count in sorted(self.spool.drops.items()):
-            drops.add_metric([reason], count)
-        yield drops
+            "by reason (spool full, disk full, ...)", "reason", self.spool.drops)
         yield CounterMetricFamily(
             "vmad_agent_bundles_rejected", "bundles refused by verification",
             value=self.slot.rejected)

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vmad.http_endpoint import HttpEndpoint, open_endpoint, process_registry, token_refusals
+from vmad.http_endpoint import ServedMetrics, counts_by, token_refusals
 from vmad.security import TokenInterceptor
 from vmad.trainer.core import TrainerCore
 from vmad.trainer.store import TelemetryStore
@@ -53,13 +53,13 @@ def refusal_reason(error: str) -> str:
     return "other"
 
 
-class TrainerMetrics:
+class TrainerMetrics(ServedMetrics):
     def __init__(self, store: TelemetryStore, core: TrainerCore,
                  token_check: TokenInterceptor | None, service_stats: Any = None) -> None:
         # service_stats: trainer/service.py's ServiceStats (plain counters it keeps).
+        super().__init__()
         self.token_check = token_check
         self.service_stats = service_stats
-        self.registry = process_registry()
         r = self.registry
         self.batches = Counter("vmad_trainer_batches", "telemetry batches accepted",
                                registry=r)
@@ -80,20 +80,7 @@ class TrainerMetrics:
                 previous(outcome)
 
         core.worker.on_done = on_done
-        self.ready = False
-        self.endpoint: HttpEndpoint | None = None
 
-    def serve(self, listen: str | None) -> None:
-        """Serve /metrics, /healthz and /readyz on `listen` (None: metrics off, still
-        ready); /readyz answers 200 from now until `close()`."""
-        self.endpoint = open_endpoint(listen, self.registry, ready=lambda: self.ready)
-        self.ready = True
-
-    def close(self) -> None:
-        self.ready = False
-        if self.endpoint is not None:
-            self.endpoint.close()
-            self.endpoint = None
 
     def count_ack(self, ack: Any) -> None:
         """Count one telemetry ack: accepted, or refused with a bounded reason."""
@@ -158,32 +145,22 @@ class _TrainerCollector(Collector):
                                     value=service.open_streams)
             yield GaugeMetricFamily("vmad_trainer_bundle_watches", "open bundle watches",
                                     value=service.open_watches)
-            values = CounterMetricFamily(
+            yield counts_by(
                 "vmad_trainer_values_refused",
                 "samples, verdicts and labels refused one by one at the wire, by reason",
-                labels=["reason"])
-            for reason, n in sorted(service.refused.items()):
-                values.add_metric([reason], n)
-            yield values
-            calls = CounterMetricFamily(
+                "reason", service.refused)
+            yield counts_by(
                 "vmad_trainer_calls_refused",
                 "whole calls refused (too many agents, identity, idle), by reason",
-                labels=["reason"])
-            for reason, n in sorted(service.calls_refused.items()):
-                calls.add_metric([reason], n)
-            yield calls
+                "reason", service.calls_refused)
 
         stats = self.core.stats
         yield CounterMetricFamily("vmad_trainer_reports", "state reports answered",
                                   value=stats.reports)
         yield CounterMetricFamily("vmad_trainer_report_failures",
                                   "state report calls that failed", value=stats.failures)
-        decisions = CounterMetricFamily("vmad_trainer_decisions",
-                                        "controller decisions received, by action",
-                                        labels=["action"])
-        for action, n in sorted((stats.actions or {}).items()):
-            decisions.add_metric([action], n)
-        yield decisions
+        yield counts_by("vmad_trainer_decisions", "controller decisions received, by action",
+                        "action", stats.actions or {})
         yield CounterMetricFamily("vmad_trainer_bundles_pushed", "bundles sent to agents",
                                   value=stats.bundles_pushed)
 
@@ -198,9 +175,6 @@ class _TrainerCollector(Collector):
         yield GaugeMetricFamily("vmad_trainer_actions_pending", "actions waiting to run",
                                 value=len(self.core.worker.pending()))
 
-        refused = CounterMetricFamily("vmad_trainer_calls_unauthenticated",
-                                      "calls refused for a missing or wrong token, by reason",
-                                      labels=["reason"])
-        for label, n in sorted(token_refusals(self.owner.token_check).items()):
-            refused.add_metric([label], n)
-        yield refused
+        yield counts_by("vmad_trainer_calls_unauthenticated",
+                        "calls refused for a missing or wrong token, by reason", "reason",
+                        token_refusals(self.owner.token_check))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -35,13 +35,14 @@ from prometheus_client import (
     ProcessCollector,
     make_wsgi_app,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from pydantic import Field
 
 from vmad.config import StrictModel
 
-__all__ = ["HttpEndpoint", "MetricsSettings", "Page", "open_endpoint", "process_registry",
-           "token_refusals"]
+__all__ = ["HttpEndpoint", "MetricsSettings", "Page", "ServedMetrics", "counts_by",
+           "open_endpoint", "process_registry", "token_refusals"]
 
 log = logging.getLogger("vmad.http")
 
@@ -167,3 +168,34 @@ def token_refusals(interceptor: Any | None) -> dict[str, int]:
                 label = name
         totals[label] = totals.get(label, 0) + n
     return totals
+
+
+def counts_by(name: str, documentation: str, label: str,
+              counts: Mapping[str, float]) -> CounterMetricFamily:
+    """A counter family with one sample per key of `counts` (sorted), labelled `label`:
+    counts a process already keeps, exported at scrape time."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, n in sorted(counts.items()):
+        family.add_metric([key], n)
+    return family
+
+
+class ServedMetrics:
+    """A process's own metrics registry (process collectors included) and the endpoint
+    that serves it: `serve(listen)` starts /metrics, /healthz and /readyz (None: metrics
+    off, still ready); /readyz answers 200 from then until `close()`."""
+
+    def __init__(self) -> None:
+        self.registry = process_registry()
+        self.ready = False
+        self.endpoint: HttpEndpoint | None = None
+
+    def serve(self, listen: str | None) -> None:
+        self.endpoint = open_endpoint(listen, self.registry, ready=lambda: self.ready)
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
