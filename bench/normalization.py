@@ -75,7 +75,8 @@ def main() -> None:
                     shipped.model, vm.values[:args.warmup], window,
                     floors=list(DEFAULT_SCALE_FLOORS), components=settings.components,
                     cnn_weight=weight, false_alarm_rate=settings.target_false_alarm_rate,
-                    min_deviation=settings.min_deviation)
+                    min_deviation=settings.min_deviation,
+                    network_threshold=shipped.threshold if settings.network_floor else None)
                 normalized = adaptation.normalizer.apply(vm.values)
                 logits = predict_logits(shipped.model, make_windows(normalized, window))
                 deviation = adaptation.residual.score_samples(normalized[window - 1:])

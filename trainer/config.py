@@ -100,6 +100,9 @@ class AdaptationSettings(StrictModel):
     cnn_weight: float = Field(
         0.5, ge=0, le=1, description="weight of the network in the fused score; the rest "
                                      "goes to the per-metric deviation")
+    network_floor: bool = Field(
+        True, description="no alarm from the network part below the network's own "
+                          "calibrated threshold while the deviation is at its usual level")
     components: int = Field(
         0, ge=0, description="principal components removed before the per-metric score "
                              "(0 = plain per-metric deviation)")
