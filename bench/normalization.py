@@ -11,13 +11,16 @@ flag if it did not hold alarms back during warm-up). No label is used anywhere.
 
     python bench/normalization.py            # 10 VMs x 6000 samples, about a minute
     python bench/normalization.py --quick    # 3 VMs x 2000 samples: a smoke run
+    python bench/normalization.py --json bench/results/normalization.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=6000, help="samples per scored VM")
     parser.add_argument("--cnn-weight", type=float, default=AdaptationSettings().cnn_weight,
                         help="the network's weight in the fused score (trainer.yaml's default)")
+    parser.add_argument("--json", type=Path, help="write per-VM and pooled results here")
     args = parser.parse_args()
     if args.quick:
         args.vms, args.samples = 3, 2000
@@ -55,6 +59,7 @@ def main() -> None:
     totals: dict[str, tuple[list, list]] = {name: ([], []) for name in variants}
     table = Table(title=f"Unseen synthetic VMs (seeds 900-{899 + args.vms}, {args.samples} "
                         f"samples each, adapted on the first {args.warmup}, scored after)")
+    per_vm: dict[str, dict[str, dict[str, float]]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
@@ -86,6 +91,7 @@ def main() -> None:
             totals[name][0].append(scores)
             totals[name][1].append((labels, threshold))
             cells.append(f"{result.false_alarm_rate:.4f} / {result.recall:.2f}")
+            per_vm.setdefault(vm.name, {})[name] = result.to_dict()
         table.add_row(vm.name, *cells)
     console = Console(width=160)
     console.print(table)
@@ -107,6 +113,20 @@ def main() -> None:
         pooled = replace(pooled, auc=auc)
         summary.add_row(name, f"{worst:.4f}", *(f"{getattr(pooled, c):.4f}" for c in COLUMNS))
     console.print(summary)
+    if args.json:
+        pooled_rows = {}
+        for name in variants:
+            scores_list, pairs = totals[name]
+            flags = np.concatenate([s >= t for s, (_, t) in zip(scores_list, pairs, strict=True)])
+            labels = np.concatenate([y for y, _ in pairs])
+            row = score_detection(labels, flags.astype(np.float64), 0.5).to_dict()
+            row["auc"] = float(np.nanmean([v[name]["auc"] for v in per_vm.values()]))
+            row["worst_vm_false_alarm_rate"] = max(
+                v[name]["false_alarm_rate"] for v in per_vm.values())
+            pooled_rows[name] = row
+        args.json.write_text(json.dumps(
+            {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples},
+             "pooled": pooled_rows, "vms": per_vm}, indent=2, sort_keys=True) + "\n")
     console.print(f"{time.perf_counter() - started:.0f} s; AUC is the mean of the VMs' AUCs")
 
 
