@@ -196,8 +196,14 @@ def test_bitbrains_rules_reproduce_reference(shared_datasets: Path) -> None:
 
 
 @pytest.mark.slow
-def test_detect_runs_on_every_nab_aws_file(shared_datasets: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("detector", ["wha", "wha-alarm"])
+def test_detect_runs_on_every_nab_aws_file(
+    shared_datasets: Path, tmp_path: Path, detector: str
+) -> None:
     files = sorted((shared_datasets / "nab" / "realAWSCloudwatch").glob("*.csv"))
     assert len(files) == 17
     for src in files:
-        assert main(["detect", "--input", str(src), "--output", str(tmp_path / src.name)]) == 0
+        out = tmp_path / src.name
+        argv = ["detect", "--detector", detector, "--input", str(src), "--output", str(out)]
+        assert main(argv) == 0
+        assert len(out.read_text().splitlines()) == len(src.read_text().splitlines())
