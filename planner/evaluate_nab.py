@@ -34,9 +34,12 @@ PUBLISHED = {
 }
 
 
-def make_detector(name: str, config: PlannerConfig, learn: int | None = None) -> Detector:
+def make_detector(name: str, config: PlannerConfig, probation: int | None = None) -> Detector:
     """A fresh detector from the shared registry (vmad/detectors.py), with its settings
-    from the YAML config (`learn` overrides LA's learning length)."""
+    from the YAML config. `probation`: the samples a benchmark leaves unscored at the
+    start (NAB tells every detector its probation): LA learns its limits over them, and
+    the alarm's warm-up is cut to fit in them (half learning, half estimation, as NAB's
+    HTM detector), so it is judging once scoring starts; None = the YAML as is."""
     import vmad.planner.likelihood  # noqa: F401  (registers wha, wha-likelihood, wha-alarm)
 
     if name == "wha-alarm":
@@ -44,6 +47,9 @@ def make_detector(name: str, config: PlannerConfig, learn: int | None = None) ->
         wha = config.wha.model_dump() | {
             key: alarm.pop(key) for key in ("window", "half_life", "tolerance")
         }
+        if probation is not None and alarm["learn"] + alarm["estimation"] > probation:
+            alarm["learn"] = min(alarm["learn"], probation // 2)
+            alarm["estimation"] = max(1, min(alarm["estimation"], probation - alarm["learn"]))
         options = {"wha": wha, **alarm}
     elif name == "wha-likelihood":
         lk = config.likelihood
@@ -58,8 +64,8 @@ def make_detector(name: str, config: PlannerConfig, learn: int | None = None) ->
         }
     elif name in ("la", "dla", "wha"):
         options = getattr(config, name).model_dump()
-        if name == "la" and learn is not None:
-            options["learn"] = learn
+        if name == "la" and probation is not None:
+            options["learn"] = probation
     else:
         raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
     return create(name, **options)  # type: ignore[return-value]
@@ -109,9 +115,9 @@ def evaluate_nab(root: Path, detectors: list[str], config: PlannerConfig) -> lis
     for name in detectors:
         scores = []
         for hist in histories:
-            # LA learns its limits over NAB's probation period, the part NAB does not score.
-            learn = int(min(math.floor(0.15 * len(hist.values)), 750))
-            det = make_detector(name, config, learn=learn)
+            # Detectors learn over NAB's probation period, the part NAB does not score.
+            probation = int(min(math.floor(0.15 * len(hist.values)), 750))
+            det = make_detector(name, config, probation=probation)
             scores.append(det.score_series(hist.values)[0])
         results.append(_result(name, scoring, scores, make_detector(name, config).threshold))
     return results
