@@ -37,9 +37,10 @@ PUBLISHED = {
 def make_detector(name: str, config: PlannerConfig, probation: int | None = None) -> Detector:
     """A fresh detector from the shared registry (vmad/detectors.py), with its settings
     from the YAML config. `probation`: the samples a benchmark leaves unscored at the
-    start (NAB tells every detector its probation): LA learns its limits over them, and
-    the alarm's warm-up is cut to fit in them (half learning, half estimation, as NAB's
-    HTM detector), so it is judging once scoring starts; None = the YAML as is."""
+    start (NAB tells every detector its probation): LA learns its limits over them; the
+    alarm's warm-up is cut to fit in them (half learning, half estimation, as NAB's HTM
+    detector), so it is judging once scoring starts, and its rest is at most a fifth of
+    them (as knncad and contextOSE rest on NAB); None = the YAML as is."""
     import vmad.planner.likelihood  # noqa: F401  (registers wha, wha-likelihood, wha-alarm)
 
     if name == "wha-alarm":
@@ -47,9 +48,13 @@ def make_detector(name: str, config: PlannerConfig, probation: int | None = None
         wha = config.wha.model_dump() | {
             key: alarm.pop(key) for key in ("window", "half_life", "tolerance")
         }
-        if probation is not None and alarm["learn"] + alarm["estimation"] > probation:
-            alarm["learn"] = min(alarm["learn"], probation // 2)
-            alarm["estimation"] = max(1, min(alarm["estimation"], probation - alarm["learn"]))
+        if probation is not None:
+            if alarm["learn"] + alarm["estimation"] > probation:
+                alarm["learn"] = min(alarm["learn"], probation // 2)
+                alarm["estimation"] = max(1, min(alarm["estimation"], probation - alarm["learn"]))
+            # knncad's and contextOSE's rest on NAB: a fifth of the probation (150 = the
+            # YAML default at NAB's longest probation, 750).
+            alarm["rest"] = min(alarm["rest"], probation // 5)
         options = {"wha": wha, **alarm}
     elif name == "wha-likelihood":
         lk = config.likelihood

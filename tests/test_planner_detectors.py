@@ -220,6 +220,9 @@ def test_wha_alarm_from_the_shipped_config() -> None:
     assert DETECTORS[0] == "wha-alarm"
     # A benchmark's short probation (NAB: 15 % of a short file) cuts the warm-up to fit.
     short = make_detector("wha-alarm", config, probation=186)
-    assert isinstance(short, WHAAlarm) and short.likelihood.warm == 186
+    assert isinstance(short, WHAAlarm) and short.likelihood.warm == 186 and short.rest == 37
+    standard = make_detector("wha-alarm", config, probation=604)  # a 4032-sample NAB file
+    assert isinstance(standard, WHAAlarm) and standard.likelihood.warm == 388
+    assert standard.rest == 120
     with pytest.raises(ValueError, match="wha-alarm"):
         make_detector("no-such", config)
