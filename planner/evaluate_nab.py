@@ -92,7 +92,7 @@ class NabResult:
     threshold: float
     score: float
     at_default: float  # at the detector's own verdict threshold (no corpus tuning)
-    heldout: float = math.nan  # odd-position files, at the threshold best on the even ones
+    heldout: float = math.nan  # the 2nd, 4th, ... files at the threshold best on the others
     heldout_threshold: float = math.nan
     selection: float = math.nan  # the selection half's own score at that threshold
 
@@ -102,8 +102,10 @@ def _result(
 ) -> NabResult:
     """Corpus-optimised score, score at `own` threshold, and the held-out half's score."""
     threshold, score = best_threshold(scoring, scores)
-    chosen, selection = best_threshold(scoring[SELECTION], scores[SELECTION])
-    heldout = corpus_score(scoring[HELD_OUT], scores[HELD_OUT], chosen)
+    chosen = selection = heldout = math.nan
+    if len(scoring) >= 2:  # a split needs a file on each side
+        chosen, selection = best_threshold(scoring[SELECTION], scores[SELECTION])
+        heldout = corpus_score(scoring[HELD_OUT], scores[HELD_OUT], chosen)
     at_own = corpus_score(scoring, scores, own) if math.isfinite(own) else math.nan
     return NabResult(name, threshold, score, at_own, heldout, chosen, selection)
 
