@@ -194,15 +194,18 @@ def nab_table(results: list[NabResult], rescored: list[NabResult] = ()) -> str: 
 def nab_json(results: list[NabResult], rescored: list[NabResult]) -> dict[str, object]:
     """What `vmad bench nab --json` writes: every scored detector, by name."""
 
+    def num(x: float) -> float | None:  # NaN (not measured) is null: JSON has no NaN
+        return None if math.isnan(x) else x
+
     def row(r: NabResult, source: str) -> dict[str, object]:
         return {
             "source": source,
             "score": r.score,
             "threshold": r.threshold,
-            "score_at_own_threshold": None if math.isnan(r.at_default) else r.at_default,
-            "heldout_score": r.heldout,
-            "heldout_threshold": r.heldout_threshold,
-            "selection_score": r.selection,
+            "score_at_own_threshold": num(r.at_default),
+            "heldout_score": num(r.heldout),
+            "heldout_threshold": num(r.heldout_threshold),
+            "selection_score": num(r.selection),
         }
 
     return {
