@@ -45,9 +45,11 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
         raw = make_windows(vm.values[600:900], WINDOW)
         scores, contributions = bundle.score_with_contributions(raw)
         normalized = adaptation.normalizer.apply(vm.values[600:900])
-        expected_contrib = adaptation.residual.contributions(normalized[WINDOW - 1:])
+        assert adaptation.attribution is not None
+        expected_contrib = adaptation.attribution.contributions(make_windows(normalized, WINDOW))
+        deviation = adaptation.residual.score_samples(normalized[WINDOW - 1:])
         logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
-        expected = adaptation.fusion.score(logits, expected_contrib.max(axis=1))
+        expected = adaptation.fusion.score(logits, deviation)
         assert np.allclose(contributions, expected_contrib, atol=1e-3)
         assert np.allclose(scores, expected, atol=1e-4)
 

@@ -1,0 +1,119 @@
+"""Which metric is to blame (trainer/attribution.py): the NumPy reference, its running-sum
+form and the exported ONNX graph agree; what changed within the window is ranked above
+what drifted long ago; each metric's scale is its own usual change, never below the
+floor; adaptations saved before attribution existed still load and export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vmad.schema import DEFAULT_METRICS
+from vmad.synthetic import generate_vm
+from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
+from vmad.trainer.attribution import AttributionModel, split
+from vmad.trainer.checkpoint import Checkpoint
+from vmad.trainer.export import export_bundle
+from vmad.trainer.models import build_model
+from vmad.trainer.residual import ResidualModel
+from vmad.windows import Normalizer, make_windows
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Checkpoint:
+    import torch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
+    return Checkpoint(build_model("zoom-cnn", 4, WINDOW), "zoom-cnn", DEFAULT_METRICS, WINDOW,
+                      normalizer, 0.9)
+
+
+def test_split_halves_the_window() -> None:
+    assert split(64) == (32, 32) and split(7) == (3, 4)
+    with pytest.raises(ValueError):
+        split(1)
+
+
+def test_series_form_equals_the_window_form() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(0, 2, size=(300, 5)) + np.linspace(0, 30, 300)[:, None]
+    model = AttributionModel.fit(values[:150], 9)
+    by_window = model.contributions(make_windows(values, 9))
+    by_series = model.contributions_of_series(values, 9)
+    assert np.allclose(by_series[8:], by_window, atol=1e-9)
+    assert not by_series[:8].any()
+
+
+def test_onnx_contributions_equal_numpy(checkpoint: Checkpoint) -> None:
+    vm, _ = generate_vm(5, 1200)
+    adaptation = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW,
+                                floors=[1.0, 0.5, 0.5, 0.2], cnn_weight=0.5,
+                                false_alarm_rate=0.01)
+    assert adaptation.attribution is not None
+    # Fitted on this VM: not every metric at the floor.
+    assert np.any(adaptation.attribution.scale > 1.0)
+    bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
+    raw = make_windows(vm.values[600:1000], WINDOW)
+    _, contributions = bundle.score_with_contributions(raw)
+    normalized = make_windows(adaptation.normalizer.apply(vm.values[600:1000]), WINDOW)
+    expected = adaptation.attribution.contributions(normalized)
+    assert contributions is not None and contributions.shape == expected.shape
+    assert np.allclose(contributions, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_jump_outranks_a_drift_from_long_ago() -> None:
+    """Metric 0 drifted far from the VM's normal days ago and stays there; metric 1 jumps
+    in the newest half of the window. The metric to blame is 1; the distance from the
+    long-run normal (the score's per-metric deviation) would name 0."""
+    rng = np.random.default_rng(2)
+    history = rng.normal(0, 1, size=(2000, 3))
+    model = AttributionModel.fit(history, WINDOW)
+    now = rng.normal(0, 1, size=(WINDOW, 3))
+    now[:, 0] += 25.0  # drifted long before this window
+    now[WINDOW // 2:, 1] += 6.0  # just broke
+    contributions = model.contributions(now.T[None])[0]
+    assert int(np.argmax(contributions)) == 1
+    far = ResidualModel.fit(history, components=0).contributions(now[-1:])[0]
+    assert int(np.argmax(far)) == 0
+
+
+def test_scale_is_each_metrics_usual_change_with_a_floor() -> None:
+    rng = np.random.default_rng(3)
+    history = np.column_stack([rng.normal(0, 8, 3000), rng.normal(0, 0.01, 3000),
+                               np.zeros(3000)])
+    model = AttributionModel.fit(history, WINDOW)
+    assert model.scale[0] > 5.0  # a jittery metric must jitter more than usual
+    assert model.scale[1] == model.scale[2] == 1.0  # quiet or constant: the floor
+    # The same jump counts for less on the jittery metric.
+    window = np.zeros((3, WINDOW))
+    window[:, WINDOW // 2:] = 10.0
+    contributions = model.contributions(window[None])[0]
+    assert contributions[0] < contributions[1] == contributions[2]
+    assert np.array_equal(AttributionModel.fit(history[:5], WINDOW).scale, np.ones(3))
+    with pytest.raises(ValueError):
+        AttributionModel.from_dict({"scale": [1.0, 0.0, 1.0]})
+
+
+def test_adaptation_saved_before_attribution_still_loads_and_exports(
+        checkpoint: Checkpoint) -> None:
+    vm, _ = generate_vm(6, 800)
+    adaptation = fit_adaptation(checkpoint.model, vm.values[:400], WINDOW)
+    again = VMAdaptation.from_json(adaptation.to_json())
+    assert again.attribution is not None
+    assert np.array_equal(again.attribution.scale, adaptation.attribution.scale)  # type: ignore[union-attr]
+    old = json.loads(adaptation.to_json())
+    del old["attribution"]
+    legacy = VMAdaptation.from_json(json.dumps(old))
+    assert legacy.attribution is None
+    bundle = export_bundle(checkpoint, "legacy", adaptation=legacy)
+    raw = make_windows(vm.values[400:500], WINDOW)
+    _, contributions = bundle.score_with_contributions(raw)
+    expected = AttributionModel.identity(4).contributions(
+        make_windows(legacy.normalizer.apply(vm.values[400:500]), WINDOW))
+    assert np.allclose(contributions, expected, rtol=1e-4, atol=1e-4)
