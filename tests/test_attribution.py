@@ -117,3 +117,42 @@ def test_adaptation_saved_before_attribution_still_loads_and_exports(
     expected = AttributionModel.identity(4).contributions(
         make_windows(legacy.normalizer.apply(vm.values[400:500]), WINDOW))
     assert np.allclose(contributions, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_newest_anomalous_verdicts_blame_reaches_vmad_status(checkpoint, tmp_path,
+                                                             monkeypatch, capsys) -> None:
+    """Trainer state -> wire -> controller registry -> `vmad status`: the metrics to
+    blame in the VM's newest anomalous verdict; a state without them (an older trainer)
+    still reads, as empty."""
+    from vmad.actions import Action, Decision
+    from vmad.cli import main
+    from vmad.controller.registry import Registry
+    from vmad.controller.reward import reward
+    from vmad.protos.vmad.v1 import control_pb2
+    from vmad.trainer.config import TrainingSettings
+    from vmad.trainer.store import TelemetryStore
+    from vmad.trainer.transfer import VMModels
+    from vmad.wire import state_from_message, state_to_message
+
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings())
+    vm, _ = generate_vm(7, 100, fault_rate=0.0)
+    store.ingest("vm-1", DEFAULT_METRICS, np.arange(1, 101), vm.timestamps, vm.values,
+                 verdicts=[(float(vm.timestamps[50]), 0.9, True, "v", (0.1, 9.0, 0.2, 3.0)),
+                           (float(vm.timestamps[60]), 0.2, False, "v", (8.0, 0.1, 0.0, 0.0)),
+                           (float(vm.timestamps[40]), 0.9, True, "v", (5.0, 0.0, 0.0, 0.0))])
+    state = models.state("vm-1")
+    assert state.blamed == "memory_percent=9.0,net_mb_s=3.0,disk_mb_s=0.2"
+    assert models.state("vm-2").blamed == ""
+    wired = state_from_message(state_to_message(state))
+    assert wired == state
+    older = control_pb2.VMState.FromString(state_to_message(state).SerializeToString())
+    older.ClearField("blamed")
+    assert state_from_message(older).blamed == ""
+
+    registry = Registry(tmp_path / "r.sqlite")
+    registry.record_report("t1", wired, Decision(Action.KEEP, 0, "fine"), "rules", reward)
+    registry.close()
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["status", "--database", str(tmp_path / "r.sqlite")]) == 0
+    assert "memory_percent=9.0,net_mb_s=3.0" in capsys.readouterr().out

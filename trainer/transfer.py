@@ -32,7 +32,7 @@ import numpy as np
 from vmad.bundle import Bundle
 from vmad.evaluation import score_detection
 from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
-from vmad.state import VMState, compute_state
+from vmad.state import VMState, blame_text, compute_state
 from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
@@ -324,6 +324,9 @@ class VMModels:
         counters = self.store.counters(vm_id)
         received = counters.received if counters else 0
         values = recent.values if len(recent) else np.zeros((0, len(self.metrics)), np.float32)
+        last_blamed = self.store.last_blamed(vm_id)
+        blamed = blame_text(self.metrics, last_blamed[1], 3) \
+            if last_blamed is not None and len(last_blamed[1]) == len(self.metrics) else ""
         return compute_state(
             vm_id, timestamp=now, recent_values=values, normalizer=normalizer,
             probabilities=probabilities, labels=data.labels, threshold=checkpoint.threshold,
@@ -331,7 +334,7 @@ class VMModels:
             last_trained_at=info.trained_at,
             samples_since_training=received - info.samples_at_training,
             batches_trained=info.batches_trained, finetuned=info.finetuned,
-            model_version=self.bundle(vm_id).metadata.version,
+            model_version=self.bundle(vm_id).metadata.version, blamed=blamed,
         )
 
     # -- actions ----------------------------------------------------------------------
