@@ -1,7 +1,8 @@
 """Which metric is to blame (trainer/attribution.py): the NumPy reference, its running-sum
 form and the exported ONNX graph agree; what changed within the window is ranked above
-what drifted long ago; each metric's scale is its own usual change, never below the
-floor; adaptations saved before attribution existed still load and export."""
+what drifted long ago, and a fault that outlasts the window is still blamed; each
+metric's scale is its own usual change, never below the floor; adaptations saved before
+attribution existed still load and export."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
 from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
-from vmad.trainer.attribution import AttributionModel, split
+from vmad.trainer.attribution import FAR_WEIGHT, AttributionModel, split
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.export import export_bundle
 from vmad.trainer.models import build_model
@@ -47,7 +48,9 @@ def test_series_form_equals_the_window_form() -> None:
     by_window = model.contributions(make_windows(values, 9))
     by_series = model.contributions_of_series(values, 9)
     assert np.allclose(by_series[8:], by_window, atol=1e-9)
-    assert not by_series[:8].any()
+    # No full window yet: the distance from normal alone.
+    far = np.abs(values[:8] - model.mean) / model.spread
+    assert np.allclose(by_series[:8], FAR_WEIGHT * far)
 
 
 def test_onnx_contributions_equal_numpy(checkpoint: Checkpoint) -> None:
@@ -76,11 +79,26 @@ def test_a_jump_outranks_a_drift_from_long_ago() -> None:
     model = AttributionModel.fit(history, WINDOW)
     now = rng.normal(0, 1, size=(WINDOW, 3))
     now[:, 0] += 25.0  # drifted long before this window
-    now[WINDOW // 2:, 1] += 6.0  # just broke
+    now[WINDOW // 2:, 1] += 10.0  # just broke
     contributions = model.contributions(now.T[None])[0]
     assert int(np.argmax(contributions)) == 1
     far = ResidualModel.fit(history, components=0).contributions(now[-1:])[0]
     assert int(np.argmax(far)) == 0
+
+
+def test_a_fault_that_outlasts_the_window_is_still_blamed() -> None:
+    """Metric 2 has sat 30 spreads off normal for longer than the window: nothing changes
+    within it, yet it is ranked first over metrics that only jitter as usual."""
+    rng = np.random.default_rng(4)
+    history = rng.normal(0, 1, size=(2000, 3))
+    model = AttributionModel.fit(history, WINDOW)
+    now = rng.normal(0, 1, size=(WINDOW, 3))
+    now[:, 2] += 30.0
+    offset = np.array([0.0, 0.0, 30.0])
+    for _ in range(20):
+        contributions = model.contributions(now.T[None])[0]
+        assert int(np.argmax(contributions)) == 2
+        now = np.vstack([now[1:], rng.normal(0, 1, size=(1, 3)) + offset])
 
 
 def test_scale_is_each_metrics_usual_change_with_a_floor() -> None:
@@ -97,7 +115,10 @@ def test_scale_is_each_metrics_usual_change_with_a_floor() -> None:
     assert contributions[0] < contributions[1] == contributions[2]
     assert np.array_equal(AttributionModel.fit(history[:5], WINDOW).scale, np.ones(3))
     with pytest.raises(ValueError):
-        AttributionModel.from_dict({"scale": [1.0, 0.0, 1.0]})
+        AttributionModel.from_dict({"scale": [1.0, 0.0, 1.0], "mean": [0.0] * 3,
+                                    "spread": [1.0] * 3})
+    with pytest.raises(ValueError):
+        AttributionModel.from_dict({"scale": [1.0] * 3, "mean": [0.0] * 2, "spread": [1.0] * 3})
 
 
 def test_adaptation_saved_before_attribution_still_loads_and_exports(
