@@ -34,7 +34,7 @@ scores 0.527 @150 % on SMD (0.999 on the synthetic VMs, whose faults stand far o
 quiet normal); the change of the newest 8-16 samples' mean against the window's
 earlier part 0.69-0.70; the RMS departure of the newest half 0.751, but 0.858 @100 %
 on the synthetic VMs, whose faults outlast the window; the max with a fifth of the
-distance keeps SMD at 0.746 and lifts the synthetic VMs to 0.990. The minimum, product
+distance keeps SMD at 0.746 and lifts the synthetic VMs to 0.991. The minimum, product
 or plain sum of distance and change all scored below.
 
 The same arithmetic runs here in NumPy (benchmarks, the trainer) and as a torch module
