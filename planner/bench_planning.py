@@ -183,7 +183,7 @@ def format_tables(
             f"| {_pct(r['target'], 2)} % | {_pct(u, 3)} % [{_pct(u_lo, 3)}, {_pct(u_hi, 3)}] "  # type: ignore[arg-type]
             f"| {_pct(s, 1)} % [{_pct(s_lo, 1)}, {_pct(s_hi, 1)}] |"  # type: ignore[arg-type]
         )
-    lines += ["", verdict(methods)]
+    lines += ["", verdict(methods), "", *frontier_verdicts(methods, sweep)]
     return "\n".join(lines)
 
 
@@ -209,6 +209,62 @@ def format_split(split: dict[str, object], title: str, config: PlanningConfig) -
             f"| {cell(own['last-week-max'])} |"  # type: ignore[index]
         )
     return "\n".join(lines)
+
+
+LOOK_BACK_RULES = ("last-week-max", "p99-4-weeks-x1.1", "vpa", "compute-optimizer")
+
+
+def _dominates(u: float, s: float, risk: float, saving: float) -> bool:
+    """(u, s) has at least ``saving`` at no more than ``risk``, one of them strictly."""
+    return u <= risk and s >= saving and (u < risk or s > saving)
+
+
+def frontier_verdicts(
+    methods: dict[str, dict[str, object]], sweep: dict[str, dict[str, object]]
+) -> list[str]:
+    """Per look-back rule: does the planner beat it on the saving-risk frontier?
+
+    Beaten = some point of the planner's sweep has at least its saving at no more risk
+    (one of the two strictly better); at the default target first. Otherwise the saving the
+    planner's curve gives at the rule's risk (linear between sweep points), when the
+    sweep spans that risk.
+    """
+    points = sorted(
+        (float(r["under_provisioned_time"]), float(r["saving"]), float(r["target"]))  # type: ignore[arg-type]
+        for r in sweep.values()
+    )
+    planner = methods.get("planner")
+    lines = []
+    for name in LOOK_BACK_RULES:
+        if name not in methods or planner is None:
+            continue
+        risk, saving = (
+            float(methods[name]["under_provisioned_time"]),
+            float(methods[name]["saving"]),
+        )  # type: ignore[arg-type]
+        rule = f"{name} ({_pct(saving, 1)} % at {_pct(risk, 3)} %)"
+
+        p_u, p_s = float(planner["under_provisioned_time"]), float(planner["saving"])  # type: ignore[arg-type]
+        if _dominates(p_u, p_s, risk, saving):
+            lines.append(f"- {rule}: beaten at the default target: met")
+            continue
+        win = [t for u, s, t in points if _dominates(u, s, risk, saving)]
+        if win:
+            lines.append(
+                f"- {rule}: beaten on the frontier (by the planner at target "
+                f"{_pct(win[0], 2)} %; not at the default target): met"
+            )
+            continue
+        risks = [u for u, _, _ in points]
+        if risks and risks[0] <= risk <= risks[-1]:
+            at = float(np.interp(risk, risks, [s for _, s, _ in points]))
+            lines.append(
+                f"- {rule}: NOT beaten: the planner's curve gives {_pct(at, 1)} % saving at "
+                "that risk: missed"
+            )
+        else:
+            lines.append(f"- {rule}: NOT beaten (outside the planner's swept risks): missed")
+    return ["Against each look-back rule (saving-risk frontier):", "", *lines] if lines else []
 
 
 def verdict(methods: dict[str, dict[str, object]]) -> str:

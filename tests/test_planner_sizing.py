@@ -380,3 +380,35 @@ def test_bench_planning_split_check_in_json(gappy_fleet: Path, tmp_path: Path) -
     for half in split.values():
         assert 0.0 <= half["other_half"]["under_provisioned_time"] <= 1.0
         assert "planner" in half["own"] and "last-week-max" in half["own"]
+
+
+def test_frontier_verdicts_hand_computed() -> None:
+    from vmad.planner.bench_planning import frontier_verdicts
+
+    def row(saving: float, risk: float, target: float | None = None) -> dict[str, object]:
+        r: dict[str, object] = {"saving": saving, "under_provisioned_time": risk}
+        if target is not None:
+            r["target"] = target
+        return r
+
+    sweep = {
+        "a": row(0.40, 0.0005, 0.0005),
+        "b": row(0.50, 0.001, 0.001),
+        "c": row(0.70, 0.003, 0.003),
+    }
+    methods = {
+        "planner": row(0.50, 0.001),
+        "last-week-max": row(0.45, 0.0015),  # dominated at the default target
+        "vpa": row(0.55, 0.0035),  # dominated by target 0.3 % only
+        "p99-4-weeks-x1.1": row(0.68, 0.002),  # above the curve (60 % there)
+        "compute-optimizer": row(0.10, 0.0001),  # less risk than any swept point
+    }
+    text = "\n".join(frontier_verdicts(methods, sweep))
+    assert "last-week-max (45.0 % at 0.150 %): beaten at the default target: met" in text
+    assert (
+        "vpa (55.0 % at 0.350 %): beaten on the frontier (by the planner at target 0.30 %" in text
+    )
+    assert (
+        "p99-4-weeks-x1.1 (68.0 % at 0.200 %): NOT beaten: the planner's curve gives 60.0 %" in text
+    )
+    assert "compute-optimizer (10.0 % at 0.010 %): NOT beaten (outside" in text
