@@ -387,6 +387,13 @@ def bench_command(args: argparse.Namespace) -> int:
             )
             split[name] = {"own": own, "other_half": cross["planner"]}
         text += "\n\n" + format_split(split, title, config)
+    # How often the growth guard was in force (the month guard needs no note: it is on
+    # whenever the same week a month back has samples).
+    grown = sum(1 for r in results for notes in r.flags if any("growth" in n for n in notes))
+    text += (
+        f"\n\nGrowth guard (Theil-Sen slope of daily peaks, 90 % interval above 0) in force in "
+        f"{grown} of {weeks} planned VM-weeks."
+    )
     print(text)
     print(f"\n({len(vms)} VMs, {time.perf_counter() - started:.0f} s)")
     if args.markdown:
