@@ -412,3 +412,25 @@ def test_frontier_verdicts_hand_computed() -> None:
         "p99-4-weeks-x1.1 (68.0 % at 0.200 %): NOT beaten: the planner's curve gives 60.0 %" in text
     )
     assert "compute-optimizer (10.0 % at 0.010 %): NOT beaten (outside" in text
+
+
+def test_short_histories_bench_refuses_plainly_and_plan_backtests_at_the_safe_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "short"
+    root.mkdir()
+    for name, days in (("a", 5.0), ("b", 6.0)):
+        vm = _vm(days, step=900, seed=len(name))
+        _write_bitbrains(root / f"vm-{name}.csv.gz", vm.timestamps, vm.usage, 4)
+    bench = ["bench", "planning", "--data", str(root), "--workers", "1"]
+    assert main(bench) == 2  # no VM has a week after 7 days of history: said, not a crash
+    assert "7 days of history" in capsys.readouterr().err
+    # Ten days: one week to backtest, with nothing before it to calibrate on.
+    vm = _vm(10, step=900)
+    _write_bitbrains(root / "vm-c.csv.gz", vm.timestamps, vm.usage, 4)
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--history", str(root), "--out", str(out), "--no-anomalies"]) == 0
+    rows = [r.split(",") for r in out.read_text().splitlines()[1:]]
+    assert {r[0] for r in rows} == {"vm-a", "vm-b", "vm-c"}
+    planned_c = {float(r[3]) for r in rows if r[0] == "vm-c"}
+    assert planned_c and all(size >= float(vm.usage.max()) for size in planned_c)
