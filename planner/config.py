@@ -115,11 +115,19 @@ class PlanningConfig(StrictModel):
     lookback_h: int = Field(24 * 28, ge=24, description="history the usage distribution uses")
     half_life_h: float = Field(168.0, gt=0, description="age at which a sample weighs half")
     calibration_weeks: int = Field(
-        4, ge=1, description="recent fleet weeks the risk target is calibrated on"
+        0,
+        ge=0,
+        description="fleet weeks the risk target is calibrated on; 0 = every week before",
+    )
+    vm_prior_weeks: float | None = Field(
+        1.0,
+        gt=0,
+        description="per-VM calibration: the fleet's risk weighs as this many weeks of the "
+        "VM's own; null = one fleet-wide knob",
     )
     trend_guard: bool = Field(True, description="project a significant upward trend")
     month_guard: bool = Field(True, description="cover the same week a month back")
-    cold_start_h: int = Field(336, ge=0, description="less history than this = cold start")
+    cold_start_h: int = Field(168, ge=0, description="less history than this = cold start")
     cold_start_factor: float = Field(
         1.5, ge=1, description="cold start: reserve this times the peak seen"
     )
