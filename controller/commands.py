@@ -231,7 +231,7 @@ def render_fleet(fleet: dict[str, Any]) -> list[Any]:
 
     vms = Table(title="VMs")
     for column in ("VM", "trainer", "seen", "reports", "model", "labelled", "F1", "accuracy",
-                   "drift", "flagged", "last action", "why"):
+                   "drift", "flagged", "blamed", "last action", "why"):
         vms.add_column(column, justify="right" if column in
                        ("reports", "labelled", "F1", "accuracy", "drift", "flagged") else "left")
     for vm in fleet["vms"]:
@@ -240,7 +240,8 @@ def render_fleet(fleet: dict[str, Any]) -> list[Any]:
                     vm["model_version"], str(state.get("labelled_windows", "")),
                     f"{state.get('f1', 0):.2f}", f"{state.get('accuracy', 0):.2f}",
                     f"{state.get('drift', 0):.2f}", f"{state.get('flagged_share', 0):.2f}",
-                    vm["last_action"], vm["last_reason"])
+                    # The metrics to blame in the VM's newest anomalous verdict.
+                    state.get("blamed") or "-", vm["last_action"], vm["last_reason"])
     trainers = Table(title="Trainers")
     for column in ("trainer", "address", "last seen"):
         trainers.add_column(column)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from vmad.bundle import Bundle, BundleError, load_bundle, sha256_hex
+from vmad.state import blame_text
 
 __all__ = ["BundleSlot", "WindowScorer", "WindowVerdict"]
 
@@ -161,10 +162,7 @@ class WindowVerdict:
 
     def top_metrics(self, metrics: tuple[str, ...], count: int = 2) -> str:
         """'memory_percent=12.3,cpu_percent=1.1': the metrics most to blame."""
-        if not self.contributions:
-            return "-"
-        order = np.argsort(-np.asarray(self.contributions), kind="stable")[:count]
-        return ",".join(f"{metrics[i]}={self.contributions[i]:.1f}" for i in order)
+        return blame_text(metrics, self.contributions, count)
 
 
 class WindowScorer:

@@ -2,10 +2,10 @@
 planning` and `vmad plan`.
 
 Weeks are aligned across the fleet (``origin + k weeks``) so the planner's risk target can
-be calibrated on the fleet's own previous weeks. For every VM and every week it has
-usage in, a method sees only the samples before the week starts and reserves one size.
-A VM-week is planned once the VM has ``cold_start_h`` of history. Gaps never fail:
-every rule plans from the history that exists (and the VM-week is flagged when that
+be calibrated on the fleet's own previous weeks (``calibrate_fleet``). For every VM and
+every week it has usage in, a method sees only the samples before the week starts and
+reserves one size. A VM-week is planned once the VM has ``cold_start_h`` of history.
+Gaps never fail: every rule plans from the history that exists (and the VM-week is flagged when that
 history ends more than a day before the week).
 
 Per VM-week the backtest keeps the realised outcome of *every* size (samples above it,
@@ -25,23 +25,25 @@ from vmad.planner.risk_sizing import (
     KNOB,
     WEEK,
     WeekRisk,
-    calibrate,
     choose_size,
+    conservative_knob,
     realised_counts,
+    vm_knob,
     week_risk,
 )
 
 __all__ = [
     "BASELINES",
     "VM",
+    "Calibration",
     "VMBacktest",
     "backtest_vm",
     "bootstrap_ci",
+    "calibrate_fleet",
     "from_week",
     "load_fleet",
     "planner_choice",
     "provisioned_totals",
-    "rolling_knobs",
     "totals",
     "without_intervals",
 ]
@@ -253,30 +255,109 @@ def backtest_vm(
     )
 
 
-def rolling_knobs(
-    results: list[VMBacktest], target: float, calibration_weeks: int
-) -> dict[int, tuple[int, float]]:
-    """Per fleet week k: the knob calibrated on weeks k - calibration_weeks .. k - 1 of
-    every VM (only what was known before k), and its backtested risk there."""
-    if not any(r.week.size for r in results):
-        return {}
-    weeks = np.concatenate([r.week for r in results])
-    choices = np.concatenate([r.choices for r in results])
-    counts = np.concatenate([r.counts for r in results])
-    samples = np.concatenate([r.samples for r in results])
-    out = {}
-    for k in np.unique(weeks):
-        past = (weeks >= k - calibration_weeks) & (weeks < k)
-        out[int(k)] = calibrate(choices[past], counts[past], samples[past], target)
-    return out
+@dataclass
+class Calibration:
+    """The planner's knob for every planned VM-week, each chosen from earlier weeks only."""
+
+    knobs: list[np.ndarray]  # per VM (results' order): knob per planned week
+    next_knobs: np.ndarray  # per VM: knob for weeks after the last calibrated one (the plan)
+    fleet: dict[int, tuple[int, float]]  # week -> fleet knob at the target, its past risk
 
 
-def planner_choice(result: VMBacktest, knobs: dict[int, tuple[int, float]]) -> np.ndarray:
+def _records(results: list[VMBacktest]) -> tuple[np.ndarray, ...]:
+    """(vm index, week, under (records, knobs), samples) over every planned VM-week.
+    ``under`` leaves out usage above the largest size: no knob can cover it."""
+    vm, week, under, samples = [], [], [], []
+    for i, r in enumerate(results):
+        reach = r.counts - r.counts[:, -1:]
+        under.append(reach[np.arange(r.week.size)[:, None], r.choices].reshape(-1, len(KNOB)))
+        vm.append(np.full(r.week.size, i))
+        week.append(r.week)
+        samples.append(r.samples)
+    if not results:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros((0, len(KNOB))), empty.astype(float)
+    return (
+        np.concatenate(vm),
+        np.concatenate(week),
+        np.concatenate(under).astype(float),
+        np.concatenate(samples).astype(float),
+    )
+
+
+def calibrate_fleet(
+    results: list[VMBacktest],
+    config: PlanningConfig,
+    target: float | None = None,
+    plan_week: int | None = None,
+    pool: list[VMBacktest] | None = None,
+) -> Calibration:
+    """The knob for every planned VM-week (and for ``plan_week``, the plan), from the
+    planner's own decisions in the weeks before it.
+
+    Week w's knob is calibrated on every VM-week before w (``calibration_weeks`` > 0:
+    only that many weeks back): the fleet's pooled realised risk at each knob, and, unless
+    ``vm_prior_weeks`` is None, each VM's own realised risk shrunk toward it
+    (``risk_sizing.vm_knob``). With no week before w to calibrate on, the conservative
+    rule (``cold_start_factor`` x the peak seen). ``pool``: calibrate the fleet part on
+    these VMs instead (a split check: the fleet's rates from one half of the VMs, applied
+    to the other half with each VM's own record).
+    """
+    target = config.target_risk if target is None else target
+    vm, week, under, samples = _records(results)
+    if pool is None:
+        p_week, p_under, p_samples = week, under, samples
+    else:
+        _, p_week, p_under, p_samples = _records(pool)
+    fallback = conservative_knob(config.cold_start_factor)
+    knobs = [np.zeros(r.week.size, dtype=np.int64) for r in results]
+    n_vms = len(results)
+    fleet: dict[int, tuple[int, float]] = {}
+    next_knobs = np.full(n_vms, fallback, dtype=np.int64)
+    weeks = {int(k) for k in np.unique(week)}
+    if plan_week is not None:
+        weeks.add(plan_week)
+    for w in sorted(weeks):
+        past = week < w
+        p_past = p_week < w
+        if config.calibration_weeks:
+            past &= week >= w - config.calibration_weeks
+            p_past &= p_week >= w - config.calibration_weeks
+        n_fleet = float(p_samples[p_past].sum())
+        if n_fleet > 0:
+            f_under = p_under[p_past].sum(axis=0)
+            fleet_risk = f_under / n_fleet
+            ok = np.flatnonzero(fleet_risk <= target)
+            f_knob = int(ok[0]) if ok.size else len(KNOB) - 1
+            fleet[w] = (f_knob, float(fleet_risk[f_knob]))
+            if config.vm_prior_weeks is not None:
+                v_under = np.zeros((n_vms, len(KNOB)))
+                np.add.at(v_under, vm[past], under[past])
+                v_samples = np.bincount(vm[past], weights=samples[past], minlength=n_vms)
+                # A week of samples, as the fleet's VM-weeks have them (5-min: 2016).
+                prior = config.vm_prior_weeks * float(np.median(p_samples[p_past]))
+                chosen = np.array(
+                    [
+                        vm_knob(v_under[i], v_samples[i], f_under, n_fleet, target, prior)
+                        for i in range(n_vms)
+                    ]
+                )
+            else:
+                chosen = np.full(n_vms, f_knob)
+        else:
+            chosen = np.full(n_vms, fallback)
+        for i, r in enumerate(results):
+            knobs[i][r.week == w] = chosen[i]
+        if plan_week is not None and w == plan_week:
+            next_knobs = chosen
+    return Calibration(knobs, next_knobs, fleet)
+
+
+def planner_choice(result: VMBacktest, knobs: np.ndarray) -> np.ndarray:
     """Size index per planned week, at the knob calibrated for that week."""
     if result.week.size == 0:
         return np.zeros(0, dtype=np.int64)
-    knob = np.array([knobs[int(k)][0] for k in result.week])
-    return result.choices[np.arange(result.week.size), knob]
+    return result.choices[np.arange(result.week.size), knobs]
 
 
 @dataclass

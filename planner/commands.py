@@ -14,7 +14,12 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     detect = commands.add_parser("detect", help="score a timestamp,value CSV (NAB result format)")
-    detect.add_argument("--detector", choices=("wha", "wha-likelihood", "dla", "la"), default="wha")
+    detect.add_argument(
+        "--detector",
+        choices=("wha", "wha-alarm", "wha-likelihood", "dla", "la"),
+        default="wha",
+        help="wha-alarm: the NAB detector (WHA + anomaly likelihood + rest after an alarm)",
+    )
     detect.add_argument("--input", type=Path, required=True)
     detect.add_argument("--output", type=Path, required=True)
     detect.add_argument("--config", type=Path, help="planner YAML (default: built-in defaults)")
@@ -45,10 +50,12 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     plan.set_defaults(run=run_plan)
 
     nab = bench.add_parser(
-        "nab", help="WHA, its likelihood, DLA, LA on NAB realAWSCloudwatch, standard profile"
+        "nab",
+        help="WHA alarm and likelihood, WHA, DLA, LA on NAB realAWSCloudwatch, standard profile",
     )
     nab.add_argument("--data", type=Path, default=Path("../shared/datasets/nab"))
     nab.add_argument("--config", type=Path)
+    nab.add_argument("--json", type=Path, help="write every detector's scores as JSON here")
     nab.set_defaults(run=run_bench_nab)
 
     planning = bench.add_parser("planning", help="rolling-origin weekly reservation benchmark")
@@ -59,6 +66,11 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     planning.add_argument("--markdown", type=Path, help="also write the tables here")
     planning.add_argument("--json", type=Path, help="write the methods and sweep as JSON here")
     planning.add_argument("--config", type=Path)
+    planning.add_argument(
+        "--split",
+        action="store_true",
+        help="also calibrate each half of the VMs on the other half (carry-over check)",
+    )
     planning.add_argument("--workers", type=int, default=2, help="processes (one VM each)")
     planning.set_defaults(run=run_bench_planning)
 
@@ -112,16 +124,27 @@ def run_detect(args: argparse.Namespace) -> int:
 
 def run_bench_nab(args: argparse.Namespace) -> int:
     from vmad.planner.config import load_config
-    from vmad.planner.evaluate_nab import evaluate_nab, nab_table, rescore_published
+    from vmad.planner.evaluate_nab import (
+        DETECTORS,
+        evaluate_nab,
+        nab_json,
+        nab_table,
+        rescore_published,
+    )
 
-    detectors = ["wha-likelihood", "wha", "dla", "la"]
-    results = evaluate_nab(args.data, detectors, load_config(args.config))
+    results = evaluate_nab(args.data, list(DETECTORS), load_config(args.config))
     published = rescore_published(args.data) if (args.data / "results").is_dir() else []
     print(nab_table(results, published))
+    if args.json is not None:
+        import json
+
+        args.json.write_text(json.dumps(nab_json(results, published), indent=2) + "\n")
     print("\nThreshold: one per detector for the whole corpus, the one maximising the summed")
     print("raw standard-profile score (as NAB's optimiser). 'score at own threshold' uses the")
     print("detector's verdict threshold (0.5) or, for a re-scored published detector, NAB's")
-    print("published standard-profile threshold (results/thresholds.json).")
+    print("published standard-profile threshold (results/thresholds.json). Held-out half:")
+    print("files in sorted-name order, the threshold best on the 1st, 3rd, ... files applied")
+    print("to the 2nd, 4th, ... (the wha-alarm's mechanisms were compared on the first half).")
     return 0
 
 

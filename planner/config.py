@@ -49,7 +49,7 @@ class WHAConfig(StrictModel):
 
 
 class LikelihoodConfig(StrictModel):
-    """The streaming detector for `vmad detect --detector wha-likelihood` and NAB: WHA with
+    """The first NAB detector (`vmad detect --detector wha-likelihood`): WHA with
     these window settings, its raw score turned into an anomaly likelihood."""
 
     window: int = Field(864, ge=5, description="WHA window (samples; 864 = 3 days at 5 min)")
@@ -59,6 +59,28 @@ class LikelihoodConfig(StrictModel):
     history: int = Field(2016, ge=10, description="reference window of short averages")
     short: int = Field(10, ge=1, description="samples in the short average")
     min_std: float = Field(0.03, gt=0, description="floor of the reference spread")
+
+
+class AlarmConfig(StrictModel):
+    """`vmad detect --detector wha-alarm` and the NAB detector: WHA (these window
+    settings; the rest from `wha`) -> HTM's anomaly likelihood (nupic's defaults for
+    5-minute data) + new extremes + a rest after each alarm (planner/likelihood.py)."""
+
+    window: int = Field(288, ge=5, description="WHA window (samples; 288 = 1 day at 5 min)")
+    half_life: float = Field(144.0, gt=0, description="WHA half-life (samples)")
+    tolerance: float = Field(4.0, gt=0, description="WHA tolerance (robust std devs)")
+    learn: int = Field(288, ge=0, description="raw scores left out of the reference")
+    estimation: int = Field(100, ge=1, description="more samples before the first score")
+    history: int = Field(8640, ge=10, description="reference of short averages (30 days)")
+    short: int = Field(10, ge=1, description="raw scores in the short average")
+    reestimate: int = Field(100, ge=1, description="samples between fits of the reference")
+    min_mean: float = Field(0.03, ge=0, description="floor of the reference mean")
+    min_var: float = Field(0.0003, gt=0, description="floor of the reference variance")
+    novelty: float = Field(
+        0.05, ge=0, description="beyond the history's range by this share of it = score 1"
+    )
+    rest: int = Field(150, ge=0, description="samples reporting 0 after an alarm")
+    threshold: float = Field(0.5, gt=0, le=1, description="alarm at or above (0.5: L=1-1e-5)")
 
 
 class RecurrenceConfig(StrictModel):
@@ -93,11 +115,19 @@ class PlanningConfig(StrictModel):
     lookback_h: int = Field(24 * 28, ge=24, description="history the usage distribution uses")
     half_life_h: float = Field(168.0, gt=0, description="age at which a sample weighs half")
     calibration_weeks: int = Field(
-        4, ge=1, description="recent fleet weeks the risk target is calibrated on"
+        0,
+        ge=0,
+        description="fleet weeks the risk target is calibrated on; 0 = every week before",
+    )
+    vm_prior_weeks: float | None = Field(
+        1.0,
+        gt=0,
+        description="per-VM calibration: the fleet's risk weighs as this many weeks of the "
+        "VM's own; null = one fleet-wide knob",
     )
     trend_guard: bool = Field(True, description="project a significant upward trend")
     month_guard: bool = Field(True, description="cover the same week a month back")
-    cold_start_h: int = Field(336, ge=0, description="less history than this = cold start")
+    cold_start_h: int = Field(168, ge=0, description="less history than this = cold start")
     cold_start_factor: float = Field(
         1.5, ge=1, description="cold start: reserve this times the peak seen"
     )
@@ -124,6 +154,7 @@ class PlannerConfig(StrictModel):
     dla: DLAConfig = DLAConfig()
     wha: WHAConfig = WHAConfig()
     likelihood: LikelihoodConfig = LikelihoodConfig()
+    alarm: AlarmConfig = AlarmConfig()
     recurrence: RecurrenceConfig = RecurrenceConfig()
     planning: PlanningConfig = PlanningConfig()
 

@@ -16,8 +16,10 @@ The operator's knob is one ordered list of settings from cheap to safe: lambda r
 a log grid, then "no exceedance seen at all" with a growing headroom (usage x 1.05 ... x 2)
 for targets below what the history itself supports. ``calibrate`` maps a target risk
 (share of time under-provisioned) to the cheapest knob setting whose backtested risk meets
-it; the backtest is the fleet's own recent weeks (conformal in spirit: the errors of the
-planner's own past choices set its margin).
+it; the backtest is the fleet's own past weeks (conformal in spirit: the errors of the
+planner's own past choices set its margin). ``vm_knob`` does the same per VM: a VM's own
+past weeks, shrunk toward the fleet's (a VM with one calm week is not trusted alone; one
+with months of calm weeks is), so steady VMs get cheaper sizes and volatile ones safer.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ __all__ = [
     "WeekRisk",
     "calibrate",
     "choose_size",
+    "conservative_knob",
     "exceedance",
     "realised_counts",
+    "vm_knob",
     "week_risk",
 ]
 
@@ -221,3 +225,35 @@ def calibrate(
     # None meets it: the safest setting (the history says the target is out of reach).
     knob = int(ok[0]) if ok.size else len(KNOB) - 1
     return knob, float(risk[knob])
+
+
+def conservative_knob(factor: float) -> int:
+    """The knob used while there is nothing to calibrate on (the fleet's first planned
+    week): cover every sample seen x the cold-start factor, the same rule as a cold start."""
+    for j, (lam, h) in enumerate(KNOB):
+        if np.isinf(lam) and HEADROOMS[h] >= factor:
+            return j
+    return len(KNOB) - 1
+
+
+def vm_knob(
+    vm_under: np.ndarray,
+    vm_samples: float,
+    fleet_under: np.ndarray,
+    fleet_samples: float,
+    target: float,
+    prior_samples: float,
+) -> int:
+    """The cheapest knob whose risk, from the VM's own past weeks shrunk toward the
+    fleet's, is at most ``target``; the safest when none is.
+
+    ``*_under``: (knobs,) samples above the size each knob chose in past weeks (usage
+    above the largest size left out); ``*_samples``: samples in those weeks. The estimate
+    is ``(vm_under + prior * fleet_rate) / (vm_samples + prior)``: the fleet's rate as a
+    prior worth ``prior_samples`` samples, so the VM's own record decides once it is
+    long, and the fleet's while it is short (a Beta-binomial posterior mean).
+    """
+    rate = fleet_under / fleet_samples
+    risk = (vm_under + prior_samples * rate) / (vm_samples + prior_samples)
+    ok = np.flatnonzero(risk <= target)
+    return int(ok[0]) if ok.size else len(KNOB) - 1

@@ -45,9 +45,11 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
         raw = make_windows(vm.values[600:900], WINDOW)
         scores, contributions = bundle.score_with_contributions(raw)
         normalized = adaptation.normalizer.apply(vm.values[600:900])
-        expected_contrib = adaptation.residual.contributions(normalized[WINDOW - 1:])
+        assert adaptation.attribution is not None
+        expected_contrib = adaptation.attribution.contributions(make_windows(normalized, WINDOW))
+        deviation = adaptation.residual.score_samples(normalized[WINDOW - 1:])
         logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
-        expected = adaptation.fusion.score(logits, expected_contrib.max(axis=1))
+        expected = adaptation.fusion.score(logits, deviation)
         assert np.allclose(contributions, expected_contrib, atol=1e-3)
         assert np.allclose(scores, expected, atol=1e-4)
 
@@ -123,6 +125,42 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     assert models.bundle("vm").metadata.version != bundle.metadata.version
     [(ts, contributions)] = store.contributions("vm")
     assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
+
+
+def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
+                                                                     tmp_path) -> None:
+    from vmad.trainer.self_supervised import self_supervised_data
+    from vmad.trainer.transfer import VMModels
+
+    vm, _ = generate_vm(8, 600, fault_rate=0.0)
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 601), vm.timestamps, vm.values)
+    adaptation = AdaptationSettings(warmup_samples=300, history_samples=400)
+    quiet = VMModels(checkpoint, store, tmp_path / "off", TrainingSettings(self_supervised=False),
+                     adaptation=adaptation)
+    quiet.adapt("vm")
+    assert quiet.finetune("vm", 20).skipped == "no labelled windows"
+
+    models = VMModels(checkpoint, store, tmp_path / "on", TrainingSettings(),
+                      adaptation=adaptation)
+    models.adapt("vm")
+    outcome = models.finetune("vm", 20)
+    assert outcome.action == "finetune" and outcome.batches > 0 and not outcome.skipped
+    provenance = models.checkpoint("vm").provenance
+    assert provenance["labelled_windows"] == 0 and provenance["injected_windows"] > 0
+    assert models.info("vm").finetuned and not models.bundle("vm").metadata.warmup
+
+    # Real labels join the injected set and are drawn more often; training and
+    # validation come from disjoint stretches of time.
+    real = make_windows(vm.values[:100], WINDOW)
+    data = self_supervised_data(vm.values[:400], WINDOW, real_windows=real,
+                                real_labels=np.ones(len(real), np.int8))
+    assert data.real_labelled == len(real)
+    assert data.weights[-1] > data.weights[0]
+    assert 0 < data.labels[:-len(real)].mean() < 0.5 and data.validation_labels.any()
+    assert data.validation_windows.shape[0] < data.windows.shape[0]
+    with pytest.raises(ValueError, match="samples of history"):
+        self_supervised_data(vm.values[:100], WINDOW)
 
 
 def test_warmup_bundle_never_alarms(checkpoint, tmp_path) -> None:

@@ -135,4 +135,4 @@ def test_example_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     assert trainer.controller.address == "127.0.0.1:50071"
     load_config(REPO_ROOT / "deploy" / "demo" / "controller.yaml", ControllerConfig)
     demo = load_config(REPO_ROOT / "deploy" / "demo" / "trainer.yaml", TrainerConfig)
-    assert demo.training.assume_normal_unlabelled
+    assert not demo.training.assume_normal_unlabelled  # as in production

@@ -10,7 +10,7 @@ import pytest
 
 from vmad.planner.config import ConfigError, load_config
 from vmad.planner.detectors import DLA, LA, BadSampleError, Detector
-from vmad.planner.likelihood import AnomalyLikelihood
+from vmad.planner.likelihood import AnomalyLikelihood, RawScoreLikelihood, WHAAlarm
 from vmad.planner.recurrence import RecurrenceDetector, find_periods
 from vmad.planner.wha import WHA
 
@@ -22,7 +22,14 @@ FACTORIES: dict[str, Callable[[], Detector]] = {
     "wha": lambda: WHA(window=48, half_life=24),
     "recurrence": lambda: RecurrenceDetector(WHA(window=48, half_life=24), (24, 168)),
     "likelihood": lambda: AnomalyLikelihood(WHA(window=48, half_life=24), learn=50, history=200),
+    "alarm": lambda: _small_alarm(),
 }
+
+
+def _small_alarm() -> WHAAlarm:
+    """The NAB detector with short windows, so the contract tests stay fast."""
+    likelihood = RawScoreLikelihood(learn=100, estimation=50, history=1000)
+    return WHAAlarm(WHA(window=48, half_life=24), likelihood)
 
 
 def _noisy(n: int, seed: int = 0) -> np.ndarray:
@@ -136,10 +143,10 @@ def test_anomaly_likelihood_quiets_a_noisy_series_and_flags_a_jump_in_a_quiet_on
 
 
 def test_streaming_detectors_honour_the_shared_interface_and_registry() -> None:
-    import vmad.planner.likelihood  # noqa: F401  (registers wha and wha-likelihood)
+    import vmad.planner.likelihood  # noqa: F401  (registers wha, wha-likelihood, wha-alarm)
     from vmad import detectors
 
-    assert {"la", "dla", "wha", "wha-likelihood"} <= set(detectors.names())
+    assert {"la", "dla", "wha", "wha-likelihood", "wha-alarm"} <= set(detectors.names())
     detector = detectors.create("dla", window=20)
     assert isinstance(detector, detectors.Detector)
     detector.fit(np.sin(np.arange(200) / 5.0))
@@ -148,3 +155,74 @@ def test_streaming_detectors_honour_the_shared_interface_and_registry() -> None:
     assert scores[-1] > scores[:-1].max()  # the spike, after a warm fit
     with pytest.raises(ValueError, match="unknown detector"):
         detectors.create("no-such-detector")
+
+
+def _shifted(n: int = 3000, at: int = 2000, step: float = 5.0, seed: int = 0) -> np.ndarray:
+    """A bounded noisy series with one level shift (bounded, so no new extreme before)."""
+    rng = np.random.default_rng(seed)
+    x = 10.0 + rng.uniform(-0.5, 0.5, n)
+    x[at:] += step
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("novelty", [0.05, 0.0])
+def test_wha_alarm_fires_once_on_a_level_shift(novelty: float, seed: int) -> None:
+    # Default settings (as shipped); with novelty off the likelihood alone sees the shift.
+    scores, verdicts = WHAAlarm(novelty=novelty).score_series(_shifted(seed=seed))
+    alarms = np.flatnonzero(verdicts)
+    assert alarms.size == 1 and 2000 <= alarms[0] <= 2010, alarms
+    # The rest: the samples right after the alarm report 0, whatever they look like.
+    assert not scores[alarms[0] + 1 : alarms[0] + 151].any()
+    assert scores[alarms[0] + 151 :].max() < 0.5
+
+
+def test_wha_alarm_without_rest_alarms_again_and_again() -> None:
+    _, verdicts = WHAAlarm(rest=0).score_series(_shifted())
+    assert verdicts[2000:2150].sum() > 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wha_alarm_stays_quiet_on_a_stationary_series(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    t = np.arange(4000)
+    x = 10.0 + 2.0 * np.sin(2 * np.pi * t / 288) + rng.uniform(-0.3, 0.3, t.size)
+    scores, verdicts = WHAAlarm().score_series(x)
+    assert not verdicts.any(), np.flatnonzero(verdicts)
+    assert scores[:388].max() == 0.0  # nothing before learning + estimation
+
+
+def test_wha_alarm_flags_a_new_extreme_at_once() -> None:
+    x = _shifted(step=0.0)
+    x[2500] = 11.0  # 0.5 above the highest value seen: beyond range + 5 %
+    scores, verdicts = WHAAlarm().score_series(x)
+    assert scores[2500] == 1.0 and np.flatnonzero(verdicts).tolist() == [2500]
+
+
+def test_raw_score_likelihood_quiet_until_a_jump() -> None:
+    lk = RawScoreLikelihood(learn=10, estimation=20, history=500, reestimate=10)
+    quiet = [lk.update(0.05 + 0.01 * (i % 3)) for i in range(300)]
+    assert max(quiet) < 0.5 and quiet[:30] == [0.0] * 30
+    assert max(lk.update(0.9) for _ in range(10)) >= 0.5
+    # A raw score that is always noisy sets a wide reference: its swings are not red.
+    noisy = RawScoreLikelihood(learn=10, estimation=20, history=500)
+    rng = np.random.default_rng(0)
+    assert max(noisy.update(float(r)) for r in rng.uniform(0.0, 1.0, 2000)) < 0.5
+
+
+def test_wha_alarm_from_the_shipped_config() -> None:
+    from vmad.planner.evaluate_nab import DETECTORS, make_detector
+
+    config = load_config(REPO / "deploy" / "planner.yaml")
+    assert config.alarm.rest == 150 and config.alarm.history == 8640
+    det = make_detector("wha-alarm", config)
+    assert isinstance(det, WHAAlarm) and det.likelihood.warm == 388
+    assert DETECTORS[0] == "wha-alarm"
+    # A benchmark's short probation (NAB: 15 % of a short file) cuts the warm-up to fit.
+    short = make_detector("wha-alarm", config, probation=186)
+    assert isinstance(short, WHAAlarm) and short.likelihood.warm == 186 and short.rest == 37
+    standard = make_detector("wha-alarm", config, probation=604)  # a 4032-sample NAB file
+    assert isinstance(standard, WHAAlarm) and standard.likelihood.warm == 388
+    assert standard.rest == 120
+    with pytest.raises(ValueError, match="wha-alarm"):
+        make_detector("no-such", config)

@@ -82,6 +82,27 @@ def test_nab_scoring_hand_computed() -> None:
     assert math.isclose(scaled_sigmoid(0.0), 0.0, abs_tol=1e-12)
 
 
+def test_nab_held_out_half_uses_the_selection_halfs_threshold() -> None:
+    from vmad.planner.evaluate_nab import _result, nab_json
+
+    t = np.arange(1000)
+    files = [FileScoring.build(t, [(500, 599)]) for _ in range(4)]
+    scores = []
+    for k in range(4):
+        s = np.zeros(1000)
+        # Selection half (1st, 3rd): a hit at 0.9 and a false alarm at 0.7; held-out half
+        # (2nd, 4th): the hit scores only 0.8, below what the selection half chooses.
+        s[500] = 0.9 if k % 2 == 0 else 0.8
+        s[300] = 0.7 if k % 2 == 0 else 0.0
+        scores.append(s)
+    r = _result("x", files, scores, own=0.5)
+    assert r.score == pytest.approx(100.0) and 0.7 < r.threshold <= 0.8
+    assert r.selection == pytest.approx(100.0) and r.heldout_threshold > 0.8
+    assert r.heldout == pytest.approx(0.0)  # both held-out windows missed
+    row = nab_json([r], [])["detectors"]["x"]  # type: ignore[index]
+    assert row["heldout_score"] == r.heldout and row["score_at_own_threshold"] < 100.0
+
+
 def _write(path: Path, rows: list[str]) -> Path:
     path.write_text("timestamp,value\n" + "".join(r + "\n" for r in rows))
     return path
@@ -196,8 +217,14 @@ def test_bitbrains_rules_reproduce_reference(shared_datasets: Path) -> None:
 
 
 @pytest.mark.slow
-def test_detect_runs_on_every_nab_aws_file(shared_datasets: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("detector", ["wha", "wha-alarm"])
+def test_detect_runs_on_every_nab_aws_file(
+    shared_datasets: Path, tmp_path: Path, detector: str
+) -> None:
     files = sorted((shared_datasets / "nab" / "realAWSCloudwatch").glob("*.csv"))
     assert len(files) == 17
     for src in files:
-        assert main(["detect", "--input", str(src), "--output", str(tmp_path / src.name)]) == 0
+        out = tmp_path / src.name
+        argv = ["detect", "--detector", detector, "--input", str(src), "--output", str(out)]
+        assert main(argv) == 0
+        assert len(out.read_text().splitlines()) == len(src.read_text().splitlines())

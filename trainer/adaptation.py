@@ -40,6 +40,7 @@ import numpy as np
 from torch import nn
 
 from vmad.evaluation import tail_threshold
+from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
@@ -113,14 +114,21 @@ class VMAdaptation:
     # Scores on the VM's own history with synthetic faults injected (trainer/injection.py):
     # the quality estimate the trainer reports without any label.
     quality: dict[str, float] = field(default_factory=dict)
+    # Per-metric scale of the contributions that name the metric to blame
+    # (trainer/attribution.py). None: saved before it existed; the export then uses the
+    # floor for every metric.
+    attribution: AttributionModel | None = None
 
     def to_json(self) -> str:
-        return json.dumps({
+        data = {
             "normalization": self.normalizer.to_dict(), "residual": self.residual.to_dict(),
             "fusion": self.fusion.to_dict(), "threshold": self.threshold,
             "samples_fitted": self.samples_fitted, "received_at_fit": self.received_at_fit,
             "fitted_at": self.fitted_at, "generation": self.generation,
-            "quality": self.quality}, indent=1)
+            "quality": self.quality}
+        if self.attribution is not None:
+            data["attribution"] = self.attribution.to_dict()
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> VMAdaptation:
@@ -132,7 +140,9 @@ class VMAdaptation:
                    ResidualModel.from_dict(data["residual"]), Fusion.from_dict(data["fusion"]),
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
-                   {k: float(v) for k, v in (data.get("quality") or {}).items()})
+                   {k: float(v) for k, v in (data.get("quality") or {}).items()},
+                   AttributionModel.from_dict(data["attribution"]) if data.get("attribution")
+                   else None)
 
 
 def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
@@ -189,5 +199,6 @@ def fit_adaptation(
     fusion = fit_fusion(logits, deviation, cnn_weight)
     offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
+    attribution = AttributionModel.fit(normalized, window)
     return VMAdaptation(normalizer, residual, replace(fusion, offset=offset), 0.5, len(raw),
-                        received, now, generation)
+                        received, now, generation, attribution=attribution)

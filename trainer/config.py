@@ -71,6 +71,10 @@ class TrainingSettings(StrictModel):
     refit_normalization: bool = Field(True, description="refit statistics on the VM's data")
     assume_normal_unlabelled: bool = Field(
         False, description="treat windows nobody labelled as normal")
+    self_supervised: bool = Field(
+        True, description="an adapted VM fine-tunes on its own normal history with synthetic "
+                          "faults injected as positives (no label needed); its real labels "
+                          "join, drawn more often. false: real labels only")
     threads: int = Field(1, ge=1, description="PyTorch threads (the node also runs VMs)")
     seed: int = Field(0, description="makes fine-tuning repeatable")
 

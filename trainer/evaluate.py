@@ -28,7 +28,9 @@ With `labels="none"` no label of the target is used: thresholds flag `false_alar
 of the train part's samples, and the neural detectors are not fine-tuned.
 Attribution: for the detectors with per-metric contributions (`residual`, `fused`,
 `pca`), HitRate@100 % / @150 % against `interpretation_label.txt` when the series
-folder has one (NaN otherwise).
+folder has one (NaN otherwise). `residual` and `fused` rank metrics as the bundle's
+contributions output does (trainer/attribution.py, fitted on the train part); `pca`
+by its squared residuals.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
 from vmad.trainer.adaptation import fit_fusion, offset_floor
+from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.checkpoint import load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings
 from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
@@ -318,7 +321,12 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
     detector = create("residual" if kind == "fused" else kind).fit(fit_values)
     fit_scores = detector.score_samples(fit_values)
     scores = detector.score_samples(test_values)
-    contributions = detector.contributions(test_values)  # type: ignore[attr-defined]
+    if kind in ("residual", "fused"):
+        # What the bundle's contributions output names (the score is unaffected).
+        contributions = AttributionModel.fit(train_values, config.window) \
+            .contributions_of_series(test_values, config.window)
+    else:
+        contributions = detector.contributions(test_values)  # type: ignore[attr-defined]
     floor = config.min_deviation if kind == "residual" else -np.inf
     logits = _shipped_logits(target, shipped) if kind == "fused" else None
     if logits is not None:

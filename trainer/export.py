@@ -3,7 +3,8 @@
 The agent normalizes with the statistics in the bundle metadata; the graph then returns
 two outputs per window: the fused anomaly score in [0, 1] (the network's logit and the
 per-metric deviation of the newest sample, combined as trainer/adaptation.py says) and
-each metric's contribution `[batch, M]`, which names the metrics to blame. Without a
+each metric's contribution `[batch, M]`, which names the metrics to blame (what changed
+within the window, trainer/attribution.py; it does not enter the score). Without a
 VM adaptation the score is the network's probability alone and the bundle is marked
 `warmup` (pooled statistics: the agent raises no alarm on it). Export goes through ONNX
 Runtime's own loader before it is returned, so a bundle that leaves this module has
@@ -21,6 +22,7 @@ from torch import nn
 
 from vmad.bundle import Bundle, BundleMetadata, sha256_hex
 from vmad.trainer.adaptation import Fusion, VMAdaptation
+from vmad.trainer.attribution import AttributionModel, WindowAttribution
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.residual import ResidualModel
 
@@ -32,9 +34,11 @@ ONNX_OPSET = 17
 class _FusedScore(nn.Module):
     """`windows[B, M, T]` -> (`score[B]`, `contributions[B, M]`)."""
 
-    def __init__(self, model: nn.Module, residual: ResidualModel, fusion: Fusion) -> None:
+    def __init__(self, model: nn.Module, residual: ResidualModel, fusion: Fusion,
+                 attribution: WindowAttribution) -> None:
         super().__init__()
         self.model = model
+        self.attribution = attribution
         self.register_buffer("mean", torch.tensor(residual.mean, dtype=torch.float32))
         self.register_buffer("components",
                              torch.tensor(residual.components, dtype=torch.float32))
@@ -53,7 +57,8 @@ class _FusedScore(nn.Module):
         z = f.cnn_weight * (logit - f.cnn_center) / f.cnn_scale
         if f.cnn_weight < 1.0:
             z = z + (1.0 - f.cnn_weight) * (torch.log1p(deviation) - f.dev_center) / f.dev_scale
-        return torch.sigmoid(z - f.offset), contributions
+        # The score's per-metric deviation is not what names the metric to blame.
+        return torch.sigmoid(z - f.offset), self.attribution(windows)
 
 
 def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
@@ -63,12 +68,15 @@ def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
     model.eval()
     residual = adaptation.residual if adaptation else ResidualModel.identity(n_metrics)
     fusion = adaptation.fusion if adaptation else Fusion()
+    attribution = adaptation.attribution if adaptation and adaptation.attribution \
+        else AttributionModel.identity(n_metrics)
     example = torch.zeros(2, n_metrics, window)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _FusedScore(model, residual, fusion), (example,), buffer,
+            _FusedScore(model, residual, fusion, WindowAttribution(attribution, window)),
+            (example,), buffer,
             input_names=["windows"], output_names=["score", "contributions"],
             dynamic_axes={"windows": {0: "batch"}, "score": {0: "batch"},
                           "contributions": {0: "batch"}},

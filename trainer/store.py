@@ -418,6 +418,15 @@ class TelemetryStore:
         rows.reverse()
         return [(r[0], np.frombuffer(r[1], dtype=np.float32)) for r in rows]
 
+    def last_blamed(self, vm_id: str) -> tuple[float, np.ndarray] | None:
+        """The newest anomalous verdict that carries per-metric contributions:
+        (timestamp, contributions[M]); None when there is none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT ts, contributions FROM verdicts WHERE vm_id=? AND anomalous=1 AND "
+                "contributions IS NOT NULL ORDER BY ts DESC LIMIT 1", (vm_id,)).fetchone()
+        return None if row is None else (row[0], np.frombuffer(row[1], dtype=np.float32))
+
     def label_intervals(self, vm_id: str) -> list[LabelInterval]:
         """Oldest first; a later interval overrides an earlier one where they overlap."""
         with self._lock:

@@ -25,18 +25,22 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vmad.bundle import Bundle
 from vmad.evaluation import score_detection
 from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
-from vmad.state import VMState, compute_state
+from vmad.state import VMState, blame_text, compute_state
 from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.store import TelemetryStore, VMModelInfo
 from vmad.windows import Normalizer, make_windows
+
+if TYPE_CHECKING:
+    from vmad.trainer.self_supervised import SelfSupervisedData
 
 __all__ = ["LabelledWindows", "TrainOutcome", "VMModels"]
 
@@ -253,6 +257,22 @@ class VMModels:
         return {k: float(getattr(result, k)) for k in (
             "precision", "recall", "point_f1", "false_alarm_rate", "event_recall", "auc")}
 
+    def _self_supervised_data(self, vm_id: str,
+                              labelled: LabelledWindows) -> SelfSupervisedData | None:
+        """The label-free fine-tuning set of an adapted VM: its own normal history with
+        faults injected, its real labelled windows first; None when switched off, for
+        other metric sets, or with too little history."""
+        from vmad.trainer.self_supervised import self_supervised_data
+
+        if not self.settings.self_supervised or self.metrics != DEFAULT_METRICS:
+            return None
+        history = self._normal_history(vm_id, first=False)
+        try:
+            return self_supervised_data(history, self.window, seed=self.seed,
+                                        real_windows=labelled.raw, real_labels=labelled.labels)
+        except ValueError:
+            return None
+
     def _save_adaptation(self, vm_id: str, adaptation: VMAdaptation) -> None:
         path = self._adaptation_file(vm_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +325,9 @@ class VMModels:
         counters = self.store.counters(vm_id)
         received = counters.received if counters else 0
         values = recent.values if len(recent) else np.zeros((0, len(self.metrics)), np.float32)
+        last_blamed = self.store.last_blamed(vm_id)
+        blamed = blame_text(self.metrics, last_blamed[1], 3) \
+            if last_blamed is not None and len(last_blamed[1]) == len(self.metrics) else ""
         return compute_state(
             vm_id, timestamp=now, recent_values=values, normalizer=normalizer,
             probabilities=probabilities, labels=data.labels, threshold=checkpoint.threshold,
@@ -312,7 +335,7 @@ class VMModels:
             last_trained_at=info.trained_at,
             samples_since_training=received - info.samples_at_training,
             batches_trained=info.batches_trained, finetuned=info.finetuned,
-            model_version=self.bundle(vm_id).metadata.version,
+            model_version=self.bundle(vm_id).metadata.version, blamed=blamed,
         )
 
     # -- actions ----------------------------------------------------------------------
@@ -339,12 +362,15 @@ class VMModels:
                  now: float | None = None) -> TrainOutcome:
         """Fine-tune the VM's model (or the pretrained one when `reset`) for `batches`
         mini-batches on its labelled windows, export, and make it current."""
+        from vmad.trainer.self_supervised import finetune_self_supervised
         from vmad.trainer.training import TrainConfig, train
 
         started = time.perf_counter()
         info = self.info(vm_id)
         data = self.labelled_windows(vm_id)
-        if len(data.labels) == 0 or batches <= 0:
+        adaptation = self.adaptation(vm_id)
+        injected = self._self_supervised_data(vm_id, data) if adaptation is not None else None
+        if (len(data.labels) == 0 and injected is None) or batches <= 0:
             outcome = self.reset(vm_id, now) if reset else None
             bundle = outcome.bundle if outcome else self.bundle(vm_id)
             return TrainOutcome(vm_id, "reset" if reset else "keep", 0, float("nan"), 0.0,
@@ -353,7 +379,6 @@ class VMModels:
         base = self.pretrained if reset or not info.finetuned else self.checkpoint(vm_id)
         model = copy.deepcopy(base.model)
         normalizer = base.normalizer
-        adaptation = self.adaptation(vm_id)
         if adaptation is not None:
             normalizer = adaptation.normalizer  # the VM's own, fitted without labels
         elif self.settings.refit_normalization:
@@ -362,13 +387,19 @@ class VMModels:
         config = TrainConfig(max_batches=batches, batch_size=self.settings.batch_size,
                              lr=self.settings.lr, freeze_early=self.settings.freeze_early,
                              seed=self.seed + info.batches_trained)
-        result = train(model, _normalize(data.raw, normalizer), data.labels, config)
+        if injected is not None:
+            result = finetune_self_supervised(
+                model, injected, lambda raw: _normalize(raw, normalizer), config)
+        else:
+            result = train(model, _normalize(data.raw, normalizer), data.labels, config)
         spent = (0 if reset or not info.finetuned else info.batches_trained) + result.batches
         n = info.pushed + 1
         version = f"{base.kind}-{_safe_name(vm_id)}-ft{n}"
         provenance = {**base.provenance, "finetuned_for": vm_id, "finetune_batches": spent,
                       "labelled_windows": len(data.labels),
-                      "anomalous_windows": int(data.labels.sum())}
+                      "anomalous_windows": int(data.labels.sum()),
+                      "injected_windows": 0 if injected is None
+                      else len(injected.labels) - injected.real_labelled}
         checkpoint = Checkpoint(model, base.kind, base.metrics, base.window, normalizer,
                                 base.threshold, provenance)
         save_checkpoint(self.models_dir / _safe_name(vm_id), checkpoint)

@@ -99,7 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "data_dir": str(workdir / "trainer"),
         "controller": {"address": f"127.0.0.1:{c_port}", "report_interval_s": 3.0},
         "model": {"pretrained": str(checkpoint)},
-        "training": {"assume_normal_unlabelled": True, "batch_size": 64,
+        "training": {"assume_normal_unlabelled": False, "batch_size": 64,
                      "max_windows": 2000},
         # The one time compression of the demo: a VM's label-free warm-up is 80 samples
         # (40 s for the real agent at 0.5 s) instead of the production hour, so the real

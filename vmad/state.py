@@ -30,7 +30,8 @@ import numpy as np
 
 from vmad.windows import Normalizer
 
-__all__ = ["FEATURES", "VMState", "compute_state", "drift_score", "quality_of", "summary_of"]
+__all__ = ["FEATURES", "VMState", "blame_text", "compute_state", "drift_score", "quality_of",
+           "summary_of"]
 
 # Scales that map unbounded quantities into about [0, 1] so that one feature does not
 # dominate a neural policy: a day is "long ago", 10 robust units of drift is "extreme".
@@ -68,6 +69,9 @@ class VMState:
     batches_trained: fine-tuning batches spent on the current model since it was reset.
     finetuned: the current model is a per-VM fine-tuned one (not the pretrained one).
     model_version: the bundle version the agent should be running.
+    blamed: the metrics most to blame in the VM's newest anomalous verdict,
+        "metric=value,..." (`blame_text`); empty when none was flagged. Shown by
+        `vmad status`; not a policy feature.
     """
 
     vm_id: str
@@ -86,6 +90,7 @@ class VMState:
     batches_trained: int = 0
     finetuned: bool = False
     model_version: str = ""
+    blamed: str = ""
 
     def to_vector(self) -> np.ndarray:
         """Fixed-order float32 vector: FEATURES (each scaled to about [0, 1]) then summary."""
@@ -123,6 +128,17 @@ class VMState:
             data["seconds_since_training"] = math.inf
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def blame_text(metrics: Sequence[str], contributions: Sequence[float] | np.ndarray,
+               count: int = 2) -> str:
+    """'memory_percent=12.3,cpu_percent=1.1': the `count` metrics with the largest
+    contributions, largest first (ties keep the metrics' order); '-' without any."""
+    values = np.asarray(contributions, dtype=np.float64)
+    if not len(values):
+        return "-"
+    order = np.argsort(-values, kind="stable")[:count]
+    return ",".join(f"{metrics[i]}={values[i]:.1f}" for i in order)
 
 
 def quality_of(probabilities: np.ndarray, labels: np.ndarray,
@@ -192,6 +208,7 @@ def compute_state(
     batches_trained: int,
     finetuned: bool,
     model_version: str,
+    blamed: str = "",
 ) -> VMState:
     """Build a `VMState` from the trainer's recent data for one VM.
 
@@ -221,4 +238,5 @@ def compute_state(
         batches_trained=int(batches_trained),
         finetuned=bool(finetuned),
         model_version=model_version,
+        blamed=blamed,
     )
