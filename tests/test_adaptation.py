@@ -136,12 +136,12 @@ def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
     store = TelemetryStore(tmp_path / "s.sqlite")
     store.ingest("vm", DEFAULT_METRICS, np.arange(1, 601), vm.timestamps, vm.values)
     adaptation = AdaptationSettings(warmup_samples=300, history_samples=400)
-    quiet = VMModels(checkpoint, store, tmp_path / "off", TrainingSettings(self_supervised=False),
-                     adaptation=adaptation)
+    quiet = VMModels(checkpoint, store, tmp_path / "off", TrainingSettings(),
+                     adaptation=adaptation)  # the default: real labels only
     quiet.adapt("vm")
     assert quiet.finetune("vm", 20).skipped == "no labelled windows"
 
-    models = VMModels(checkpoint, store, tmp_path / "on", TrainingSettings(),
+    models = VMModels(checkpoint, store, tmp_path / "on", TrainingSettings(self_supervised=True),
                       adaptation=adaptation)
     models.adapt("vm")
     outcome = models.finetune("vm", 20)

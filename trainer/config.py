@@ -72,9 +72,10 @@ class TrainingSettings(StrictModel):
     assume_normal_unlabelled: bool = Field(
         False, description="treat windows nobody labelled as normal")
     self_supervised: bool = Field(
-        True, description="an adapted VM fine-tunes on its own normal history with synthetic "
-                          "faults injected as positives (no label needed); its real labels "
-                          "join, drawn more often. false: real labels only")
+        False, description="an adapted VM fine-tunes on its own normal history with synthetic "
+                           "faults injected as positives (no label needed); its real labels "
+                           "join, drawn more often. false: real labels only (measured better "
+                           "on unseen VMs, docs/detection.md)")
     threads: int = Field(1, ge=1, description="PyTorch threads (the node also runs VMs)")
     seed: int = Field(0, description="makes fine-tuning repeatable")
 
