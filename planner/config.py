@@ -125,6 +125,11 @@ class PlanningConfig(StrictModel):
         description="per-VM calibration: the fleet's risk weighs as this many weeks of the "
         "VM's own; null = one fleet-wide knob",
     )
+    calibration_strata: bool = Field(
+        True,
+        description="calibrate decisions made with the full history window (look-back and "
+        "month-back week seen) apart from earlier ones",
+    )
     trend_guard: bool = Field(True, description="project a significant upward trend")
     month_guard: bool = Field(True, description="cover the same week a month back")
     cold_start_h: int = Field(168, ge=0, description="less history than this = cold start")

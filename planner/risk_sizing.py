@@ -38,8 +38,10 @@ __all__ = [
     "choose_size",
     "conservative_knob",
     "exceedance",
+    "mature_h",
     "realised_counts",
     "vm_knob",
+    "vm_risk",
     "week_risk",
 ]
 
@@ -166,10 +168,15 @@ def week_risk(
     if config.trend_guard:
         growth = _growth_per_s(t, x)
         if growth > 0:
-            last = t >= anchor - WEEK
-            projected = x[last] + growth * (week_end - t[last])
-            ones = np.ones(projected.size)
-            exceed = np.maximum(exceed, np.stack([exceedance(projected, ones, r) for r in scaled]))
+            # The whole recent distribution (same weights), each sample moved along the
+            # slope to the same time of the planned week: the trend is added to every
+            # quantile, not to a peak, and a one-off excursion keeps the small weight it
+            # had instead of being replayed at a full week's share.
+            weeks_ahead = np.ceil((week_start - t) / WEEK)
+            projected = x + growth * WEEK * weeks_ahead
+            exceed = np.maximum(
+                exceed, np.stack([exceedance(projected, weights, r) for r in scaled])
+            )
             peak = max(peak, float(projected.max()))
             notes.append(f"growth {growth * WEEK:+.2f} GB/week projected")
 
@@ -183,6 +190,15 @@ def week_risk(
             ones = np.ones(back.size)
             exceed = np.maximum(exceed, np.stack([exceedance(back, ones, r) for r in scaled]))
     return WeekRisk(exceed, history_h, False, -1, stale_h, growth * WEEK, month_peak, peak, notes)
+
+
+def mature_h(config: PlanningConfig) -> float:
+    """History (hours) after which the distribution reads every window it can: the whole
+    look-back and, with the month guard, the same week a month back. Decisions made
+    before that see less (a monthly job met for the first time is not foreseeable), so
+    their realised risk says little about decisions made after it: the calibration keeps
+    the two apart (``backtest.calibrate_fleet``)."""
+    return float(max(config.lookback_h, 4 * WEEK / HOUR if config.month_guard else 0.0))
 
 
 def choose_size(risk: WeekRisk, prices: np.ndarray, knob: int) -> int:
@@ -236,6 +252,26 @@ def conservative_knob(factor: float) -> int:
     return len(KNOB) - 1
 
 
+def vm_risk(
+    vm_under: np.ndarray,
+    vm_samples: np.ndarray,
+    fleet_under: np.ndarray,
+    fleet_samples: float,
+    prior_samples: float,
+) -> np.ndarray:
+    """Each VM's risk at every knob, from its own past weeks shrunk toward the fleet's.
+
+    ``vm_under``: (VMs, knobs) samples above the size each knob chose in past weeks
+    (usage above the largest size left out); ``vm_samples``: (VMs,) samples in those
+    weeks. The estimate is ``(vm_under + prior * fleet_rate) / (vm_samples + prior)``:
+    the fleet's rate as a prior worth ``prior_samples`` samples, so the VM's own record
+    decides once it is long, and the fleet's while it is short (a Beta-binomial
+    posterior mean).
+    """
+    rate = fleet_under / fleet_samples
+    return (vm_under + prior_samples * rate) / (np.asarray(vm_samples)[..., None] + prior_samples)
+
+
 def vm_knob(
     vm_under: np.ndarray,
     vm_samples: float,
@@ -245,15 +281,9 @@ def vm_knob(
     prior_samples: float,
 ) -> int:
     """The cheapest knob whose risk, from the VM's own past weeks shrunk toward the
-    fleet's, is at most ``target``; the safest when none is.
-
-    ``*_under``: (knobs,) samples above the size each knob chose in past weeks (usage
-    above the largest size left out); ``*_samples``: samples in those weeks. The estimate
-    is ``(vm_under + prior * fleet_rate) / (vm_samples + prior)``: the fleet's rate as a
-    prior worth ``prior_samples`` samples, so the VM's own record decides once it is
-    long, and the fleet's while it is short (a Beta-binomial posterior mean).
-    """
-    rate = fleet_under / fleet_samples
-    risk = (vm_under + prior_samples * rate) / (vm_samples + prior_samples)
+    fleet's (``vm_risk``), is at most ``target``; the safest when none is."""
+    risk = vm_risk(
+        vm_under[None, :], np.array([vm_samples]), fleet_under, fleet_samples, prior_samples
+    )[0]
     ok = np.flatnonzero(risk <= target)
     return int(ok[0]) if ok.size else len(KNOB) - 1
