@@ -28,8 +28,8 @@ from vmad.planner.risk_sizing import (
     choose_size,
     conservative_knob,
     mature_h,
+    prior_weeks,
     realised_counts,
-    vm_risk,
     week_risk,
 )
 
@@ -327,9 +327,9 @@ def calibrate_fleet(
     target = config.target_risk if target is None else target
     vm, week, under, samples, mature = _records(results)
     if pool is None:
-        p_week, p_under, p_samples, p_mature = week, under, samples, mature
+        p_vm, p_week, p_under, p_samples, p_mature = vm, week, under, samples, mature
     else:
-        _, p_week, p_under, p_samples, p_mature = _records(pool)
+        p_vm, p_week, p_under, p_samples, p_mature = _records(pool)
     if not config.calibration_strata:
         mature, p_mature = np.ones_like(mature), np.ones_like(p_mature)
     fallback = conservative_knob(1.0)
@@ -353,41 +353,59 @@ def calibrate_fleet(
         this = week == w
         now[vm[this]] = mature[this]
         chosen = np.full(n_vms, fallback, dtype=np.int64)
-        # Per VM: its estimated risk at every knob (its stratum's record, shrunk).
+        # Per VM: its estimated risk at every knob (nan: nothing to calibrate on).
         curves = np.full((n_vms, len(KNOB)), np.nan)
-        for stratum in (False, True):
-            if not (now == stratum).any():
-                continue
-            n_all = float(p_samples[p_past].sum())
-            if n_all == 0:
-                continue  # nothing to calibrate on: the conservative rule
-            p_in = p_past & (p_mature == stratum)
-            v_in = past & (mature == stratum)
-            n_in = float(p_samples[p_in].sum())
-            if n_in == 0:  # no past decision like it: every past one
-                p_in, v_in, n_in = p_past, past, n_all
-            # The stratum's rate, shrunk toward every past decision's with a prior worth
-            # one fleet week of samples: one week of a new stratum is not trusted alone.
+        n_all = float(p_samples[p_past].sum())
+        if n_all > 0:
             rate_all = p_under[p_past].sum(axis=0) / n_all
             n_weeks = max(np.unique(p_week[p_past]).size, 1)
-            prior_fleet = n_all / n_weeks if config.calibration_strata else 0.0
-            n_fleet = n_in + prior_fleet
-            f_under = p_under[p_in].sum(axis=0) + prior_fleet * rate_all
-            fleet_risk = f_under / n_fleet
-            ok = np.flatnonzero(fleet_risk <= target)
-            f_knob = int(ok[0]) if ok.size else len(KNOB) - 1
-            if stratum or w not in fleet:
-                fleet[w] = (f_knob, float(fleet_risk[f_knob]))
+            rates = {}
+            for stratum in (False, True):
+                # The stratum's pooled rate, shrunk toward every past decision's with a
+                # prior worth one fleet week of samples: one week of a new stratum is
+                # not trusted alone; with no record of its own, every past decision's.
+                p_in = p_past & (p_mature == stratum)
+                prior_fleet = n_all / n_weeks
+                rates[stratum] = (p_under[p_in].sum(axis=0) + prior_fleet * rate_all) / (
+                    float(p_samples[p_in].sum()) + prior_fleet
+                )
+                if stratum or w not in fleet:
+                    ok = np.flatnonzero(rates[stratum] <= target)
+                    f_knob = int(ok[0]) if ok.size else len(KNOB) - 1
+                    fleet[w] = (f_knob, float(rates[stratum][f_knob]))
+            now_rate = np.where(now[:, None], rates[True][None, :], rates[False][None, :])
             if config.vm_prior_weeks is not None:
-                v_under = np.zeros((n_vms, len(KNOB)))
-                np.add.at(v_under, vm[v_in], under[v_in])
-                v_samples = np.bincount(vm[v_in], weights=samples[v_in], minlength=n_vms)
-                # A week of samples, as the fleet's VM-weeks have them (5-min: 2016).
-                prior = config.vm_prior_weeks * float(np.median(p_samples[p_in]))
-                curve = vm_risk(v_under, v_samples, f_under, n_fleet, prior)
+                # Each VM's misses against what the fleet's rates expected of it in the
+                # same weeks (each week at its stratum's rate), shrunk toward 1 with a
+                # prior worth ``vm_prior_weeks`` weeks (a Poisson-gamma posterior mean):
+                # a VM's record carries over from its early weeks to its mature ones.
+                # With one stratum this is the Beta-binomial ``vm_risk``.
+                observed = np.zeros((n_vms, len(KNOB)))
+                expected = np.zeros((n_vms, len(KNOB)))
+                np.add.at(observed, vm[past], under[past])
+                past_rate = np.where(mature[past][:, None], rates[True], rates[False])
+                np.add.at(expected, vm[past], samples[past][:, None] * past_rate)
+                if config.vm_prior_weeks == "auto":
+                    # How much a VM's own weeks say beyond the fleet's, from how much
+                    # VMs differ in the fleet's own record (empirical Bayes).
+                    weeks_worth = prior_weeks(
+                        p_vm[p_past], p_under[p_past] / p_samples[p_past, None]
+                    )
+                else:
+                    weeks_worth = np.full(len(KNOB), float(config.vm_prior_weeks))
+                prior = weeks_worth * float(np.median(p_samples[p_past])) * rate_all
+                tiny = 1e-12
+                curves = now_rate * (observed + prior + tiny) / (expected + prior + tiny)
             else:
-                curve = np.broadcast_to(fleet_risk, (n_vms, len(KNOB)))
-            curves[now == stratum] = curve[now == stratum]
+                curves = now_rate.copy()
+        if not float(p_samples[p_past].sum()):
+            # Nothing to calibrate on (the fleet's first planned week): the planner's own
+            # distribution is the only estimate of its risk, so each VM takes the
+            # cheapest knob whose estimated P(usage > size) meets the target.
+            for i, r in enumerate(results):
+                m = np.flatnonzero(r.week == w)
+                if m.size:
+                    curves[i] = r.est_risk[m[0]]
         known = ~np.isnan(curves[:, 0])
         for i in np.flatnonzero(known):  # the cheapest knob meeting the target
             ok = np.flatnonzero(curves[i] <= target)

@@ -39,6 +39,7 @@ __all__ = [
     "conservative_knob",
     "exceedance",
     "mature_h",
+    "prior_weeks",
     "realised_counts",
     "vm_knob",
     "vm_risk",
@@ -287,3 +288,35 @@ def vm_knob(
     )[0]
     ok = np.flatnonzero(risk <= target)
     return int(ok[0]) if ok.size else len(KNOB) - 1
+
+
+# A prior worth more weeks than this is the fleet's rate alone (VMs do not differ).
+MAX_PRIOR_WEEKS = 1e6
+
+
+def prior_weeks(vm_ids: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Per knob, how many weeks of a VM's own record weigh as much as the fleet's rate:
+    ``sigma^2 / tau^2`` of a one-way random-effects model of weekly miss rates (method of
+    moments). ``vm_ids``: (records,) VM of each past VM-week; ``rates``: (records, knobs)
+    its share of samples missed at each knob. sigma^2 is the week-to-week variance within
+    a VM, tau^2 the variance of the VMs' own means beyond what sigma^2 explains. VMs that
+    differ little (tau^2 ~ 0) get the fleet's rate; VMs that differ much, their own record
+    after a week or two. The amount of shrinkage is read from the fleet, not set.
+    """
+    knobs = rates.shape[1]
+    groups, inverse = np.unique(vm_ids, return_inverse=True)
+    g, n = groups.size, rates.shape[0]
+    if g < 2 or n <= g:
+        return np.full(knobs, MAX_PRIOR_WEEKS)
+    counts = np.bincount(inverse, minlength=g).astype(float)
+    means = np.zeros((g, knobs))
+    np.add.at(means, inverse, rates)
+    means /= counts[:, None]
+    grand = rates.mean(axis=0)
+    within = ((rates - means[inverse]) ** 2).sum(axis=0) / (n - g)
+    between = (counts[:, None] * (means - grand) ** 2).sum(axis=0) / (g - 1)
+    n0 = (n - float((counts**2).sum()) / n) / (g - 1)
+    tau2 = (between - within) / n0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weeks = np.where(tau2 > 0, within / np.where(tau2 > 0, tau2, 1.0), MAX_PRIOR_WEEKS)
+    return np.clip(weeks, 0.0, MAX_PRIOR_WEEKS)
