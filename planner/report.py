@@ -194,7 +194,7 @@ def write_report(fleet, summary: dict[str, float], path: Path, unit: str = "GB")
     )
     per_vm = (
         f", each VM's own from its past weeks shrunk toward the fleet's (the fleet's record "
-        f"weighing as {_prior_text(cfg.vm_prior_weeks)} of the VM's; {_knob_spread(fleet)})"
+        f"{_prior_text(cfg.vm_prior_weeks)}; {_knob_spread(fleet)})"
         if cfg.vm_prior_weeks is not None
         else ""
     )
@@ -275,5 +275,8 @@ days of history: {cfg.cold_start_factor:g} x the peak seen. Sizing uses all real
 
 def _prior_text(prior: float | str) -> str:
     if prior == "auto":
-        return "as many weeks as the fleet's VMs differ (read from its record)"
-    return f"{float(prior):g} week"
+        return (
+            "weighing as many of the VM's weeks as the spread between the fleet's VMs says, "
+            "empirical Bayes"
+        )
+    return f"weighing as {float(prior):g} week of the VM's"
