@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -119,11 +120,16 @@ class PlanningConfig(StrictModel):
         ge=0,
         description="fleet weeks the risk target is calibrated on; 0 = every week before",
     )
-    vm_prior_weeks: float | None = Field(
-        1.0,
-        gt=0,
+    vm_prior_weeks: float | Literal["auto"] | None = Field(
+        "auto",
         description="per-VM calibration: the fleet's risk weighs as this many weeks of the "
-        "VM's own; null = one fleet-wide knob",
+        "VM's own; auto = read from how much the fleet's VMs differ (empirical Bayes); "
+        "null = one fleet-wide knob",
+    )
+    calibration_strata: bool = Field(
+        True,
+        description="calibrate decisions made with the full history window (look-back and "
+        "month-back week seen) apart from earlier ones",
     )
     trend_guard: bool = Field(True, description="project a significant upward trend")
     month_guard: bool = Field(True, description="cover the same week a month back")

@@ -194,7 +194,7 @@ def write_report(fleet, summary: dict[str, float], path: Path, unit: str = "GB")
     )
     per_vm = (
         f", each VM's own from its past weeks shrunk toward the fleet's (the fleet's record "
-        f"weighing as {cfg.vm_prior_weeks:g} week of the VM's; {_knob_spread(fleet)})"
+        f"{_prior_text(cfg.vm_prior_weeks)}; {_knob_spread(fleet)})"
         if cfg.vm_prior_weeks is not None
         else ""
     )
@@ -271,3 +271,12 @@ days of history: {cfg.cold_start_factor:g} x the peak seen. Sizing uses all real
 <th>realised, usage a size could cover</th><th>target</th></tr>{weekly}</table>
 {_SORT_JS}</body></html>"""
     path.write_text(page)
+
+
+def _prior_text(prior: float | str) -> str:
+    if prior == "auto":
+        return (
+            "weighing as many of the VM's weeks as the spread between the fleet's VMs says, "
+            "empirical Bayes"
+        )
+    return f"weighing as {float(prior):g} week of the VM's"

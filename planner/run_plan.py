@@ -36,7 +36,14 @@ from vmad.planner.backtest import (
     without_intervals,
 )
 from vmad.planner.config import PlannerConfig, PlanningConfig
-from vmad.planner.risk_sizing import KNOB, WEEK, choose_size, conservative_knob, week_risk
+from vmad.planner.risk_sizing import (
+    KNOB,
+    WEEK,
+    choose_size,
+    conservative_knob,
+    mature_h,
+    week_risk,
+)
 
 __all__ = ["FleetPlan", "VMPlan", "make_fleet_plan", "plan_command", "progress"]
 
@@ -157,7 +164,11 @@ def make_fleet_plan(
 
     last_k = round((plan_start - origin) / WEEK)
     weeks = np.concatenate([r.week for r in results]) if results else np.zeros(0)
-    calibration = calibrate_fleet(results, planning, plan_week=last_k)
+    # Whether each VM's plan is made with its full history window (calibration stratum).
+    plan_mature = np.array(
+        [(plan_start - float(vm.timestamps[0])) / 3600 >= mature_h(planning) for vm in kept]
+    )
+    calibration = calibrate_fleet(results, planning, plan_week=last_k, plan_mature=plan_mature)
     knob, knob_risk = calibration.fleet.get(
         last_k, (conservative_knob(planning.cold_start_factor), float("nan"))
     )

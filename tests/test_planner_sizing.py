@@ -27,7 +27,6 @@ from vmad.planner.risk_sizing import (
     WEEK,
     calibrate,
     choose_size,
-    conservative_knob,
     exceedance,
     vm_knob,
     week_risk,
@@ -314,9 +313,12 @@ def test_calibrate_fleet_conservative_first_then_only_from_earlier_weeks() -> No
     assert [k.size for k in cal.knobs] == [r.week.size for r in results]
     assert results[4].week.size == 0 and cal.knobs[4].size == 0  # too young to backtest
     first = min(int(r.week.min()) for r in results if r.week.size)
-    safe = conservative_knob(CONFIG.cold_start_factor)
+    # Nothing to calibrate on yet: each VM at the cheapest knob its own distribution
+    # says meets the target (its estimated P(usage > size)).
     for r, k in zip(results, cal.knobs, strict=True):
-        assert (k[r.week == first] == safe).all()  # nothing to calibrate on yet
+        for i in np.flatnonzero(r.week == first):
+            meets = np.flatnonzero(r.est_risk[i] <= CONFIG.target_risk)
+            assert k[i] == meets[0]
     assert first not in cal.fleet and first + 1 in cal.fleet
     # No look-ahead: making the last week a disaster (every sample above every size but
     # the largest) changes no earlier week's knob ...
@@ -434,3 +436,76 @@ def test_short_histories_bench_refuses_plainly_and_plan_backtests_at_the_safe_ru
     assert {r[0] for r in rows} == {"vm-a", "vm-b", "vm-c"}
     planned_c = {float(r[3]) for r in rows if r[0] == "vm-c"}
     assert planned_c and all(size >= float(vm.usage.max()) for size in planned_c)
+
+
+def test_prior_weeks_read_from_how_much_vms_differ() -> None:
+    from vmad.planner.risk_sizing import MAX_PRIOR_WEEKS, prior_weeks
+
+    rng = np.random.default_rng(0)
+    vm_ids = np.repeat(np.arange(20), 8)
+    # Alike: every VM's weekly miss rate from one distribution -> the fleet's rate.
+    alike = rng.uniform(0, 0.002, size=(vm_ids.size, 1))
+    assert prior_weeks(vm_ids, alike)[0] > 20
+    # Different: half the VMs miss ten times as often, week after week -> own record.
+    level = np.where(np.arange(20) % 2, 0.01, 0.001)[vm_ids]
+    differ = (level * rng.uniform(0.5, 1.5, size=vm_ids.size))[:, None]
+    assert prior_weeks(vm_ids, differ)[0] < 1
+    # One VM, or one week per VM: nothing to tell VMs apart -> the fleet's rate.
+    assert prior_weeks(np.zeros(5, dtype=int), alike[:5])[0] == MAX_PRIOR_WEEKS
+    assert prior_weeks(np.arange(5), alike[:5])[0] == MAX_PRIOR_WEEKS
+
+
+def test_trend_guard_adds_growth_to_the_distribution_not_a_full_week_of_a_peak() -> None:
+    vm = _vm(28, level=1.0)
+    vm.usage = vm.usage + 2.0 * (vm.timestamps - START) / (28 * DAY)  # +0.5 GB a week
+    hour = (vm.timestamps >= START + 25 * DAY) & (vm.timestamps < START + 25 * DAY + 3600)
+    vm.usage[hour] += 6.0  # a one-hour excursion last week
+    start = float(vm.timestamps[-1] + 300)
+    risk = week_risk(vm.timestamps, vm.usage, start, CONFIG)
+    assert risk is not None and risk.growth_gb_week > 0.3
+    i = CONFIG.sizes.index(8)  # only the excursion (and growth) goes above 4 GB ... 8 GB
+    share_last_week = int(hour.sum()) / 2016
+    # Moved along the trend with its recency weight (about half), not replayed as a
+    # whole week's share.
+    assert 0 < risk.exceed[0, i - 1] < 0.8 * share_last_week
+
+
+def test_calibration_keeps_early_and_mature_decisions_apart() -> None:
+    # A fleet whose early weeks (history shorter than the look-back) missed at every
+    # knob but the safest, and whose mature weeks missed only at the cheapest one.
+    knobs, n = len(KNOB), 2016
+    results = []
+    for v in range(6):
+        weeks = np.arange(1, 11)
+        mature = weeks >= 4
+        under = np.zeros((weeks.size, knobs), dtype=np.int64)
+        under[~mature, :-1] = 40
+        under[mature, 0] = 40
+        # counts[:, size] with choices[:, knob] = knob's own column: one "size" per knob
+        counts = np.concatenate([under, np.zeros((weeks.size, 1), dtype=np.int64)], axis=1)
+        choices = np.tile(np.arange(knobs), (weeks.size, 1))
+        results.append(
+            VMBacktest(
+                f"vm{v}",
+                weeks,
+                np.full(weeks.size, n),
+                counts,
+                np.zeros_like(counts, dtype=float),
+                np.ones(weeks.size),
+                choices,
+                {},
+                np.zeros((weeks.size, knobs)),
+                mature=mature,
+            )
+        )
+    apart = calibrate_fleet(results, CONFIG, plan_week=11)
+    pooled = calibrate_fleet(
+        results, CONFIG.model_copy(update={"calibration_strata": False}), plan_week=11
+    )
+    # Mature weeks: calibrated on mature ones, knob 1 (the cheapest without misses)
+    # once enough of them outweigh the early ones; pooled, the early misses hold every
+    # later week at the safest knob.
+    assert (apart.next_knobs == 1).all()
+    assert (pooled.next_knobs == knobs - 1).all()
+    # Early weeks are calibrated on early weeks only: safest.
+    assert (apart.knobs[0][1:3] == knobs - 1).all()
