@@ -1,0 +1,142 @@
+"""Where the agent's time per window goes: its own path against ONNX Runtime alone.
+
+    .venv/bin/python bench/agent_latency.py [--against REV] [--rounds 6] [--windows 3000]
+
+Rows, measured in one process, alternating in rounds (the order reversed every other
+round) so that a machine whose load changes during the run weighs on every row alike:
+
+- `agent: WindowScorer.push` -- the agent's whole step per sample on a full ring, as
+  `inference_latency` of `vmad bench agent-overhead` measures it;
+- `agent at REV` (with `--against`) -- the same step with `edge_agent/detector.py` and
+  `vmad/bundle.py` as they were at git revision REV (same bundle, same samples);
+- `ORT: bound buffers` -- `run_with_iobinding` on an already-normalized window: the floor
+  for any Python around the model;
+- `ORT: session.run, both outputs` / `score only` -- the ordinary call, and whether
+  fetching the contributions costs anything.
+
+The bundle is the packaged default (the one a fresh agent runs). Reports p50 and p99
+over all windows and the median of the rounds' p50s, in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module_at(rev: str, path: str, name: str, replace: dict[str, str], where: Path
+               ) -> ModuleType:
+    """Import `path` as it was at git revision `rev`, under the module name `name`."""
+    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    file = where / f"{name}.py"
+    file.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _previous_scorer_class(rev: str, where: Path) -> tuple[type, type]:
+    """`(BundleSlot, WindowScorer)` from revision `rev`, running on its own bundle code."""
+    import vmad.bundle
+
+    old_bundle = _module_at(rev, "vmad/bundle.py", "_vmad_bundle_at_rev", {}, where)
+    old_bundle.DEFAULT_BUNDLE_DIR = vmad.bundle.DEFAULT_BUNDLE_DIR  # the same bundle
+    old_detector = _module_at(rev, "edge_agent/detector.py", "_vmad_detector_at_rev",
+                              {"from vmad.bundle import": "from _vmad_bundle_at_rev import"},
+                              where)
+    return old_detector.BundleSlot, old_detector.WindowScorer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also time the agent's step as it was at this git revision")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--windows", type=int, default=3000, help="per row and round")
+    args = parser.parse_args(argv)
+
+    from vmad.edge_agent.detector import BundleSlot, WindowScorer
+    from vmad.edge_agent.sampler import METRICS
+    from vmad.schema import DEFAULT_WINDOW
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="vmad-bench-latency-") as scratch:
+        work = Path(scratch)
+
+        def full_scorer(slot_class: type, scorer_class: type, name: str) -> Callable[[], None]:
+            slot = slot_class(work / name, METRICS, DEFAULT_WINDOW)
+            assert slot.load_initial(None) is not None, "no usable bundle"
+            scorer = scorer_class(slot)
+            for _ in range(DEFAULT_WINDOW):
+                scorer.push(list(rng.random(len(METRICS)) * 50))
+            # Python floats, as the sampler gives them; a fresh sample every call.
+            samples = itertools.cycle((rng.random((997, len(METRICS))) * 50).tolist())
+            return lambda: scorer.push(next(samples))
+
+        rows: dict[str, Callable[[], None]] = {
+            "agent: WindowScorer.push": full_scorer(BundleSlot, WindowScorer, "now")}
+        if args.against:
+            rows[f"agent at {args.against}"] = full_scorer(
+                *_previous_scorer_class(args.against, work), "rev")
+        slot = BundleSlot(work / "ort", METRICS, DEFAULT_WINDOW)
+        bundle = slot.load_initial(None)
+        assert bundle is not None
+        session, name = bundle._session, bundle._input_name
+        window = bundle.normalize(rng.random((1, len(METRICS), DEFAULT_WINDOW)) * 50)
+        outputs = [output.name for output in session.get_outputs()]
+        binding = session.io_binding()
+        binding.bind_cpu_input(name, window)
+        buffers = [np.zeros(o.shape, np.float32)
+                   for o in session.run(outputs, {name: window})]
+        for output, buffer in zip(outputs, buffers, strict=True):
+            binding.bind_output(output, "cpu", 0, np.float32, list(buffer.shape),
+                                buffer.ctypes.data)
+        rows["ORT: bound buffers"] = lambda: session.run_with_iobinding(binding)
+        rows["ORT: session.run, both outputs"] = lambda: session.run(outputs, {name: window})
+        rows["ORT: session.run, score only"] = lambda: session.run(outputs[:1],
+                                                                   {name: window})
+
+        times: dict[str, list[float]] = {row: [] for row in rows}
+        round_p50: dict[str, list[float]] = {row: [] for row in rows}
+        clock = time.perf_counter
+        for index in range(args.rounds):
+            order = list(rows) if index % 2 == 0 else list(reversed(rows))
+            for row in order:
+                call, spent = rows[row], []
+                for _ in range(args.windows):
+                    start = clock()
+                    call()
+                    spent.append(clock() - start)
+                times[row] += spent
+                round_p50[row].append(float(np.percentile(spent, 50)) * 1e6)
+
+    print(f"bundle {bundle.metadata.model_kind} {bundle.metadata.version}, "
+          f"{args.rounds} rounds x {args.windows} windows per row, one thread")
+    print(f"{'row':34s} {'p50 us':>8s} {'p99 us':>8s} {'median round p50':>17s}")
+    for row, spent in times.items():
+        micro = np.asarray(spent) * 1e6
+        print(f"{row:34s} {np.percentile(micro, 50):8.1f} {np.percentile(micro, 99):8.1f} "
+              f"{np.median(round_p50[row]):17.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
