@@ -11,6 +11,9 @@ round) so that a machine whose load changes during the run weighs on every row a
   `vmad/bundle.py` as they were at git revision REV (same bundle, same samples);
 - `ORT: bound buffers` -- `run_with_iobinding` on an already-normalized window: the floor
   for any Python around the model;
+- `ORT: bound buffers, arena + mem patterns on` / `no spinning` -- the same on a session
+  opened with ONNX Runtime's memory arena and memory patterns (the agent turns both off
+  to save memory), or with the intra-op pool's spinning off;
 - `ORT: session.run, both outputs` / `score only` -- the ordinary call, and whether
   fetching the contributions costs anything.
 
@@ -65,6 +68,30 @@ def _previous_scorer_class(rev: str, where: Path) -> tuple[type, type]:
     return old_detector.BundleSlot, old_detector.WindowScorer
 
 
+def _bound_call(onnx: bytes, name: str, window: np.ndarray, outputs: list[str],
+                buffers: list[np.ndarray], change: dict[str, object]) -> Callable[[], None]:
+    """`run_with_iobinding` on a session opened as the agent opens it, but for `change`
+    (SessionOptions attributes; `allow_spinning` is the intra-op pool's config entry)."""
+    import onnxruntime as ort
+
+    from vmad.bundle import _session_options
+
+    options = _session_options()
+    for key, value in change.items():
+        if key == "allow_spinning":
+            options.add_session_config_entry("session.intra_op.allow_spinning", str(value))
+        else:
+            setattr(options, key, value)
+    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    binding.bind_cpu_input(name, window)
+    copies = [buffer.copy() for buffer in buffers]
+    for output, buffer in zip(outputs, copies, strict=True):
+        binding.bind_output(output, "cpu", 0, np.float32, list(buffer.shape),
+                            buffer.ctypes.data)
+    return lambda: session.run_with_iobinding(binding)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", metavar="REV", default=None,
@@ -110,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             binding.bind_output(output, "cpu", 0, np.float32, list(buffer.shape),
                                 buffer.ctypes.data)
         rows["ORT: bound buffers"] = lambda: session.run_with_iobinding(binding)
+        for label, change in (("arena + mem patterns on", {"enable_cpu_mem_arena": True,
+                                                           "enable_mem_pattern": True}),
+                              ("no spinning", {"allow_spinning": "0"})):
+            rows[f"ORT: bound buffers, {label}"] = _bound_call(
+                bundle.onnx_bytes, name, window, outputs, buffers, change)
         rows["ORT: session.run, both outputs"] = lambda: session.run(outputs, {name: window})
         rows["ORT: session.run, score only"] = lambda: session.run(outputs[:1],
                                                                    {name: window})
