@@ -1,9 +1,13 @@
 """Where the agent's time per window goes: its own path against ONNX Runtime alone.
 
     .venv/bin/python bench/agent_latency.py [--against REV] [--rounds 6] [--windows 3000]
+                                            [--block 1]
 
-Rows, measured in one process, alternating in rounds (the order reversed every other
-round) so that a machine whose load changes during the run weighs on every row alike:
+Rows, measured in one process, interleaved (`--block` calls of each row, then of each
+row in the reverse order, and so on) so that a machine whose load changes during the
+run weighs on every row alike. Call by call (`--block 1`, the default) each call finds
+caches holding the other rows' work, closer to an agent that scores once every few
+seconds; `--block 3000` times hot loops, as `vmad bench agent-overhead` does:
 
 - `agent: WindowScorer.push` -- the agent's whole step per sample on a full ring, as
   `inference_latency` of `vmad bench agent-overhead` measures it;
@@ -17,8 +21,9 @@ round) so that a machine whose load changes during the run weighs on every row a
 - `ORT: session.run, both outputs` / `score only` -- the ordinary call, and whether
   fetching the contributions costs anything.
 
-The bundle is the packaged default (the one a fresh agent runs). Reports p50 and p99
-over all windows and the median of the rounds' p50s, in microseconds.
+The bundle is the packaged default (the one a fresh agent runs). Reports p50, p90 and
+p99 over all windows, in microseconds, and the range of the p50 over `--rounds` equal
+parts of the run.
 """
 
 from __future__ import annotations
@@ -98,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the agent's step as it was at this git revision")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--windows", type=int, default=3000, help="per row and round")
+    parser.add_argument("--block", type=int, default=1,
+                        help="calls in a row before the next row (1: interleaved call by "
+                             "call, caches shared as in an agent that scores every 5 s; "
+                             "--windows: hot loops, as `vmad bench agent-overhead`)")
     args = parser.parse_args(argv)
+    if args.block < 1 or args.windows % args.block:
+        parser.error("--block must divide --windows")
 
     from vmad.edge_agent.detector import BundleSlot, WindowScorer
     from vmad.edge_agent.sampler import METRICS
@@ -147,26 +158,25 @@ def main(argv: list[str] | None = None) -> int:
                                                                    {name: window})
 
         times: dict[str, list[float]] = {row: [] for row in rows}
-        round_p50: dict[str, list[float]] = {row: [] for row in rows}
         clock = time.perf_counter
-        for index in range(args.rounds):
-            order = list(rows) if index % 2 == 0 else list(reversed(rows))
-            for row in order:
-                call, spent = rows[row], []
-                for _ in range(args.windows):
+        forward, backward = list(rows.items()), list(reversed(rows.items()))
+        for index in range(args.rounds * args.windows // args.block):
+            for row, call in forward if index % 2 == 0 else backward:
+                spent = times[row]
+                for _ in range(args.block):
                     start = clock()
                     call()
                     spent.append(clock() - start)
-                times[row] += spent
-                round_p50[row].append(float(np.percentile(spent, 50)) * 1e6)
 
     print(f"bundle {bundle.metadata.model_kind} {bundle.metadata.version}, "
-          f"{args.rounds} rounds x {args.windows} windows per row, one thread")
-    print(f"{'row':34s} {'p50 us':>8s} {'p99 us':>8s} {'median round p50':>17s}")
+          f"{args.rounds * args.windows} windows per row, one thread")
+    print(f"{'row':46s} {'p50 us':>7s} {'p90 us':>7s} {'p99 us':>7s} {'rounds p50':>11s}")
     for row, spent in times.items():
         micro = np.asarray(spent) * 1e6
-        print(f"{row:34s} {np.percentile(micro, 50):8.1f} {np.percentile(micro, 99):8.1f} "
-              f"{np.median(round_p50[row]):17.1f}")
+        # Each round's p50 (rounds of `--windows` calls): how steady the p50 was.
+        rounds = np.percentile(micro.reshape(args.rounds, -1), 50, axis=1)
+        print(f"{row:46s} {np.percentile(micro, 50):7.1f} {np.percentile(micro, 90):7.1f} "
+              f"{np.percentile(micro, 99):7.1f} {rounds.min():5.1f}-{rounds.max():<5.1f}")
     return 0
 
 
