@@ -279,7 +279,7 @@ class Bundle:
 
     def normalize(self, raw_windows: np.ndarray) -> np.ndarray:
         """`float32[W, M, T]`, C-contiguous: the Normalizer's arithmetic on each window."""
-        out = np.subtract(np.asarray(raw_windows, dtype=np.float32), self._center)
+        out = np.subtract(np.asarray(raw_windows, dtype=np.float32), self._center, order="C")
         return self._scale_and_clip(out)
 
     def _scale_and_clip(self, out: np.ndarray) -> np.ndarray:
@@ -307,6 +307,7 @@ class Bundle:
             if self._one is None:
                 self._one = _OneWindow(self)
             return self._one.score(raw_window)
+
     def verdicts(self, scores: np.ndarray) -> np.ndarray:
         return scores >= self.metadata.threshold
 
