@@ -159,6 +159,7 @@ def main() -> None:
         args.interval, args.warmup, args.quiet, args.leak = 0.1, 200, 20.0, 6.0
     with tempfile.TemporaryDirectory(prefix="vmad-oob-") as scratch:
         work = Path(args.keep) if args.keep else Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
         result = run_out_of_box(work, interval_s=args.interval, warmup=args.warmup,
                                 quiet_s=args.quiet, leak_s=args.leak,
                                 memory_share=args.memory_share,

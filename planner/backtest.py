@@ -2,10 +2,10 @@
 planning` and `vmad plan`.
 
 Weeks are aligned across the fleet (``origin + k weeks``) so the planner's risk target can
-be calibrated on the fleet's own previous weeks. For every VM and every week it has
-usage in, a method sees only the samples before the week starts and reserves one size.
-A VM-week is planned once the VM has ``cold_start_h`` of history. Gaps never fail:
-every rule plans from the history that exists (and the VM-week is flagged when that
+be calibrated on the fleet's own previous weeks (``calibrate_fleet``). For every VM and
+every week it has usage in, a method sees only the samples before the week starts and
+reserves one size. A VM-week is planned once the VM has ``cold_start_h`` of history.
+Gaps never fail: every rule plans from the history that exists (and the VM-week is flagged when that
 history ends more than a day before the week).
 
 Per VM-week the backtest keeps the realised outcome of *every* size (samples above it,
@@ -25,8 +25,10 @@ from vmad.planner.risk_sizing import (
     KNOB,
     WEEK,
     WeekRisk,
-    calibrate,
     choose_size,
+    conservative_knob,
+    mature_h,
+    prior_weeks,
     realised_counts,
     week_risk,
 )
@@ -34,14 +36,15 @@ from vmad.planner.risk_sizing import (
 __all__ = [
     "BASELINES",
     "VM",
+    "Calibration",
     "VMBacktest",
     "backtest_vm",
     "bootstrap_ci",
+    "calibrate_fleet",
     "from_week",
     "load_fleet",
     "planner_choice",
     "provisioned_totals",
-    "rolling_knobs",
     "totals",
     "without_intervals",
 ]
@@ -160,6 +163,9 @@ class VMBacktest:
     provisioned: dict[str, np.ndarray] = field(default_factory=dict)  # trace: cap stats
     flags: list[list[str]] = field(default_factory=list)
     risks: list[WeekRisk] = field(default_factory=list)
+    # (weeks,) True where the planner's history covered every window its distribution
+    # reads (``risk_sizing.mature_h``); None = one stratum (see ``calibrate_fleet``).
+    mature: np.ndarray | None = None
 
 
 def from_week(result: VMBacktest, first: int) -> VMBacktest:
@@ -178,6 +184,7 @@ def from_week(result: VMBacktest, first: int) -> VMBacktest:
         {name: v[m] for name, v in result.provisioned.items()},
         [f for f, keep in zip(result.flags, m, strict=True) if keep],
         [r for r, keep in zip(result.risks, m, strict=True) if keep] if result.risks else [],
+        None if result.mature is None else result.mature[m],
     )
 
 
@@ -189,8 +196,10 @@ def backtest_vm(
     first_k = int(np.floor((vm.timestamps[0] - origin) / WEEK))
     last_k = int(np.floor((vm.timestamps[-1] - origin) / WEEK))
     rows: dict[str, list] = {
-        k: [] for k in ("week", "samples", "counts", "short", "usage", "choices", "est", "cap")
+        k: []
+        for k in ("week", "samples", "counts", "short", "usage", "choices", "est", "cap", "mature")
     }
+    full_h = mature_h(config)
     methods: dict[str, list[int]] = {name: [] for name in [*BASELINES, "vpa", "weekly-oracle"]}
     flags: list[list[str]] = []
     risks: list[WeekRisk] = []
@@ -206,6 +215,7 @@ def backtest_vm(
         assert risk is not None  # a > 0: there is history
         actual = vm.usage[a:b]
         rows["week"].append(k)
+        rows["mature"].append(risk.history_h >= full_h)
         rows["samples"].append(actual.size)
         rows["counts"].append(realised_counts(actual, sizes))
         rows["short"].append(np.clip(actual[:, None] - sizes[None, :], 0, None).sum(axis=0))
@@ -250,33 +260,168 @@ def backtest_vm(
         provisioned,
         flags,
         risks,
+        np.asarray(rows["mature"], dtype=bool),
     )
 
 
-def rolling_knobs(
-    results: list[VMBacktest], target: float, calibration_weeks: int
-) -> dict[int, tuple[int, float]]:
-    """Per fleet week k: the knob calibrated on weeks k - calibration_weeks .. k - 1 of
-    every VM (only what was known before k), and its backtested risk there."""
-    if not any(r.week.size for r in results):
-        return {}
-    weeks = np.concatenate([r.week for r in results])
-    choices = np.concatenate([r.choices for r in results])
-    counts = np.concatenate([r.counts for r in results])
-    samples = np.concatenate([r.samples for r in results])
-    out = {}
-    for k in np.unique(weeks):
-        past = (weeks >= k - calibration_weeks) & (weeks < k)
-        out[int(k)] = calibrate(choices[past], counts[past], samples[past], target)
-    return out
+@dataclass
+class Calibration:
+    """The planner's knob for every planned VM-week, each chosen from earlier weeks only."""
+
+    knobs: list[np.ndarray]  # per VM (results' order): knob per planned week
+    next_knobs: np.ndarray  # per VM: knob for weeks after the last calibrated one (the plan)
+    fleet: dict[int, tuple[int, float]]  # week -> fleet knob at the target, its past risk
 
 
-def planner_choice(result: VMBacktest, knobs: dict[int, tuple[int, float]]) -> np.ndarray:
+def _records(results: list[VMBacktest]) -> tuple[np.ndarray, ...]:
+    """(vm index, week, under (records, knobs), samples, mature) over every planned
+    VM-week. ``under`` leaves out usage above the largest size: no knob can cover it."""
+    vm, week, under, samples, mature = [], [], [], [], []
+    for i, r in enumerate(results):
+        reach = r.counts - r.counts[:, -1:]
+        under.append(reach[np.arange(r.week.size)[:, None], r.choices].reshape(-1, len(KNOB)))
+        vm.append(np.full(r.week.size, i))
+        week.append(r.week)
+        samples.append(r.samples)
+        mature.append(np.ones(r.week.size, dtype=bool) if r.mature is None else r.mature)
+    if not results:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros((0, len(KNOB))), empty.astype(float), empty.astype(bool)
+    return (
+        np.concatenate(vm),
+        np.concatenate(week),
+        np.concatenate(under).astype(float),
+        np.concatenate(samples).astype(float),
+        np.concatenate(mature),
+    )
+
+
+def calibrate_fleet(
+    results: list[VMBacktest],
+    config: PlanningConfig,
+    target: float | None = None,
+    plan_week: int | None = None,
+    pool: list[VMBacktest] | None = None,
+    plan_mature: np.ndarray | None = None,
+) -> Calibration:
+    """The knob for every planned VM-week (and for ``plan_week``, the plan), from the
+    planner's own decisions in the weeks before it.
+
+    Week w's knob is calibrated on every VM-week before w (``calibration_weeks`` > 0:
+    only that many weeks back): the fleet's pooled realised risk at each knob, and, unless
+    ``vm_prior_weeks`` is None, each VM's own realised risk shrunk toward it
+    (``risk_sizing.vm_knob``). With no week before w to calibrate on, the conservative
+    rule (``cold_start_factor`` x the peak seen). ``pool``: calibrate the fleet part on
+    these VMs instead (a split check: the fleet's rates from one half of the VMs, applied
+    to the other half with each VM's own record).
+
+    Strata (``calibration_strata``): a decision made with the VM's full history window
+    (``risk_sizing.mature_h``: the look-back and the month-back week seen) is calibrated
+    on past decisions made the same way, and an earlier one on the earlier ones, while
+    the stratum has any past record (else on all). Without this, the misses of the
+    fleet's first weeks (a monthly job not yet seen once) hold every later week at a
+    knob far safer than the target asks: conformal calibration per category (Mondrian),
+    so that the realised risk meets the target in each. ``plan_mature``: per VM, whether
+    the plan's week is in the mature stratum (default: yes).
+    """
+    target = config.target_risk if target is None else target
+    vm, week, under, samples, mature = _records(results)
+    if pool is None:
+        p_vm, p_week, p_under, p_samples, p_mature = vm, week, under, samples, mature
+    else:
+        p_vm, p_week, p_under, p_samples, p_mature = _records(pool)
+    if not config.calibration_strata:
+        mature, p_mature = np.ones_like(mature), np.ones_like(p_mature)
+    fallback = conservative_knob(1.0)
+    knobs = [np.zeros(r.week.size, dtype=np.int64) for r in results]
+    n_vms = len(results)
+    fleet: dict[int, tuple[int, float]] = {}
+    next_knobs = np.full(n_vms, fallback, dtype=np.int64)
+    if plan_mature is None or not config.calibration_strata:
+        plan_mature = np.ones(n_vms, dtype=bool)
+    weeks = {int(k) for k in np.unique(week)}
+    if plan_week is not None:
+        weeks.add(plan_week)
+    for w in sorted(weeks):
+        past = week < w
+        p_past = p_week < w
+        if config.calibration_weeks:
+            past &= week >= w - config.calibration_weeks
+            p_past &= p_week >= w - config.calibration_weeks
+        # Each VM's stratum this week (the plan's week: ``plan_mature``).
+        now = np.array(plan_mature, dtype=bool)
+        this = week == w
+        now[vm[this]] = mature[this]
+        chosen = np.full(n_vms, fallback, dtype=np.int64)
+        # Per VM: its estimated risk at every knob (nan: nothing to calibrate on).
+        curves = np.full((n_vms, len(KNOB)), np.nan)
+        n_all = float(p_samples[p_past].sum())
+        if n_all > 0:
+            rate_all = p_under[p_past].sum(axis=0) / n_all
+            n_weeks = max(np.unique(p_week[p_past]).size, 1)
+            rates = {}
+            for stratum in (False, True):
+                # The stratum's pooled rate, shrunk toward every past decision's with a
+                # prior worth one fleet week of samples: one week of a new stratum is
+                # not trusted alone; with no record of its own, every past decision's.
+                p_in = p_past & (p_mature == stratum)
+                prior_fleet = n_all / n_weeks
+                rates[stratum] = (p_under[p_in].sum(axis=0) + prior_fleet * rate_all) / (
+                    float(p_samples[p_in].sum()) + prior_fleet
+                )
+                if stratum or w not in fleet:
+                    ok = np.flatnonzero(rates[stratum] <= target)
+                    f_knob = int(ok[0]) if ok.size else len(KNOB) - 1
+                    fleet[w] = (f_knob, float(rates[stratum][f_knob]))
+            now_rate = np.where(now[:, None], rates[True][None, :], rates[False][None, :])
+            if config.vm_prior_weeks is not None:
+                # Each VM's misses against what the fleet's rates expected of it in the
+                # same weeks (each week at its stratum's rate), shrunk toward 1 with a
+                # prior worth ``vm_prior_weeks`` weeks (a Poisson-gamma posterior mean):
+                # a VM's record carries over from its early weeks to its mature ones.
+                # With one stratum this is the Beta-binomial ``vm_risk``.
+                observed = np.zeros((n_vms, len(KNOB)))
+                expected = np.zeros((n_vms, len(KNOB)))
+                np.add.at(observed, vm[past], under[past])
+                past_rate = np.where(mature[past][:, None], rates[True], rates[False])
+                np.add.at(expected, vm[past], samples[past][:, None] * past_rate)
+                if config.vm_prior_weeks == "auto":
+                    # How much a VM's own weeks say beyond the fleet's, from how much
+                    # VMs differ in the fleet's own record (empirical Bayes).
+                    weeks_worth = prior_weeks(
+                        p_vm[p_past], p_under[p_past] / p_samples[p_past, None]
+                    )
+                else:
+                    weeks_worth = np.full(len(KNOB), float(config.vm_prior_weeks))
+                prior = weeks_worth * float(np.median(p_samples[p_past])) * rate_all
+                tiny = 1e-12
+                curves = now_rate * (observed + prior + tiny) / (expected + prior + tiny)
+            else:
+                curves = now_rate.copy()
+        if not float(p_samples[p_past].sum()):
+            # Nothing to calibrate on (the fleet's first planned week): the planner's own
+            # distribution is the only estimate of its risk, so each VM takes the
+            # cheapest knob whose estimated P(usage > size) meets the target.
+            for i, r in enumerate(results):
+                m = np.flatnonzero(r.week == w)
+                if m.size:
+                    curves[i] = r.est_risk[m[0]]
+        known = ~np.isnan(curves[:, 0])
+        for i in np.flatnonzero(known):  # the cheapest knob meeting the target
+            ok = np.flatnonzero(curves[i] <= target)
+            chosen[i] = int(ok[0]) if ok.size else len(KNOB) - 1
+        for i, r in enumerate(results):
+            knobs[i][r.week == w] = chosen[i]
+        if plan_week is not None and w == plan_week:
+            next_knobs = chosen
+    return Calibration(knobs, next_knobs, fleet)
+
+
+def planner_choice(result: VMBacktest, knobs: np.ndarray) -> np.ndarray:
     """Size index per planned week, at the knob calibrated for that week."""
     if result.week.size == 0:
         return np.zeros(0, dtype=np.int64)
-    knob = np.array([knobs[int(k)][0] for k in result.week])
-    return result.choices[np.arange(result.week.size), knob]
+    return result.choices[np.arange(result.week.size), knobs]
 
 
 @dataclass

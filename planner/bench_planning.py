@@ -2,9 +2,11 @@
 
 Weeks are aligned across the fleet from its first sample; a VM-week is planned once the
 VM has two weeks of history, and every method sees only the samples before the week
-starts (planning.py's backtest). The planner's risk target is calibrated, week by week,
-on the fleet's previous ``calibration_weeks`` (never on the week it plans). Scores are
-pooled over VM-weeks; every row has a 95 % bootstrap interval over VMs.
+starts (backtest.py). The planner's risk target is calibrated, week by week, on the
+fleet's weeks before it and each VM's own (never on the week it plans). Scores are
+pooled over VM-weeks; every row has a 95 % bootstrap interval over VMs. ``--split``
+adds a carry-over check: the fleet part of the calibration from half the VMs, scored on
+the other half.
 """
 
 from __future__ import annotations
@@ -21,18 +23,23 @@ from vmad.planner.backtest import (
     VMBacktest,
     backtest_vm,
     bootstrap_ci,
+    calibrate_fleet,
     from_week,
     load_fleet,
     planner_choice,
     provisioned_totals,
-    rolling_knobs,
     totals,
 )
 from vmad.planner.config import PlanningConfig
 
 __all__ = ["SWEEP", "bench_command", "run_backtests", "score_methods"]
 
-SWEEP = (0.0005, 0.001, 0.003, 0.01)  # risk targets of the sweep: 0.05, 0.1, 0.3, 1 %
+# Risk targets of the sweep: 0.02 ... 1 %, spanning the look-back rules' risks.
+SWEEP = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01)
+# "Steady state": the weeks after the fleet's first STEADY_WEEKS + 1 planned weeks (as
+# before: after a 4-week calibration window had filled), so every week scored there was
+# calibrated on at least 5 fleet weeks.
+STEADY_WEEKS = 4
 
 BASELINE_ROWS = {
     "always-max": "always the largest size",
@@ -73,21 +80,32 @@ def score_methods(
     config: PlanningConfig,
     targets: tuple[float, ...] = SWEEP,
     steady: bool = False,
+    pool: list[VMBacktest] | None = None,
 ) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
     """(methods table, risk-target sweep). Shares in [0, 1].
 
-    steady: score only the weeks after the planner's calibration window has filled
-    (from the first planned week + calibration_weeks + 1); the knobs are the same.
+    steady: score only the weeks after the planner's first ``STEADY_WEEKS`` + 1 planned
+    weeks (its calibration has at least that many weeks behind it); the knobs are the
+    same. pool: the fleet part of the calibration from these VMs (split check).
     """
     prices = config.price_table()
     results = [r for r in results if r.week.size]
-    knobs_by_target = {
-        t: rolling_knobs(results, t, config.calibration_weeks)
-        for t in sorted({*targets, config.target_risk})
-    }
+    pool = None if pool is None else [r for r in pool if r.week.size]
+    choice_by_target = {}
+    for t in sorted({*targets, config.target_risk}):
+        knobs = calibrate_fleet(results, config, t, pool=pool).knobs
+        choice_by_target[t] = [planner_choice(r, k) for r, k in zip(results, knobs, strict=True)]
     if steady:
-        first = min(int(r.week.min()) for r in results) + config.calibration_weeks + 1
-        results = [r for r in (from_week(r, first) for r in results) if r.week.size]
+        weeks = [r.week for r in [*results, *(pool or [])]]
+        first = min(int(w.min()) for w in weeks) + STEADY_WEEKS + 1
+        keep = [r.week >= first for r in results]
+        choice_by_target = {
+            t: [c[m] for c, m in zip(cs, keep, strict=True)] for t, cs in choice_by_target.items()
+        }
+        results = [from_week(r, first) for r in results]
+        kept = [i for i, r in enumerate(results) if r.week.size]
+        results = [results[i] for i in kept]
+        choice_by_target = {t: [cs[i] for i in kept] for t, cs in choice_by_target.items()}
         if not results:  # a history too short to have a steady state
             return {}, {}
     methods: dict[str, dict[str, object]] = {}
@@ -102,8 +120,8 @@ def score_methods(
     if trace is not None:
         methods["trace-provisioned"] = _row(trace)
     sweep: dict[str, dict[str, object]] = {}
-    for target, knobs in knobs_by_target.items():
-        row = _row(totals(results, [planner_choice(r, knobs) for r in results], prices))
+    for target, choice in choice_by_target.items():
+        row = _row(totals(results, choice, prices))
         row["target"] = target
         sweep[f"{target:g}"] = row
         if target == config.target_risk:
@@ -146,8 +164,25 @@ def format_tables(
         lines.append(f"| {name}: {described.get(name, name)} | {cells(r)} |")
     lines += [
         "",
-        "Risk-target sweep (planner; each week's knob calibrated on the fleet's previous "
-        f"{config.calibration_weeks} weeks):",
+        "Risk-target sweep (planner; each week's knob calibrated on "
+        + (
+            f"the fleet's previous {config.calibration_weeks} weeks"
+            if config.calibration_weeks
+            else "every fleet week before it"
+        )
+        + (
+            ", per VM shrunk toward the fleet ("
+            + (
+                "prior read from the fleet's record"
+                if config.vm_prior_weeks == "auto"
+                else f"{config.vm_prior_weeks:g} week prior"
+            )
+            + (", early and mature decisions apart" if config.calibration_strata else "")
+            + ")"
+            if config.vm_prior_weeks is not None
+            else ""
+        )
+        + "):",
         "",
         "| target risk | realised time under-provisioned [95 % CI] | saving [95 % CI] |",
         "|---:|---:|---:|",
@@ -159,8 +194,94 @@ def format_tables(
             f"| {_pct(r['target'], 2)} % | {_pct(u, 3)} % [{_pct(u_lo, 3)}, {_pct(u_hi, 3)}] "  # type: ignore[arg-type]
             f"| {_pct(s, 1)} % [{_pct(s_lo, 1)}, {_pct(s_hi, 1)}] |"  # type: ignore[arg-type]
         )
-    lines += ["", verdict(methods)]
+    lines += ["", verdict(methods), "", *frontier_verdicts(methods, sweep)]
     return "\n".join(lines)
+
+
+def format_split(split: dict[str, object], title: str, config: PlanningConfig) -> str:
+    """The split check as a table: each half scored with its own calibration and with the
+    other half's fleet rates (each VM's own record is its own in both)."""
+    lines = [
+        f"**{title}: split check (even-numbered VMs = A, odd = B), target "
+        f"{_pct(config.target_risk, 2)} %**",
+        "",
+        "| half | planner, own half's calibration | planner, other half's fleet rates "
+        "| last-week-max |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def cell(r: dict[str, object]) -> str:
+        return f"{_pct(r['saving'], 1)} % at {_pct(r['under_provisioned_time'], 3)} %"  # type: ignore[arg-type]
+
+    for name, row in split.items():
+        own = row["own"]  # type: ignore[index]
+        lines.append(
+            f"| {name} | {cell(own['planner'])} | {cell(row['other_half'])} "  # type: ignore[index]
+            f"| {cell(own['last-week-max'])} |"  # type: ignore[index]
+        )
+    return "\n".join(lines)
+
+
+LOOK_BACK_RULES = ("last-week-max", "p99-4-weeks-x1.1", "vpa", "compute-optimizer")
+
+
+def _dominates(u: float, s: float, risk: float, saving: float) -> bool:
+    """(u, s) has at least ``saving`` at no more than ``risk``, one of them strictly."""
+    return u <= risk and s >= saving and (u < risk or s > saving)
+
+
+def frontier_verdicts(
+    methods: dict[str, dict[str, object]], sweep: dict[str, dict[str, object]]
+) -> list[str]:
+    """Per look-back rule: does the planner beat it on the saving-risk frontier?
+
+    Beaten = some point of the planner's sweep has at least its saving at no more risk
+    (one of the two strictly better); at the default target first. Otherwise the saving the
+    planner's curve gives at the rule's risk (linear between sweep points), when the
+    sweep spans that risk: beaten when it is more than the rule's.
+    """
+    points = sorted(
+        (float(r["under_provisioned_time"]), float(r["saving"]), float(r["target"]))  # type: ignore[arg-type]
+        for r in sweep.values()
+    )
+    planner = methods.get("planner")
+    lines = []
+    for name in LOOK_BACK_RULES:
+        if name not in methods or planner is None:
+            continue
+        risk, saving = (
+            float(methods[name]["under_provisioned_time"]),
+            float(methods[name]["saving"]),
+        )  # type: ignore[arg-type]
+        rule = f"{name} ({_pct(saving, 1)} % at {_pct(risk, 3)} %)"
+
+        p_u, p_s = float(planner["under_provisioned_time"]), float(planner["saving"])  # type: ignore[arg-type]
+        if _dominates(p_u, p_s, risk, saving):
+            lines.append(f"- {rule}: beaten at the default target: met")
+            continue
+        win = [t for u, s, t in points if _dominates(u, s, risk, saving)]
+        if win:
+            lines.append(
+                f"- {rule}: beaten on the frontier (by the planner at target "
+                f"{_pct(win[0], 2)} %; not at the default target): met"
+            )
+            continue
+        risks = [u for u, _, _ in points]
+        if risks and risks[0] <= risk <= risks[-1]:
+            at = float(np.interp(risk, risks, [s for _, s, _ in points]))
+            if at > saving:
+                lines.append(
+                    f"- {rule}: beaten on the curve (the planner's sweep gives {_pct(at, 1)} "
+                    "% saving at that risk, straight line between its points): met"
+                )
+                continue
+            lines.append(
+                f"- {rule}: NOT beaten: the planner's curve gives {_pct(at, 1)} % saving at "
+                "that risk: missed"
+            )
+        else:
+            lines.append(f"- {rule}: NOT beaten (outside the planner's swept risks): missed")
+    return ["Against each look-back rule (saving-risk frontier):", "", *lines] if lines else []
 
 
 def verdict(methods: dict[str, dict[str, object]]) -> str:
@@ -255,7 +376,9 @@ def bench_command(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data}: no VMs found")
     results = run_backtests(vms, config, workers=args.workers)
     if not any(r.week.size for r in results):
-        raise UsageError(f"{args.data}: no VM has a week after two weeks of history")
+        raise UsageError(
+            f"{args.data}: no VM has a week after {config.cold_start_h / 24:g} days of history"
+        )
     methods, sweep = score_methods(results, config)
     steady_methods, steady_sweep = score_methods(results, config, steady=True)
     weeks = sum(int(r.week.size) for r in results)
@@ -264,10 +387,30 @@ def bench_command(args: argparse.Namespace) -> int:
         text += "\n\n" + format_tables(
             steady_methods,
             steady_sweep,
-            f"{title}, steady state: weeks after the planner's {config.calibration_weeks}-week "
-            "calibration window has filled",
+            f"{title}, steady state: weeks after the fleet's first {STEADY_WEEKS + 1} "
+            "planned weeks",
             config,
         )
+    split: dict[str, object] = {}
+    if args.split:
+        # Carry-over: the fleet's rates from the even-numbered VMs (A) calibrate the
+        # odd-numbered ones (B) and the other way round; each half is scored with the
+        # other's calibration, next to the same half with its own.
+        halves = {"A": results[0::2], "B": results[1::2]}
+        for name, other in (("A", "B"), ("B", "A")):
+            own, _ = score_methods(halves[name], config, targets=(config.target_risk,))
+            cross, _ = score_methods(
+                halves[name], config, targets=(config.target_risk,), pool=halves[other]
+            )
+            split[name] = {"own": own, "other_half": cross["planner"]}
+        text += "\n\n" + format_split(split, title, config)
+    # How often the growth guard was in force (the month guard needs no note: it is on
+    # whenever the same week a month back has samples).
+    grown = sum(1 for r in results for notes in r.flags if any("growth" in n for n in notes))
+    text += (
+        f"\n\nGrowth guard (Theil-Sen slope of daily peaks, 90 % interval above 0) in force in "
+        f"{grown} of {weeks} planned VM-weeks."
+    )
     print(text)
     print(f"\n({len(vms)} VMs, {time.perf_counter() - started:.0f} s)")
     if args.markdown:
@@ -278,6 +421,8 @@ def bench_command(args: argparse.Namespace) -> int:
             "sweep": sweep,
             "steady_state": {"methods": steady_methods, "sweep": steady_sweep},
         }
+        if split:
+            report["split"] = split
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         sweep_plot(methods, sweep, args.plot, f"{title}, all planned VM-weeks")

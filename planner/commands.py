@@ -66,6 +66,11 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     planning.add_argument("--markdown", type=Path, help="also write the tables here")
     planning.add_argument("--json", type=Path, help="write the methods and sweep as JSON here")
     planning.add_argument("--config", type=Path)
+    planning.add_argument(
+        "--split",
+        action="store_true",
+        help="also calibrate each half of the VMs on the other half (carry-over check)",
+    )
     planning.add_argument("--workers", type=int, default=2, help="processes (one VM each)")
     planning.set_defaults(run=run_bench_planning)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -115,11 +116,24 @@ class PlanningConfig(StrictModel):
     lookback_h: int = Field(24 * 28, ge=24, description="history the usage distribution uses")
     half_life_h: float = Field(168.0, gt=0, description="age at which a sample weighs half")
     calibration_weeks: int = Field(
-        4, ge=1, description="recent fleet weeks the risk target is calibrated on"
+        0,
+        ge=0,
+        description="fleet weeks the risk target is calibrated on; 0 = every week before",
+    )
+    vm_prior_weeks: float | Literal["auto"] | None = Field(
+        "auto",
+        description="per-VM calibration: the fleet's risk weighs as this many weeks of the "
+        "VM's own; auto = read from how much the fleet's VMs differ (empirical Bayes); "
+        "null = one fleet-wide knob",
+    )
+    calibration_strata: bool = Field(
+        True,
+        description="calibrate decisions made with the full history window (look-back and "
+        "month-back week seen) apart from earlier ones",
     )
     trend_guard: bool = Field(True, description="project a significant upward trend")
     month_guard: bool = Field(True, description="cover the same week a month back")
-    cold_start_h: int = Field(336, ge=0, description="less history than this = cold start")
+    cold_start_h: int = Field(168, ge=0, description="less history than this = cold start")
     cold_start_factor: float = Field(
         1.5, ge=1, description="cold start: reserve this times the peak seen"
     )

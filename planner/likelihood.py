@@ -235,24 +235,13 @@ def _from_settings(
 
 
 def _alarm_from_settings(
-    *,
-    wha: dict[str, object],
-    learn: int = 288,
-    estimation: int = 100,
-    history: int = 8640,
-    short: int = 10,
-    reestimate: int = 100,
-    min_mean: float = 0.03,
-    min_var: float = 0.0003,
-    novelty: float = 0.05,
-    rest: int = 150,
-    threshold: float = 0.5,
+    *, wha: dict[str, object], novelty: float = 0.05, rest: int = 150,
+    threshold: float = 0.5, **likelihood: float,
 ) -> WHAAlarm:
-    """The registry's factory: `wha` holds its WHA's settings, the rest are the alarm's."""
-    likelihood = RawScoreLikelihood(
-        learn, estimation, history, short, reestimate, min_mean, min_var
-    )
-    return WHAAlarm(WHA(**wha), likelihood, novelty, rest, threshold)  # type: ignore[arg-type]
+    """The registry's factory: `wha` holds its WHA's settings, `likelihood` those of
+    `RawScoreLikelihood` (its defaults where absent), the rest are the alarm's."""
+    return WHAAlarm(WHA(**wha), RawScoreLikelihood(**likelihood),  # type: ignore[arg-type]
+                    novelty, rest, threshold)
 
 
 register("wha-likelihood", _from_settings)

@@ -159,6 +159,16 @@ def _summary_plots(fleet, summary, unit: str) -> str:
     return out
 
 
+def _knob_spread(fleet) -> str:
+    """How the per-VM knobs sit against the fleet's: cheaper, the same, safer."""
+    knobs = np.array([p.knob for p in fleet.vms])
+    cheaper, safer = int((knobs < fleet.knob).sum()), int((knobs > fleet.knob).sum())
+    return (
+        f"{cheaper} VMs cheaper than the fleet knob, {safer} safer, "
+        f"{knobs.size - cheaper - safer} at it"
+    )
+
+
 def write_report(fleet, summary: dict[str, float], path: Path, unit: str = "GB") -> None:
     import matplotlib
 
@@ -176,6 +186,17 @@ def write_report(fleet, summary: dict[str, float], path: Path, unit: str = "GB")
         f"lambda = {lam:.3g}"
         if np.isfinite(lam)
         else f"cover every sample seen x {HEADROOMS[h]:g} (target below what lambda reaches)"
+    )
+    calibrated_on = (
+        f"the fleet's last {cfg.calibration_weeks} weeks"
+        if cfg.calibration_weeks
+        else "every fleet week so far"
+    )
+    per_vm = (
+        f", each VM's own from its past weeks shrunk toward the fleet's (the fleet's record "
+        f"{_prior_text(cfg.vm_prior_weeks)}; {_knob_spread(fleet)})"
+        if cfg.vm_prior_weeks is not None
+        else ""
     )
     warned = [p for p in fleet.vms if p.warnings]
     counts: dict[str, int] = {}
@@ -227,9 +248,9 @@ Target risk <b>{100 * cfg.target_risk:g} %</b> of time under-provisioned;
 usage above the largest size, {cfg.sizes[-1]:g} {unit}, is missed whatever is reserved:
 those VMs are flagged <i>capped</i>).</p>
 <p><b>Settings:</b> sizes {", ".join(f"{s:g}" for s in cfg.sizes)} {unit}; prices
-{", ".join(f"{p:g}" for p in cfg.price_table())} per week; knob {knob_text}, calibrated on the
-fleet's last {cfg.calibration_weeks} weeks (backtested risk there
-{100 * fleet.knob_risk:.3f} %); usage distribution from the last {cfg.lookback_h / 24:g} days,
+{", ".join(f"{p:g}" for p in cfg.price_table())} per week; fleet knob {knob_text},
+calibrated on {calibrated_on} (backtested risk there {100 * fleet.knob_risk:.3f} %){per_vm};
+usage distribution from the last {cfg.lookback_h / 24:g} days,
 half-life {cfg.half_life_h / 24:g} days; trend guard {"on" if cfg.trend_guard else "off"};
 month guard {"on" if cfg.month_guard else "off"}; cold start under {cfg.cold_start_h / 24:g}
 days of history: {cfg.cold_start_factor:g} x the peak seen. Sizing uses all real usage
@@ -250,3 +271,12 @@ days of history: {cfg.cold_start_factor:g} x the peak seen. Sizing uses all real
 <th>realised, usage a size could cover</th><th>target</th></tr>{weekly}</table>
 {_SORT_JS}</body></html>"""
     path.write_text(page)
+
+
+def _prior_text(prior: float | str) -> str:
+    if prior == "auto":
+        return (
+            "weighing as many of the VM's weeks as the spread between the fleet's VMs says, "
+            "empirical Bayes"
+        )
+    return f"weighing as {float(prior):g} week of the VM's"

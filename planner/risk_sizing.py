@@ -16,8 +16,10 @@ The operator's knob is one ordered list of settings from cheap to safe: lambda r
 a log grid, then "no exceedance seen at all" with a growing headroom (usage x 1.05 ... x 2)
 for targets below what the history itself supports. ``calibrate`` maps a target risk
 (share of time under-provisioned) to the cheapest knob setting whose backtested risk meets
-it; the backtest is the fleet's own recent weeks (conformal in spirit: the errors of the
-planner's own past choices set its margin).
+it; the backtest is the fleet's own past weeks (conformal in spirit: the errors of the
+planner's own past choices set its margin). ``vm_knob`` does the same per VM: a VM's own
+past weeks, shrunk toward the fleet's (a VM with one calm week is not trusted alone; one
+with months of calm weeks is), so steady VMs get cheaper sizes and volatile ones safer.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ __all__ = [
     "WeekRisk",
     "calibrate",
     "choose_size",
+    "conservative_knob",
     "exceedance",
+    "mature_h",
+    "prior_weeks",
     "realised_counts",
+    "vm_knob",
+    "vm_risk",
     "week_risk",
 ]
 
@@ -162,10 +169,15 @@ def week_risk(
     if config.trend_guard:
         growth = _growth_per_s(t, x)
         if growth > 0:
-            last = t >= anchor - WEEK
-            projected = x[last] + growth * (week_end - t[last])
-            ones = np.ones(projected.size)
-            exceed = np.maximum(exceed, np.stack([exceedance(projected, ones, r) for r in scaled]))
+            # The whole recent distribution (same weights), each sample moved along the
+            # slope to the same time of the planned week: the trend is added to every
+            # quantile, not to a peak, and a one-off excursion keeps the small weight it
+            # had instead of being replayed at a full week's share.
+            weeks_ahead = np.ceil((week_start - t) / WEEK)
+            projected = x + growth * WEEK * weeks_ahead
+            exceed = np.maximum(
+                exceed, np.stack([exceedance(projected, weights, r) for r in scaled])
+            )
             peak = max(peak, float(projected.max()))
             notes.append(f"growth {growth * WEEK:+.2f} GB/week projected")
 
@@ -179,6 +191,15 @@ def week_risk(
             ones = np.ones(back.size)
             exceed = np.maximum(exceed, np.stack([exceedance(back, ones, r) for r in scaled]))
     return WeekRisk(exceed, history_h, False, -1, stale_h, growth * WEEK, month_peak, peak, notes)
+
+
+def mature_h(config: PlanningConfig) -> float:
+    """History (hours) after which the distribution reads every window it can: the whole
+    look-back and, with the month guard, the same week a month back. Decisions made
+    before that see less (a monthly job met for the first time is not foreseeable), so
+    their realised risk says little about decisions made after it: the calibration keeps
+    the two apart (``backtest.calibrate_fleet``)."""
+    return float(max(config.lookback_h, 4 * WEEK / HOUR if config.month_guard else 0.0))
 
 
 def choose_size(risk: WeekRisk, prices: np.ndarray, knob: int) -> int:
@@ -221,3 +242,81 @@ def calibrate(
     # None meets it: the safest setting (the history says the target is out of reach).
     knob = int(ok[0]) if ok.size else len(KNOB) - 1
     return knob, float(risk[knob])
+
+
+def conservative_knob(factor: float) -> int:
+    """The knob used while there is nothing to calibrate on (the fleet's first planned
+    week): cover every sample seen x the cold-start factor, the same rule as a cold start."""
+    for j, (lam, h) in enumerate(KNOB):
+        if np.isinf(lam) and HEADROOMS[h] >= factor:
+            return j
+    return len(KNOB) - 1
+
+
+def vm_risk(
+    vm_under: np.ndarray,
+    vm_samples: np.ndarray,
+    fleet_under: np.ndarray,
+    fleet_samples: float,
+    prior_samples: float,
+) -> np.ndarray:
+    """Each VM's risk at every knob, from its own past weeks shrunk toward the fleet's.
+
+    ``vm_under``: (VMs, knobs) samples above the size each knob chose in past weeks
+    (usage above the largest size left out); ``vm_samples``: (VMs,) samples in those
+    weeks. The estimate is ``(vm_under + prior * fleet_rate) / (vm_samples + prior)``:
+    the fleet's rate as a prior worth ``prior_samples`` samples, so the VM's own record
+    decides once it is long, and the fleet's while it is short (a Beta-binomial
+    posterior mean).
+    """
+    rate = fleet_under / fleet_samples
+    return (vm_under + prior_samples * rate) / (np.asarray(vm_samples)[..., None] + prior_samples)
+
+
+def vm_knob(
+    vm_under: np.ndarray,
+    vm_samples: float,
+    fleet_under: np.ndarray,
+    fleet_samples: float,
+    target: float,
+    prior_samples: float,
+) -> int:
+    """The cheapest knob whose risk, from the VM's own past weeks shrunk toward the
+    fleet's (``vm_risk``), is at most ``target``; the safest when none is."""
+    risk = vm_risk(
+        vm_under[None, :], np.array([vm_samples]), fleet_under, fleet_samples, prior_samples
+    )[0]
+    ok = np.flatnonzero(risk <= target)
+    return int(ok[0]) if ok.size else len(KNOB) - 1
+
+
+# A prior worth more weeks than this is the fleet's rate alone (VMs do not differ).
+MAX_PRIOR_WEEKS = 1e6
+
+
+def prior_weeks(vm_ids: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Per knob, how many weeks of a VM's own record weigh as much as the fleet's rate:
+    ``sigma^2 / tau^2`` of a one-way random-effects model of weekly miss rates (method of
+    moments). ``vm_ids``: (records,) VM of each past VM-week; ``rates``: (records, knobs)
+    its share of samples missed at each knob. sigma^2 is the week-to-week variance within
+    a VM, tau^2 the variance of the VMs' own means beyond what sigma^2 explains. VMs that
+    differ little (tau^2 ~ 0) get the fleet's rate; VMs that differ much, their own record
+    after a week or two. The amount of shrinkage is read from the fleet, not set.
+    """
+    knobs = rates.shape[1]
+    groups, inverse = np.unique(vm_ids, return_inverse=True)
+    g, n = groups.size, rates.shape[0]
+    if g < 2 or n <= g:
+        return np.full(knobs, MAX_PRIOR_WEEKS)
+    counts = np.bincount(inverse, minlength=g).astype(float)
+    means = np.zeros((g, knobs))
+    np.add.at(means, inverse, rates)
+    means /= counts[:, None]
+    grand = rates.mean(axis=0)
+    within = ((rates - means[inverse]) ** 2).sum(axis=0) / (n - g)
+    between = (counts[:, None] * (means - grand) ** 2).sum(axis=0) / (g - 1)
+    n0 = (n - float((counts**2).sum()) / n) / (g - 1)
+    tau2 = (between - within) / n0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weeks = np.where(tau2 > 0, within / np.where(tau2 > 0, tau2, 1.0), MAX_PRIOR_WEEKS)
+    return np.clip(weeks, 0.0, MAX_PRIOR_WEEKS)

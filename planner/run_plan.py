@@ -2,9 +2,10 @@
 
 1. Backtest every VM over the fleet's aligned weeks (what each knob setting would have
    reserved, and what it would have cost and missed).
-2. Calibrate the risk knob on the fleet's last ``calibration_weeks`` to the target risk
-   from planner.yaml; report, week by week, the realised risk (each week at the knob
-   calibrated on the weeks before it) next to the target.
+2. Calibrate the risk knob to the target risk from planner.yaml on the fleet's weeks so
+   far and, per VM, on its own weeks shrunk toward the fleet's (backtest.calibrate_fleet);
+   report, week by week, the realised risk (each week at the knobs calibrated on the
+   weeks before it) next to the target.
 3. Plan ``horizon_weeks`` from the end of the fleet's history at that knob; flag cold
    starts, gaps, VMs that stopped early, growth, and needs above the largest size.
 Writes a CSV for machines and, when asked, a one-page HTML report (report.py).
@@ -26,15 +27,23 @@ import numpy as np
 
 from vmad.planner.backtest import (
     VM,
+    Calibration,
     VMBacktest,
     backtest_vm,
+    calibrate_fleet,
     load_fleet,
     planner_choice,
-    rolling_knobs,
     without_intervals,
 )
 from vmad.planner.config import PlannerConfig, PlanningConfig
-from vmad.planner.risk_sizing import KNOB, WEEK, calibrate, choose_size, week_risk
+from vmad.planner.risk_sizing import (
+    KNOB,
+    WEEK,
+    choose_size,
+    conservative_knob,
+    mature_h,
+    week_risk,
+)
 
 __all__ = ["FleetPlan", "VMPlan", "make_fleet_plan", "plan_command", "progress"]
 
@@ -74,21 +83,23 @@ class VMPlan:
     hourly_peaks: np.ndarray | None = None
     backtest_risk: float = float("nan")  # at the chosen knob, over its backtested weeks
     backtest_saving: float = float("nan")
+    knob: int = -1  # this VM's knob for the plan (its own record shrunk toward the fleet's)
+    backtest_knobs: np.ndarray | None = None  # the knob each backtest week was planned at
 
 
 @dataclass
 class FleetPlan:
     vms: list[VMPlan]
     config: PlanningConfig
-    knob: int
-    knob_risk: float  # backtested risk of the chosen knob on the calibration weeks
+    knob: int  # the fleet-wide knob for the plan (each VM's own: VMPlan.knob)
+    knob_risk: float  # backtested risk of the fleet knob on the calibration weeks
     plan_start: float
     origin: float
     # (week, realised risk at the knob calibrated before it, the same without usage above
     # the largest size, VMs planned)
     weekly: list[tuple[int, float, float, int]]
     excluded: int  # samples removed by operator exclusions
-    rolling: dict[int, tuple[int, float]] = field(default_factory=dict)  # week -> knob
+    calibration: Calibration | None = None  # every backtest week's knobs, and the plan's
 
 
 def _exclusions(config: PlanningConfig, labels_file: Path | None) -> list[tuple[str, float, float]]:
@@ -153,33 +164,34 @@ def make_fleet_plan(
 
     last_k = round((plan_start - origin) / WEEK)
     weeks = np.concatenate([r.week for r in results]) if results else np.zeros(0)
-    recent = [(r, (r.week >= last_k - planning.calibration_weeks)) for r in results]
-    knob, knob_risk = calibrate(
-        np.concatenate([r.choices[m] for r, m in recent]),
-        np.concatenate([r.counts[m] for r, m in recent]),
-        np.concatenate([r.samples[m] for r, m in recent]),
-        planning.target_risk,
+    # Whether each VM's plan is made with its full history window (calibration stratum).
+    plan_mature = np.array(
+        [(plan_start - float(vm.timestamps[0])) / 3600 >= mature_h(planning) for vm in kept]
     )
-    rolling = rolling_knobs(results, planning.target_risk, planning.calibration_weeks)
+    calibration = calibrate_fleet(results, planning, plan_week=last_k, plan_mature=plan_mature)
+    knob, knob_risk = calibration.fleet.get(
+        last_k, (conservative_knob(planning.cold_start_factor), float("nan"))
+    )
     weekly = []
-    for k in sorted(rolling):
+    for k in sorted({int(w) for w in weeks}):
         n = under = above = 0
-        for r in results:
+        for r, knobs in zip(results, calibration.knobs, strict=True):
             m = r.week == k
             if m.any():
-                c = r.choices[m][:, rolling[k][0]]
+                c = r.choices[m][np.arange(int(m.sum())), knobs[m]]
                 under += int(r.counts[m][np.arange(c.size), c].sum())
                 above += int(r.counts[m][:, -1].sum())
                 n += int(r.samples[m].sum())
         weekly.append((k, under / max(n, 1), (under - above) / max(n, 1), int((weeks == k).sum())))
 
     plans = []
-    for vm, bt in zip(progress(kept, "plan"), results, strict=True):
+    for i, (vm, bt) in enumerate(zip(progress(kept, "plan"), results, strict=True)):
+        vm_knob = int(calibration.next_knobs[i])
         chosen, risks, warnings = [], [], []
         for ahead in range(planning.horizon_weeks):
             risk = week_risk(vm.timestamps, vm.usage, plan_start, planning, ahead)
             assert risk is not None  # every kept VM has samples before plan_start
-            j = choose_size(risk, prices, knob)
+            j = choose_size(risk, prices, vm_knob)
             chosen.append(float(sizes[j]))
             risks.append(float(risk.exceed[0][j]))
             if ahead == 0:
@@ -207,23 +219,26 @@ def make_fleet_plan(
         recent = vm.timestamps >= vm.timestamps[-1] - WEEK
         cap = None if vm.provisioned is None else float(np.median(vm.provisioned[recent]))
         plan = VMPlan(vm.name, vm, bt, chosen, risks, cap, warnings)
+        plan.knob, plan.backtest_knobs = vm_knob, calibration.knobs[i]
         if bt.week.size:
-            c = bt.choices[:, knob]
-            i = np.arange(c.size)
-            plan.backtest_risk = float(bt.counts[i, c].sum()) / max(int(bt.samples.sum()), 1)
+            # Each backtest week at the knob calibrated before it (what the planner did).
+            c = planner_choice(bt, calibration.knobs[i])
+            w = np.arange(c.size)
+            plan.backtest_risk = float(bt.counts[w, c].sum()) / max(int(bt.samples.sum()), 1)
             plan.backtest_saving = 1.0 - float(prices[c].sum()) / (float(prices[-1]) * c.size)
         plans.append(plan)
     if mark_anomalies:
         for plan in progress(plans, "mark anomalies (WHA)"):
             _mark_anomalies(plan, config)
     return FleetPlan(
-        plans, planning, knob, knob_risk, plan_start, origin, weekly, excluded, rolling
+        plans, planning, knob, knob_risk, plan_start, origin, weekly, excluded, calibration
     )
 
 
 def _rolling_choice(fleet: FleetPlan, plan: VMPlan) -> np.ndarray:
     """The backtest's size per week, each week at the knob calibrated before it."""
-    return planner_choice(plan.backtest, fleet.rolling)
+    assert plan.backtest_knobs is not None
+    return planner_choice(plan.backtest, plan.backtest_knobs)
 
 
 def write_csv(fleet: FleetPlan, path: Path) -> None:

@@ -136,12 +136,12 @@ def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
     store = TelemetryStore(tmp_path / "s.sqlite")
     store.ingest("vm", DEFAULT_METRICS, np.arange(1, 601), vm.timestamps, vm.values)
     adaptation = AdaptationSettings(warmup_samples=300, history_samples=400)
-    quiet = VMModels(checkpoint, store, tmp_path / "off", TrainingSettings(self_supervised=False),
-                     adaptation=adaptation)
+    quiet = VMModels(checkpoint, store, tmp_path / "off", TrainingSettings(),
+                     adaptation=adaptation)  # the default: real labels only
     quiet.adapt("vm")
     assert quiet.finetune("vm", 20).skipped == "no labelled windows"
 
-    models = VMModels(checkpoint, store, tmp_path / "on", TrainingSettings(),
+    models = VMModels(checkpoint, store, tmp_path / "on", TrainingSettings(self_supervised=True),
                       adaptation=adaptation)
     models.adapt("vm")
     outcome = models.finetune("vm", 20)
@@ -221,3 +221,33 @@ def test_detector_registry_creates_by_name() -> None:
         assert detector.score_samples(train[:7]).shape == (7,)
     with pytest.raises(ValueError, match="unknown detector 'lstm'"):
         create("lstm")
+
+
+def test_network_floor_keeps_the_network_part_at_its_calibrated_threshold(checkpoint) -> None:
+    """With the network floor, a window whose deviation is usual and whose logit sits at
+    the network's calibrated threshold scores at most 0.5 (no alarm), in NumPy and in
+    the exported graph's fusion; below-threshold logits cannot alarm on their own."""
+    from vmad.trainer.adaptation import offset_floor
+
+    vm, _ = generate_vm(8, 900, fault_rate=0.0)
+    plain = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW, cnn_weight=0.5,
+                           false_alarm_rate=0.01)
+    floored = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW, cnn_weight=0.5,
+                             false_alarm_rate=0.01, network_threshold=0.99)
+    f = floored.fusion
+    assert f.offset >= plain.fusion.offset
+    assert f.offset >= offset_floor(f, network_threshold=0.99) - 1e-12
+    usual = np.array([np.expm1(f.dev_center)])
+    at_threshold = np.array([np.log(0.99 / 0.01)])
+    assert f.score(at_threshold, usual)[0] <= 0.5 + 1e-6
+    assert f.score(at_threshold - 1.0, usual)[0] < 0.5
+    # No floor asked for: nothing below the tail fit.
+    assert offset_floor(f) == -np.inf
+    # The floor never applies to a part that has no weight.
+    from dataclasses import replace
+
+    assert offset_floor(replace(f, cnn_weight=0.0), network_threshold=0.99) == -np.inf
+
+
+def test_default_settings_use_the_network_floor() -> None:
+    assert AdaptationSettings().network_floor is True

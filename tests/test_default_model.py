@@ -44,7 +44,8 @@ def test_adapted_without_labels_detects_faults_on_an_unseen_vm() -> None:
     adaptation = fit_adaptation(
         checkpoint.model, vm.values[:warmup], DEFAULT_WINDOW, floors=DEFAULT_SCALE_FLOORS,
         cnn_weight=settings.cnn_weight, false_alarm_rate=settings.target_false_alarm_rate,
-        min_deviation=settings.min_deviation)
+        min_deviation=settings.min_deviation,
+        network_threshold=checkpoint.threshold if settings.network_floor else None)
     bundle = export_bundle(checkpoint, "adapted-903", adaptation=adaptation)
     assert not bundle.metadata.warmup
     windows = make_windows(vm.values[warmup - DEFAULT_WINDOW + 1:], DEFAULT_WINDOW)

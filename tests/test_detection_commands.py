@@ -100,3 +100,32 @@ def test_finetune_needs_labels(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "label" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_label_free_rows_under_both_head_rules(series_dir: Path) -> None:
+    """The labelled protocol's label-free rows: refit on the head's normal samples with
+    the false-alarm target (default) or the head's best-F1 threshold; both give scores,
+    and `fused` reports the network weight it picked on the head."""
+    from vmad.trainer.evaluate import QUICK, run_detection_benchmark
+
+    results = {rule: run_detection_benchmark(
+        series_dir, ("residual", "fused"), replace(QUICK, head_rule=rule))
+        for rule in ("refit", "best_f1")}
+    for rule, data in results.items():
+        for detector in ("residual", "fused"):
+            scores = data["mean"][detector]
+            assert 0.0 <= scores["point_f1"] <= 1.0, (rule, detector)
+            assert scores["auc"] > 0.6, (rule, detector)
+        assert 0.0 <= data["mean"]["fused"]["cnn_weight"] <= 1.0
+    with pytest.raises(ValueError, match="head_rule"):
+        run_detection_benchmark(series_dir, ("residual",), replace(QUICK, head_rule="x"))
+
+
+def test_normal_head_keeps_a_window_clear_of_every_event() -> None:
+    from vmad.trainer.evaluate import _normal_head
+
+    labels = np.zeros(40, dtype=np.int8)
+    labels[20:23] = 1
+    keep = _normal_head(labels, 4)
+    # Samples 17..25 lie within a window's length (4) of the event 20..22: not kept.
+    assert keep[:17].all() and not keep[17:26].any() and keep[26:].all()

@@ -11,6 +11,7 @@ import pytest
 
 from vmad.cli import main
 from vmad.planner import sizing
+from vmad.planner.bench_planning import SWEEP
 from vmad.planner.config import PlannerConfig
 from vmad.planner.filtering import filter_history, hourly_peaks
 from vmad.planner.history import HistoryError, read_history
@@ -199,7 +200,7 @@ def test_bench_planning_quick_synthetic(tmp_path: Path, capsys: pytest.CaptureFi
     assert "Verdict:" in text and "0.05 %" in text and "steady state" in text
     assert plot.stat().st_size > 1000
     sweep = __import__("json").loads(out.read_text())["sweep"]
-    assert [row["target"] for row in sweep.values()] == [0.0005, 0.001, 0.003, 0.01]
+    assert [row["target"] for row in sweep.values()] == list(SWEEP)
 
 
 def test_bitbrains_rules_reproduce_reference(shared_datasets: Path) -> None:

@@ -15,10 +15,18 @@ where `deviation` is the largest per-metric contribution of the window's newest 
 each part on the VM's own windows, so both parts speak in "how unusual for this VM".
 `offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
 own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
-normal windows exceed it: the score is 0.5 exactly there, and the bundle's threshold is
-0.5. Centring on the threshold keeps float32 scores away from saturation where it
-matters. With w = 1, centre 0, scale 1 and offset 0 the score is the network's
-probability: that is the pooled warm-up bundle, which keeps its shipped threshold.
+normal windows exceed it, and never below two floors: the z of a window whose network
+part is at its median and whose most deviant metric is `min_deviation` spreads off, and
+the z of a window whose deviation is at its median and whose network logit is at the
+network's own calibrated threshold (`network_threshold`, the checkpoint's threshold,
+calibrated on unseen VMs). The second floor is why the network part cannot raise alarms
+on a VM whose first hour was quieter than its later normal: a quiet warm-up puts the
+tail of the logit low, and on 10 unseen synthetic VMs that tail alone flagged 1.6 % of
+later normal windows (bench/normalization.py). The score is 0.5 exactly at the offset,
+and the bundle's threshold is 0.5. Centring on the threshold keeps float32 scores
+away from saturation where it matters. With w = 1, centre 0, scale 1 and offset 0 the
+score is the network's probability: that is the pooled warm-up bundle, which keeps its
+shipped threshold.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["Fusion", "VMAdaptation", "fit_adaptation", "fit_fusion", "robust_location"]
+__all__ = ["Fusion", "VMAdaptation", "fit_adaptation", "fit_fusion", "offset_floor",
+           "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -136,6 +145,22 @@ class VMAdaptation:
                    else None)
 
 
+def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
+                 network_threshold: float | None = None) -> float:
+    """The least offset (threshold on z) the fused score may have: neither part alone,
+    with the other at its usual level, may raise an alarm below its own floor (the
+    deviation below `min_deviation` spreads, the network below its calibrated
+    `network_threshold`, a probability). -inf when neither floor applies."""
+    floor = -math.inf
+    if min_deviation > 0:
+        floor = float(fusion.z(np.array([fusion.cnn_center]), np.array([min_deviation]))[0])
+    if network_threshold is not None and fusion.cnn_weight > 0.0:
+        p = min(max(float(network_threshold), 1e-6), 1 - 1e-6)
+        usual = np.array([math.expm1(fusion.dev_center)])  # the deviation at its median
+        floor = max(floor, float(fusion.z(np.array([math.log(p / (1 - p))]), usual)[0]))
+    return floor
+
+
 def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,
                          window: int) -> np.ndarray:
     """Deviation of each window (that of its newest sample) over normalized samples."""
@@ -146,7 +171,8 @@ def fit_adaptation(
     model: nn.Module, raw: np.ndarray, window: int, *,
     floors: float | Sequence[float] = 0.0, components: int = 0, cnn_weight: float = 0.5,
     false_alarm_rate: float = 0.005, min_deviation: float = 0.0,
-    received: int = 0, now: float = 0.0, generation: int = 1,
+    network_threshold: float | None = None, received: int = 0, now: float = 0.0,
+    generation: int = 1,
     normalizer: Normalizer | None = None,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
@@ -154,6 +180,8 @@ def fit_adaptation(
     The fused score's 0.5 sits where `false_alarm_rate` of the VM's own windows (taken as
     normal: no label is used) are expected above it; the threshold is 0.5. `normalizer` keeps given
     statistics (the network was just fine-tuned on them) instead of fitting new ones.
+    `min_deviation` and `network_threshold` (a probability: the network's own calibrated
+    threshold) are the floors of the offset described in the module docstring.
     """
     from vmad.trainer.training import predict_logits
 
@@ -169,10 +197,8 @@ def fit_adaptation(
     logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
     deviation = deviation_of_windows(residual, normalized, window)
     fusion = fit_fusion(logits, deviation, cnn_weight)
-    offset = tail_threshold(fusion.z(logits, deviation), false_alarm_rate)
-    if min_deviation > 0:
-        floor = fusion.z(np.array([fusion.cnn_center]), np.array([min_deviation]))[0]
-        offset = max(offset, float(floor))
+    offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),
+                 offset_floor(fusion, min_deviation, network_threshold))
     attribution = AttributionModel.fit(normalized, window)
     return VMAdaptation(normalizer, residual, replace(fusion, offset=offset), 0.5, len(raw),
                         received, now, generation, attribution=attribution)

@@ -70,6 +70,11 @@ def register(commands: Any, bench: Any) -> None:
     detection.add_argument("--threshold-rule", choices=("tail", "quantile"), default="tail",
                            help="label-free threshold: peaks-over-threshold fit (as the "
                                 "trainer) or the train part's empirical quantile")
+    detection.add_argument("--head-rule", choices=("refit", "best_f1"), default="refit",
+                           help="with labels, the label-free rows (residual, fused, pca): "
+                                "refit on the train part plus the head's normal samples and "
+                                "threshold from --false-alarm-rate (as the trainer), or the "
+                                "best-F1 threshold on the head")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -232,7 +237,7 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     config = QUICK if args.quick else ProtocolConfig()
     config = replace(config, folds=args.folds, seed=args.seed, labels=args.labels,
                      false_alarm_rate=args.false_alarm_rate,
-                     threshold_rule=args.threshold_rule)
+                     threshold_rule=args.threshold_rule, head_rule=args.head_rule)
     if args.max_series is not None:
         config = replace(config, max_series=args.max_series)
     if args.pretrain_batches is not None:

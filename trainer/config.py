@@ -72,9 +72,10 @@ class TrainingSettings(StrictModel):
     assume_normal_unlabelled: bool = Field(
         False, description="treat windows nobody labelled as normal")
     self_supervised: bool = Field(
-        True, description="an adapted VM fine-tunes on its own normal history with synthetic "
-                          "faults injected as positives (no label needed); its real labels "
-                          "join, drawn more often. false: real labels only")
+        False, description="an adapted VM fine-tunes on its own normal history with synthetic "
+                           "faults injected as positives (no label needed); its real labels "
+                           "join, drawn more often. false: real labels only (measured better "
+                           "on unseen VMs, docs/detection.md)")
     threads: int = Field(1, ge=1, description="PyTorch threads (the node also runs VMs)")
     seed: int = Field(0, description="makes fine-tuning repeatable")
 
@@ -104,6 +105,9 @@ class AdaptationSettings(StrictModel):
     cnn_weight: float = Field(
         0.5, ge=0, le=1, description="weight of the network in the fused score; the rest "
                                      "goes to the per-metric deviation")
+    network_floor: bool = Field(
+        True, description="no alarm from the network part below the network's own "
+                          "calibrated threshold while the deviation is at its usual level")
     components: int = Field(
         0, ge=0, description="principal components removed before the per-metric score "
                              "(0 = plain per-metric deviation)")

@@ -50,18 +50,21 @@ from vmad.evaluation import (
     DetectionScores,
     Interpretation,
     best_f1_threshold,
+    events,
     false_alarm_threshold,
     hit_rate,
     read_interpretation_labels,
+    roc_auc,
     score_detection,
     tail_threshold,
 )
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
-from vmad.trainer.adaptation import fit_fusion
+from vmad.trainer.adaptation import fit_fusion, offset_floor
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.checkpoint import load_default_checkpoint
+from vmad.trainer.config import AdaptationSettings
 from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
 from vmad.trainer.models import MODEL_KINDS, build_model
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
@@ -72,6 +75,7 @@ __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
 LABEL_FREE: tuple[str, ...] = ("residual", "fused", "pca")
 DETECTORS: tuple[str, ...] = (*MODEL_KINDS, *LABEL_FREE)
 LABEL_MODES: tuple[str, ...] = ("head", "none")
+HEAD_RULES: tuple[str, ...] = ("refit", "best_f1")
 SYNTHETIC_SOURCE = "synthetic"
 
 
@@ -87,7 +91,14 @@ class ProtocolConfig:
     to [0, 1]: 0.05 is 5 % of a metric's full range). fusion_weights / cnn_weight: the
     network's weight in `fused`, picked on the head / fixed without labels.
     threshold_rule: without labels, "tail" (peaks over threshold, as the trainer does) or
-    "quantile" (the empirical quantile of the train part's scores)."""
+    "quantile" (the empirical quantile of the train part's scores).
+    head_rule: how the label-free rows use the head's labels. "refit" (as the trainer
+    does when a VM has labels): refit on the train part plus the head's samples that no
+    label marks anomalous (a window's length kept clear around every event), and take
+    the threshold from the false-alarm target on what was fitted, as without labels.
+    "best_f1": fit on the train part only, threshold with the best F1 on the head.
+    min_deviation / network_floor: the trainer's floors under the threshold of
+    `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py)."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -110,6 +121,9 @@ class ProtocolConfig:
     fusion_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     cnn_weight: float = 0.5
     threshold_rule: str = "tail"
+    head_rule: str = "refit"
+    min_deviation: float = AdaptationSettings().min_deviation
+    network_floor: bool = AdaptationSettings().network_floor
 
 
 QUICK = ProtocolConfig(
@@ -278,6 +292,16 @@ def _shipped_logits(target: _Target, shipped: Any) -> tuple[np.ndarray, np.ndarr
     return out[0], out[1]
 
 
+def _normal_head(labels: np.ndarray, window: int) -> np.ndarray:
+    """Head samples fit to learn normal from: no label marks them anomalous and no event
+    lies within a window's length of them (a window reaching into an event is not
+    normal content, whatever its last sample says)."""
+    keep = np.ones(len(labels), dtype=bool)
+    for start, stop in events(labels):
+        keep[max(0, start - window + 1):stop + window - 1] = False
+    return keep
+
+
 def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
                          shipped: Any) -> tuple[DetectionScores, dict]:
     started = time.perf_counter()
@@ -290,9 +314,12 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
     # same samples for every detector.
     first = max(cut, config.window - 1, shipped.window - 1 if kind == "fused" else 0)
     extra: dict[str, float] = {}
+    refit = config.labels != "none" and config.head_rule == "refit"
+    head = _normal_head(labels[:cut], config.window) if refit else np.zeros(cut, dtype=bool)
+    fit_values = np.concatenate([train_values, test_values[:cut][head]])
     # The per-sample part comes from the detector registry; `fused` adds the network.
-    detector = create("residual" if kind == "fused" else kind).fit(train_values)
-    train_scores = detector.score_samples(train_values)
+    detector = create("residual" if kind == "fused" else kind).fit(fit_values)
+    fit_scores = detector.score_samples(fit_values)
     scores = detector.score_samples(test_values)
     if kind in ("residual", "fused"):
         # What the bundle's contributions output names (the score is unaffected).
@@ -300,15 +327,21 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
             .contributions_of_series(test_values, config.window)
     else:
         contributions = detector.contributions(test_values)  # type: ignore[attr-defined]
+    floor = config.min_deviation if kind == "residual" else -np.inf
     logits = _shipped_logits(target, shipped) if kind == "fused" else None
     if logits is not None:
-        train_scores, scores, weight = _fuse(logits, train_scores, scores, labels, cut, config)
+        train_logits, test_logits = logits
+        fit_logits = np.concatenate([train_logits, test_logits[:cut][head]])
+        network = shipped.threshold if config.network_floor else None
+        fit_scores, scores, weight, floor = _fuse(
+            (fit_logits, test_logits), fit_scores, scores, labels, cut, config, network)
         extra["cnn_weight"] = weight
-    if config.labels == "none":
-        finite = train_scores[np.isfinite(train_scores)]
+    if config.labels == "none" or refit:
+        finite = fit_scores[np.isfinite(fit_scores)]
         threshold = tail_threshold(finite, config.false_alarm_rate) \
             if config.threshold_rule == "tail" else \
             false_alarm_threshold(finite, config.false_alarm_rate)
+        threshold = max(threshold, floor)
     else:
         threshold = best_f1_threshold(labels[:cut], scores[:cut])
     result = score_detection(labels[first:], scores[first:], threshold)
@@ -320,32 +353,40 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
     return result, {**extra, "seconds": time.perf_counter() - started}
 
 
-def _fuse(logits: tuple[np.ndarray, np.ndarray], train_dev: np.ndarray, test_dev: np.ndarray,
-          labels: np.ndarray, cut: int, config: ProtocolConfig
-          ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Fused train and test scores and the network weight used (see module docstring)."""
-    train_logits, test_logits = logits
-    fusion = fit_fusion(train_logits[np.isfinite(train_logits)],
-                        train_dev[np.isfinite(train_logits)], config.cnn_weight)
+def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: np.ndarray,
+          labels: np.ndarray, cut: int, config: ProtocolConfig,
+          network_threshold: float | None,
+          ) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Fused fitting-data and test scores, the network weight used and the floor under
+    the threshold (trainer/adaptation.py's `offset_floor`).
+
+    With labels on the head, the weight is the one of `fusion_weights` whose fused score
+    ranks the head's labelled samples best (AUC: unlike F1 it needs no threshold, which
+    is what transfers worst from head to tail); ties go to the lower network weight, so
+    a network that adds nothing is left out. Without labels, or with no anomalous
+    sample on the head, it is the trainer's `cnn_weight`."""
+    fit_logits, test_logits = logits
+    usable = np.isfinite(fit_logits)
+    # The head's samples with a full window for the network.
+    head = slice(min(cut, int(np.argmax(np.isfinite(test_logits)))), cut)
+    fusion = fit_fusion(fit_logits[usable], fit_dev[usable], config.cnn_weight)
     # Samples without a full window yet: the network part sits at its median (neutral).
-    train_logits = np.where(np.isfinite(train_logits), train_logits, fusion.cnn_center)
+    fit_logits = np.where(usable, fit_logits, fusion.cnn_center)
     test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
 
     def fused(weight: float) -> tuple[np.ndarray, np.ndarray]:
         f = replace(fusion, cnn_weight=weight)
-        return f.z(train_logits, train_dev), f.z(test_logits, test_dev)
+        return f.z(fit_logits, fit_dev), f.z(test_logits, test_dev)
 
     weight = config.cnn_weight
-    if config.labels != "none" and cut and labels[:cut].any():
-        def head_f1(w: float) -> float:
-            head = fused(w)[1][:cut]
-            return score_detection(labels[:cut], head,
-                                   best_f1_threshold(labels[:cut], head)).point_f1
-        # Ties go to the trainer's default weight, then to the lower network weight.
-        candidates = sorted(config.fusion_weights, key=lambda w: (w != config.cnn_weight, w))
-        weight = max(candidates, key=head_f1)
-    train_scores, test_scores = fused(weight)
-    return train_scores, test_scores, float(weight)
+    if config.labels != "none" and cut and labels[head].any() and not labels[head].all():
+        def head_auc(w: float) -> float:
+            return round(roc_auc(labels[head], fused(w)[1][head]), 3)
+        weight = max(sorted(config.fusion_weights), key=lambda w: (head_auc(w), -w))
+    fit_scores, test_scores = fused(weight)
+    floor = offset_floor(replace(fusion, cnn_weight=weight), config.min_deviation,
+                         network_threshold)
+    return fit_scores, test_scores, float(weight), floor
 
 
 def run_detection_benchmark(
@@ -362,6 +403,9 @@ def run_detection_benchmark(
         raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
     if config.labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {config.labels!r}")
+    if config.head_rule not in HEAD_RULES:
+        raise ValueError(f"head_rule must be one of {', '.join(HEAD_RULES)}, "
+                         f"got {config.head_rule!r}")
     targets = _load(Path(data_dir), config)
     neural = [d for d in detectors if d not in LABEL_FREE]
     synthetic = _synthetic_sources(config, targets[0].test.metrics) \

@@ -232,6 +232,7 @@ class VMModels:
             components=settings.components, cnn_weight=settings.cnn_weight,
             false_alarm_rate=settings.target_false_alarm_rate,
             min_deviation=settings.min_deviation,
+            network_threshold=checkpoint.threshold if settings.network_floor else None,
             received=counters.received if counters else 0, now=now,
             generation=previous.generation + 1 if previous else 1,
             normalizer=previous.normalizer if keep_normalizer and previous else None)
