@@ -58,6 +58,9 @@ def register(commands: Any, bench: Any) -> None:
                                 help="RSS, CPU share and inference latency of the real agent")
     overhead.add_argument("--quick", action="store_true", help="about 20 s instead of 2 min")
     overhead.add_argument("--duration", type=float, default=None)
+    overhead.add_argument("--interval", type=float, default=None,
+                          help="the agent's sampling interval (default 5 s; 0.5 s scores "
+                               "windows within a minute, so RSS includes scoring)")
     overhead.set_defaults(run=_run_overhead)
 
 
@@ -160,4 +163,6 @@ def _run_overhead(args: argparse.Namespace) -> int:
     argv = ["--quick"] if args.quick else []
     if args.duration:
         argv += ["--duration", str(args.duration)]
+    if args.interval:
+        argv += ["--interval", str(args.interval)]
     return main(argv)

@@ -7,12 +7,15 @@ final RSS, CPU seconds / wall seconds after a 2 s start-up allowance.
 
 Inference latency: the first window is complete only after 64 samples (320 s at 5 s),
 so a 2-minute run scores no window. Latency is therefore measured in this process on the
-same code path the agent runs per sample (`WindowScorer.push` on a full ring: ring copy,
-normalization, ONNX Runtime with one thread), 2,000 times, p50 and p99.
+same code path the agent runs per sample (`WindowScorer.push` on a full ring: the sample
+into the ring, the window normalized into the bound ONNX input, ONNX Runtime with one
+thread, the verdict), 2,000 times, p50 and p99. `bench/agent_latency.py` splits that
+time between the model and the Python around it.
 
 The bundle is the packaged default, the one a fresh agent runs.
 
     vmad bench agent-overhead [--quick]          # 2 minutes; --quick 20 s
+    vmad bench agent-overhead --interval 0.5 --duration 60   # RSS while scoring
     .venv/bin/python bench/agent_overhead.py     # the same, from a checkout
 """
 

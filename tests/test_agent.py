@@ -116,6 +116,37 @@ def test_bundle_swap_refuses_corrupt_and_rolls_back(tmp_path: Path) -> None:
     assert fresh.load_initial(None).metadata.version == "v1"
 
 
+def test_window_scorer_scores_the_newest_window_oldest_first(tmp_path: Path) -> None:
+    """The ring (each sample written twice, the window a view) must hand the bundle the
+    last T samples in order, across wrap-arounds and a swap: the shipped bundle first
+    (a CNN, so the order shows in the score, and contributions), then a one-output one."""
+    from vmad.edge_agent.detector import WindowVerdict
+
+    slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    assert slot.load_initial(None) is not None
+    detector = WindowScorer(slot)
+    rng = np.random.default_rng(5)
+    samples = (rng.random((3 * DEFAULT_WINDOW + 7, len(METRICS))) * 60).tolist()
+    scored = 0
+    for index, values in enumerate(samples):
+        if index == 2 * DEFAULT_WINDOW:
+            slot.install(*tiny_bundle("v2", bias=1.0))
+        verdict = detector.push(values)
+        if index < DEFAULT_WINDOW - 1:
+            assert verdict is None
+            continue
+        bundle = slot.current
+        window = np.asarray(samples[index - DEFAULT_WINDOW + 1:index + 1]).T[None]
+        scores, contributions = bundle.score_with_contributions(window)
+        meta = bundle.metadata
+        assert verdict == WindowVerdict(
+            float(scores[0]), float(scores[0]) >= meta.threshold and not meta.warmup,
+            meta.version, meta.warmup,
+            tuple(contributions[0].tolist()) if contributions is not None else ())
+        scored += 1
+    assert scored == 2 * DEFAULT_WINDOW + 8
+
+
 # -- the agent against a real gRPC server ----------------------------------------------
 def fake_source():
     counter = itertools.count()

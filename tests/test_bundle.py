@@ -43,6 +43,37 @@ def test_score_normalizes_raw_windows_with_bundle_statistics() -> None:
                                atol=1e-5)
 
 
+def test_one_window_path_gives_exactly_the_batch_numbers() -> None:
+    """The agent scores one window through preallocated, bound buffers
+    (`Bundle.score_window`); its score and contributions must be the batch path's, bit
+    for bit, whatever the window's memory layout, for the shipped bundle and an adapted
+    one (per-VM residual with components, fusion, attribution)."""
+    from vmad.bundle import load_default_bundle
+    from vmad.synthetic import generate_vm
+    from vmad.trainer.adaptation import fit_adaptation
+
+    checkpoint = _checkpoint(window=16)
+    vm, _ = generate_vm(5, 800)
+    adaptation = fit_adaptation(checkpoint.model, vm.values[:600], 16, components=2,
+                                cnn_weight=0.5, false_alarm_rate=0.01)
+    rng = np.random.default_rng(3)
+    for bundle in (load_default_bundle(), export_bundle(checkpoint, "a", adaptation=adaptation)):
+        m, t = len(bundle.metrics), bundle.window
+        ring = (rng.random((m, 2 * t)) * 80).astype(np.float32)
+        ring[:, 3], ring[:, 9] = 1e7, -1e7  # past the clip on both sides
+        checked = 0
+        for start in (0, 1, t // 2, t):
+            raw = ring[:, start:start + t]  # a strided view, as the agent passes it
+            for window in (raw, raw.astype(np.float64) + 0.1):  # float32 first, both paths
+                score, contributions = bundle.score_window(window)
+                scores, expected = bundle.score_with_contributions(window[None])
+                assert expected is not None and len(contributions) == m
+                assert score == float(scores[0])
+                assert contributions == tuple(expected[0].tolist())
+                checked += 1
+        assert checked == 8
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     export_bundle(_checkpoint(), "v1", tmp_path / "bundle")

@@ -147,7 +147,7 @@ def test_bundle_failing_while_scoring_rolls_back_and_scoring_goes_on(tmp_path):
     def fails(raw):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
 
-    broken.score_with_contributions = fails  # type: ignore[method-assign]
+    broken.score_window = fails  # type: ignore[method-assign]
     results = [detector.push([10.0, 40.0, 1.0, 1.0]) for _ in range(DEFAULT_WINDOW + 1)]
     assert results[DEFAULT_WINDOW - 1] is None  # the failing step gives no verdict...
     assert results[DEFAULT_WINDOW].version == "v1"  # ...the next is scored by the previous

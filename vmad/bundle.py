@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ METADATA_FILE = "bundle.json"
 # An agent-side model is small; anything bigger is a mistake or an attack.
 MAX_ONNX_BYTES = 64 * 1024 * 1024
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
+
+
+# np.clip's own ufunc: `np.clip` reaches it through a Python wrapper that costs more than
+# clipping one window (about 8 us against 2 us per call); min then max where it is absent.
+try:
+    from numpy._core.umath import clip as _clip_ufunc
+except ImportError:  # pragma: no cover - numpy < 2 names it numpy.core.umath.clip
+    _clip_ufunc = None
 
 
 class BundleError(InputError):
@@ -151,6 +160,16 @@ class Bundle:
         self.onnx_bytes = onnx_bytes
         self._session = session
         self._input_name = session.get_inputs()[0].name
+        # Asked for by name once: `run(None, ...)` rebuilds this list on every call.
+        self._output_names = [output.name for output in session.get_outputs()]
+        # Normalization as float32 columns `[M, 1]`, built once instead of per window;
+        # the arithmetic is the Normalizer's own (float32 subtract, divide, clip).
+        norm = metadata.normalization
+        self._center = np.asarray(norm.center, dtype=np.float32)[:, None]
+        self._scale = np.asarray(norm.scale, dtype=np.float32)[:, None]
+        self._clip = np.float32(norm.clip)
+        self._one: _OneWindow | None = None  # the agent's single-window path, see score_window
+        self._one_lock = threading.Lock()
 
     @classmethod
     def from_parts(
@@ -226,6 +245,16 @@ class Bundle:
         if not np.all(np.isfinite(scores)) or scores.min() < 0.0 or scores.max() > 1.0:
             raise BundleError("the model's output on test windows is not a finite "
                               f"probability in [0, 1] (min {scores.min()}, max {scores.max()})")
+        # The agent's own path (`score_window`) must run too: refused now, not rolled
+        # back at the first window.
+        try:
+            score, blame = self.score_window(raw[5])
+        except Exception as error:  # onnxruntime raises several private exception types
+            raise BundleError(f"the model fails to run one window: {str(error)[:300]}"
+                              ) from None
+        if not 0.0 <= score <= 1.0 or len(blame) not in (0, m):  # NaN fails too
+            raise BundleError(f"the model's output on one window is not a probability "
+                              f"and {m} contributions (score {score}, {len(blame)} values)")
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -238,7 +267,8 @@ class Bundle:
     def run(self, normalized: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Score per window and, if the graph gives them, per-metric contributions
         `[W, M]`, for already-normalized `float32[W, M, T]`."""
-        outputs = self._session.run(None, {self._input_name: normalized.astype(np.float32)})
+        feed = np.ascontiguousarray(normalized, dtype=np.float32)  # no copy when it is one
+        outputs = self._session.run(self._output_names, {self._input_name: feed})
         scores = np.asarray(outputs[0], dtype=np.float32).reshape(-1)
         contributions = np.asarray(outputs[1], dtype=np.float32) if len(outputs) > 1 else None
         return scores, contributions
@@ -248,9 +278,16 @@ class Bundle:
         return self.run(normalized)[0]
 
     def normalize(self, raw_windows: np.ndarray) -> np.ndarray:
-        raw = np.asarray(raw_windows, dtype=np.float32)
-        normalized = self.metadata.normalization.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1)
-        return np.ascontiguousarray(normalized)
+        """`float32[W, M, T]`, C-contiguous: the Normalizer's arithmetic on each window."""
+        out = np.subtract(np.asarray(raw_windows, dtype=np.float32), self._center, order="C")
+        return self._scale_and_clip(out)
+
+    def _scale_and_clip(self, out: np.ndarray) -> np.ndarray:
+        np.divide(out, self._scale, out=out)
+        if _clip_ufunc is not None:
+            return _clip_ufunc(out, -self._clip, self._clip, out=out)
+        np.minimum(out, self._clip, out=out)  # the same values as np.clip, NaN stays NaN
+        return np.maximum(out, -self._clip, out=out)
 
     def score(self, raw_windows: np.ndarray) -> np.ndarray:
         """Anomaly score per window for raw `[W, M, T]` windows (normalized here)."""
@@ -261,6 +298,16 @@ class Bundle:
         """Scores and per-metric contributions for raw `[W, M, T]` windows."""
         return self.run(self.normalize(raw_windows))
 
+    def score_window(self, raw_window: np.ndarray) -> tuple[float, tuple[float, ...]]:
+        """Score and per-metric contributions (empty if the graph has none) of one raw
+        window `[M, T]` (any strides, e.g. a view into a ring of samples): the same
+        numbers as `score_with_contributions(raw_window[None])`, at a fraction of its
+        Python cost. The agent calls this once per sample; see `_OneWindow`."""
+        with self._one_lock:  # the buffers are shared; the agent scores from one thread
+            if self._one is None:
+                self._one = _OneWindow(self)
+            return self._one.score(raw_window)
+
     def verdicts(self, scores: np.ndarray) -> np.ndarray:
         return scores >= self.metadata.threshold
 
@@ -268,7 +315,52 @@ class Bundle:
         return write_bundle(folder, self.metadata, self.onnx_bytes)
 
 
-def _open_session(onnx_bytes: bytes) -> Any:
+class _OneWindow:
+    """Preallocated buffers and an ONNX Runtime IOBinding for one window at a time.
+
+    Per window, `session.run` would allocate the normalized input, convert the feed dict,
+    look up the output names and wrap each output in a new array; half the agent's time
+    per window went there, not into the model. Here the normalized window is written
+    into one float32 buffer that stays bound as the graph's input, and the outputs land
+    in buffers bound once. The output shapes come from one ordinary run at creation
+    (the graph's batch axis is symbolic): a graph whose output shape changed with the
+    window's values would fail here and be treated as a bundle failing to score.
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._bundle = bundle
+        m, t = len(bundle.metadata.metrics), bundle.metadata.window
+        self._input = np.zeros((1, m, t), dtype=np.float32)
+        self._view = self._input[0]
+        outputs = bundle.run(self._input)  # shapes only; the values are not used
+        self._score = np.zeros(outputs[0].shape, dtype=np.float32)
+        self._score_flat = self._score.reshape(-1)  # a view: [1] or [1, 1] alike
+        self._contributions = (np.zeros(outputs[1].shape, dtype=np.float32)
+                               if outputs[1] is not None else None)
+        session = bundle._session
+        self._binding = session.io_binding()
+        self._binding.bind_input(bundle._input_name, "cpu", 0, np.float32,
+                                 list(self._input.shape), self._input.ctypes.data)
+        for name, buffer in zip(bundle._output_names, (self._score, self._contributions),
+                                strict=False):
+            if buffer is not None:
+                self._binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape),
+                                          buffer.ctypes.data)
+        self._run = session.run_with_iobinding
+
+    def score(self, raw_window: np.ndarray) -> tuple[float, tuple[float, ...]]:
+        bundle, view = self._bundle, self._view
+        if raw_window.dtype != np.float32:  # float32 first, as `Bundle.normalize` does
+            raw_window = raw_window.astype(np.float32)
+        np.subtract(raw_window, bundle._center, out=view)  # also copies a strided view
+        bundle._scale_and_clip(view)
+        self._run(self._binding)
+        contributions = self._contributions
+        return (float(self._score_flat[0]),
+                tuple(contributions[0].tolist()) if contributions is not None else ())
+
+
+def _session_options() -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -276,10 +368,22 @@ def _open_session(onnx_bytes: bytes) -> Any:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # ONNX Runtime's defaults, stated: nodes one after another, every graph optimization
+    # (measured, bench/agent_latency.py: the options below change the p50 by less than
+    # the machine's noise).
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One small window at a time: an arena and pre-planned memory patterns only hold on to
     # memory the agent does not need (docs/agent.md, bench/agent_imports.py).
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
+    return options
+
+
+def _open_session(onnx_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = _session_options()
     try:
         return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises several private exception types
