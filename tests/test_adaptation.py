@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.trainer_fixtures import small_checkpoint
 from vmad.evaluation import hit_rate, read_interpretation_labels
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
@@ -14,7 +15,6 @@ from vmad.trainer.adaptation import fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.export import export_bundle
-from vmad.trainer.models import build_model
 from vmad.trainer.residual import ResidualModel
 from vmad.trainer.store import TelemetryStore
 from vmad.trainer.training import predict_logits
@@ -28,10 +28,7 @@ def checkpoint() -> Checkpoint:
     import torch
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
-    return Checkpoint(build_model("zoom-cnn", 4, WINDOW), "zoom-cnn", DEFAULT_METRICS, WINDOW,
-                      normalizer, 0.9)
+    return small_checkpoint("zoom-cnn", WINDOW, threshold=0.9)
 
 
 def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:

@@ -11,15 +11,15 @@ import json
 import numpy as np
 import pytest
 
+from tests.trainer_fixtures import small_checkpoint
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
 from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
 from vmad.trainer.attribution import FAR_WEIGHT, AttributionModel, split
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.export import export_bundle
-from vmad.trainer.models import build_model
 from vmad.trainer.residual import ResidualModel
-from vmad.windows import Normalizer, make_windows
+from vmad.windows import make_windows
 
 WINDOW = 16
 
@@ -29,10 +29,7 @@ def checkpoint() -> Checkpoint:
     import torch
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    normalizer = Normalizer.fit(rng.normal(30, 3, size=(200, 4)))
-    return Checkpoint(build_model("zoom-cnn", 4, WINDOW), "zoom-cnn", DEFAULT_METRICS, WINDOW,
-                      normalizer, 0.9)
+    return small_checkpoint("zoom-cnn", WINDOW, threshold=0.9)
 
 
 def test_split_halves_the_window() -> None:
