@@ -369,7 +369,9 @@ class VMModels:
         info = self.info(vm_id)
         data = self.labelled_windows(vm_id)
         adaptation = self.adaptation(vm_id)
-        injected = self._self_supervised_data(vm_id, data) if adaptation is not None else None
+        # Injecting faults into the history costs time: only when a fine-tune will run.
+        injected = self._self_supervised_data(vm_id, data) \
+            if adaptation is not None and batches > 0 else None
         if (len(data.labels) == 0 and injected is None) or batches <= 0:
             outcome = self.reset(vm_id, now) if reset else None
             bundle = outcome.bundle if outcome else self.bundle(vm_id)
