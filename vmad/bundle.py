@@ -162,12 +162,6 @@ class Bundle:
         self._input_name = session.get_inputs()[0].name
         # Asked for by name once: `run(None, ...)` rebuilds this list on every call.
         self._output_names = [output.name for output in session.get_outputs()]
-        # Normalization as float32 columns `[M, 1]`, built once instead of per window;
-        # the arithmetic is the Normalizer's own (float32 subtract, divide, clip).
-        norm = metadata.normalization
-        self._center = np.asarray(norm.center, dtype=np.float32)[:, None]
-        self._scale = np.asarray(norm.scale, dtype=np.float32)[:, None]
-        self._clip = np.float32(norm.clip)
         self._one: _OneWindow | None = None  # the agent's single-window path, see score_window
         self._one_lock = threading.Lock()
 
@@ -278,16 +272,10 @@ class Bundle:
         return self.run(normalized)[0]
 
     def normalize(self, raw_windows: np.ndarray) -> np.ndarray:
-        """`float32[W, M, T]`, C-contiguous: the Normalizer's arithmetic on each window."""
-        out = np.subtract(np.asarray(raw_windows, dtype=np.float32), self._center, order="C")
-        return self._scale_and_clip(out)
-
-    def _scale_and_clip(self, out: np.ndarray) -> np.ndarray:
-        np.divide(out, self._scale, out=out)
-        if _clip_ufunc is not None:
-            return _clip_ufunc(out, -self._clip, self._clip, out=out)
-        np.minimum(out, self._clip, out=out)  # the same values as np.clip, NaN stays NaN
-        return np.maximum(out, -self._clip, out=out)
+        """`float32[W, M, T]`, C-contiguous, normalized with the bundle's statistics."""
+        raw = np.asarray(raw_windows, dtype=np.float32)
+        normalized = self.metadata.normalization.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1)
+        return np.ascontiguousarray(normalized)
 
     def score(self, raw_windows: np.ndarray) -> np.ndarray:
         """Anomaly score per window for raw `[W, M, T]` windows (normalized here)."""
@@ -330,6 +318,13 @@ class _OneWindow:
     def __init__(self, bundle: Bundle) -> None:
         self._bundle = bundle
         m, t = len(bundle.metadata.metrics), bundle.metadata.window
+        # The Normalizer's arithmetic (float32 subtract, divide, clip), in place on one
+        # `[M, T]` window, with its statistics as float32 columns `[M, 1]` built once;
+        # `Bundle.normalize` is the reference the tests hold this path equal to.
+        norm = bundle.metadata.normalization
+        self._center = np.asarray(norm.center, dtype=np.float32)[:, None]
+        self._scale = np.asarray(norm.scale, dtype=np.float32)[:, None]
+        self._clip = np.float32(norm.clip)
         self._input = np.zeros((1, m, t), dtype=np.float32)
         self._view = self._input[0]
         outputs = bundle.run(self._input)  # shapes only; the values are not used
@@ -349,11 +344,16 @@ class _OneWindow:
         self._run = session.run_with_iobinding
 
     def score(self, raw_window: np.ndarray) -> tuple[float, tuple[float, ...]]:
-        bundle, view = self._bundle, self._view
+        view, clip = self._view, self._clip
         if raw_window.dtype != np.float32:  # float32 first, as `Bundle.normalize` does
             raw_window = raw_window.astype(np.float32)
-        np.subtract(raw_window, bundle._center, out=view)  # also copies a strided view
-        bundle._scale_and_clip(view)
+        np.subtract(raw_window, self._center, out=view)  # also copies a strided view
+        np.divide(view, self._scale, out=view)
+        if _clip_ufunc is not None:
+            _clip_ufunc(view, -clip, clip, out=view)
+        else:
+            np.minimum(view, clip, out=view)  # the same values as np.clip, NaN stays NaN
+            np.maximum(view, -clip, out=view)
         self._run(self._binding)
         contributions = self._contributions
         return (float(self._score_flat[0]),
