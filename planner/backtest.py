@@ -25,6 +25,7 @@ from vmad.planner.risk_sizing import (
     KNOB,
     WEEK,
     WeekRisk,
+    cheapest_knob,
     choose_size,
     conservative_knob,
     mature_h,
@@ -370,8 +371,7 @@ def calibrate_fleet(
                     float(p_samples[p_in].sum()) + prior_fleet
                 )
                 if stratum or w not in fleet:
-                    ok = np.flatnonzero(rates[stratum] <= target)
-                    f_knob = int(ok[0]) if ok.size else len(KNOB) - 1
+                    f_knob = cheapest_knob(rates[stratum], target)
                     fleet[w] = (f_knob, float(rates[stratum][f_knob]))
             now_rate = np.where(now[:, None], rates[True][None, :], rates[False][None, :])
             if config.vm_prior_weeks is not None:
@@ -407,9 +407,8 @@ def calibrate_fleet(
                 if m.size:
                     curves[i] = r.est_risk[m[0]]
         known = ~np.isnan(curves[:, 0])
-        for i in np.flatnonzero(known):  # the cheapest knob meeting the target
-            ok = np.flatnonzero(curves[i] <= target)
-            chosen[i] = int(ok[0]) if ok.size else len(KNOB) - 1
+        for i in np.flatnonzero(known):
+            chosen[i] = cheapest_knob(curves[i], target)
         for i, r in enumerate(results):
             knobs[i][r.week == w] = chosen[i]
         if plan_week is not None and w == plan_week:

@@ -35,6 +35,7 @@ __all__ = [
     "KNOB",
     "WeekRisk",
     "calibrate",
+    "cheapest_knob",
     "choose_size",
     "conservative_knob",
     "exceedance",
@@ -238,10 +239,15 @@ def calibrate(
     # on its own); it must not push the whole fleet to the safest setting.
     reachable = counts - counts[:, -1:]
     risk = reachable[rows, choices].sum(axis=0) / samples.sum()
-    ok = np.flatnonzero(risk <= target)
-    # None meets it: the safest setting (the history says the target is out of reach).
-    knob = int(ok[0]) if ok.size else len(KNOB) - 1
+    knob = cheapest_knob(risk, target)
     return knob, float(risk[knob])
+
+
+def cheapest_knob(risk: np.ndarray, target: float) -> int:
+    """The first (cheapest) knob whose estimated `risk` is at most `target`; the safest
+    when none is (the history says the target is out of reach)."""
+    ok = np.flatnonzero(risk <= target)
+    return int(ok[0]) if ok.size else len(KNOB) - 1
 
 
 def conservative_knob(factor: float) -> int:
@@ -286,8 +292,7 @@ def vm_knob(
     risk = vm_risk(
         vm_under[None, :], np.array([vm_samples]), fleet_under, fleet_samples, prior_samples
     )[0]
-    ok = np.flatnonzero(risk <= target)
-    return int(ok[0]) if ok.size else len(KNOB) - 1
+    return cheapest_knob(risk, target)
 
 
 # A prior worth more weeks than this is the fleet's rate alone (VMs do not differ).
