@@ -1,15 +1,16 @@
 """Out of the box on unseen synthetic VMs: the shipped detector, adapted without labels.
 
-For each unseen VM (seeds 900-909) the trainer's label-free adaptation
-(trainer/adaptation.py) is fitted on the VM's first `--warmup` samples, exactly as the
-running trainer does (same defaults as trainer.yaml's `adaptation` section: scale
-floors, per-metric deviation, network weight, 0.5 % false-alarm target), and every
-window after the warm-up is scored. Rows: the fused score the agent runs, the network
-alone and the per-metric deviation alone (each with its own threshold at the same
-target), the fused score after the trainer's label-free fine-tune (`--finetune-batches`
-on the warm-up history with synthetic faults injected, trainer/self_supervised.py), and
-the pooled warm-up bundle at its shipped threshold (what the agent would flag if it did
-not hold alarms back during warm-up). No label is used anywhere.
+For each unseen VM (seeds 900-909 by default, `--first-seed` for another draw) the
+trainer's label-free adaptation (trainer/adaptation.py) is fitted on the VM's first
+`--warmup` samples, exactly as the running trainer does (same defaults as trainer.yaml's
+`adaptation` section: scale floors, per-metric deviation, network weight, 0.5 %
+false-alarm target), and every window after the warm-up is scored. Rows: the fused
+score the agent runs, the network alone and the per-metric deviation alone (each with
+its own threshold at the same target), the fused score after the trainer's label-free
+fine-tune (`--finetune-batches` on the warm-up history with synthetic faults injected,
+trainer/self_supervised.py), and the pooled warm-up bundle at its shipped threshold
+(what the agent would flag if it did not hold alarms back during warm-up).
+No label is used anywhere.
 
     python bench/normalization.py            # 10 VMs x 6000 samples, about a minute
     python bench/normalization.py --quick    # 3 VMs x 2000 samples: a smoke run
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=AdaptationSettings().warmup_samples,
                         help="samples of warm-up (default: trainer.yaml's, 720 = 1 h at 5 s)")
     parser.add_argument("--vms", type=int, default=10, help="unseen VMs to score")
+    parser.add_argument("--first-seed", type=int, default=900,
+                        help="seed of the first VM (another draw: e.g. 1000)")
     parser.add_argument("--samples", type=int, default=6000, help="samples per scored VM")
     parser.add_argument("--cnn-weight", type=float, default=AdaptationSettings().cnn_weight,
                         help="the network's weight in the fused score (trainer.yaml's default)")
@@ -81,13 +84,14 @@ def main() -> None:
     variants = ("fused (shipped)", "network alone", "deviation alone",
                 "fused, fine-tuned without labels", "pooled warm-up bundle")
     totals: dict[str, tuple[list, list]] = {name: ([], []) for name in variants}
-    table = Table(title=f"Unseen synthetic VMs (seeds 900-{899 + args.vms}, {args.samples} "
+    seeds = range(args.first_seed, args.first_seed + args.vms)
+    table = Table(title=f"Unseen synthetic VMs (seeds {seeds[0]}-{seeds[-1]}, {args.samples} "
                         f"samples each, adapted on the first {args.warmup}, scored after)")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
-    for seed in range(900, 900 + args.vms):
+    for seed in seeds:
         vm, _ = generate_vm(seed, args.samples)
         assert vm.labels is not None
         labels = vm.labels[args.warmup:].astype(bool)
@@ -154,7 +158,8 @@ def main() -> None:
                 v[name]["false_alarm_rate"] for v in per_vm.values())
             pooled_rows[name] = row
         args.json.write_text(json.dumps(
-            {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples},
+            {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,
+                          "first_seed": args.first_seed},
              "pooled": pooled_rows, "vms": per_vm}, indent=2, sort_keys=True) + "\n")
     console.print(f"{time.perf_counter() - started:.0f} s; AUC is the mean of the VMs' AUCs")
 
