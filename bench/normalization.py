@@ -1,19 +1,22 @@
 """Out of the box on unseen synthetic VMs: the shipped detector, adapted without labels.
 
 For each unseen VM (seeds 900-909 by default, `--first-seed` for another draw) the
-trainer's label-free adaptation (trainer/adaptation.py) is fitted on the VM's first
-`--warmup` samples, exactly as the running trainer does (same defaults as trainer.yaml's
-`adaptation` section: scale floors, per-metric deviation, network weight, 0.5 %
-false-alarm target), and every window after the warm-up is scored. Rows: the fused
-score the agent runs, the network alone and the per-metric deviation alone (each with
-its own threshold at the same target), the fused score after the trainer's label-free
-fine-tune (`--finetune-batches` on the warm-up history with synthetic faults injected,
-trainer/self_supervised.py), and the pooled warm-up bundle at its shipped threshold
-(what the agent would flag if it did not hold alarms back during warm-up).
-No label is used anywhere.
+trainer's label-free adaptation (trainer/adaptation.py) runs as the running trainer
+does it (trainer.yaml's `adaptation` defaults): fitted on the VM's first `--warmup`
+samples, refitted every `--refresh` samples on the newest `history_samples` outside the
+windows it raised alarms on, and an alarm raised once `--alarm-after` windows in a row
+reach the threshold. Every window after the warm-up is scored by the adaptation in
+force at that moment. Rows: the fused score the agent runs, the network alone and the
+per-metric deviation alone (each with its own threshold at the same target, refitted
+the same way), the fused score after the trainer's label-free fine-tune
+(`--finetune-batches` on the warm-up history with synthetic faults injected,
+trainer/self_supervised.py), and the pooled warm-up bundle at its shipped threshold,
+window by window (what the agent would flag if it did not hold alarms back during
+warm-up). No label is used anywhere.
 
     python bench/normalization.py            # 10 VMs x 6000 samples, about a minute
     python bench/normalization.py --quick    # 3 VMs x 2000 samples: a smoke run
+    python bench/normalization.py --refresh 0 --alarm-after 1   # one fit, every window
     python bench/normalization.py --json bench/results/normalization.json
 """
 
@@ -31,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from vmad.evaluation import score_detection
+from vmad.evaluation import DetectionScores, run_lengths, score_detection
 from vmad.schema import DEFAULT_SCALE_FLOORS
 from vmad.synthetic import generate_vm
 from vmad.trainer.adaptation import fit_adaptation
@@ -60,33 +63,92 @@ def _finetuned_without_labels(shipped: Checkpoint, history: np.ndarray, batches:
     return model, normalizer
 
 
+def _normal_history(values: np.ndarray, alarms: np.ndarray, end: int, history: int,
+                    window: int) -> np.ndarray:
+    """The trainer's refit data (VMModels._normal_history): the newest `history` samples
+    before `end` outside every window that raised an alarm, or all of them when too few
+    remain."""
+    start = max(0, end - history)
+    keep = np.ones(end - start, dtype=bool)
+    for last in np.flatnonzero(alarms[start:end]):
+        keep[max(0, last - window + 1):last + 1] = False
+    kept = values[start:end][keep]
+    return kept if len(kept) >= window + 16 else values[start:end]
+
+
+def run_like_trainer(model: nn.Module, values: np.ndarray, window: int,
+                     settings: AdaptationSettings, *, refresh: int, cnn_weight: float,
+                     network_threshold: float | None,
+                     first_normalizer: Normalizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and alarms of every sample's window after the warm-up, with the adaptation
+    in force when it arrived: the first fit on the warm-up, a refit every `refresh`
+    samples (0: never) on the VM's unflagged recent history."""
+    warmup, n = settings.warmup_samples, len(values)
+    scores = np.zeros(n, dtype=np.float32)
+    alarms = np.zeros(n, dtype=bool)
+    step = refresh or n
+    run = 0  # windows in a row at the threshold, carried across refits as in the agent
+    for start in range(warmup, n, step):
+        stop = min(n, start + step)
+        raw = values[:warmup] if start == warmup else _normal_history(
+            values, alarms, start, settings.history_samples, window)
+        adaptation = fit_adaptation(
+            model, raw, window, floors=list(DEFAULT_SCALE_FLOORS),
+            components=settings.components, cnn_weight=cnn_weight,
+            false_alarm_rate=settings.target_false_alarm_rate,
+            min_deviation=settings.min_deviation, network_threshold=network_threshold,
+            normalizer=first_normalizer if start == warmup else None)
+        normalized = adaptation.normalizer.apply(values[start - window + 1:stop])
+        logits = predict_logits(model, make_windows(normalized, window))
+        deviation = adaptation.residual.score_samples(normalized[window - 1:])
+        scores[start:stop] = adaptation.fusion.score(logits, deviation)
+        lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
+        alarms[start:stop] = lengths >= settings.alarm_after
+        run = int(lengths[-1])
+    return scores[warmup:], alarms[warmup:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--warmup", type=int, default=AdaptationSettings().warmup_samples,
+    defaults = AdaptationSettings()
+    parser.add_argument("--warmup", type=int, default=defaults.warmup_samples,
                         help="samples of warm-up (default: trainer.yaml's, 720 = 1 h at 5 s)")
+    parser.add_argument("--refresh", type=int, default=defaults.refresh_samples,
+                        help="refit after this many more samples, 0 = never (default: "
+                             "trainer.yaml's, 720 = 1 h at 5 s)")
+    parser.add_argument("--alarm-after", type=int, default=defaults.alarm_after,
+                        help="windows in a row at the threshold before an alarm "
+                             "(default: trainer.yaml's)")
     parser.add_argument("--vms", type=int, default=10, help="unseen VMs to score")
     parser.add_argument("--first-seed", type=int, default=900,
                         help="seed of the first VM (another draw: e.g. 1000)")
     parser.add_argument("--samples", type=int, default=6000, help="samples per scored VM")
-    parser.add_argument("--cnn-weight", type=float, default=AdaptationSettings().cnn_weight,
+    parser.add_argument("--cnn-weight", type=float, default=defaults.cnn_weight,
                         help="the network's weight in the fused score (trainer.yaml's default)")
     parser.add_argument("--finetune-batches", type=int, default=100,
-                        help="label-free fine-tune batches of the fine-tuned row (default 100)")
+                        help="label-free fine-tune batches of the fine-tuned row (0: no row)")
     parser.add_argument("--json", type=Path, help="write per-VM and pooled results here")
     args = parser.parse_args()
     if args.quick:
         args.vms, args.samples = 3, 2000
-    settings = AdaptationSettings(warmup_samples=args.warmup, cnn_weight=args.cnn_weight)
+    settings = AdaptationSettings(warmup_samples=args.warmup, cnn_weight=args.cnn_weight,
+                                  refresh_samples=max(1, args.refresh),
+                                  alarm_after=args.alarm_after)
     shipped = load_default_checkpoint()
     window = shipped.window
+    network_threshold = shipped.threshold if settings.network_floor else None
     started = time.perf_counter()
-    variants = ("fused (shipped)", "network alone", "deviation alone",
-                "fused, fine-tuned without labels", "pooled warm-up bundle")
+    variants = ["fused (shipped)", "network alone", "deviation alone",
+                "fused, fine-tuned without labels", "pooled warm-up bundle"]
+    if args.finetune_batches == 0:
+        variants.remove("fused, fine-tuned without labels")
     totals: dict[str, tuple[list, list]] = {name: ([], []) for name in variants}
     seeds = range(args.first_seed, args.first_seed + args.vms)
+    refits = f"refitted every {args.refresh}" if args.refresh else "never refitted"
     table = Table(title=f"Unseen synthetic VMs (seeds {seeds[0]}-{seeds[-1]}, {args.samples} "
-                        f"samples each, adapted on the first {args.warmup}, scored after)")
+                        f"samples each, adapted on the first {args.warmup}, {refits}, alarm "
+                        f"after {args.alarm_after} windows in a row, scored after the warm-up)")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
     table.add_column("VM")
     for name in variants:
@@ -95,73 +157,59 @@ def main() -> None:
         vm, _ = generate_vm(seed, args.samples)
         assert vm.labels is not None
         labels = vm.labels[args.warmup:].astype(bool)
+        values = vm.values.astype(np.float64)
         cells = []
         for name in variants:
             if name == "pooled warm-up bundle":
                 pooled = shipped.normalizer.apply(vm.values)
                 scores = predict_proba(shipped.model, make_windows(pooled, window))
-                scores, threshold = scores[args.warmup - window + 1:], shipped.threshold
+                scores = scores[args.warmup - window + 1:]
+                alarms = scores >= shipped.threshold
             else:
                 weight = {"network alone": 1.0, "deviation alone": 0.0}.get(
                     name, settings.cnn_weight)
                 model, normalizer = shipped.model, None
                 if name == "fused, fine-tuned without labels":
                     model, normalizer = _finetuned_without_labels(
-                        shipped, vm.values[:args.warmup], args.finetune_batches, seed)
-                adaptation = fit_adaptation(
-                    model, vm.values[:args.warmup], window,
-                    floors=list(DEFAULT_SCALE_FLOORS), components=settings.components,
-                    cnn_weight=weight, false_alarm_rate=settings.target_false_alarm_rate,
-                    min_deviation=settings.min_deviation,
-                    network_threshold=shipped.threshold if settings.network_floor else None,
-                    normalizer=normalizer)
-                normalized = adaptation.normalizer.apply(vm.values)
-                logits = predict_logits(model, make_windows(normalized, window))
-                deviation = adaptation.residual.score_samples(normalized[window - 1:])
-                scores = adaptation.fusion.score(logits, deviation)[args.warmup - window + 1:]
-                threshold = adaptation.threshold
-            result = score_detection(labels, scores, threshold)
-            totals[name][0].append(scores)
-            totals[name][1].append((labels, threshold))
+                        shipped, values[:args.warmup], args.finetune_batches, seed)
+                scores, alarms = run_like_trainer(
+                    model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
+                    network_threshold=network_threshold, first_normalizer=normalizer)
+            result = _scored(labels, scores, alarms)
+            totals[name][0].append((scores, alarms))
+            totals[name][1].append(labels)
             cells.append(f"{result.false_alarm_rate:.4f} / {result.recall:.2f}")
             per_vm.setdefault(vm.name, {})[name] = result.to_dict()
         table.add_row(vm.name, *cells)
     console = Console(width=160)
     console.print(table)
-    summary = Table(title="All scored windows together (each VM at its own threshold)")
+    summary = Table(title="All scored windows together (each VM's own alarms)")
     summary.add_column("detector")
     summary.add_column("worst VM's false alarms", justify="right")
     for column in COLUMNS:
         summary.add_column(column, justify="right")
+    pooled_rows = {}
     for name in variants:
-        scores_list, pairs = totals[name]
-        # Pool the per-VM decisions: each VM flags at its own threshold.
-        flags = np.concatenate([s >= t for s, (_, t) in zip(scores_list, pairs, strict=True)])
-        labels = np.concatenate([y for y, _ in pairs])
-        pooled = score_detection(labels, flags.astype(np.float64), 0.5)
-        auc = float(np.nanmean([score_detection(y, s, t).auc
-                             for s, (y, t) in zip(scores_list, pairs, strict=True)]))
-        worst = max(score_detection(y, s, t).false_alarm_rate
-                    for s, (y, t) in zip(scores_list, pairs, strict=True))
-        pooled = replace(pooled, auc=auc)
-        summary.add_row(name, f"{worst:.4f}", *(f"{getattr(pooled, c):.4f}" for c in COLUMNS))
+        runs, label_list = totals[name]
+        alarms = np.concatenate([a for _, a in runs])
+        row = score_detection(np.concatenate(label_list), alarms.astype(np.float64), 0.5)
+        row = replace(row, auc=float(np.nanmean([v[name]["auc"] for v in per_vm.values()])))
+        worst = max(v[name]["false_alarm_rate"] for v in per_vm.values())
+        summary.add_row(name, f"{worst:.4f}", *(f"{getattr(row, c):.4f}" for c in COLUMNS))
+        pooled_rows[name] = {**row.to_dict(), "worst_vm_false_alarm_rate": worst}
     console.print(summary)
     if args.json:
-        pooled_rows = {}
-        for name in variants:
-            scores_list, pairs = totals[name]
-            flags = np.concatenate([s >= t for s, (_, t) in zip(scores_list, pairs, strict=True)])
-            labels = np.concatenate([y for y, _ in pairs])
-            row = score_detection(labels, flags.astype(np.float64), 0.5).to_dict()
-            row["auc"] = float(np.nanmean([v[name]["auc"] for v in per_vm.values()]))
-            row["worst_vm_false_alarm_rate"] = max(
-                v[name]["false_alarm_rate"] for v in per_vm.values())
-            pooled_rows[name] = row
         args.json.write_text(json.dumps(
             {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,
                           "first_seed": args.first_seed},
              "pooled": pooled_rows, "vms": per_vm}, indent=2, sort_keys=True) + "\n")
     console.print(f"{time.perf_counter() - started:.0f} s; AUC is the mean of the VMs' AUCs")
+
+
+def _scored(labels: np.ndarray, scores: np.ndarray, alarms: np.ndarray) -> DetectionScores:
+    """Counts from the alarms as raised, AUC from the scores."""
+    result = score_detection(labels, alarms.astype(np.float64), 0.5)
+    return replace(result, auc=score_detection(labels, scores, 0.5).auc)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ class WindowVerdict(NamedTuple):
     built once per sample at a third of the cost."""
 
     score: float
-    anomalous: bool  # score >= threshold, and never during warm-up
+    # score >= threshold for the bundle's `alarm_after` windows in a row, never in warm-up
+    anomalous: bool
     version: str
     warmup: bool  # the bundle's statistics are not this VM's own yet
     contributions: tuple[float, ...]  # per metric, larger = more to blame; may be empty
@@ -181,6 +182,7 @@ class WindowScorer:
         self._ring = np.zeros((2 * slot.window, len(slot.metrics)), dtype=np.float32)
         self._filled = 0
         self._head = 0  # next sample's row, and once full the oldest sample's
+        self._over = 0  # windows in a row at or above the threshold
         self.last_latency_s = 0.0
 
     def push(self, values: list[float]) -> WindowVerdict | None:
@@ -205,5 +207,6 @@ class WindowScorer:
             self.slot.failed_to_run(bundle, f"score {score} is not a probability")
             return None
         meta = bundle.metadata
-        return WindowVerdict(score, score >= meta.threshold and not meta.warmup,
+        self._over = self._over + 1 if score >= meta.threshold else 0
+        return WindowVerdict(score, self._over >= meta.alarm_after and not meta.warmup,
                              meta.version, meta.warmup, contributions)

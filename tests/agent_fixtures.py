@@ -37,13 +37,13 @@ def tiny_onnx(metrics: int = len(DEFAULT_METRICS), window: int = DEFAULT_WINDOW,
 
 def tiny_bundle(version: str = "tiny-1", bias: float = 0.0, threshold: float = 0.5,
                 metrics: tuple[str, ...] = DEFAULT_METRICS,
-                window: int = DEFAULT_WINDOW) -> tuple[str, bytes]:
+                window: int = DEFAULT_WINDOW, alarm_after: int = 1) -> tuple[str, bytes]:
     onnx_bytes = tiny_onnx(len(metrics), window, bias)
     metadata = BundleMetadata(
         version=version, model_kind="tiny", metrics=metrics, window=window,
         normalization=Normalizer(tuple(0.0 for _ in metrics), tuple(1.0 for _ in metrics),
                                  10.0),
-        threshold=threshold, onnx_sha256=sha256_hex(onnx_bytes))
+        threshold=threshold, onnx_sha256=sha256_hex(onnx_bytes), alarm_after=alarm_after)
     return metadata.to_json(), onnx_bytes
 
 

@@ -107,6 +107,7 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     outcome = models.adapt("vm")
     bundle = models.bundle("vm")
     assert outcome.action == "adapt" and not bundle.metadata.warmup
+    assert bundle.metadata.alarm_after == AdaptationSettings().alarm_after
     assert bundle.metadata.version == outcome.version
     assert not models.needs_adaptation("vm")
     # A restarted trainer finds the same adaptation on disk.

@@ -116,6 +116,27 @@ def test_bundle_swap_refuses_corrupt_and_rolls_back(tmp_path: Path) -> None:
     assert fresh.load_initial(None).metadata.version == "v1"
 
 
+def test_an_alarm_needs_alarm_after_windows_in_a_row(tmp_path: Path) -> None:
+    """score = sigmoid(mean + 0): a window of -0.1 is under 0.5, one sample of 10 in it
+    puts it over (the tiny bundle clips at 10). With
+    alarm_after 3 the third window in a row over it is the first anomalous one; a window
+    under it starts the count again."""
+    slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    slot.install(*tiny_bundle("v1", alarm_after=3))
+    detector = WindowScorer(slot)
+    quiet = [detector.push([-0.1] * 4) for _ in range(DEFAULT_WINDOW)]
+    assert quiet[-1] is not None and quiet[-1].score < 0.5
+    over = [detector.push([10.0] * 4) for _ in range(4)]
+    assert all(v.score > 0.5 for v in over)
+    assert [v.anomalous for v in over] == [False, False, True, True]
+    # A bundle with alarm_after 1 (and every bundle written before the key existed) flags
+    # each window on its own.
+    slot.install(*tiny_bundle("v2", bias=-1000.0))
+    assert not detector.push([10.0] * 4).anomalous
+    slot.install(*tiny_bundle("v3", alarm_after=1))
+    assert detector.push([10.0] * 4).anomalous
+
+
 def test_window_scorer_scores_the_newest_window_oldest_first(tmp_path: Path) -> None:
     """The ring (each sample written twice, the window a view) must hand the bundle the
     last T samples in order, across wrap-arounds and a swap: the shipped bundle first

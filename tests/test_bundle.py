@@ -120,6 +120,10 @@ def test_metadata_that_lies_about_the_shape_is_refused(saved: Path) -> None:
         ({"threshold": 1.5}, "threshold"),
         ({"metrics": ["a", "a", "b", "c"]}, "repeats"),
         ({"window": "64"}, "'window' has the wrong type"),
+        ({"alarm_after": 0}, "alarm_after must be an integer in"),
+        ({"alarm_after": "3"}, "alarm_after must be an integer in"),
+        ({"alarm_after": True}, "alarm_after must be an integer in"),
+        ({"alarm_after": 10**6}, "alarm_after must be an integer in"),
         ({"normalization": {"kind": "robust", "center": [0], "scale": [1]}}, "covers 1 metrics"),
     ],
 )
@@ -140,3 +144,25 @@ def test_missing_files_and_garbage_are_refused(saved: Path, tmp_path: Path) -> N
         Bundle.from_parts(b"{not json", b"")
     with pytest.raises(BundleError):
         Bundle.from_parts(meta, b"garbage that is not onnx")
+
+
+def test_alarm_after_travels_and_defaults_to_every_window(saved: Path) -> None:
+    """A bundle written before `alarm_after` existed flags every window on its own; one
+    that carries it is read back with it, and its offline verdicts count the run as the
+    agent does (windows just before the scored ones included)."""
+    meta_path = saved / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.pop("alarm_after", None)
+    meta_path.write_text(json.dumps(meta))
+    assert load_bundle(saved).metadata.alarm_after == 1
+    meta["alarm_after"] = 3
+    meta_path.write_text(json.dumps(meta))
+    assert not load_bundle(saved).verdicts(np.ones(5)).any()  # a warm-up bundle: never
+    meta["warmup"] = False
+    meta_path.write_text(json.dumps(meta))
+    bundle = load_bundle(saved)
+    assert bundle.metadata.alarm_after == 3
+    threshold = bundle.metadata.threshold
+    scores = np.array([1.0, 1.0, 1.0, 0.0, 1.0]) * (threshold + 0.1)
+    assert bundle.verdicts(scores).tolist() == [False, False, True, False, False]
+    assert bundle.verdicts(scores, before=2).tolist() == [True, True, True, False, False]

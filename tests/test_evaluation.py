@@ -70,3 +70,18 @@ def test_bad_input() -> None:
         score_detection(np.array([0, 1]), np.array([np.nan, 1.0]), 0.5)
     with pytest.raises(ValueError, match="equal"):
         score_detection(np.array([0, 1]), np.array([1.0]), 0.5)
+
+
+def test_run_lengths_and_alarm_after() -> None:
+    from vmad.evaluation import run_lengths
+
+    over = np.array([1, 1, 0, 1, 1, 1, 0, 1], dtype=bool)
+    assert run_lengths(over).tolist() == [1, 2, 0, 1, 2, 3, 0, 1]
+    assert run_lengths(over, before=2).tolist() == [3, 4, 0, 1, 2, 3, 0, 1]
+    assert run_lengths(np.zeros(0, bool)).tolist() == []
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 0])
+    scores = over.astype(float)
+    # Three in a row: only the window that ends the run of three is flagged.
+    result = score_detection(labels, scores, 0.5, alarm_after=3)
+    assert (result.precision, result.recall, result.false_alarm_rate) == (1.0, 1 / 3, 0.0)
+    assert score_detection(labels, scores, 0.5).false_alarm_rate == 3 / 5

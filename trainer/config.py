@@ -86,17 +86,22 @@ class AdaptationSettings(StrictModel):
 
     A VM runs the pooled warm-up bundle (no alarms) until `warmup_samples` of its own
     samples have arrived; the trainer then fits on them and pushes the VM's bundle
-    without waiting for any label. Every `refresh_samples` further samples it refits on
-    the newest `history_samples` that no verdict flagged and no label marked anomalous,
-    so the VM's normal may drift without alarms while a fault is not learnt as normal.
+    without waiting for any label. Every `refresh_samples` further samples (an hour) it
+    refits on the newest `history_samples` that no verdict flagged and no label marked
+    anomalous, so the VM's normal may drift (a daily traffic curve that its first hour
+    did not show) without alarms while a fault is not learnt as normal. A verdict is
+    anomalous once `alarm_after` windows in a row reach the threshold.
     """
 
     warmup_samples: int = Field(
         720, ge=80, description="own samples before the first per-VM bundle (720 = 1 h at 5 s)")
     refresh_samples: int = Field(
-        17_280, ge=1, description="refit after this many more samples (17,280 = 1 day at 5 s)")
+        720, ge=1, description="refit after this many more samples (720 = 1 h at 5 s)")
     history_samples: int = Field(
         4_320, ge=80, description="newest samples a refit uses (4,320 = 6 h at 5 s)")
+    alarm_after: int = Field(
+        3, ge=1, le=720, description="windows in a row at the threshold before a verdict "
+                                     "is anomalous (as Prometheus' `for:`)")
     target_false_alarm_rate: float = Field(
         0.005, gt=0, lt=0.5, description="threshold flags this share of the VM's own windows")
     min_deviation: float = Field(

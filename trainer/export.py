@@ -87,11 +87,12 @@ def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
 
 def export_bundle(checkpoint: Checkpoint, version: str, folder: str | Path | None = None,
                   adaptation: VMAdaptation | None = None,
-                  warmup: bool | None = None) -> Bundle:
+                  warmup: bool | None = None, alarm_after: int = 1) -> Bundle:
     """Export `checkpoint` as a verified bundle named `version`, adapted to one VM when
     `adaptation` is given (its normalizer, per-metric score, fusion and threshold);
     saved to `folder` if given. `warmup` (default: no adaptation given) marks a bundle
-    whose statistics are not the VM's own: agents raise no alarm on it."""
+    whose statistics are not the VM's own: agents raise no alarm on it. Agents raise an
+    alarm once `alarm_after` windows in a row reach the threshold."""
     data = onnx_bytes(checkpoint.model, len(checkpoint.metrics), checkpoint.window, adaptation)
     provenance = dict(checkpoint.provenance)
     if adaptation is not None:
@@ -108,6 +109,7 @@ def export_bundle(checkpoint: Checkpoint, version: str, folder: str | Path | Non
         onnx_sha256=sha256_hex(data),
         provenance=provenance,
         warmup=adaptation is None if warmup is None else warmup,
+        alarm_after=alarm_after,
     )
     bundle = Bundle.from_parts(metadata.to_json(), data)
     if folder is not None:

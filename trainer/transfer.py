@@ -151,7 +151,8 @@ class VMModels:
         from vmad.trainer.export import export_bundle
 
         bundle = export_bundle(self.checkpoint(vm_id), version, adaptation=adaptation,
-                               warmup=adaptation is None and not info.finetuned)
+                               warmup=adaptation is None and not info.finetuned,
+                               alarm_after=self.adaptation_settings.alarm_after)
         with self._lock:
             self._bundles[vm_id] = bundle
         return bundle
@@ -253,7 +254,8 @@ class VMModels:
             return {}
         injected = injected_validation_set(raw, self.window, seed=self.seed)
         result = score_detection(injected.labels, bundle.score(injected.windows),
-                                 bundle.metadata.threshold)
+                                 bundle.metadata.threshold,
+                                 alarm_after=bundle.metadata.alarm_after)
         return {k: float(getattr(result, k)) for k in (
             "precision", "recall", "point_f1", "false_alarm_rate", "event_recall", "auc")}
 

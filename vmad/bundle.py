@@ -3,8 +3,10 @@
 A bundle is a folder holding `model.onnx` and `bundle.json`. The metadata carries
 everything the agent must not guess: metric names and order, window length,
 normalization, decision threshold, model kind, provenance, the sha256 of the ONNX
-file, and `warmup`: true when the statistics are not the VM's own (the pooled bundle a
-fresh VM starts with), so its verdicts must not raise alarms. The ONNX graph takes
+file, `warmup`: true when the statistics are not the VM's own (the pooled bundle a
+fresh VM starts with), so its verdicts must not raise alarms, and `alarm_after`: how many
+windows in a row must reach the threshold before a verdict is anomalous (Prometheus'
+`for:`; 1 = every window on its own). The ONNX graph takes
 normalized windows `float32[batch, M, T]` and returns the anomaly score
 `float32[batch]` in [0, 1] and, optionally, each metric's contribution
 `float32[batch, M]` (larger = more to blame).
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from vmad.errors import InputError
+from vmad.evaluation import run_lengths
 from vmad.windows import Normalizer
 
 FORMAT_VERSION = 1
@@ -36,6 +39,8 @@ ONNX_FILE = "model.onnx"
 METADATA_FILE = "bundle.json"
 # An agent-side model is small; anything bigger is a mistake or an attack.
 MAX_ONNX_BYTES = 64 * 1024 * 1024
+# Windows in a row before an alarm: beyond an hour at 5 s is a misconfiguration.
+MAX_ALARM_AFTER = 720
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default_bundle"
 
 
@@ -64,6 +69,7 @@ class BundleMetadata:
     onnx_sha256: str
     provenance: dict[str, Any] = field(default_factory=dict)
     warmup: bool = False
+    alarm_after: int = 1
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -80,6 +86,7 @@ class BundleMetadata:
                 "onnx_sha256": self.onnx_sha256,
                 "provenance": self.provenance,
                 "warmup": self.warmup,
+                "alarm_after": self.alarm_after,
             },
             indent=2,
             sort_keys=True,
@@ -131,6 +138,12 @@ class BundleMetadata:
         warmup = data.get("warmup", False)
         if not isinstance(warmup, bool):
             raise BundleError("bundle metadata key 'warmup' has the wrong type")
+        # Absent in bundles written before it existed: every window on its own.
+        alarm_after = data.get("alarm_after", 1)
+        if isinstance(alarm_after, bool) or not isinstance(alarm_after, int) \
+                or not 1 <= alarm_after <= MAX_ALARM_AFTER:
+            raise BundleError(f"bundle alarm_after must be an integer in [1, {MAX_ALARM_AFTER}], "
+                              f"got {alarm_after!r}")
         return cls(
             version=data["version"],
             model_kind=data["model_kind"],
@@ -141,6 +154,7 @@ class BundleMetadata:
             onnx_sha256=data["onnx_sha256"].lower(),
             provenance=dict(data.get("provenance") or {}),
             warmup=warmup,
+            alarm_after=alarm_after,
         )
 
 
@@ -296,8 +310,15 @@ class Bundle:
                 self._one = _OneWindow(self)
             return self._one.score(raw_window)
 
-    def verdicts(self, scores: np.ndarray) -> np.ndarray:
-        return scores >= self.metadata.threshold
+    def verdicts(self, scores: np.ndarray, before: int = 0) -> np.ndarray:
+        """The agent's verdicts on the scores of consecutive windows, oldest first: at the
+        threshold for `alarm_after` windows in a row (`before` such windows just ahead of
+        them count), never during warm-up."""
+        meta = self.metadata
+        if meta.warmup:
+            return np.zeros(len(scores), dtype=bool)
+        over = run_lengths(np.asarray(scores) >= meta.threshold, before)
+        return over >= meta.alarm_after
 
     def save(self, folder: str | Path) -> Path:
         return write_bundle(folder, self.metadata, self.onnx_bytes)

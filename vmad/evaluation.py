@@ -1,6 +1,7 @@
 """Detection scores: point-wise and event-wise, never with point adjustment.
 
-A sample is flagged when its score >= the threshold. Point-wise scores count samples.
+A sample is flagged when its score >= the threshold (for `alarm_after` samples in a row,
+as the agent decides: see `run_lengths`). Point-wise scores count samples.
 Event-wise scores count segments: an *event* is a maximal run of labelled samples, and a
 *detection* a maximal run of flagged samples. Event recall is the share of events with
 at least one flagged sample inside; event precision is the share of detections that
@@ -25,6 +26,7 @@ __all__ = [
     "hit_rate",
     "read_interpretation_labels",
     "roc_auc",
+    "run_lengths",
     "score_detection",
     "tail_threshold",
 ]
@@ -89,9 +91,12 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
-def score_detection(labels: np.ndarray, scores: np.ndarray, threshold: float) -> DetectionScores:
+def score_detection(labels: np.ndarray, scores: np.ndarray, threshold: float, *,
+                    alarm_after: int = 1) -> DetectionScores:
+    """Scores of consecutive samples (windows), oldest first, flagged once `alarm_after`
+    in a row reach `threshold` (as the agent decides); AUC ranks the scores themselves."""
     labels, scores = _check(labels, scores)
-    flagged = scores >= threshold
+    flagged = run_lengths(scores >= threshold) >= alarm_after
     tp = int(np.sum(flagged & labels))
     fp = int(np.sum(flagged & ~labels))
     fn = int(np.sum(~flagged & labels))
@@ -136,6 +141,17 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     f1 = 2 * tp[last] / (flagged[last] + labels.sum())
     best = last[int(np.argmax(f1))]  # first maximum = highest threshold
     return float(sorted_scores[best])
+
+
+def run_lengths(over: np.ndarray, before: int = 0) -> np.ndarray:
+    """How many entries in a row `over` has been true, ending at each entry (0 where it
+    is false); `before` true entries just ahead of the first one continue its run. An
+    alarm after k windows in a row at the threshold is `run_lengths(over) >= k`."""
+    over = np.asarray(over, dtype=bool)
+    index = np.arange(len(over))
+    last_false = np.maximum.accumulate(np.where(over, -1, index)) if len(over) else index
+    lengths = index - last_false
+    return np.where(last_false < 0, lengths + before, lengths)
 
 
 def false_alarm_threshold(normal_scores: np.ndarray, rate: float) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vmad.evaluation import events
+from vmad.evaluation import events, run_lengths
 from vmad.schema import DEFAULT_METRICS
 
 __all__ = ["EventScore", "ReplaySeries", "load_smd", "runs", "score_events",
@@ -197,9 +197,13 @@ class ReplayAgent:
         values = self.series.values
         raw = np.stack([values[e - window + 1:e + 1].T for e in ends])
         scores = bundle.score(raw)  # type: ignore[attr-defined]
-        flags = bundle.verdicts(scores)  # type: ignore[attr-defined]
+        # Windows at the threshold just before this batch count towards `alarm_after`.
+        meta = bundle.metadata  # type: ignore[attr-defined]
+        earlier = self.scores[max(0, ends[0] - meta.alarm_after):ends[0]] >= meta.threshold
+        before = int(run_lengths(earlier)[-1]) if len(earlier) else 0
+        flags = bundle.verdicts(scores, before)  # type: ignore[attr-defined]
         self.scores[ends], self.flagged[ends] = scores, flags
-        version = bundle.metadata.version  # type: ignore[attr-defined]
+        version = meta.version
         return [telemetry_pb2.Verdict(end_seq=int(e) + 1, timestamp=self.timestamp(int(e)),
                                       score=float(sc), anomalous=bool(f), model_version=version)
                 for e, sc, f in zip(ends, scores, flags, strict=True)]
