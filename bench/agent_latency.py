@@ -11,6 +11,9 @@ seconds; `--block 3000` times hot loops, as `vmad bench agent-overhead` does:
 
 - `agent: WindowScorer.push` -- the agent's whole step per sample on a full ring, as
   `inference_latency` of `vmad bench agent-overhead` measures it;
+- `agent: adapted, network weight 0.5` / `0` -- the same step on a bundle adapted to a
+  synthetic VM (the shipped network fused with the VM's deviation), once with the
+  network at weight 0.5 and once at 0, whose graph leaves the network out;
 - `agent at REV` (with `--against`) -- the same step with `edge_agent/detector.py` and
   `vmad/bundle.py` as they were at git revision REV (same bundle, same samples);
 - `ORT: bound buffers` -- `run_with_iobinding` on an already-normalized window: the floor
@@ -97,6 +100,24 @@ def _bound_call(onnx: bytes, name: str, window: np.ndarray, outputs: list[str],
     return lambda: session.run_with_iobinding(binding)
 
 
+def _adapted_bundle(cnn_weight: float) -> tuple[str, bytes]:
+    """(metadata JSON, ONNX) of the shipped network adapted to a synthetic VM's first
+    hour with the network at `cnn_weight` (the trainer's export; the agent never runs
+    this code)."""
+    from vmad.schema import DEFAULT_SCALE_FLOORS
+    from vmad.synthetic import generate_vm
+    from vmad.trainer.adaptation import fit_adaptation
+    from vmad.trainer.checkpoint import load_default_checkpoint
+    from vmad.trainer.export import export_bundle
+
+    checkpoint = load_default_checkpoint()
+    vm, _ = generate_vm(900, 720)
+    adaptation = fit_adaptation(checkpoint.model, vm.values, checkpoint.window,
+                                floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight)
+    bundle = export_bundle(checkpoint, f"adapted-w{cnn_weight:g}", adaptation=adaptation)
+    return bundle.metadata.to_json(), bundle.onnx_bytes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", metavar="REV", default=None,
@@ -119,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vmad-bench-latency-") as scratch:
         work = Path(scratch)
 
-        def full_scorer(slot_class: type, scorer_class: type, name: str) -> Callable[[], None]:
+        def full_scorer(slot_class: type, scorer_class: type, name: str,
+                        install: tuple[str, bytes] | None = None) -> Callable[[], None]:
             slot = slot_class(work / name, METRICS, DEFAULT_WINDOW)
-            assert slot.load_initial(None) is not None, "no usable bundle"
+            if install is None:
+                assert slot.load_initial(None) is not None, "no usable bundle"
+            else:
+                slot.install(*install)
             scorer = scorer_class(slot)
             for _ in range(DEFAULT_WINDOW):
                 scorer.push(list(rng.random(len(METRICS)) * 50))
@@ -131,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
         rows: dict[str, Callable[[], None]] = {
             "agent: WindowScorer.push": full_scorer(BundleSlot, WindowScorer, "now")}
+        for weight in (0.5, 0.0):
+            metadata, onnx = _adapted_bundle(weight)
+            rows[f"agent: adapted, network weight {weight:g}"] = full_scorer(
+                BundleSlot, WindowScorer, f"adapted-{weight:g}", (metadata, onnx))
         if args.against:
             rows[f"agent at {args.against}"] = full_scorer(
                 *_previous_scorer_class(args.against, work), "rev")

@@ -40,6 +40,7 @@ from vmad.synthetic import generate_vm
 from vmad.trainer.adaptation import fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint, load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
+from vmad.trainer.injection import injected_validation_set
 from vmad.trainer.self_supervised import finetune_self_supervised, self_supervised_data
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba
 from vmad.windows import Normalizer, make_windows
@@ -76,18 +77,22 @@ def _normal_history(values: np.ndarray, alarms: np.ndarray, end: int, history: i
     return kept if len(kept) >= window + 16 else values[start:end]
 
 
-def run_like_trainer(model: nn.Module, values: np.ndarray, window: int,
-                     settings: AdaptationSettings, *, refresh: int, cnn_weight: float,
-                     network_threshold: float | None,
-                     first_normalizer: Normalizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+def run_like_trainer(
+    model: nn.Module, values: np.ndarray, window: int, settings: AdaptationSettings, *,
+    refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
+    network_threshold: float | None, first_normalizer: Normalizer | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
-    in force when it arrived: the first fit on the warm-up, a refit every `refresh`
-    samples (0: never) on the VM's unflagged recent history."""
+    in force when it arrived (the first fit on the warm-up, a refit every `refresh`
+    samples, 0 = never, on the VM's unflagged recent history), and each fit's network
+    weight: chosen from `cnn_weights` on faults injected into the fitted history, as the
+    trainer does, or `cnn_weight` when `cnn_weights` is empty."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
     step = refresh or n
     run = 0  # windows in a row at the threshold, carried across refits as in the agent
+    chosen: list[float] = []
     for start in range(warmup, n, step):
         stop = min(n, start + step)
         raw = values[:warmup] if start == warmup else _normal_history(
@@ -97,7 +102,10 @@ def run_like_trainer(model: nn.Module, values: np.ndarray, window: int,
             components=settings.components, cnn_weight=cnn_weight,
             false_alarm_rate=settings.target_false_alarm_rate,
             min_deviation=settings.min_deviation, network_threshold=network_threshold,
-            normalizer=first_normalizer if start == warmup else None)
+            normalizer=first_normalizer if start == warmup else None,
+            injected=injected_validation_set(raw, window) if cnn_weights else None,
+            cnn_weights=cnn_weights)
+        chosen.append(adaptation.fusion.cnn_weight)
         normalized = adaptation.normalizer.apply(values[start - window + 1:stop])
         logits = predict_logits(model, make_windows(normalized, window))
         deviation = adaptation.residual.score_samples(normalized[window - 1:])
@@ -105,7 +113,7 @@ def run_like_trainer(model: nn.Module, values: np.ndarray, window: int,
         lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
         alarms[start:stop] = lengths >= settings.alarm_after
         run = int(lengths[-1])
-    return scores[warmup:], alarms[warmup:]
+    return scores[warmup:], alarms[warmup:], chosen
 
 
 def main() -> None:
@@ -126,6 +134,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=6000, help="samples per scored VM")
     parser.add_argument("--cnn-weight", type=float, default=defaults.cnn_weight,
                         help="the network's weight in the fused score (trainer.yaml's default)")
+    parser.add_argument("--cnn-weights", type=float, nargs="*", default=defaults.cnn_weights,
+                        help="network weights the fused rows choose from per fit on injected "
+                             "faults (trainer.yaml's; none = always --cnn-weight)")
     parser.add_argument("--finetune-batches", type=int, default=100,
                         help="label-free fine-tune batches of the fine-tuned row (0: no row)")
     parser.add_argument("--json", type=Path, help="write per-VM and pooled results here")
@@ -150,6 +161,7 @@ def main() -> None:
                         f"samples each, adapted on the first {args.warmup}, {refits}, alarm "
                         f"after {args.alarm_after} windows in a row, scored after the warm-up)")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
+    weights_chosen: dict[str, list[float]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
@@ -172,9 +184,12 @@ def main() -> None:
                 if name == "fused, fine-tuned without labels":
                     model, normalizer = _finetuned_without_labels(
                         shipped, values[:args.warmup], args.finetune_batches, seed)
-                scores, alarms = run_like_trainer(
+                fixed = name in ("network alone", "deviation alone")
+                scores, alarms, chosen = run_like_trainer(
                     model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
+                    cnn_weights=() if fixed else tuple(args.cnn_weights),
                     network_threshold=network_threshold, first_normalizer=normalizer)
+                weights_chosen.setdefault(name, []).extend(chosen)
             result = _scored(labels, scores, alarms)
             totals[name][0].append((scores, alarms))
             totals[name][1].append(labels)
@@ -198,6 +213,11 @@ def main() -> None:
         summary.add_row(name, f"{worst:.4f}", *(f"{getattr(row, c):.4f}" for c in COLUMNS))
         pooled_rows[name] = {**row.to_dict(), "worst_vm_false_alarm_rate": worst}
     console.print(summary)
+    for name, chosen in weights_chosen.items():
+        if args.cnn_weights and name not in ("network alone", "deviation alone"):
+            values_, counts = np.unique(chosen, return_counts=True)
+            console.print(f"{name}: network weight chosen per fit "
+                          + ", ".join(f"{v:g} x{c}" for v, c in zip(values_, counts, strict=True)))
     if args.json:
         args.json.write_text(json.dumps(
             {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,

@@ -32,11 +32,13 @@ def checkpoint() -> Checkpoint:
 
 
 def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
+    import onnx
+
     vm, _ = generate_vm(5, 1200)
-    for components in (0, 2):
+    for components, weight in ((0, 0.5), (2, 0.5), (0, 0.0)):
         adaptation = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW,
                                     floors=[1.0, 0.5, 0.5, 0.2], components=components,
-                                    cnn_weight=0.5, false_alarm_rate=0.01)
+                                    cnn_weight=weight, false_alarm_rate=0.01)
         bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
         assert not bundle.metadata.warmup
         raw = make_windows(vm.values[600:900], WINDOW)
@@ -49,6 +51,9 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
         expected = adaptation.fusion.score(logits, deviation)
         assert np.allclose(contributions, expected_contrib, atol=1e-3)
         assert np.allclose(scores, expected, atol=1e-4)
+        # A VM whose network weight is 0 does not run the network at all.
+        ops = {node.op_type for node in onnx.load_from_string(bundle.onnx_bytes).graph.node}
+        assert ("Conv" in ops) == (weight > 0), ops
 
 
 def test_threshold_meets_the_false_alarm_target_on_own_windows(checkpoint) -> None:
@@ -108,6 +113,8 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     bundle = models.bundle("vm")
     assert outcome.action == "adapt" and not bundle.metadata.warmup
     assert bundle.metadata.alarm_after == AdaptationSettings().alarm_after
+    # The network's weight was chosen on faults injected into the VM's own first samples.
+    assert models.adaptation("vm").fusion.cnn_weight in AdaptationSettings().cnn_weights
     assert bundle.metadata.version == outcome.version
     assert not models.needs_adaptation("vm")
     # A restarted trainer finds the same adaptation on disk.
@@ -205,6 +212,46 @@ def test_injected_validation_set_labels_faults_at_the_vms_own_levels() -> None:
                        normal[injected.labels[: len(normal)] == 0][:5])
     with pytest.raises(ValueError, match="at least"):
         injected_validation_set(vm.values[:40], WINDOW)
+
+
+def test_generic_injection_shifts_random_metrics_in_their_own_scale() -> None:
+    from vmad.trainer.injection import injected_generic_set
+
+    rng = np.random.default_rng(3)
+    scale = np.array([1.0, 10.0, 100.0, 0.5, 2.0, 3.0])
+    history = rng.normal(size=(3000, 6)) * scale
+    injected = injected_generic_set(history, WINDOW, scale, seed=2, copies=2)
+    normal = np.concatenate([make_windows(history.astype(np.float32), WINDOW)] * 2)
+    assert injected.windows.shape == normal.shape and len(injected.kinds) >= 10
+    assert set(injected.kinds) == {"shift", "ramp", "spike"}
+    assert 0.05 < injected.labels.mean() < 0.4
+    # Where a window's newest sample is a fault, some metric moved by at least 2 of its
+    # own scales (a ramp starts at 0); normal windows are the history's own.
+    moved = np.abs(injected.windows[:, :, -1] - normal[:, :, -1]) / scale
+    assert np.all(moved[injected.labels == 0] < 1e-3)
+    assert np.mean(moved[injected.labels == 1].max(axis=1) >= 2) > 0.8
+    with pytest.raises(ValueError, match="at least"):
+        injected_generic_set(history[:40], WINDOW, scale)
+    with pytest.raises(ValueError, match="scale"):
+        injected_generic_set(history, WINDOW, scale[:3])
+
+
+def test_the_network_weight_goes_to_the_part_that_ranks_faults() -> None:
+    """choose_cnn_weight: a network that ranks injected faults at random is left out, one
+    that ranks them and a deviation that does not gets the whole weight, one class keeps
+    the configured weight."""
+    from vmad.trainer.adaptation import Fusion, choose_cnn_weight
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(2000) < 0.2).astype(np.int8)
+    signal, noise = labels * 1.5 + rng.normal(size=2000), rng.normal(size=2000)
+    fusion = Fusion(cnn_weight=0.5)
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # deviation enters as log1p: keep it positive and monotone in the signal
+    assert choose_cnn_weight(fusion, noise, np.exp(signal), labels, grid) == 0.0
+    assert choose_cnn_weight(fusion, signal, np.exp(noise), labels, grid) == 1.0
+    assert choose_cnn_weight(fusion, signal, np.exp(noise), np.zeros(2000), grid) == 0.5
+    assert choose_cnn_weight(fusion, signal, np.exp(noise), labels, ()) == 0.5
 
 
 def test_detector_registry_creates_by_name() -> None:

@@ -41,11 +41,12 @@ from torch import nn
 
 from vmad.evaluation import tail_threshold
 from vmad.trainer.attribution import AttributionModel
+from vmad.trainer.injection import InjectedSet
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["Fusion", "VMAdaptation", "fit_adaptation", "fit_fusion", "offset_floor",
-           "robust_location"]
+__all__ = ["Fusion", "VMAdaptation", "choose_cnn_weight", "fit_adaptation", "fit_fusion",
+           "offset_floor", "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -161,6 +162,25 @@ def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
     return floor
 
 
+def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
+                      labels: np.ndarray, weights: Sequence[float]) -> float:
+    """The network weight of `weights` whose fused score ranks `labels` best (AUC to 3
+    decimals: it needs no threshold, which is what transfers worst); ties go to the
+    lower network weight, so a network that adds nothing is left out. The labels are
+    faults injected into the VM's own history, or real ones where there are. Keeps
+    `fusion.cnn_weight` when the labels hold one class or no weight is offered."""
+    from vmad.evaluation import roc_auc
+
+    labels = np.asarray(labels)
+    if not len(weights) or labels.all() or not labels.any():
+        return fusion.cnn_weight
+
+    def auc(weight: float) -> float:
+        return round(roc_auc(labels, replace(fusion, cnn_weight=weight).z(logits, deviation)), 3)
+
+    return float(max(sorted(weights), key=lambda w: (auc(w), -w)))
+
+
 def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,
                          window: int) -> np.ndarray:
     """Deviation of each window (that of its newest sample) over normalized samples."""
@@ -174,6 +194,7 @@ def fit_adaptation(
     network_threshold: float | None = None, received: int = 0, now: float = 0.0,
     generation: int = 1,
     normalizer: Normalizer | None = None,
+    injected: InjectedSet | None = None, cnn_weights: Sequence[float] = (),
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
@@ -182,6 +203,9 @@ def fit_adaptation(
     statistics (the network was just fine-tuned on them) instead of fitting new ones.
     `min_deviation` and `network_threshold` (a probability: the network's own calibrated
     threshold) are the floors of the offset described in the module docstring.
+    With `injected` (raw windows of the VM's history with faults injected,
+    trainer/injection.py) the network's weight is the one of `cnn_weights` that ranks
+    those faults best (`choose_cnn_weight`), else `cnn_weight`.
     """
     from vmad.trainer.training import predict_logits
 
@@ -197,6 +221,12 @@ def fit_adaptation(
     logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
     deviation = deviation_of_windows(residual, normalized, window)
     fusion = fit_fusion(logits, deviation, cnn_weight)
+    if injected is not None and len(cnn_weights):
+        windows = normalizer.apply(injected.windows.transpose(0, 2, 1)).transpose(0, 2, 1)
+        weight = choose_cnn_weight(
+            fusion, predict_logits(model, np.ascontiguousarray(windows)),
+            residual.score_samples(windows[:, :, -1]), injected.labels, cnn_weights)
+        fusion = replace(fusion, cnn_weight=weight)
     offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
     attribution = AttributionModel.fit(normalized, window)

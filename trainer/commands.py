@@ -75,6 +75,10 @@ def register(commands: Any, bench: Any) -> None:
                                 "refit on the train part plus the head's normal samples and "
                                 "threshold from --false-alarm-rate (as the trainer), or the "
                                 "best-F1 threshold on the head")
+    detection.add_argument("--weight-rule", choices=("injected", "fixed"), default="injected",
+                           help="fused's network weight without labels on the head: the one "
+                                "that best ranks faults injected into the fitted data (as "
+                                "the trainer), or the trainer's fixed cnn_weight")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -237,7 +241,8 @@ def run_bench_detection(args: argparse.Namespace) -> int:
     config = QUICK if args.quick else ProtocolConfig()
     config = replace(config, folds=args.folds, seed=args.seed, labels=args.labels,
                      false_alarm_rate=args.false_alarm_rate,
-                     threshold_rule=args.threshold_rule, head_rule=args.head_rule)
+                     threshold_rule=args.threshold_rule, head_rule=args.head_rule,
+                     weight_rule=args.weight_rule)
     if args.max_series is not None:
         config = replace(config, max_series=args.max_series)
     if args.pretrain_batches is not None:

@@ -8,6 +8,7 @@ substitution included).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field
 
@@ -108,8 +109,14 @@ class AdaptationSettings(StrictModel):
         6.0, ge=0, description="no alarm below this many spreads of the most deviant "
                                "metric while the network is at its usual level")
     cnn_weight: float = Field(
-        0.5, ge=0, le=1, description="weight of the network in the fused score; the rest "
-                                     "goes to the per-metric deviation")
+        0.5, ge=0, le=1, description="weight of the network in the fused score (the rest "
+                                     "goes to the per-metric deviation) when cnn_weights "
+                                     "is empty or the history too short to inject faults")
+    cnn_weights: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0], max_length=21,
+        description="per VM, the network's weight is the one of these whose fused score "
+                    "best ranks faults injected into the VM's own history (ties: the "
+                    "lower); [] = always cnn_weight")
     network_floor: bool = Field(
         True, description="no alarm from the network part below the network's own "
                           "calibrated threshold while the deviation is at its usual level")

@@ -21,9 +21,12 @@ The label-free detectors need no pretraining per target, so they cost seconds:
   (trainer/residual.py), its largest contribution as the score;
 - `fused`: the shipped pretrained Zoom-CNN (trainer/default_checkpoint, on the target's
   metrics that carry the default metrics' quantities, see SYNTHETIC_ALIASES) fused with
-  `residual` as the agent's bundle does (trainer/adaptation.py). With labels the
-  network's weight is the one of `fusion_weights` with the best F1 on the head; without,
-  it is `cnn_weight`, the trainer's default.
+  `residual` as the agent's bundle does (trainer/adaptation.py). With labels on the
+  head the network's weight is the one of `fusion_weights` that ranks them best (AUC);
+  without (or with `weight_rule="fixed"`), the one that ranks faults injected into the
+  newest `history_samples` of the fitted data best (trainer/injection.py's generic
+  shifts, ramps and spikes, as the trainer does for metrics other than its default
+  four), or `cnn_weight` with `weight_rule="fixed"`.
 With `labels="none"` no label of the target is used: thresholds flag `false_alarm_rate`
 of the train part's samples, and the neural detectors are not fine-tuned.
 Attribution: for the detectors with per-metric contributions (`residual`, `fused`,
@@ -54,18 +57,18 @@ from vmad.evaluation import (
     false_alarm_threshold,
     hit_rate,
     read_interpretation_labels,
-    roc_auc,
     score_detection,
     tail_threshold,
 )
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
-from vmad.trainer.adaptation import fit_fusion, offset_floor
+from vmad.trainer.adaptation import choose_cnn_weight, fit_fusion, offset_floor
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.checkpoint import load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings
 from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
+from vmad.trainer.injection import injected_generic_set
 from vmad.trainer.models import MODEL_KINDS, build_model
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
 from vmad.windows import Normalizer, make_windows
@@ -76,6 +79,7 @@ LABEL_FREE: tuple[str, ...] = ("residual", "fused", "pca")
 DETECTORS: tuple[str, ...] = (*MODEL_KINDS, *LABEL_FREE)
 LABEL_MODES: tuple[str, ...] = ("head", "none")
 HEAD_RULES: tuple[str, ...] = ("refit", "best_f1")
+WEIGHT_RULES: tuple[str, ...] = ("injected", "fixed")
 SYNTHETIC_SOURCE = "synthetic"
 
 
@@ -98,7 +102,9 @@ class ProtocolConfig:
     the threshold from the false-alarm target on what was fitted, as without labels.
     "best_f1": fit on the train part only, threshold with the best F1 on the head.
     min_deviation / network_floor: the trainer's floors under the threshold of
-    `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py)."""
+    `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py).
+    weight_rule: `fused`'s network weight without labels on the head: "injected" (as
+    the trainer) or "fixed" (`cnn_weight`)."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -124,6 +130,7 @@ class ProtocolConfig:
     head_rule: str = "refit"
     min_deviation: float = AdaptationSettings().min_deviation
     network_floor: bool = AdaptationSettings().network_floor
+    weight_rule: str = "injected"
 
 
 QUICK = ProtocolConfig(
@@ -273,14 +280,21 @@ def _held_blocks(ends: np.ndarray, window: int) -> np.ndarray:
     return (ends // (8 * window)) % 4 == 3
 
 
+def _network_columns(target: _Target, shipped: Any) -> list[int] | None:
+    """The target's columns that carry the network's metrics, in its order; None when
+    one is missing."""
+    position = {name: i for i, name in enumerate(target.test.metrics)}
+    columns = [position.get(name, position.get(SYNTHETIC_ALIASES.get(name, ""), -1))
+               for name in shipped.metrics]
+    return None if min(columns) < 0 else columns
+
+
 def _shipped_logits(target: _Target, shipped: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """The shipped network's logit per sample of the train and test parts (the window
     ending at it; NaN before the first full window), on the target's columns that carry
     the default metrics' quantities. None when the target has none of them."""
-    position = {name: i for i, name in enumerate(target.test.metrics)}
-    columns = [position.get(name, position.get(SYNTHETIC_ALIASES.get(name, ""), -1))
-               for name in shipped.metrics]
-    if min(columns) < 0:
+    columns = _network_columns(target, shipped)
+    if columns is None:
         return None
     out = []
     for part in (target.train, target.test):
@@ -333,8 +347,11 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
         train_logits, test_logits = logits
         fit_logits = np.concatenate([train_logits, test_logits[:cut][head]])
         network = shipped.threshold if config.network_floor else None
+        injected = _injected_parts(fit_values, target, shipped, detector, config) \
+            if config.weight_rule == "injected" else None
         fit_scores, scores, weight, floor = _fuse(
-            (fit_logits, test_logits), fit_scores, scores, labels, cut, config, network)
+            (fit_logits, test_logits), fit_scores, scores, labels, cut, config, network,
+            injected)
         extra["cnn_weight"] = weight
     if config.labels == "none" or refit:
         finite = fit_scores[np.isfinite(fit_scores)]
@@ -353,18 +370,33 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
     return result, {**extra, "seconds": time.perf_counter() - started}
 
 
+def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detector: Any,
+                    config: ProtocolConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The network's logits, the deviation and the labels of windows of the newest
+    `history_samples` fitted samples with faults injected (in normalized units: scale
+    1); None when the target has none of the network's metrics or too few samples."""
+    columns = _network_columns(target, shipped)
+    history = fit_values[-AdaptationSettings().history_samples:]
+    if columns is None or len(history) < 4 * shipped.window:
+        return None
+    injected = injected_generic_set(history, shipped.window, np.ones(history.shape[1]),
+                                    seed=config.seed)
+    logits = predict_logits(shipped.model, np.ascontiguousarray(injected.windows[:, columns]))
+    return logits, detector.score_samples(injected.windows[:, :, -1]), injected.labels
+
+
 def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: np.ndarray,
           labels: np.ndarray, cut: int, config: ProtocolConfig,
           network_threshold: float | None,
+          injected: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
           ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Fused fitting-data and test scores, the network weight used and the floor under
     the threshold (trainer/adaptation.py's `offset_floor`).
 
     With labels on the head, the weight is the one of `fusion_weights` whose fused score
-    ranks the head's labelled samples best (AUC: unlike F1 it needs no threshold, which
-    is what transfers worst from head to tail); ties go to the lower network weight, so
-    a network that adds nothing is left out. Without labels, or with no anomalous
-    sample on the head, it is the trainer's `cnn_weight`."""
+    ranks the head's labelled samples best (`choose_cnn_weight`); without labels, or
+    with no anomalous sample on the head, the one that ranks the `injected` faults best
+    (logits, deviation, labels), as the trainer does, or `cnn_weight` without them."""
     fit_logits, test_logits = logits
     usable = np.isfinite(fit_logits)
     # The head's samples with a full window for the network.
@@ -373,20 +405,16 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: 
     # Samples without a full window yet: the network part sits at its median (neutral).
     fit_logits = np.where(usable, fit_logits, fusion.cnn_center)
     test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
-
-    def fused(weight: float) -> tuple[np.ndarray, np.ndarray]:
-        f = replace(fusion, cnn_weight=weight)
-        return f.z(fit_logits, fit_dev), f.z(test_logits, test_dev)
-
     weight = config.cnn_weight
     if config.labels != "none" and cut and labels[head].any() and not labels[head].all():
-        def head_auc(w: float) -> float:
-            return round(roc_auc(labels[head], fused(w)[1][head]), 3)
-        weight = max(sorted(config.fusion_weights), key=lambda w: (head_auc(w), -w))
-    fit_scores, test_scores = fused(weight)
-    floor = offset_floor(replace(fusion, cnn_weight=weight), config.min_deviation,
-                         network_threshold)
-    return fit_scores, test_scores, float(weight), floor
+        weight = choose_cnn_weight(fusion, test_logits[head], test_dev[head], labels[head],
+                                   config.fusion_weights)
+    elif injected is not None:
+        weight = choose_cnn_weight(fusion, *injected, config.fusion_weights)
+    fusion = replace(fusion, cnn_weight=weight)
+    floor = offset_floor(fusion, config.min_deviation, network_threshold)
+    return (fusion.z(fit_logits, fit_dev), fusion.z(test_logits, test_dev), float(weight),
+            floor)
 
 
 def run_detection_benchmark(
@@ -403,6 +431,9 @@ def run_detection_benchmark(
         raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
     if config.labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {config.labels!r}")
+    if config.weight_rule not in WEIGHT_RULES:
+        raise ValueError(f"weight_rule must be one of {', '.join(WEIGHT_RULES)}, "
+                         f"got {config.weight_rule!r}")
     if config.head_rule not in HEAD_RULES:
         raise ValueError(f"head_rule must be one of {', '.join(HEAD_RULES)}, "
                          f"got {config.head_rule!r}")

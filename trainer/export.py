@@ -48,13 +48,16 @@ class _FusedScore(nn.Module):
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.fusion
-        logit = self.model(windows)
         centred = windows[:, :, -1] - self.mean
         if self.use_components:
             centred = centred - (centred @ self.components.T) @ self.components
         contributions = centred.abs() / self.spread
         deviation = contributions.max(dim=1).values
-        z = f.cnn_weight * (logit - f.cnn_center) / f.cnn_scale
+        z = torch.zeros_like(deviation)
+        # Decided when the graph is traced: a VM whose weight is 0 gets a graph without
+        # the network, and its agent does not pay for running it.
+        if f.cnn_weight > 0.0:
+            z = f.cnn_weight * (self.model(windows) - f.cnn_center) / f.cnn_scale
         if f.cnn_weight < 1.0:
             z = z + (1.0 - f.cnn_weight) * (torch.log1p(deviation) - f.dev_center) / f.dev_scale
         # The score's per-metric deviation is not what names the metric to blame.

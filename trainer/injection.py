@@ -3,8 +3,11 @@ vmad/synthetic.py injected into copies of the VM's own (unlabelled, mostly norma
 history, at the VM's own levels (disk and network faults scale with its median).
 
 `injected_validation_set` is what the trainer scores a VM's adapted detector on to
-report its quality (precision, recall, F1 at the VM's threshold, AUC), and what the
-controller's environment can call to get a reward without labels. Real labels, when a
+report its quality (precision, recall, F1 at the VM's threshold, AUC), what it picks the
+network's weight in the fused score by (trainer/adaptation.py), and what the
+controller's environment can call to get a reward without labels. A VM with other
+metrics than the default four gets `injected_generic_set`: shifts, ramps and spikes of
+one to three random metrics, in units of each metric's own scale. Real labels, when a
 VM has them, are better evidence: callers put them first.
 """
 
@@ -19,7 +22,7 @@ from vmad.schema import DEFAULT_INTERVAL_S, DEFAULT_METRICS
 from vmad.synthetic import FAULT_KINDS, inject_fault
 from vmad.windows import make_windows, window_labels
 
-__all__ = ["InjectedSet", "injected_quality", "injected_validation_set"]
+__all__ = ["InjectedSet", "injected_generic_set", "injected_quality", "injected_validation_set"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,56 @@ def injected_validation_set(
         all_labels.append(window_labels(labels, window))
     return InjectedSet(np.ascontiguousarray(np.concatenate(all_windows)),
                        np.concatenate(all_labels), tuple(injected))
+
+
+def injected_generic_set(
+    history: np.ndarray, window: int, scale: np.ndarray, *, seed: int = 0, copies: int = 4,
+    fault_share: float = 0.2,
+) -> InjectedSet:
+    """`copies` copies of `history[N, M]` (any metrics), each with faults covering about
+    `fault_share` of its samples, each fault on 1-3 random metrics, in units of the
+    metric's `scale[M]` (the normalizer's): a level shift of 3-10 scales or a ramp to
+    5-15 over 10-200 samples, or a spike of 5-20 over 2-10 samples; a normal window's
+    length between faults; windows labelled by their last sample. Several copies: a
+    6-hour history holds only a few faults, too few to rank two scores apart. Raises
+    ValueError on a history too short."""
+    history = np.asarray(history, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    if history.ndim != 2 or scale.shape != history.shape[1:]:
+        raise ValueError(f"need history [samples, M] and scale [M], got {history.shape} "
+                         f"and {scale.shape}")
+    if len(history) < 4 * window:
+        raise ValueError(f"need at least {4 * window} samples of history, got {len(history)}")
+    rng = np.random.default_rng(seed)
+    n, metrics = history.shape
+    mean_gap = 100.0 * (1 - fault_share) / fault_share  # faults last about 100 samples
+    all_windows, all_labels, kinds = [], [], []
+    for _ in range(copies):
+        values = history.copy()
+        labels = np.zeros(n, dtype=np.int8)
+        position = window
+        while True:
+            kind = str(rng.choice(("shift", "ramp", "spike")))
+            span = int(rng.integers(2, 11)) if kind == "spike" else int(rng.integers(10, 201))
+            start = position + int(rng.exponential(mean_gap))
+            if start + span > n:
+                break
+            columns = rng.choice(metrics, size=int(rng.integers(1, min(3, metrics) + 1)),
+                                 replace=False)
+            if kind == "shift":
+                size: float | np.ndarray = rng.uniform(3, 10)
+            elif kind == "ramp":
+                size = np.linspace(0.0, rng.uniform(5, 15), span)[:, None]
+            else:
+                size = rng.uniform(5, 20)
+            values[start:start + span, columns] += size * scale[columns]
+            labels[start:start + span] = 1
+            kinds.append(kind)
+            position = start + span + window
+        all_windows.append(make_windows(values.astype(np.float32), window))
+        all_labels.append(window_labels(labels, window))
+    return InjectedSet(np.ascontiguousarray(np.concatenate(all_windows)),
+                       np.concatenate(all_labels), tuple(kinds))
 
 
 def injected_quality(scores: np.ndarray, injected: InjectedSet,

@@ -36,6 +36,7 @@ from vmad.state import VMState, blame_text, compute_state
 from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
+from vmad.trainer.injection import InjectedSet, injected_generic_set, injected_validation_set
 from vmad.trainer.store import TelemetryStore, VMModelInfo
 from vmad.windows import Normalizer, make_windows
 
@@ -228,9 +229,11 @@ class VMModels:
         counters = self.store.counters(vm_id)
         raw = self._normal_history(vm_id, first=previous is None)
         checkpoint = self.checkpoint(vm_id)
+        injected = self._injected_set(raw)
         adaptation = fit_adaptation(
             checkpoint.model, raw, self.window, floors=self._scale_floors(),
             components=settings.components, cnn_weight=settings.cnn_weight,
+            injected=injected, cnn_weights=settings.cnn_weights,
             false_alarm_rate=settings.target_false_alarm_rate,
             min_deviation=settings.min_deviation,
             network_threshold=checkpoint.threshold if settings.network_floor else None,
@@ -239,20 +242,25 @@ class VMModels:
             normalizer=previous.normalizer if keep_normalizer and previous else None)
         self._save_adaptation(vm_id, adaptation)
         bundle = self.bundle(vm_id)
-        quality = self._injected_quality(raw, bundle)
+        quality = self._injected_quality(injected, bundle) if injected is not None else {}
         if quality:
             self._save_adaptation(vm_id, replace(adaptation, quality=quality))
         return TrainOutcome(vm_id, "adapt", 0, float("nan"), time.perf_counter() - started,
                             bundle.metadata.version, bundle)
 
-    def _injected_quality(self, raw: np.ndarray, bundle: Bundle) -> dict[str, float]:
-        """The VM's detector on its own history with synthetic faults injected; empty
-        for other metric sets or a history too short to hold faults."""
-        from vmad.trainer.injection import injected_validation_set
+    def _injected_set(self, raw: np.ndarray) -> InjectedSet | None:
+        """The VM's own history with synthetic faults injected (trainer/injection.py: the
+        fault kinds of vmad.synthetic for the default metrics, shifts, ramps and spikes
+        in each metric's own scale for others); None when too short to hold faults."""
+        if len(raw) < 4 * self.window:
+            return None
+        if self.metrics == DEFAULT_METRICS:
+            return injected_validation_set(raw, self.window, seed=self.seed)
+        scale = np.asarray(Normalizer.fit(raw, floor=self._scale_floors()).scale)
+        return injected_generic_set(raw, self.window, scale, seed=self.seed)
 
-        if self.metrics != DEFAULT_METRICS or len(raw) < 4 * self.window:
-            return {}
-        injected = injected_validation_set(raw, self.window, seed=self.seed)
+    def _injected_quality(self, injected: InjectedSet, bundle: Bundle) -> dict[str, float]:
+        """The VM's detector on its own history with synthetic faults injected."""
         result = score_detection(injected.labels, bundle.score(injected.windows),
                                  bundle.metadata.threshold,
                                  alarm_after=bundle.metadata.alarm_after)
