@@ -75,10 +75,11 @@ def register(commands: Any, bench: Any) -> None:
                                 "refit on the train part plus the head's normal samples and "
                                 "threshold from --false-alarm-rate (as the trainer), or the "
                                 "best-F1 threshold on the head")
-    detection.add_argument("--weight-rule", choices=("injected", "fixed"), default="injected",
-                           help="fused's network weight without labels on the head: the one "
-                                "that best ranks faults injected into the fitted data (as "
-                                "the trainer), or the trainer's fixed cnn_weight")
+    detection.add_argument("--weight-rule", choices=("injected", "head", "fixed"),
+                           default="injected",
+                           help="fused's network weight: the one that best ranks faults "
+                                "injected into the fitted data (as the trainer), the head's "
+                                "labels where they hold an anomaly, or the fixed cnn_weight")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")

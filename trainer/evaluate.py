@@ -21,12 +21,12 @@ The label-free detectors need no pretraining per target, so they cost seconds:
   (trainer/residual.py), its largest contribution as the score;
 - `fused`: the shipped pretrained Zoom-CNN (trainer/default_checkpoint, on the target's
   metrics that carry the default metrics' quantities, see SYNTHETIC_ALIASES) fused with
-  `residual` as the agent's bundle does (trainer/adaptation.py). With labels on the
-  head the network's weight is the one of `fusion_weights` that ranks them best (AUC);
-  without (or with `weight_rule="fixed"`), the one that ranks faults injected into the
-  newest `history_samples` of the fitted data best (trainer/injection.py's generic
-  shifts, ramps and spikes, as the trainer does for metrics other than its default
-  four), or `cnn_weight` with `weight_rule="fixed"`.
+  `residual` as the agent's bundle does (trainer/adaptation.py). The network's weight
+  is the one of `fusion_weights` that best ranks faults injected into the newest
+  `history_samples` of the fitted data (trainer/injection.py's generic shifts, ramps
+  and spikes, as the trainer does for metrics other than its default four); with
+  `weight_rule="head"` the head's labels pick it where they hold an anomaly, and with
+  "fixed" it is `cnn_weight`.
 With `labels="none"` no label of the target is used: thresholds flag `false_alarm_rate`
 of the train part's samples, and the neural detectors are not fine-tuned.
 Attribution: for the detectors with per-metric contributions (`residual`, `fused`,
@@ -79,7 +79,7 @@ LABEL_FREE: tuple[str, ...] = ("residual", "fused", "pca")
 DETECTORS: tuple[str, ...] = (*MODEL_KINDS, *LABEL_FREE)
 LABEL_MODES: tuple[str, ...] = ("head", "none")
 HEAD_RULES: tuple[str, ...] = ("refit", "best_f1")
-WEIGHT_RULES: tuple[str, ...] = ("injected", "fixed")
+WEIGHT_RULES: tuple[str, ...] = ("injected", "head", "fixed")
 SYNTHETIC_SOURCE = "synthetic"
 
 
@@ -103,8 +103,8 @@ class ProtocolConfig:
     "best_f1": fit on the train part only, threshold with the best F1 on the head.
     min_deviation / network_floor: the trainer's floors under the threshold of
     `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py).
-    weight_rule: `fused`'s network weight without labels on the head: "injected" (as
-    the trainer) or "fixed" (`cnn_weight`)."""
+    weight_rule: `fused`'s network weight: "injected" (as the trainer), "head" (the
+    head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`)."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -348,7 +348,7 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
         fit_logits = np.concatenate([train_logits, test_logits[:cut][head]])
         network = shipped.threshold if config.network_floor else None
         injected = _injected_parts(fit_values, target, shipped, detector, config) \
-            if config.weight_rule == "injected" else None
+            if config.weight_rule != "fixed" else None
         fit_scores, scores, weight, floor = _fuse(
             (fit_logits, test_logits), fit_scores, scores, labels, cut, config, network,
             injected)
@@ -393,10 +393,10 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: 
     """Fused fitting-data and test scores, the network weight used and the floor under
     the threshold (trainer/adaptation.py's `offset_floor`).
 
-    With labels on the head, the weight is the one of `fusion_weights` whose fused score
-    ranks the head's labelled samples best (`choose_cnn_weight`); without labels, or
-    with no anomalous sample on the head, the one that ranks the `injected` faults best
-    (logits, deviation, labels), as the trainer does, or `cnn_weight` without them."""
+    The weight is the one of `fusion_weights` whose fused score ranks the `injected`
+    faults best (logits, deviation, labels; `choose_cnn_weight`), as the trainer does;
+    with `weight_rule="head"` and labelled anomalies on the head, the one that ranks
+    those best; `cnn_weight` without either."""
     fit_logits, test_logits = logits
     usable = np.isfinite(fit_logits)
     # The head's samples with a full window for the network.
@@ -406,7 +406,8 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: 
     fit_logits = np.where(usable, fit_logits, fusion.cnn_center)
     test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
     weight = config.cnn_weight
-    if config.labels != "none" and cut and labels[head].any() and not labels[head].all():
+    if config.weight_rule == "head" and config.labels != "none" and cut \
+            and labels[head].any() and not labels[head].all():
         weight = choose_cnn_weight(fusion, test_logits[head], test_dev[head], labels[head],
                                    config.fusion_weights)
     elif injected is not None:
