@@ -57,8 +57,7 @@ def _finetuned_without_labels(shipped: Checkpoint, history: np.ndarray, batches:
     model = copy.deepcopy(shipped.model)
     data = self_supervised_data(history, shipped.window, seed=seed)
     finetune_self_supervised(
-        model, data, lambda raw: np.ascontiguousarray(
-            normalizer.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1)),
+        model, data, normalizer.apply_windows,
         TrainConfig(max_batches=batches, batch_size=training.batch_size, lr=training.lr,
                     seed=training.seed))
     return model, normalizer

@@ -222,9 +222,9 @@ def fit_adaptation(
     deviation = deviation_of_windows(residual, normalized, window)
     fusion = fit_fusion(logits, deviation, cnn_weight)
     if injected is not None and len(cnn_weights):
-        windows = normalizer.apply(injected.windows.transpose(0, 2, 1)).transpose(0, 2, 1)
+        windows = normalizer.apply_windows(injected.windows)
         weight = choose_cnn_weight(
-            fusion, predict_logits(model, np.ascontiguousarray(windows)),
+            fusion, predict_logits(model, windows),
             residual.score_samples(windows[:, :, -1]), injected.labels, cnn_weights)
         fusion = replace(fusion, cnn_weight=weight)
     offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),

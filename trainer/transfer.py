@@ -328,7 +328,7 @@ class VMModels:
         data = self.labelled_windows(vm_id)
         probabilities = np.zeros(0, np.float32)
         if len(data.labels):
-            normalized = _normalize(data.raw, normalizer)
+            normalized = normalizer.apply_windows(data.raw)
             probabilities = predict_proba(checkpoint.model, normalized)
         recent = self.store.recent(vm_id, self.settings.state_samples)
         _, _, flagged = self.store.verdicts(vm_id, self.settings.state_samples)
@@ -401,9 +401,9 @@ class VMModels:
                              seed=self.seed + info.batches_trained)
         if injected is not None:
             result = finetune_self_supervised(
-                model, injected, lambda raw: _normalize(raw, normalizer), config)
+                model, injected, normalizer.apply_windows, config)
         else:
-            result = train(model, _normalize(data.raw, normalizer), data.labels, config)
+            result = train(model, normalizer.apply_windows(data.raw), data.labels, config)
         spent = (0 if reset or not info.finetuned else info.batches_trained) + result.batches
         n = info.pushed + 1
         version = f"{base.kind}-{_safe_name(vm_id)}-ft{n}"
@@ -430,8 +430,3 @@ class VMModels:
         version = bundle.metadata.version
         return TrainOutcome(vm_id, "reset_finetune" if reset else "finetune", result.batches,
                             result.final_loss, time.perf_counter() - started, version, bundle)
-
-
-def _normalize(raw: np.ndarray, normalizer: Normalizer) -> np.ndarray:
-    """Raw `[W, M, T]` -> normalized, the layout models take."""
-    return np.ascontiguousarray(normalizer.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1))

@@ -287,9 +287,7 @@ class Bundle:
 
     def normalize(self, raw_windows: np.ndarray) -> np.ndarray:
         """`float32[W, M, T]`, C-contiguous, normalized with the bundle's statistics."""
-        raw = np.asarray(raw_windows, dtype=np.float32)
-        normalized = self.metadata.normalization.apply(raw.transpose(0, 2, 1)).transpose(0, 2, 1)
-        return np.ascontiguousarray(normalized)
+        return self.metadata.normalization.apply_windows(raw_windows)
 
     def score(self, raw_windows: np.ndarray) -> np.ndarray:
         """Anomaly score per window for raw `[W, M, T]` windows (normalized here)."""

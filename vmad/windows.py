@@ -97,6 +97,12 @@ class Normalizer:
         out = (np.asarray(values, dtype=np.float32) - center) / scale
         return np.clip(out, -self.clip, self.clip, out=out)
 
+    def apply_windows(self, windows: np.ndarray) -> np.ndarray:
+        """Normalize raw windows `[W, M, T]` (metrics on the middle axis, the layout
+        models take) to C-contiguous float32 `[W, M, T]`."""
+        windows = np.asarray(windows)
+        return np.ascontiguousarray(self.apply(windows.transpose(0, 2, 1)).transpose(0, 2, 1))
+
     def to_dict(self) -> dict[str, object]:
         return {"kind": "robust", "center": list(self.center), "scale": list(self.scale),
                 "clip": self.clip}
