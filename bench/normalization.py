@@ -37,7 +37,7 @@ from torch import nn
 from vmad.evaluation import DetectionScores, run_lengths, score_detection
 from vmad.schema import DEFAULT_SCALE_FLOORS
 from vmad.synthetic import generate_vm
-from vmad.trainer.adaptation import fit_adaptation
+from vmad.trainer.adaptation import fit_adaptation, outside_alarms
 from vmad.trainer.checkpoint import Checkpoint, load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.injection import injected_validation_set
@@ -63,19 +63,6 @@ def _finetuned_without_labels(shipped: Checkpoint, history: np.ndarray, batches:
     return model, normalizer
 
 
-def _normal_history(values: np.ndarray, alarms: np.ndarray, end: int, history: int,
-                    window: int) -> np.ndarray:
-    """The trainer's refit data (VMModels._normal_history): the newest `history` samples
-    before `end` outside every window that raised an alarm, or all of them when too few
-    remain."""
-    start = max(0, end - history)
-    keep = np.ones(end - start, dtype=bool)
-    for last in np.flatnonzero(alarms[start:end]):
-        keep[max(0, last - window + 1):last + 1] = False
-    kept = values[start:end][keep]
-    return kept if len(kept) >= window + 16 else values[start:end]
-
-
 def run_like_trainer(
     model: nn.Module, values: np.ndarray, window: int, settings: AdaptationSettings, *,
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
@@ -94,8 +81,11 @@ def run_like_trainer(
     chosen: list[float] = []
     for start in range(warmup, n, step):
         stop = min(n, start + step)
-        raw = values[:warmup] if start == warmup else _normal_history(
-            values, alarms, start, settings.history_samples, window)
+        # The trainer's refit data (VMModels._normal_history), sample numbers as times.
+        first = max(0, start - settings.history_samples)
+        raw = values[:warmup] if start == warmup else outside_alarms(
+            values[first:start], np.arange(first, start),
+            first + np.flatnonzero(alarms[first:start]), window, window)
         adaptation = fit_adaptation(
             model, raw, window, floors=list(DEFAULT_SCALE_FLOORS),
             components=settings.components, cnn_weight=cnn_weight,

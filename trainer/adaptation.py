@@ -46,7 +46,7 @@ from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
 __all__ = ["Fusion", "VMAdaptation", "choose_cnn_weight", "fit_adaptation", "fit_fusion",
-           "offset_floor", "robust_location"]
+           "offset_floor", "outside_alarms", "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -179,6 +179,19 @@ def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
         return round(roc_auc(labels, replace(fusion, cnn_weight=weight).z(logits, deviation)), 3)
 
     return float(max(sorted(weights), key=lambda w: (auc(w), -w)))
+
+
+def outside_alarms(values: np.ndarray, timestamps: np.ndarray, alarm_times: np.ndarray,
+                   span: float, window: int, keep: np.ndarray | None = None) -> np.ndarray:
+    """What a refit learns normal from: the rows of `values` (taken at `timestamps`)
+    outside every window an alarm covered (an alarm at time t covers (t - span, t]: the
+    whole window, not only its newest sample) and where `keep` allows (labels); all of
+    them when fewer than `window` + 16 remain."""
+    timestamps = np.asarray(timestamps)
+    kept = np.ones(len(values), dtype=bool) if keep is None else np.asarray(keep, bool).copy()
+    for end in alarm_times:
+        kept &= ~((timestamps > end - span) & (timestamps <= end))
+    return values[kept] if kept.sum() >= window + 16 else values
 
 
 def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,

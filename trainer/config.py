@@ -12,6 +12,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from vmad.bundle import MAX_ALARM_AFTER
 from vmad.config import StrictModel
 from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
@@ -101,8 +102,9 @@ class AdaptationSettings(StrictModel):
     history_samples: int = Field(
         4_320, ge=80, description="newest samples a refit uses (4,320 = 6 h at 5 s)")
     alarm_after: int = Field(
-        3, ge=1, le=720, description="windows in a row at the threshold before a verdict "
-                                     "is anomalous (as Prometheus' `for:`)")
+        3, ge=1, le=MAX_ALARM_AFTER, description="windows in a row at the threshold before "
+                                                 "a verdict is anomalous (as Prometheus' "
+                                                 "`for:`)")
     target_false_alarm_rate: float = Field(
         0.005, gt=0, lt=0.5, description="threshold flags this share of the VM's own windows")
     min_deviation: float = Field(

@@ -93,7 +93,7 @@ class ProtocolConfig:
     "none". false_alarm_rate: the label-free threshold's target on the train part.
     scale_floor: least normalization scale, in the data's units (SMD is min-max scaled
     to [0, 1]: 0.05 is 5 % of a metric's full range). fusion_weights / cnn_weight: the
-    network's weight in `fused`, picked on the head / fixed without labels.
+    network weights `fused` chooses from / its weight under `weight_rule="fixed"`.
     threshold_rule: without labels, "tail" (peaks over threshold, as the trainer does) or
     "quantile" (the empirical quantile of the train part's scores).
     head_rule: how the label-free rows use the head's labels. "refit" (as the trainer

@@ -121,7 +121,8 @@ def injected_generic_set(
                        np.concatenate(all_labels), tuple(kinds))
 
 
-def injected_quality(scores: np.ndarray, injected: InjectedSet,
-                     threshold: float) -> DetectionScores:
-    """How a detector's `scores` on `injected.windows` fare at `threshold`."""
-    return score_detection(injected.labels, scores, threshold)
+def injected_quality(scores: np.ndarray, injected: InjectedSet, threshold: float,
+                     alarm_after: int = 1) -> DetectionScores:
+    """How a detector's `scores` on `injected.windows` fare at `threshold`, an alarm
+    after `alarm_after` windows in a row at it."""
+    return score_detection(injected.labels, scores, threshold, alarm_after=alarm_after)

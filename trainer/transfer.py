@@ -30,13 +30,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vmad.bundle import Bundle
-from vmad.evaluation import score_detection
 from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
 from vmad.state import VMState, blame_text, compute_state
-from vmad.trainer.adaptation import VMAdaptation, fit_adaptation
+from vmad.trainer.adaptation import VMAdaptation, fit_adaptation, outside_alarms
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
-from vmad.trainer.injection import InjectedSet, injected_generic_set, injected_validation_set
+from vmad.trainer.injection import (
+    InjectedSet,
+    injected_generic_set,
+    injected_quality,
+    injected_validation_set,
+)
 from vmad.trainer.store import TelemetryStore, VMModelInfo
 from vmad.windows import Normalizer, make_windows
 
@@ -209,14 +213,11 @@ class VMModels:
                                    else settings.history_samples)
         if first or not len(recent):
             return recent.values
-        keep = self.store.labels_at(vm_id, recent.timestamps) != 1
         times, _, flagged = self.store.verdicts(vm_id, len(recent))
-        for end in times[flagged]:
-            # The whole flagged window, not only its last sample.
-            span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9)
-            keep &= ~((recent.timestamps > end - span) & (recent.timestamps <= end))
-        values = recent.values[keep]
-        return values if len(values) >= self.window + 16 else recent.values
+        span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
+            if len(recent) > 1 else 0.0
+        return outside_alarms(recent.values, recent.timestamps, times[flagged], span,
+                              self.window, keep=self.store.labels_at(vm_id, recent.timestamps) != 1)
 
     def adapt(self, vm_id: str, now: float | None = None, *,
               keep_normalizer: bool = False) -> TrainOutcome:
@@ -261,9 +262,8 @@ class VMModels:
 
     def _injected_quality(self, injected: InjectedSet, bundle: Bundle) -> dict[str, float]:
         """The VM's detector on its own history with synthetic faults injected."""
-        result = score_detection(injected.labels, bundle.score(injected.windows),
-                                 bundle.metadata.threshold,
-                                 alarm_after=bundle.metadata.alarm_after)
+        result = injected_quality(bundle.score(injected.windows), injected,
+                                  bundle.metadata.threshold, bundle.metadata.alarm_after)
         return {k: float(getattr(result, k)) for k in (
             "precision", "recall", "point_f1", "false_alarm_rate", "event_recall", "auc")}
 
