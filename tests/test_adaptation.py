@@ -4,6 +4,8 @@ contributions reach the store, and HitRate counts what it should."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -35,10 +37,15 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
     import onnx
 
     vm, _ = generate_vm(5, 1200)
-    for components, weight in ((0, 0.5), (2, 0.5), (0, 0.0)):
+    for components, weight, norm in ((0, 0.5, "max"), (2, 0.5, "max"), (0, 0.0, "max"),
+                                     (2, 0.5, "l2")):
         adaptation = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW,
                                     floors=[1.0, 0.5, 0.5, 0.2], components=components,
                                     cnn_weight=weight, false_alarm_rate=0.01)
+        if norm != "max":
+            fitted = adaptation.normalizer.apply(vm.values[:600])
+            adaptation = replace(adaptation, residual=ResidualModel.fit(
+                fitted, components, spread_floor=1.0, norm=norm))
         bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
         assert not bundle.metadata.warmup
         raw = make_windows(vm.values[600:900], WINDOW)
@@ -296,3 +303,95 @@ def test_network_floor_keeps_the_network_part_at_its_calibrated_threshold(checkp
 
 def test_default_settings_use_the_network_floor() -> None:
     assert AdaptationSettings().network_floor is True
+
+
+def _correlated_vm(n: int, seed: int) -> np.ndarray:
+    """Two metrics that move together (a shared level plus a little noise), two that do
+    not: a fault that pulls the pair apart leaves each metric inside its own range."""
+    rng = np.random.default_rng(seed)
+    level = 50 + 10 * np.sin(np.arange(n) / 40) + rng.normal(0, 3, n)
+    return np.column_stack([level + rng.normal(0, 0.5, n), level + rng.normal(0, 0.5, n),
+                            rng.normal(20, 2, n), rng.normal(5, 1, n)])
+
+
+def test_residual_norm_l2_is_the_distance_from_the_subspace() -> None:
+    values = _correlated_vm(2000, 0)
+    model = ResidualModel.fit(values, components=1, spread_floor=1.0, norm="l2")
+    contributions = model.contributions(values[:50])
+    assert np.allclose(model.score_samples(values[:50]),
+                       np.sqrt((contributions**2).sum(axis=1)))
+    again = ResidualModel.from_dict(model.to_dict())
+    assert again.norm == "l2"
+    assert np.allclose(again.score_samples(values), model.score_samples(values))
+    # An adaptation saved before the norm existed keeps the largest contribution.
+    old = {k: v for k, v in model.to_dict().items() if k != "norm"}
+    assert ResidualModel.from_dict(old).norm == "max"
+    with pytest.raises(ValueError, match="norm"):
+        ResidualModel.from_dict({**model.to_dict(), "norm": "l3"})
+
+
+def test_best_ranking_prefers_the_earlier_score_on_ties() -> None:
+    from vmad.trainer.adaptation import best_ranking
+
+    labels = np.array([0, 0, 1, 1])
+    good, bad = np.array([0.0, 0.1, 0.9, 1.0]), np.array([1.0, 0.9, 0.1, 0.0])
+    assert best_ranking([bad, good], labels) == 1
+    assert best_ranking([good, good * 2], labels) == 0
+    assert best_ranking([good], np.ones(4)) == -1
+
+
+def test_real_labels_choose_the_subspace_where_it_ranks_them(checkpoint) -> None:
+    """A fault that pulls two metrics that move together apart: each stays inside its
+    own range, so the per-metric deviation ranks it poorly and the distance from the
+    subspace well. Labels of that fault choose the subspace; labels of one class, or
+    subspace_variance 0, keep the per-metric deviation."""
+    history = _correlated_vm(1500, 1)
+    later = _correlated_vm(800, 2)
+    labels = np.zeros(len(later), dtype=np.int8)
+    for start in range(100, 760, 60):
+        later[start:start + 10, 0] += 6
+        later[start:start + 10, 1] -= 6
+        labels[start:start + 10] = 1
+    windows = make_windows(later, WINDOW)
+    labelled = (windows, labels[WINDOW - 1:])
+    common = dict(cnn_weight=0.0, false_alarm_rate=0.01)
+    chosen = fit_adaptation(checkpoint.model, history, WINDOW, labelled=labelled,
+                            subspace_variance=0.9, **common)
+    assert chosen.residual.norm == "l2" and len(chosen.residual.components) >= 1
+    assert "subspace" in chosen.residual.describe()
+    for kept in (fit_adaptation(checkpoint.model, history, WINDOW, subspace_variance=0.9,
+                                labelled=(windows, np.zeros(len(windows), np.int8)), **common),
+                 fit_adaptation(checkpoint.model, history, WINDOW, labelled=labelled,
+                                subspace_variance=0.0, **common),
+                 fit_adaptation(checkpoint.model, history, WINDOW, **common)):
+        assert kept.residual.norm == "max" and len(kept.residual.components) == 0
+
+
+def test_trainer_lets_a_vms_stored_labels_choose_its_deviation(checkpoint, tmp_path) -> None:
+    """The trainer's refit reads the VM's labelled windows from its store (labels sent
+    with `vmad label` or `vmad inject`) and passes them to the choice above."""
+    from vmad.labels import LabelInterval
+    from vmad.trainer.transfer import VMModels
+
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                      adaptation=AdaptationSettings(warmup_samples=600, refresh_samples=600,
+                                                    history_samples=1200, cnn_weights=[0.0],
+                                                    cnn_weight=0.0))
+    values = _correlated_vm(1800, 3)
+    timestamps = 1_700_000_000.0 + 5.0 * np.arange(len(values))
+    intervals = [LabelInterval(float(timestamps[600]), float(timestamps[-1]), False, "operator")]
+    for start in range(700, 1760, 60):
+        values[start:start + 10, 0] += 6
+        values[start:start + 10, 1] -= 6
+        intervals.append(LabelInterval(float(timestamps[start]),
+                                       float(timestamps[start + 9]), True, "operator"))
+    seqs = np.arange(1, len(values) + 1)
+    store.ingest("vm", DEFAULT_METRICS, seqs[:600], timestamps[:600], values[:600])
+    models.adapt("vm")
+    assert models.adaptation("vm").residual.norm == "max"  # no label yet
+    store.ingest("vm", DEFAULT_METRICS, seqs[600:], timestamps[600:], values[600:])
+    store.add_labels("vm", intervals)
+    models.adapt("vm")
+    assert models.adaptation("vm").residual.norm == "l2"
+    assert models.bundle("vm").metadata.version

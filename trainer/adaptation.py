@@ -11,7 +11,8 @@ exported bundle (trainer/export.py) computes, inside one ONNX graph:
     score = sigmoid(z - offset)
 
 where `deviation` is the largest per-metric contribution of the window's newest sample
-(trainer/residual.py) and the centres and scales are the median and robust spread of
+(trainer/residual.py; where the VM's own labels choose it, the distance from its
+principal subspace instead) and the centres and scales are the median and robust spread of
 each part on the VM's own windows, so both parts speak in "how unusual for this VM".
 `offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
 own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
@@ -42,11 +43,11 @@ from torch import nn
 from vmad.evaluation import tail_threshold
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.injection import InjectedSet
-from vmad.trainer.residual import ResidualModel
+from vmad.trainer.residual import ResidualModel, components_for_variance
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["Fusion", "VMAdaptation", "choose_cnn_weight", "fit_adaptation", "fit_fusion",
-           "offset_floor", "outside_alarms", "robust_location"]
+__all__ = ["Fusion", "VMAdaptation", "best_ranking", "choose_cnn_weight", "fit_adaptation",
+           "fit_fusion", "offset_floor", "outside_alarms", "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -162,23 +163,30 @@ def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
     return floor
 
 
-def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
-                      labels: np.ndarray, weights: Sequence[float]) -> float:
-    """The network weight of `weights` whose fused score ranks `labels` best (AUC to 3
-    decimals: it needs no threshold, which is what transfers worst); ties go to the
-    lower network weight, so a network that adds nothing is left out. The labels are
-    faults injected into the VM's own history, or real ones where there are. Keeps
-    `fusion.cnn_weight` when the labels hold one class or no weight is offered."""
+def best_ranking(scores: Sequence[np.ndarray], labels: np.ndarray) -> int:
+    """Index of the score in `scores` (each `[N]`) that ranks `labels[N]` best: AUC to 3
+    decimals, which needs no threshold (what transfers worst); ties go to the earlier
+    score, so list the simpler choice first. -1 when the labels hold one class."""
     from vmad.evaluation import roc_auc
 
     labels = np.asarray(labels)
-    if not len(weights) or labels.all() or not labels.any():
-        return fusion.cnn_weight
+    if not len(scores) or labels.all() or not labels.any():
+        return -1
+    aucs = [round(roc_auc(labels, score), 3) for score in scores]
+    return int(max(range(len(aucs)), key=lambda i: (aucs[i], -i)))
 
-    def auc(weight: float) -> float:
-        return round(roc_auc(labels, replace(fusion, cnn_weight=weight).z(logits, deviation)), 3)
 
-    return float(max(sorted(weights), key=lambda w: (auc(w), -w)))
+def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
+                      labels: np.ndarray, weights: Sequence[float]) -> float:
+    """The network weight of `weights` whose fused score ranks `labels` best
+    (`best_ranking`); ties go to the lower network weight, so a network that adds
+    nothing is left out. The labels are faults injected into the VM's own history, or
+    real ones where there are. Keeps `fusion.cnn_weight` when the labels hold one class
+    or no weight is offered."""
+    ordered = sorted(weights)
+    best = best_ranking([replace(fusion, cnn_weight=w).z(logits, deviation) for w in ordered],
+                        labels)
+    return fusion.cnn_weight if best < 0 else float(ordered[best])
 
 
 def outside_alarms(values: np.ndarray, timestamps: np.ndarray, alarm_times: np.ndarray,
@@ -208,6 +216,7 @@ def fit_adaptation(
     generation: int = 1,
     normalizer: Normalizer | None = None,
     injected: InjectedSet | None = None, cnn_weights: Sequence[float] = (),
+    labelled: tuple[np.ndarray, np.ndarray] | None = None, subspace_variance: float = 0.0,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
@@ -219,6 +228,12 @@ def fit_adaptation(
     With `injected` (raw windows of the VM's history with faults injected,
     trainer/injection.py) the network's weight is the one of `cnn_weights` that ranks
     those faults best (`choose_cnn_weight`), else `cnn_weight`.
+    With `labelled` (real raw windows `[W, M, T]` and their labels, both classes present)
+    and `subspace_variance` > 0, the labels choose the deviation: the per-metric one, or
+    the distance from the principal subspace explaining that share of the variance
+    (`best_ranking` of the fused scores; ties keep the per-metric one). Without labels
+    the per-metric deviation stands: injected faults prefer the subspace on every VM
+    measured, real faults do not (docs/detection.md).
     """
     from vmad.trainer.training import predict_logits
 
@@ -228,18 +243,39 @@ def fit_adaptation(
     if normalizer is None:
         normalizer = Normalizer.fit(raw, floor=floors)
     normalized = normalizer.apply(raw)
+    logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
     # Spread floor in normalized units: the normalizer's floor already bounds the scale,
     # so one normalized unit is the least spread a metric may claim.
-    residual = ResidualModel.fit(normalized, components=components, spread_floor=1.0)
-    logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
-    deviation = deviation_of_windows(residual, normalized, window)
-    fusion = fit_fusion(logits, deviation, cnn_weight)
+    candidates = [ResidualModel.fit(normalized, components=components, spread_floor=1.0)]
+    if labelled is not None and subspace_variance > 0 and labelled[1].any() \
+            and not labelled[1].all():
+        candidates.append(ResidualModel.fit(
+            normalized, components_for_variance(normalized, subspace_variance),
+            spread_floor=1.0, norm="l2"))
+    injected_inputs = None
     if injected is not None and len(cnn_weights):
         windows = normalizer.apply_windows(injected.windows)
-        weight = choose_cnn_weight(
-            fusion, predict_logits(model, windows),
-            residual.score_samples(windows[:, :, -1]), injected.labels, cnn_weights)
-        fusion = replace(fusion, cnn_weight=weight)
+        injected_inputs = (windows[:, :, -1], predict_logits(model, windows), injected.labels)
+
+    def fused(residual: ResidualModel) -> Fusion:
+        fusion = fit_fusion(logits, deviation_of_windows(residual, normalized, window),
+                            cnn_weight)
+        if injected_inputs is None:
+            return fusion
+        last, injected_logits, labels = injected_inputs
+        return replace(fusion, cnn_weight=choose_cnn_weight(
+            fusion, injected_logits, residual.score_samples(last), labels, cnn_weights))
+
+    fusions = [fused(residual) for residual in candidates]
+    chosen = 0
+    if len(candidates) > 1 and labelled is not None:
+        windows = normalizer.apply_windows(labelled[0])
+        label_logits = predict_logits(model, windows)
+        chosen = max(0, best_ranking(
+            [fusion.z(label_logits, residual.score_samples(windows[:, :, -1]))
+             for residual, fusion in zip(candidates, fusions, strict=True)], labelled[1]))
+    residual, fusion = candidates[chosen], fusions[chosen]
+    deviation = deviation_of_windows(residual, normalized, window)
     offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
     attribution = AttributionModel.fit(normalized, window)

@@ -60,7 +60,7 @@ def register(commands: Any, bench: Any) -> None:
     detection.add_argument("--data", required=True, type=Path,
                            help="folder of series folders with train and labelled test parts")
     detection.add_argument("--detectors",
-                           default="zoom-cnn,cnn,mlp,zoom-2,zoom-4,residual,fused,pca")
+                           default="zoom-cnn,cnn,mlp,zoom-2,zoom-4,residual,subspace,fused,pca")
     detection.add_argument("--labels", choices=("head", "none"), default="head",
                            help="head: labels of the first 30 %% of each test part pick "
                                 "thresholds and fine-tune; none: no label of the target "
@@ -80,6 +80,11 @@ def register(commands: Any, bench: Any) -> None:
                            help="fused's network weight: the one that best ranks faults "
                                 "injected into the fitted data (as the trainer), the head's "
                                 "labels where they hold an anomaly, or the fixed cnn_weight")
+    detection.add_argument("--subspace-variance", type=float,
+                           help="with labels, fused's deviation may be the distance from "
+                                "the subspace explaining this share of variance where the "
+                                "head's labels rank it higher (default: the trainer's "
+                                "adaptation.subspace_variance); 0 = never")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -244,6 +249,8 @@ def run_bench_detection(args: argparse.Namespace) -> int:
                      false_alarm_rate=args.false_alarm_rate,
                      threshold_rule=args.threshold_rule, head_rule=args.head_rule,
                      weight_rule=args.weight_rule)
+    if args.subspace_variance is not None:
+        config = replace(config, subspace_variance=args.subspace_variance)
     if args.max_series is not None:
         config = replace(config, max_series=args.max_series)
     if args.pretrain_batches is not None:

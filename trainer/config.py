@@ -16,6 +16,7 @@ from vmad.bundle import MAX_ALARM_AFTER
 from vmad.config import StrictModel
 from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
+from vmad.trainer.residual import SUBSPACE_VARIANCE
 
 __all__ = ["AdaptationSettings", "ControllerLink", "ModelSettings", "ServingSettings",
            "StoreSettings",
@@ -125,6 +126,11 @@ class AdaptationSettings(StrictModel):
     components: int = Field(
         0, ge=0, description="principal components removed before the per-metric score "
                              "(0 = plain per-metric deviation)")
+    subspace_variance: float = Field(
+        SUBSPACE_VARIANCE, ge=0, le=1,
+        description="where the VM has real labels of both kinds, they choose its "
+                    "deviation: the per-metric one, or the distance from the principal "
+                    "subspace explaining this share of its variance; 0 = always per-metric")
     scale_floors: list[float] | None = Field(
         None, description="least normalization scale per metric, in its units; null = "
                           "vmad.schema.DEFAULT_SCALE_FLOORS for the default metrics, else 0")

@@ -63,7 +63,7 @@ from vmad.evaluation import (
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
-from vmad.trainer.adaptation import choose_cnn_weight, fit_fusion, offset_floor
+from vmad.trainer.adaptation import best_ranking, choose_cnn_weight, fit_fusion, offset_floor
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.checkpoint import load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings
@@ -75,7 +75,7 @@ from vmad.windows import Normalizer, make_windows
 
 __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
 
-LABEL_FREE: tuple[str, ...] = ("residual", "fused", "pca")
+LABEL_FREE: tuple[str, ...] = ("residual", "subspace", "fused", "pca")
 DETECTORS: tuple[str, ...] = (*MODEL_KINDS, *LABEL_FREE)
 LABEL_MODES: tuple[str, ...] = ("head", "none")
 HEAD_RULES: tuple[str, ...] = ("refit", "best_f1")
@@ -104,7 +104,10 @@ class ProtocolConfig:
     min_deviation / network_floor: the trainer's floors under the threshold of
     `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py).
     weight_rule: `fused`'s network weight: "injected" (as the trainer), "head" (the
-    head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`)."""
+    head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`).
+    subspace_variance: with labels, `fused`'s deviation is the per-metric one or the
+    distance from the subspace explaining this share of variance, whichever fused score
+    ranks the head's labels better (trainer.yaml `adaptation`); 0 = per-metric only."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -131,6 +134,7 @@ class ProtocolConfig:
     min_deviation: float = AdaptationSettings().min_deviation
     network_floor: bool = AdaptationSettings().network_floor
     weight_rule: str = "injected"
+    subspace_variance: float = AdaptationSettings().subspace_variance
 
 
 QUICK = ProtocolConfig(
@@ -341,18 +345,31 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
             .contributions_of_series(test_values, config.window)
     else:
         contributions = detector.contributions(test_values)  # type: ignore[attr-defined]
-    floor = config.min_deviation if kind == "residual" else -np.inf
+    floor = config.min_deviation if kind in ("residual", "subspace") else -np.inf
     logits = _shipped_logits(target, shipped) if kind == "fused" else None
     if logits is not None:
         train_logits, test_logits = logits
         fit_logits = np.concatenate([train_logits, test_logits[:cut][head]])
+        # As the trainer: the per-metric deviation, or where the head's labels hold both
+        # kinds, the distance from the principal subspace if those labels rank it higher.
+        deviations = [detector]
+        if config.labels != "none" and config.subspace_variance > 0 and cut \
+                and labels[:cut].any() and not labels[:cut].all():
+            deviations.append(create("subspace", variance=config.subspace_variance)
+                              .fit(fit_values))
         network = shipped.threshold if config.network_floor else None
-        injected = _injected_parts(fit_values, target, shipped, detector, config) \
-            if config.weight_rule != "fixed" else None
-        fit_scores, scores, weight, floor = _fuse(
-            (fit_logits, test_logits), fit_scores, scores, labels, cut, config, network,
-            injected)
+        variants = []
+        for deviation in deviations:
+            injected = _injected_parts(fit_values, target, shipped, deviation, config) \
+                if config.weight_rule != "fixed" else None
+            variants.append(_fuse(
+                (fit_logits, test_logits), deviation.score_samples(fit_values),
+                deviation.score_samples(test_values), labels, cut, config, network, injected))
+        scored = slice(shipped.window - 1, cut)  # the head's samples with a full window
+        chosen = max(0, best_ranking([v[1][scored] for v in variants], labels[scored]))
+        fit_scores, scores, weight, floor = variants[chosen]
         extra["cnn_weight"] = weight
+        extra["subspace"] = float(chosen)
     if config.labels == "none" or refit:
         finite = fit_scores[np.isfinite(fit_scores)]
         threshold = tail_threshold(finite, config.false_alarm_rate) \

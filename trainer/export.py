@@ -44,6 +44,7 @@ class _FusedScore(nn.Module):
                              torch.tensor(residual.components, dtype=torch.float32))
         self.register_buffer("spread", torch.tensor(residual.spread, dtype=torch.float32))
         self.use_components = residual.components.shape[0] > 0
+        self.norm = residual.norm
         self.fusion = fusion
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +53,10 @@ class _FusedScore(nn.Module):
         if self.use_components:
             centred = centred - (centred @ self.components.T) @ self.components
         contributions = centred.abs() / self.spread
-        deviation = contributions.max(dim=1).values
+        if self.norm == "l2":
+            deviation = torch.sqrt(torch.sum(contributions * contributions, dim=1))
+        else:
+            deviation = contributions.max(dim=1).values
         z = torch.zeros_like(deviation)
         # Decided when the graph is traced: a VM whose weight is 0 gets a graph without
         # the network, and its agent does not pay for running it.
@@ -100,7 +104,8 @@ def export_bundle(checkpoint: Checkpoint, version: str, folder: str | Path | Non
     provenance = dict(checkpoint.provenance)
     if adaptation is not None:
         provenance["adaptation"] = {
-            "fusion": adaptation.fusion.to_dict(), "samples_fitted": adaptation.samples_fitted,
+            "fusion": adaptation.fusion.to_dict(), "deviation": adaptation.residual.describe(),
+            "samples_fitted": adaptation.samples_fitted,
             "fitted_at": adaptation.fitted_at, "generation": adaptation.generation}
     metadata = BundleMetadata(
         version=version,

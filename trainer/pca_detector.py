@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmad.detectors import register
+from vmad.trainer.residual import components_for_variance
 
 __all__ = ["PCADetector"]
 
@@ -27,10 +28,8 @@ class PCADetector:
         """Fit on normalized `values[N, M]`."""
         values = np.asarray(values, dtype=np.float64)
         self.mean = values.mean(axis=0)
-        _, singular, vt = np.linalg.svd(values - self.mean, full_matrices=False)
-        explained = np.cumsum(singular**2) / max(float(np.sum(singular**2)), 1e-12)
-        keep = int(np.searchsorted(explained, self.variance) + 1)
-        self.components = vt[: min(keep, len(vt))]
+        _, _, vt = np.linalg.svd(values - self.mean, full_matrices=False)
+        self.components = vt[: components_for_variance(values, self.variance)]
         return self
 
     def contributions(self, values: np.ndarray) -> np.ndarray:

@@ -5,9 +5,12 @@ Fitted on a VM's own (normalized, unlabelled, mostly normal) history: the princi
 subspace of its normal samples (`components` directions) and, per metric, the spread
 of the residual outside that subspace on the fitting data. A sample's contribution of
 metric m is |residual_m| / spread_m: how many of its usual residual widths metric m
-is off what the other metrics predict for it. The score is the largest contribution.
-Spreads have a floor (`spread_floor`, in normalized units), so a metric that never
-moved while fitting cannot turn a tiny wobble into a huge contribution.
+is off what the other metrics predict for it. The score is the largest contribution
+(`norm="max"`: one metric far off), or their Euclidean norm (`norm="l2"`: the distance
+from the subspace, which also counts many metrics a little off together, as PCA's
+reconstruction error does). Spreads have a floor (`spread_floor`, in normalized
+units), so a metric that never moved while fitting cannot turn a tiny wobble into a
+huge contribution.
 
 The same arithmetic runs in three places: here (NumPy, for the benchmarks and the
 trainer's own calibration), inside the exported ONNX graph (trainer/export.py) and
@@ -22,7 +25,24 @@ import numpy as np
 
 from vmad.detectors import register
 
-__all__ = ["ResidualDetector", "ResidualModel"]
+__all__ = ["NORMS", "SUBSPACE_VARIANCE", "ResidualDetector", "ResidualModel",
+           "components_for_variance"]
+
+NORMS = ("max", "l2")
+# The share of variance the subspace keeps where a VM's labels choose the distance from
+# it (trainer.yaml `adaptation.subspace_variance`): the PCA baseline's usual 90 %.
+SUBSPACE_VARIANCE = 0.9
+
+
+def components_for_variance(values: np.ndarray, variance: float) -> int:
+    """How many principal components of `values[N, M]` explain `variance` (0 < v <= 1)
+    of their variance."""
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"variance must lie in (0, 1], got {variance}")
+    values = np.asarray(values, dtype=np.float64)
+    singular = np.linalg.svd(values - values.mean(axis=0), compute_uv=False)
+    explained = np.cumsum(singular**2) / max(float(np.sum(singular**2)), 1e-12)
+    return min(int(np.searchsorted(explained, variance) + 1), len(singular))
 
 
 @dataclass(frozen=True)
@@ -30,12 +50,19 @@ class ResidualModel:
     mean: np.ndarray  # float64 [M]
     components: np.ndarray  # float64 [K, M], orthonormal rows (K may be 0)
     spread: np.ndarray  # float64 [M], > 0
+    norm: str = "max"  # how contributions make the score: one of NORMS
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"residual norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
 
     @classmethod
     def fit(cls, values: np.ndarray, components: int = 10,
-            spread_floor: float = 0.25) -> ResidualModel:
+            spread_floor: float = 0.25, norm: str = "max") -> ResidualModel:
         """Fit on normalized `values[N, M]`; `components` is capped below M so some
         residual always remains."""
+        if norm not in NORMS:
+            raise ValueError(f"residual norm must be one of {', '.join(NORMS)}, got {norm!r}")
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or len(values) < 2:
             raise ValueError(f"need [samples >= 2, metrics] values, got {values.shape}")
@@ -49,7 +76,7 @@ class ResidualModel:
         model = cls(mean, basis, np.ones(values.shape[1]))
         residual = model.residuals(values)
         spread = np.maximum(np.sqrt(np.mean(residual**2, axis=0)), spread_floor)
-        return cls(mean, basis, spread)
+        return cls(mean, basis, spread, norm)
 
     @classmethod
     def identity(cls, n_metrics: int) -> ResidualModel:
@@ -65,12 +92,23 @@ class ResidualModel:
         return np.abs(self.residuals(values)) / self.spread
 
     def score_samples(self, values: np.ndarray) -> np.ndarray:
-        """The largest contribution per sample -> `[N]`."""
-        return self.contributions(values).max(axis=1)
+        """The largest contribution per sample (or their norm, `norm="l2"`) -> `[N]`."""
+        contributions = self.contributions(values)
+        if self.norm == "l2":
+            return np.sqrt(np.sum(contributions**2, axis=1))
+        return contributions.max(axis=1)
+
+    def describe(self) -> str:
+        """For log lines: which score this is."""
+        if self.norm == "l2":
+            return f"distance from a {len(self.components)}-component subspace"
+        if len(self.components):
+            return f"largest metric residual off {len(self.components)} components"
+        return "largest per-metric deviation"
 
     def to_dict(self) -> dict[str, object]:
         return {"mean": self.mean.tolist(), "components": self.components.tolist(),
-                "spread": self.spread.tolist()}
+                "spread": self.spread.tolist(), "norm": self.norm}
 
     @classmethod
     def from_dict(cls, data: dict) -> ResidualModel:
@@ -79,19 +117,26 @@ class ResidualModel:
         spread = np.asarray(data["spread"], dtype=np.float64)
         if spread.shape != mean.shape or not np.all(np.isfinite(spread)) or np.any(spread <= 0):
             raise ValueError("residual spread must be finite, positive, one per metric")
-        return cls(mean, components, spread)
+        # Saved before the norm existed: the largest contribution.
+        return cls(mean, components, spread, str(data.get("norm", "max")))
 
 
 class ResidualDetector:
     """`ResidualModel` behind the `vmad.detectors.Detector` interface."""
 
-    def __init__(self, components: int = 0, spread_floor: float = 1.0) -> None:
+    def __init__(self, components: int = 0, spread_floor: float = 1.0, norm: str = "max",
+                 variance: float | None = None) -> None:
+        """`variance`, when given, sets the components to those explaining that share."""
         self.components = components
         self.spread_floor = spread_floor
+        self.norm = norm
+        self.variance = variance
         self.model: ResidualModel | None = None
 
     def fit(self, train: np.ndarray) -> ResidualDetector:
-        self.model = ResidualModel.fit(train, self.components, self.spread_floor)
+        components = self.components if self.variance is None \
+            else components_for_variance(train, self.variance)
+        self.model = ResidualModel.fit(train, components, self.spread_floor, self.norm)
         return self
 
     def _fitted(self) -> ResidualModel:
@@ -107,3 +152,5 @@ class ResidualDetector:
 
 
 register("residual", ResidualDetector)
+register("subspace", lambda **options: ResidualDetector(
+    **{"norm": "l2", "variance": SUBSPACE_VARIANCE, **options}))

@@ -142,10 +142,11 @@ class ActionWorker:
         outcome = self.models.adapt(vm_id)
         adaptation = self.models.adaptation(vm_id)
         quality = adaptation.quality if adaptation else {}
-        log.info("VM %s: adapted without labels on %d samples in %.1f s -> %s; network "
-                 "weight %s; on its own history with injected faults: %s", vm_id,
+        log.info("VM %s: adapted on %d samples in %.1f s -> %s; network weight %s; "
+                 "deviation: %s; on its own history with injected faults: %s", vm_id,
                  adaptation.samples_fitted if adaptation else 0, outcome.seconds,
                  outcome.version, f"{adaptation.fusion.cnn_weight:g}" if adaptation else "-",
+                 adaptation.residual.describe() if adaptation else "-",
                  ", ".join(f"{k} {v:.3f}" for k, v in quality.items()) or "-")
         return outcome
 
