@@ -2,7 +2,8 @@
 
 The agent normalizes with the statistics in the bundle metadata; the graph then returns
 two outputs per window: the fused anomaly score in [0, 1] (the network's logit and the
-per-metric deviation of the newest sample, combined as trainer/adaptation.py says) and
+deviation of the newest sample, per metric or from the VM's principal subspace,
+combined as trainer/adaptation.py says) and
 each metric's contribution `[batch, M]`, which names the metrics to blame (what changed
 within the window, trainer/attribution.py; it does not enter the score). Without a
 VM adaptation the score is the network's probability alone and the bundle is marked
