@@ -18,6 +18,7 @@ warm-up). No label is used anywhere.
     python bench/normalization.py --quick    # 3 VMs x 2000 samples: a smoke run
     python bench/normalization.py --refresh 0 --alarm-after 1   # one fit, every window
     python bench/normalization.py --json bench/results/normalization.json
+    python bench/normalization.py --labelled 1440   # + a row whose trainer has labels
 """
 
 from __future__ import annotations
@@ -67,25 +68,40 @@ def run_like_trainer(
     model: nn.Module, values: np.ndarray, window: int, settings: AdaptationSettings, *,
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
     network_threshold: float | None, first_normalizer: Normalizer | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    labels: np.ndarray | None = None, labelled_until: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, str]]]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
     in force when it arrived (the first fit on the warm-up, a refit every `refresh`
     samples, 0 = never, on the VM's unflagged recent history), and each fit's network
     weight: chosen from `cnn_weights` on faults injected into the fitted history, as the
-    trainer does, or `cnn_weight` when `cnn_weights` is empty."""
+    trainer does, or `cnn_weight` when `cnn_weights` is empty, with its deviation's
+    norm ("max": per metric, "l2": the subspace distance). With `labels`, the
+    trainer holds the labels of the samples before `labelled_until` (an operator's
+    `vmad label`, `vmad inject`): refits leave labelled faults out and let the labelled
+    windows choose the deviation (trainer.yaml's `subspace_variance`), as the trainer."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
     step = refresh or n
     run = 0  # windows in a row at the threshold, carried across refits as in the agent
-    chosen: list[float] = []
+    chosen: list[tuple[float, str]] = []
     for start in range(warmup, n, step):
         stop = min(n, start + step)
         # The trainer's refit data (VMModels._normal_history), sample numbers as times.
         first = max(0, start - settings.history_samples)
+        known = labels is not None and labelled_until > 0
+        # Only the labels the trainer holds by then: those before labelled_until.
+        keep = ~((labels[first:start] == 1) & (np.arange(first, start) < labelled_until)) \
+            if known else None
         raw = values[:warmup] if start == warmup else outside_alarms(
             values[first:start], np.arange(first, start),
-            first + np.flatnonzero(alarms[first:start]), window, window)
+            first + np.flatnonzero(alarms[first:start]), window, window, keep=keep)
+        labelled = None
+        if known and min(start, labelled_until) > window:
+            end = min(start, labelled_until)
+            begin = max(0, end - TrainingSettings().max_windows - window + 1)
+            labelled = (make_windows(values[begin:end], window),
+                        labels[begin + window - 1:end].astype(np.int8))
         adaptation = fit_adaptation(
             model, raw, window, floors=list(DEFAULT_SCALE_FLOORS),
             components=settings.components, cnn_weight=cnn_weight,
@@ -93,8 +109,9 @@ def run_like_trainer(
             min_deviation=settings.min_deviation, network_threshold=network_threshold,
             normalizer=first_normalizer if start == warmup else None,
             injected=injected_validation_set(raw, window) if cnn_weights else None,
-            cnn_weights=cnn_weights)
-        chosen.append(adaptation.fusion.cnn_weight)
+            cnn_weights=cnn_weights, labelled=labelled,
+            subspace_variance=settings.subspace_variance)
+        chosen.append((adaptation.fusion.cnn_weight, adaptation.residual.norm))
         normalized = adaptation.normalizer.apply(values[start - window + 1:stop])
         logits = predict_logits(model, make_windows(normalized, window))
         deviation = adaptation.residual.score_samples(normalized[window - 1:])
@@ -128,6 +145,10 @@ def main() -> None:
                              "faults (trainer.yaml's; none = always --cnn-weight)")
     parser.add_argument("--finetune-batches", type=int, default=100,
                         help="label-free fine-tune batches of the fine-tuned row (0: no row)")
+    parser.add_argument("--labelled", type=int, default=0,
+                        help="adds a row whose trainer holds the labels of this many samples "
+                             "after the warm-up (as `vmad label` / `vmad inject` give it); "
+                             "every row is then scored after them only (0: no row)")
     parser.add_argument("--json", type=Path, help="write per-VM and pooled results here")
     args = parser.parse_args()
     if args.quick:
@@ -143,28 +164,33 @@ def main() -> None:
                 "fused, fine-tuned without labels", "pooled warm-up bundle"]
     if args.finetune_batches == 0:
         variants.remove("fused, fine-tuned without labels")
+    labelled_row = f"fused, {args.labelled} samples labelled"
+    if args.labelled:
+        variants.insert(1, labelled_row)
     totals: dict[str, tuple[list, list]] = {name: ([], []) for name in variants}
     seeds = range(args.first_seed, args.first_seed + args.vms)
     refits = f"refitted every {args.refresh}" if args.refresh else "never refitted"
+    scored_after = args.warmup + args.labelled
     table = Table(title=f"Unseen synthetic VMs (seeds {seeds[0]}-{seeds[-1]}, {args.samples} "
                         f"samples each, adapted on the first {args.warmup}, {refits}, alarm "
-                        f"after {args.alarm_after} windows in a row, scored after the warm-up)")
+                        f"after {args.alarm_after} windows in a row, scored after sample "
+                        f"{scored_after})")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
-    weights_chosen: dict[str, list[float]] = {}
+    weights_chosen: dict[str, list[tuple[float, str]]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
     for seed in seeds:
         vm, _ = generate_vm(seed, args.samples)
         assert vm.labels is not None
-        labels = vm.labels[args.warmup:].astype(bool)
+        labels = vm.labels[scored_after:].astype(bool)
         values = vm.values.astype(np.float64)
         cells = []
         for name in variants:
             if name == "pooled warm-up bundle":
                 pooled = shipped.normalizer.apply(vm.values)
                 scores = predict_proba(shipped.model, make_windows(pooled, window))
-                scores = scores[args.warmup - window + 1:]
+                scores = scores[scored_after - window + 1:]
                 alarms = scores >= shipped.threshold
             else:
                 weight = {"network alone": 1.0, "deviation alone": 0.0}.get(
@@ -174,10 +200,14 @@ def main() -> None:
                     model, normalizer = _finetuned_without_labels(
                         shipped, values[:args.warmup], args.finetune_batches, seed)
                 fixed = name in ("network alone", "deviation alone")
+                known = name == labelled_row
                 scores, alarms, chosen = run_like_trainer(
                     model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
                     cnn_weights=() if fixed else tuple(args.cnn_weights),
-                    network_threshold=network_threshold, first_normalizer=normalizer)
+                    network_threshold=network_threshold, first_normalizer=normalizer,
+                    labels=vm.labels if known else None,
+                    labelled_until=scored_after if known else 0)
+                scores, alarms = scores[args.labelled:], alarms[args.labelled:]
                 weights_chosen.setdefault(name, []).extend(chosen)
             result = _scored(labels, scores, alarms)
             totals[name][0].append((scores, alarms))
@@ -204,9 +234,11 @@ def main() -> None:
     console.print(summary)
     for name, chosen in weights_chosen.items():
         if args.cnn_weights and name not in ("network alone", "deviation alone"):
-            values_, counts = np.unique(chosen, return_counts=True)
+            values_, counts = np.unique([w for w, _ in chosen], return_counts=True)
+            subspace = sum(norm == "l2" for _, norm in chosen)
             console.print(f"{name}: network weight chosen per fit "
-                          + ", ".join(f"{v:g} x{c}" for v, c in zip(values_, counts, strict=True)))
+                          + ", ".join(f"{v:g} x{c}" for v, c in zip(values_, counts, strict=True))
+                          + f"; subspace distance in {subspace} of {len(chosen)} fits")
     if args.json:
         args.json.write_text(json.dumps(
             {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,

@@ -64,7 +64,8 @@ def test_normalization_bench_quick_runs() -> None:
 
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "bench/normalization.py", "--quick", "--vms", "2",
-                             "--samples", "2000"], cwd=root, capture_output=True, text=True,
-                            timeout=300)
+                             "--samples", "2000", "--labelled", "400"], cwd=root,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fused (shipped)" in result.stdout and "pooled warm-up bundle" in result.stdout
+    assert "fused, 400 samples labelled" in result.stdout
