@@ -14,6 +14,9 @@ seconds; `--block 3000` times hot loops, as `vmad bench agent-overhead` does:
 - `agent: adapted, network weight 0.5` / `0` -- the same step on a bundle adapted to a
   synthetic VM (the shipped network fused with the VM's deviation), once with the
   network at weight 0.5 and once at 0, whose graph leaves the network out;
+- `agent: adapted, subspace distance, weight 0.5` / `0` -- the same with the distance
+  from the VM's principal subspace as its deviation (what a VM's real labels may
+  choose);
 - `agent at REV` (with `--against`) -- the same step with `edge_agent/detector.py` and
   `vmad/bundle.py` as they were at git revision REV (same bundle, same samples);
 - `ORT: bound buffers` -- `run_with_iobinding` on an already-normalized window: the floor
@@ -100,20 +103,29 @@ def _bound_call(onnx: bytes, name: str, window: np.ndarray, outputs: list[str],
     return lambda: session.run_with_iobinding(binding)
 
 
-def _adapted_bundle(cnn_weight: float) -> tuple[str, bytes]:
+def _adapted_bundle(cnn_weight: float, subspace: bool = False) -> tuple[str, bytes]:
     """(metadata JSON, ONNX) of the shipped network adapted to a synthetic VM's first
-    hour with the network at `cnn_weight` (the trainer's export; the agent never runs
-    this code)."""
+    hour with the network at `cnn_weight` and, with `subspace`, the distance from the
+    VM's principal subspace as its deviation (what real labels may choose; the
+    trainer's export; the agent never runs this code)."""
+    from dataclasses import replace
+
     from vmad.schema import DEFAULT_SCALE_FLOORS
     from vmad.synthetic import generate_vm
     from vmad.trainer.adaptation import fit_adaptation
     from vmad.trainer.checkpoint import load_default_checkpoint
     from vmad.trainer.export import export_bundle
+    from vmad.trainer.residual import SUBSPACE_VARIANCE, ResidualModel, components_for_variance
 
     checkpoint = load_default_checkpoint()
     vm, _ = generate_vm(900, 720)
     adaptation = fit_adaptation(checkpoint.model, vm.values, checkpoint.window,
                                 floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight)
+    if subspace:
+        normalized = adaptation.normalizer.apply(vm.values)
+        adaptation = replace(adaptation, residual=ResidualModel.fit(
+            normalized, components_for_variance(normalized, SUBSPACE_VARIANCE),
+            spread_floor=1.0, norm="l2"))
     bundle = export_bundle(checkpoint, f"adapted-w{cnn_weight:g}", adaptation=adaptation)
     return bundle.metadata.to_json(), bundle.onnx_bytes
 
@@ -160,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             metadata, onnx = _adapted_bundle(weight)
             rows[f"agent: adapted, network weight {weight:g}"] = full_scorer(
                 BundleSlot, WindowScorer, f"adapted-{weight:g}", (metadata, onnx))
+        for weight in (0.5, 0.0):
+            rows[f"agent: adapted, subspace distance, weight {weight:g}"] = full_scorer(
+                BundleSlot, WindowScorer, f"adapted-subspace-{weight:g}",
+                _adapted_bundle(weight, subspace=True))
         if args.against:
             rows[f"agent at {args.against}"] = full_scorer(
                 *_previous_scorer_class(args.against, work), "rev")
