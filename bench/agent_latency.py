@@ -115,17 +115,15 @@ def _adapted_bundle(cnn_weight: float, subspace: bool = False) -> tuple[str, byt
     from vmad.trainer.adaptation import fit_adaptation
     from vmad.trainer.checkpoint import load_default_checkpoint
     from vmad.trainer.export import export_bundle
-    from vmad.trainer.residual import SUBSPACE_VARIANCE, ResidualModel, components_for_variance
+    from vmad.trainer.residual import ResidualModel
 
     checkpoint = load_default_checkpoint()
     vm, _ = generate_vm(900, 720)
     adaptation = fit_adaptation(checkpoint.model, vm.values, checkpoint.window,
                                 floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight)
     if subspace:
-        normalized = adaptation.normalizer.apply(vm.values)
-        adaptation = replace(adaptation, residual=ResidualModel.fit(
-            normalized, components_for_variance(normalized, SUBSPACE_VARIANCE),
-            spread_floor=1.0, norm="l2"))
+        adaptation = replace(adaptation, residual=ResidualModel.fit_subspace(
+            adaptation.normalizer.apply(vm.values)))
     bundle = export_bundle(checkpoint, f"adapted-w{cnn_weight:g}", adaptation=adaptation)
     return bundle.metadata.to_json(), bundle.onnx_bytes
 

@@ -85,11 +85,12 @@ def run_like_trainer(
     step = refresh or n
     run = 0  # windows in a row at the threshold, carried across refits as in the agent
     chosen: list[tuple[float, str]] = []
+    known = labels is not None and labelled_until > 0
+    max_windows = TrainingSettings().max_windows  # the trainer's labelled windows per VM
     for start in range(warmup, n, step):
         stop = min(n, start + step)
         # The trainer's refit data (VMModels._normal_history), sample numbers as times.
         first = max(0, start - settings.history_samples)
-        known = labels is not None and labelled_until > 0
         # Only the labels the trainer holds by then: those before labelled_until.
         keep = ~((labels[first:start] == 1) & (np.arange(first, start) < labelled_until)) \
             if known else None
@@ -99,7 +100,7 @@ def run_like_trainer(
         labelled = None
         if known and min(start, labelled_until) > window:
             end = min(start, labelled_until)
-            begin = max(0, end - TrainingSettings().max_windows - window + 1)
+            begin = max(0, end - max_windows - window + 1)
             labelled = (make_windows(values[begin:end], window),
                         labels[begin + window - 1:end].astype(np.int8))
         adaptation = fit_adaptation(

@@ -43,7 +43,7 @@ from torch import nn
 from vmad.evaluation import tail_threshold
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.injection import InjectedSet
-from vmad.trainer.residual import ResidualModel, components_for_variance
+from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
 __all__ = ["Fusion", "VMAdaptation", "best_ranking", "choose_cnn_weight", "fit_adaptation",
@@ -249,24 +249,24 @@ def fit_adaptation(
     candidates = [ResidualModel.fit(normalized, components=components, spread_floor=1.0)]
     if labelled is not None and subspace_variance > 0 and labelled[1].any() \
             and not labelled[1].all():
-        candidates.append(ResidualModel.fit(
-            normalized, components_for_variance(normalized, subspace_variance),
-            spread_floor=1.0, norm="l2"))
+        candidates.append(ResidualModel.fit_subspace(normalized, subspace_variance))
     injected_inputs = None
     if injected is not None and len(cnn_weights):
         windows = normalizer.apply_windows(injected.windows)
         injected_inputs = (windows[:, :, -1], predict_logits(model, windows), injected.labels)
 
-    def fused(residual: ResidualModel) -> Fusion:
-        fusion = fit_fusion(logits, deviation_of_windows(residual, normalized, window),
-                            cnn_weight)
+    deviations = [deviation_of_windows(residual, normalized, window) for residual in candidates]
+
+    def fused(residual: ResidualModel, deviation: np.ndarray) -> Fusion:
+        fusion = fit_fusion(logits, deviation, cnn_weight)
         if injected_inputs is None:
             return fusion
         last, injected_logits, labels = injected_inputs
         return replace(fusion, cnn_weight=choose_cnn_weight(
             fusion, injected_logits, residual.score_samples(last), labels, cnn_weights))
 
-    fusions = [fused(residual) for residual in candidates]
+    fusions = [fused(residual, deviation)
+               for residual, deviation in zip(candidates, deviations, strict=True)]
     chosen = 0
     if len(candidates) > 1 and labelled is not None:
         windows = normalizer.apply_windows(labelled[0])
@@ -274,8 +274,7 @@ def fit_adaptation(
         chosen = max(0, best_ranking(
             [fusion.z(label_logits, residual.score_samples(windows[:, :, -1]))
              for residual, fusion in zip(candidates, fusions, strict=True)], labelled[1]))
-    residual, fusion = candidates[chosen], fusions[chosen]
-    deviation = deviation_of_windows(residual, normalized, window)
+    residual, deviation, fusion = candidates[chosen], deviations[chosen], fusions[chosen]
     offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
     attribution = AttributionModel.fit(normalized, window)

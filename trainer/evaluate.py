@@ -352,19 +352,19 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
         fit_logits = np.concatenate([train_logits, test_logits[:cut][head]])
         # As the trainer: the per-metric deviation, or where the head's labels hold both
         # kinds, the distance from the principal subspace if those labels rank it higher.
-        deviations = [detector]
+        deviations = [(detector, fit_scores, scores)]
         if config.labels != "none" and config.subspace_variance > 0 and cut \
                 and labels[:cut].any() and not labels[:cut].all():
-            deviations.append(create("subspace", variance=config.subspace_variance)
-                              .fit(fit_values))
+            subspace = create("subspace", variance=config.subspace_variance).fit(fit_values)
+            deviations.append((subspace, subspace.score_samples(fit_values),
+                               subspace.score_samples(test_values)))
         network = shipped.threshold if config.network_floor else None
         variants = []
-        for deviation in deviations:
+        for deviation, fit_deviation, test_deviation in deviations:
             injected = _injected_parts(fit_values, target, shipped, deviation, config) \
                 if config.weight_rule != "fixed" else None
-            variants.append(_fuse(
-                (fit_logits, test_logits), deviation.score_samples(fit_values),
-                deviation.score_samples(test_values), labels, cut, config, network, injected))
+            variants.append(_fuse((fit_logits, test_logits), fit_deviation, test_deviation,
+                                  labels, cut, config, network, injected))
         scored = slice(shipped.window - 1, cut)  # the head's samples with a full window
         chosen = max(0, best_ranking([v[1][scored] for v in variants], labels[scored]))
         fit_scores, scores, weight, floor = variants[chosen]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmad.detectors import register
-from vmad.trainer.residual import components_for_variance
+from vmad.trainer.residual import explained_components
 
 __all__ = ["PCADetector"]
 
@@ -28,8 +28,8 @@ class PCADetector:
         """Fit on normalized `values[N, M]`."""
         values = np.asarray(values, dtype=np.float64)
         self.mean = values.mean(axis=0)
-        _, _, vt = np.linalg.svd(values - self.mean, full_matrices=False)
-        self.components = vt[: components_for_variance(values, self.variance)]
+        _, singular, vt = np.linalg.svd(values - self.mean, full_matrices=False)
+        self.components = vt[: explained_components(singular, self.variance)]
         return self
 
     def contributions(self, values: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 from vmad.detectors import register
 
 __all__ = ["NORMS", "SUBSPACE_VARIANCE", "ResidualDetector", "ResidualModel",
-           "components_for_variance"]
+           "components_for_variance", "explained_components"]
 
 NORMS = ("max", "l2")
 # The share of variance the subspace keeps where a VM's labels choose the distance from
@@ -34,15 +34,21 @@ NORMS = ("max", "l2")
 SUBSPACE_VARIANCE = 0.9
 
 
-def components_for_variance(values: np.ndarray, variance: float) -> int:
-    """How many principal components of `values[N, M]` explain `variance` (0 < v <= 1)
-    of their variance."""
+def explained_components(singular: np.ndarray, variance: float) -> int:
+    """How many of the principal directions with singular values `singular` (largest
+    first) explain `variance` (0 < v <= 1) of the variance."""
     if not 0.0 < variance <= 1.0:
         raise ValueError(f"variance must lie in (0, 1], got {variance}")
-    values = np.asarray(values, dtype=np.float64)
-    singular = np.linalg.svd(values - values.mean(axis=0), compute_uv=False)
     explained = np.cumsum(singular**2) / max(float(np.sum(singular**2)), 1e-12)
     return min(int(np.searchsorted(explained, variance) + 1), len(singular))
+
+
+def components_for_variance(values: np.ndarray, variance: float) -> int:
+    """How many principal components of `values[N, M]` explain `variance` of their
+    variance."""
+    values = np.asarray(values, dtype=np.float64)
+    return explained_components(
+        np.linalg.svd(values - values.mean(axis=0), compute_uv=False), variance)
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,6 @@ class ResidualModel:
             spread_floor: float = 0.25, norm: str = "max") -> ResidualModel:
         """Fit on normalized `values[N, M]`; `components` is capped below M so some
         residual always remains."""
-        if norm not in NORMS:
-            raise ValueError(f"residual norm must be one of {', '.join(NORMS)}, got {norm!r}")
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or len(values) < 2:
             raise ValueError(f"need [samples >= 2, metrics] values, got {values.shape}")
@@ -73,10 +77,19 @@ class ResidualModel:
             basis = vt[:keep]
         else:
             basis = np.zeros((0, values.shape[1]))
-        model = cls(mean, basis, np.ones(values.shape[1]))
+        model = cls(mean, basis, np.ones(values.shape[1]), norm)
         residual = model.residuals(values)
         spread = np.maximum(np.sqrt(np.mean(residual**2, axis=0)), spread_floor)
         return cls(mean, basis, spread, norm)
+
+    @classmethod
+    def fit_subspace(cls, values: np.ndarray, variance: float = SUBSPACE_VARIANCE,
+                     spread_floor: float = 1.0) -> ResidualModel:
+        """The distance from the principal subspace that explains `variance` of
+        normalized `values[N, M]` (what a VM's labels may choose instead of the
+        per-metric deviation)."""
+        return cls.fit(values, components_for_variance(values, variance), spread_floor,
+                       norm="l2")
 
     @classmethod
     def identity(cls, n_metrics: int) -> ResidualModel:
