@@ -368,8 +368,10 @@ def test_real_labels_choose_the_subspace_where_it_ranks_them(checkpoint) -> None
 
 
 def test_trainer_lets_a_vms_stored_labels_choose_its_deviation(checkpoint, tmp_path) -> None:
-    """The trainer's refit reads the VM's labelled windows from its store (labels sent
-    with `vmad label` or `vmad inject`) and passes them to the choice above."""
+    """Switched on (`subspace_variance`, off by default), the trainer's refit reads the
+    VM's labelled windows from its store (labels sent with `vmad label` or `vmad
+    inject`) and passes them to the choice above."""
+    assert AdaptationSettings().subspace_variance == 0.0
     from vmad.labels import LabelInterval
     from vmad.trainer.transfer import VMModels
 
@@ -377,7 +379,7 @@ def test_trainer_lets_a_vms_stored_labels_choose_its_deviation(checkpoint, tmp_p
     models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
                       adaptation=AdaptationSettings(warmup_samples=600, refresh_samples=600,
                                                     history_samples=1200, cnn_weights=[0.0],
-                                                    cnn_weight=0.0))
+                                                    cnn_weight=0.0, subspace_variance=0.9))
     values = _correlated_vm(1800, 3)
     timestamps = 1_700_000_000.0 + 5.0 * np.arange(len(values))
     intervals = [LabelInterval(float(timestamps[600]), float(timestamps[-1]), False, "operator")]

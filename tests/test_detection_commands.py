@@ -133,3 +133,47 @@ def test_normal_head_keeps_a_window_clear_of_every_event() -> None:
     keep = _normal_head(labels, 4)
     # Samples 17..25 lie within a window's length (4) of the event 20..22: not kept.
     assert keep[:17].all() and not keep[17:26].any() and keep[26:].all()
+
+
+def _drifting_folder(root: Path) -> Path:
+    """A VM whose normal drifts slowly through its test part (one metric climbs ten
+    spreads, no label), with one labelled fault near the end."""
+    from vmad.series import Series
+
+    rng = np.random.default_rng(7)
+    folder = root / "drifting"
+    folder.mkdir()
+    metrics = ("a", "b", "c")
+    # Usage metrics are >= 0: noise around 50.
+    train = rng.normal(50.0, 1.0, (2000, 3))
+    test = rng.normal(50.0, 1.0, (3000, 3))
+    test[:, 0] += np.linspace(0.0, 10.0, 3000)
+    labels = np.zeros(3000, dtype=np.int8)
+    test[2700:2760, 1] += 20.0
+    labels[2700:2760] = 1
+    stamps = np.arange(5000, dtype=np.int64) * 60
+    write_series(folder / "train.csv.gz", Series("train", stamps[:2000],
+                                                 train.astype(np.float32), metrics))
+    write_series(folder / "test.csv.gz", Series("test", stamps[2000:],
+                                                test.astype(np.float32), metrics, labels))
+    return root
+
+
+def test_refits_follow_a_drifting_normal_as_the_trainer_does(tmp_path: Path) -> None:
+    """Refitted on the trainer's schedule (every `refresh` samples on the newest
+    `history` outside earlier alarms), the deviation follows a slow drift of the VM's
+    normal that one fit on the train part alarms on, and still catches the fault."""
+    from vmad.trainer.evaluate import QUICK, run_detection_benchmark
+
+    data = _drifting_folder(tmp_path)
+    once = run_detection_benchmark(data, ("residual",), replace(QUICK, refresh=0))
+    refitted = run_detection_benchmark(data, ("residual",),
+                                       replace(QUICK, refresh=200, history=600))
+    once_scores, refit_scores = once["mean"]["residual"], refitted["mean"]["residual"]
+    assert once_scores["false_alarm_rate"] > 0.2 and "refits" not in once_scores
+    assert refit_scores["false_alarm_rate"] < 0.02
+    assert refit_scores["recall"] > 0.5
+    # Refits whose segment reaches the scored tail: (3000 - 0) / 200, less the head's.
+    assert refit_scores["refits"] == 11
+    with pytest.raises(ValueError, match="refresh"):
+        run_detection_benchmark(data, ("residual",), replace(QUICK, refresh=-1))

@@ -85,6 +85,14 @@ def register(commands: Any, bench: Any) -> None:
                                 "the subspace explaining this share of variance where the "
                                 "head's labels rank it higher (default: the trainer's "
                                 "adaptation.subspace_variance); 0 = never")
+    detection.add_argument("--refresh", type=int,
+                           help="refit residual, subspace and fused every this many test "
+                                "samples on the newest --history samples outside earlier "
+                                "alarms, as the trainer refits a VM (default: the trainer's "
+                                "adaptation.refresh_samples); 0 = one fit on the train part")
+    detection.add_argument("--history", type=int,
+                           help="samples each refit learns from (default: the trainer's "
+                                "adaptation.history_samples)")
     detection.add_argument("--json", type=Path, help="write the results here")
     detection.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     detection.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -251,6 +259,10 @@ def run_bench_detection(args: argparse.Namespace) -> int:
                      weight_rule=args.weight_rule)
     if args.subspace_variance is not None:
         config = replace(config, subspace_variance=args.subspace_variance)
+    if args.refresh is not None:
+        config = replace(config, refresh=args.refresh)
+    if args.history is not None:
+        config = replace(config, history=args.history)
     if args.max_series is not None:
         config = replace(config, max_series=args.max_series)
     if args.pretrain_batches is not None:

@@ -63,15 +63,21 @@ from vmad.evaluation import (
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
-from vmad.trainer.adaptation import best_ranking, choose_cnn_weight, fit_fusion, offset_floor
+from vmad.trainer.adaptation import (
+    best_ranking,
+    choose_cnn_weight,
+    fit_fusion,
+    offset_floor,
+    outside_alarms,
+)
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.checkpoint import load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings
 from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
-from vmad.trainer.injection import injected_generic_set
+from vmad.trainer.injection import injected_generic_series
 from vmad.trainer.models import MODEL_KINDS, build_model
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
-from vmad.windows import Normalizer, make_windows
+from vmad.windows import Normalizer, make_windows, window_labels
 
 __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
 
@@ -107,7 +113,14 @@ class ProtocolConfig:
     head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`).
     subspace_variance: with labels, `fused`'s deviation is the per-metric one or the
     distance from the subspace explaining this share of variance, whichever fused score
-    ranks the head's labels better (trainer.yaml `adaptation`); 0 = per-metric only."""
+    ranks the head's labels better (trainer.yaml `adaptation`); 0 = per-metric only.
+    refresh / history: the rows the trainer ships (`residual`, `subspace`, `fused`) are
+    refitted as the trainer refits a VM (trainer.yaml `adaptation.refresh_samples`,
+    `history_samples`): every `refresh` samples of the test part on the newest `history`
+    samples outside earlier alarms (and the head's events); 0 = one fit on the whole
+    train part (and the head's normal samples), the protocol before the trainer's
+    schedule was simulated. `pca`, the operator's baseline, is fitted once either way;
+    so is every row under `head_rule="best_f1"`."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -135,6 +148,8 @@ class ProtocolConfig:
     network_floor: bool = AdaptationSettings().network_floor
     weight_rule: str = "injected"
     subspace_variance: float = AdaptationSettings().subspace_variance
+    refresh: int = AdaptationSettings().refresh_samples
+    history: int = AdaptationSettings().history_samples
 
 
 QUICK = ProtocolConfig(
@@ -320,6 +335,10 @@ def _normal_head(labels: np.ndarray, window: int) -> np.ndarray:
     return keep
 
 
+# The rows the trainer ships: under `refresh`, refitted on the trainer's schedule.
+TRAINER_ROWS: tuple[str, ...] = ("residual", "subspace", "fused")
+
+
 def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
                          shipped: Any) -> tuple[DetectionScores, dict]:
     started = time.perf_counter()
@@ -331,53 +350,31 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
     # The first window - 1 samples have no full window for the neural detectors: score the
     # same samples for every detector.
     first = max(cut, config.window - 1, shipped.window - 1 if kind == "fused" else 0)
-    extra: dict[str, float] = {}
     refit = config.labels != "none" and config.head_rule == "refit"
     head = _normal_head(labels[:cut], config.window) if refit else np.zeros(cut, dtype=bool)
-    fit_values = np.concatenate([train_values, test_values[:cut][head]])
-    # The per-sample part comes from the detector registry; `fused` adds the network.
-    detector = create("residual" if kind == "fused" else kind).fit(fit_values)
-    fit_scores = detector.score_samples(fit_values)
-    scores = detector.score_samples(test_values)
+    logits = _shipped_logits(target, shipped) if kind == "fused" else None
     if kind in ("residual", "fused"):
         # What the bundle's contributions output names (the score is unaffected).
         contributions = AttributionModel.fit(train_values, config.window) \
             .contributions_of_series(test_values, config.window)
+    part = _LabelFreeFit(kind, config, shipped, target, test_values, labels, cut,
+                         None if logits is None else logits[1])
+    rolling = config.refresh > 0 and kind in TRAINER_ROWS and (
+        config.labels == "none" or refit)
+    if not rolling:
+        # One fit on the train part (and the head's normal samples, `refit`).
+        fit_values = np.concatenate([train_values, test_values[:cut][head]])
+        fit_logits = None if logits is None else \
+            np.concatenate([logits[0], logits[1][:cut][head]])
+        detector, scores, threshold, extra = part.fit(fit_values, fit_logits)
+        if kind not in ("residual", "fused"):
+            contributions = detector.contributions(test_values)
     else:
-        contributions = detector.contributions(test_values)  # type: ignore[attr-defined]
-    floor = config.min_deviation if kind in ("residual", "subspace") else -np.inf
-    logits = _shipped_logits(target, shipped) if kind == "fused" else None
-    if logits is not None:
-        train_logits, test_logits = logits
-        fit_logits = np.concatenate([train_logits, test_logits[:cut][head]])
-        # As the trainer: the per-metric deviation, or where the head's labels hold both
-        # kinds, the distance from the principal subspace if those labels rank it higher.
-        deviations = [(detector, fit_scores, scores)]
-        if config.labels != "none" and config.subspace_variance > 0 and cut \
-                and labels[:cut].any() and not labels[:cut].all():
-            subspace = create("subspace", variance=config.subspace_variance).fit(fit_values)
-            deviations.append((subspace, subspace.score_samples(fit_values),
-                               subspace.score_samples(test_values)))
-        network = shipped.threshold if config.network_floor else None
-        variants = []
-        for deviation, fit_deviation, test_deviation in deviations:
-            injected = _injected_parts(fit_values, target, shipped, deviation, config) \
-                if config.weight_rule != "fixed" else None
-            variants.append(_fuse((fit_logits, test_logits), fit_deviation, test_deviation,
-                                  labels, cut, config, network, injected))
-        scored = slice(shipped.window - 1, cut)  # the head's samples with a full window
-        chosen = max(0, best_ranking([v[1][scored] for v in variants], labels[scored]))
-        fit_scores, scores, weight, floor = variants[chosen]
-        extra["cnn_weight"] = weight
-        extra["subspace"] = float(chosen)
-    if config.labels == "none" or refit:
-        finite = fit_scores[np.isfinite(fit_scores)]
-        threshold = tail_threshold(finite, config.false_alarm_rate) \
-            if config.threshold_rule == "tail" else \
-            false_alarm_threshold(finite, config.false_alarm_rate)
-        threshold = max(threshold, floor)
-    else:
-        threshold = best_f1_threshold(labels[:cut], scores[:cut])
+        # Each sample against the threshold of the fit it was scored by.
+        scores, extra = _refitted_margins(part, train_values, test_values, logits, head)
+        threshold = 0.0
+        if kind == "subspace":
+            contributions = part.last_detector.contributions(test_values)
     result = score_detection(labels[first:], scores[first:], threshold)
     if target.interpretation is not None:
         extra["hitrate_100"] = hit_rate(contributions, target.interpretation, 1.0,
@@ -385,6 +382,100 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
         extra["hitrate_150"] = hit_rate(contributions, target.interpretation, 1.5,
                                         slice(first, None))
     return result, {**extra, "seconds": time.perf_counter() - started}
+
+
+def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
+                      test_values: np.ndarray,
+                      logits: tuple[np.ndarray, np.ndarray] | None,
+                      head: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """Each test sample's score minus its threshold, refitted as the trainer refits a VM:
+    every `refresh` samples on the newest `history` samples before them outside every
+    window an earlier alarm covered and (with labels) outside the head's events
+    (trainer/adaptation.py's `outside_alarms`). The head's samples are scored and raise
+    alarms too, so the tail starts as a trainer that ran through the head would."""
+    config = part.config
+    values = np.concatenate([train_values, test_values])
+    all_logits = None if logits is None else np.concatenate(logits)
+    start_of_test = len(train_values)
+    keep = np.ones(len(values), dtype=bool)
+    if config.labels != "none":
+        keep[start_of_test:start_of_test + len(head)] = head
+    index = np.arange(len(values), dtype=np.float64)
+    alarms: list[np.ndarray] = []
+    margins = np.full(len(test_values), np.nan)
+    chosen: list[dict[str, float]] = []
+    for begin in range(0, len(test_values), config.refresh):
+        stop = min(begin + config.refresh, len(test_values))
+        end = start_of_test + begin
+        low = max(0, end - config.history)
+        rows = outside_alarms(index[low:end], index[low:end],
+                              np.concatenate(alarms) if alarms else np.zeros(0),
+                              float(config.window), config.window,
+                              keep=keep[low:end]).astype(np.int64)
+        _, scores, threshold, extra = part.fit(
+            values[rows], None if all_logits is None else all_logits[rows])
+        margins[begin:stop] = scores[begin:stop] - threshold
+        alarms.append(begin + start_of_test + np.flatnonzero(margins[begin:stop] >= 0))
+        if stop > part.cut:
+            chosen.append(extra)
+    keys = sorted({key for extra in chosen for key in extra})
+    return margins, {**{key: float(np.mean([extra[key] for extra in chosen]))
+                        for key in keys}, "refits": float(len(chosen))}
+
+
+class _LabelFreeFit:
+    """One fit of a label-free row on given normalized samples (and, for `fused`, the
+    network's logits on them): the detector, its scores on the whole test part, its
+    threshold, and what was chosen (network weight, deviation)."""
+
+    def __init__(self, kind: str, config: ProtocolConfig, shipped: Any, target: _Target,
+                 test_values: np.ndarray, labels: np.ndarray, cut: int,
+                 test_logits: np.ndarray | None) -> None:
+        self.kind, self.config, self.shipped, self.target = kind, config, shipped, target
+        self.test_values, self.labels, self.cut = test_values, labels, cut
+        self.test_logits = test_logits
+        self.last_detector: Any = None
+
+    def fit(self, fit_values: np.ndarray, fit_logits: np.ndarray | None,
+            ) -> tuple[Any, np.ndarray, float, dict[str, float]]:
+        kind, config, labels, cut = self.kind, self.config, self.labels, self.cut
+        # The per-sample part comes from the detector registry; `fused` adds the network.
+        detector = create("residual" if kind == "fused" else kind).fit(fit_values)
+        self.last_detector = detector
+        fit_scores = detector.score_samples(fit_values)
+        scores = detector.score_samples(self.test_values)
+        floor = config.min_deviation if kind in ("residual", "subspace") else -np.inf
+        extra: dict[str, float] = {}
+        if fit_logits is not None and self.test_logits is not None:
+            # As the trainer: the per-metric deviation, or where the head's labels hold
+            # both kinds, the distance from the principal subspace if those labels rank
+            # it higher.
+            deviations = [(detector, fit_scores, scores)]
+            if config.labels != "none" and config.subspace_variance > 0 and cut \
+                    and labels[:cut].any() and not labels[:cut].all():
+                subspace = create("subspace", variance=config.subspace_variance).fit(fit_values)
+                deviations.append((subspace, subspace.score_samples(fit_values),
+                                   subspace.score_samples(self.test_values)))
+            network = self.shipped.threshold if config.network_floor else None
+            variants = []
+            for deviation, fit_deviation, test_deviation in deviations:
+                injected = _injected_parts(fit_values, self.target, self.shipped, deviation,
+                                           config) if config.weight_rule != "fixed" else None
+                variants.append(_fuse((fit_logits, self.test_logits), fit_deviation,
+                                      test_deviation, labels, cut, config, network, injected))
+            scored = slice(self.shipped.window - 1, cut)  # head samples with a full window
+            chosen = max(0, best_ranking([v[1][scored] for v in variants], labels[scored]))
+            fit_scores, scores, weight, floor = variants[chosen]
+            extra = {"cnn_weight": weight, "subspace": float(chosen)}
+        if config.labels == "none" or config.head_rule == "refit":
+            finite = fit_scores[np.isfinite(fit_scores)]
+            threshold = tail_threshold(finite, config.false_alarm_rate) \
+                if config.threshold_rule == "tail" else \
+                false_alarm_threshold(finite, config.false_alarm_rate)
+            threshold = max(threshold, floor)
+        else:
+            threshold = best_f1_threshold(labels[:cut], scores[:cut])
+        return detector, scores, float(threshold), extra
 
 
 def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detector: Any,
@@ -396,10 +487,17 @@ def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detec
     history = fit_values[-AdaptationSettings().history_samples:]
     if columns is None or len(history) < 4 * shipped.window:
         return None
-    injected = injected_generic_set(history, shipped.window, np.ones(history.shape[1]),
-                                    seed=config.seed)
-    logits = predict_logits(shipped.model, np.ascontiguousarray(injected.windows[:, columns]))
-    return logits, detector.score_samples(injected.windows[:, :, -1]), injected.labels
+    # The series, not their windows: 38 metrics' windows would be most of the cost.
+    injected = injected_generic_series(history, shipped.window, np.ones(history.shape[1]),
+                                       seed=config.seed)
+    window = shipped.window
+    logits = np.concatenate([predict_logits(shipped.model, np.ascontiguousarray(
+        make_windows(np.ascontiguousarray(values[:, columns]), window)))
+        for values in injected.values])
+    deviation = np.concatenate([detector.score_samples(values[window - 1:])
+                                for values in injected.values])
+    labels = np.concatenate([window_labels(labels, window) for labels in injected.labels])
+    return logits, deviation, labels
 
 
 def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: np.ndarray,
@@ -455,6 +553,9 @@ def run_detection_benchmark(
     if config.head_rule not in HEAD_RULES:
         raise ValueError(f"head_rule must be one of {', '.join(HEAD_RULES)}, "
                          f"got {config.head_rule!r}")
+    if config.refresh < 0 or config.history < config.window + 16:
+        raise ValueError(f"need refresh >= 0 and history >= window + 16 samples, got "
+                         f"{config.refresh} and {config.history}")
     targets = _load(Path(data_dir), config)
     neural = [d for d in detectors if d not in LABEL_FREE]
     synthetic = _synthetic_sources(config, targets[0].test.metrics) \

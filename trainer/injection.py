@@ -22,7 +22,8 @@ from vmad.schema import DEFAULT_INTERVAL_S, DEFAULT_METRICS
 from vmad.synthetic import FAULT_KINDS, inject_fault
 from vmad.windows import make_windows, window_labels
 
-__all__ = ["InjectedSet", "injected_generic_set", "injected_quality", "injected_validation_set"]
+__all__ = ["InjectedSeries", "InjectedSet", "injected_generic_series", "injected_generic_set",
+           "injected_quality", "injected_validation_set"]
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,35 @@ def injected_generic_set(
     history: np.ndarray, window: int, scale: np.ndarray, *, seed: int = 0, copies: int = 4,
     fault_share: float = 0.2,
 ) -> InjectedSet:
+    """`copies` copies of `history[N, M]` (any metrics) with faults injected (see
+    `injected_generic_series`), as windows labelled by their last sample."""
+    series = injected_generic_series(history, window, scale, seed=seed, copies=copies,
+                                     fault_share=fault_share)
+    return InjectedSet(
+        np.ascontiguousarray(np.concatenate([make_windows(v, window) for v in series.values])),
+        np.concatenate([window_labels(labels, window) for labels in series.labels]),
+        series.kinds)
+
+
+@dataclass(frozen=True)
+class InjectedSeries:
+    values: tuple[np.ndarray, ...]  # raw float32 [N, M] per copy
+    labels: tuple[np.ndarray, ...]  # int8 [N] per copy, 1 inside a fault
+    kinds: tuple[str, ...]  # the fault kinds injected, in order
+
+
+def injected_generic_series(
+    history: np.ndarray, window: int, scale: np.ndarray, *, seed: int = 0, copies: int = 4,
+    fault_share: float = 0.2,
+) -> InjectedSeries:
     """`copies` copies of `history[N, M]` (any metrics), each with faults covering about
     `fault_share` of its samples, each fault on 1-3 random metrics, in units of the
     metric's `scale[M]` (the normalizer's): a level shift of 3-10 scales or a ramp to
     5-15 over 10-200 samples, or a spike of 5-20 over 2-10 samples; a normal window's
-    length between faults; windows labelled by their last sample. Several copies: a
-    6-hour history holds only a few faults, too few to rank two scores apart. Raises
-    ValueError on a history too short."""
+    length between faults. Several copies: a 6-hour history holds only a few faults, too
+    few to rank two scores apart. The series rather than their windows where many
+    metrics make the windows large (the detection benchmark's 38). Raises ValueError on
+    a history too short."""
     history = np.asarray(history, dtype=np.float64)
     scale = np.asarray(scale, dtype=np.float64)
     if history.ndim != 2 or scale.shape != history.shape[1:]:
@@ -92,7 +115,7 @@ def injected_generic_set(
     rng = np.random.default_rng(seed)
     n, metrics = history.shape
     mean_gap = 100.0 * (1 - fault_share) / fault_share  # faults last about 100 samples
-    all_windows, all_labels, kinds = [], [], []
+    all_values, all_labels, kinds = [], [], []
     for _ in range(copies):
         values = history.copy()
         labels = np.zeros(n, dtype=np.int8)
@@ -115,10 +138,9 @@ def injected_generic_set(
             labels[start:start + span] = 1
             kinds.append(kind)
             position = start + span + window
-        all_windows.append(make_windows(values.astype(np.float32), window))
-        all_labels.append(window_labels(labels, window))
-    return InjectedSet(np.ascontiguousarray(np.concatenate(all_windows)),
-                       np.concatenate(all_labels), tuple(kinds))
+        all_values.append(values.astype(np.float32))
+        all_labels.append(labels)
+    return InjectedSeries(tuple(all_values), tuple(all_labels), tuple(kinds))
 
 
 def injected_quality(scores: np.ndarray, injected: InjectedSet, threshold: float,
