@@ -29,6 +29,9 @@ The label-free detectors need no pretraining per target, so they cost seconds:
   "fixed" it is `cnn_weight`.
 With `labels="none"` no label of the target is used: thresholds flag `false_alarm_rate`
 of the train part's samples, and the neural detectors are not fine-tuned.
+`residual`, `subspace` and `fused` are refitted as the trainer refits a VM (every
+`refresh` test samples on the newest `history` outside earlier alarms; see
+ProtocolConfig), unless `refresh` is 0.
 Attribution: for the detectors with per-metric contributions (`residual`, `fused`,
 `pca`), HitRate@100 % / @150 % against `interpretation_label.txt` when the series
 folder has one (NaN otherwise). `residual` and `fused` rank metrics as the bundle's
@@ -481,10 +484,10 @@ class _LabelFreeFit:
 def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detector: Any,
                     config: ProtocolConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The network's logits, the deviation and the labels of windows of the newest
-    `history_samples` fitted samples with faults injected (in normalized units: scale
-    1); None when the target has none of the network's metrics or too few samples."""
+    `history` fitted samples with faults injected (in normalized units: scale 1); None
+    when the target has none of the network's metrics or too few samples."""
     columns = _network_columns(target, shipped)
-    history = fit_values[-AdaptationSettings().history_samples:]
+    history = fit_values[-config.history:]
     if columns is None or len(history) < 4 * shipped.window:
         return None
     # The series, not their windows: 38 metrics' windows would be most of the cost.
