@@ -80,7 +80,7 @@ from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, a
 from vmad.trainer.injection import injected_generic_series
 from vmad.trainer.models import MODEL_KINDS, build_model
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
-from vmad.windows import Normalizer, make_windows, window_labels
+from vmad.windows import Normalizer, make_windows
 
 __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
 
@@ -374,10 +374,11 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
             contributions = detector.contributions(test_values)
     else:
         # Each sample against the threshold of the fit it was scored by.
-        scores, extra = _refitted_margins(part, train_values, test_values, logits, head)
+        scores, extra, detector = _refitted_margins(part, train_values, test_values, logits,
+                                                    head)
         threshold = 0.0
         if kind == "subspace":
-            contributions = part.last_detector.contributions(test_values)
+            contributions = detector.contributions(test_values)  # the last fit's
     result = score_detection(labels[first:], scores[first:], threshold)
     if target.interpretation is not None:
         extra["hitrate_100"] = hit_rate(contributions, target.interpretation, 1.0,
@@ -390,12 +391,13 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
 def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
                       test_values: np.ndarray,
                       logits: tuple[np.ndarray, np.ndarray] | None,
-                      head: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+                      head: np.ndarray) -> tuple[np.ndarray, dict[str, float], Any]:
     """Each test sample's score minus its threshold, refitted as the trainer refits a VM:
     every `refresh` samples on the newest `history` samples before them outside every
     window an earlier alarm covered and (with labels) outside the head's events
     (trainer/adaptation.py's `outside_alarms`). The head's samples are scored and raise
-    alarms too, so the tail starts as a trainer that ran through the head would."""
+    alarms too, so the tail starts as a trainer that ran through the head would. Also
+    what was chosen, averaged over the fits that reach the tail, and the last detector."""
     config = part.config
     values = np.concatenate([train_values, test_values])
     all_logits = None if logits is None else np.concatenate(logits)
@@ -407,6 +409,7 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
     alarms: list[np.ndarray] = []
     margins = np.full(len(test_values), np.nan)
     chosen: list[dict[str, float]] = []
+    detector = None
     for begin in range(0, len(test_values), config.refresh):
         stop = min(begin + config.refresh, len(test_values))
         end = start_of_test + begin
@@ -415,7 +418,7 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
                               np.concatenate(alarms) if alarms else np.zeros(0),
                               float(config.window), config.window,
                               keep=keep[low:end]).astype(np.int64)
-        _, scores, threshold, extra = part.fit(
+        detector, scores, threshold, extra = part.fit(
             values[rows], None if all_logits is None else all_logits[rows])
         margins[begin:stop] = scores[begin:stop] - threshold
         alarms.append(begin + start_of_test + np.flatnonzero(margins[begin:stop] >= 0))
@@ -423,7 +426,7 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
             chosen.append(extra)
     keys = sorted({key for extra in chosen for key in extra})
     return margins, {**{key: float(np.mean([extra[key] for extra in chosen]))
-                        for key in keys}, "refits": float(len(chosen))}
+                        for key in keys}, "refits": float(len(chosen))}, detector
 
 
 class _LabelFreeFit:
@@ -437,14 +440,12 @@ class _LabelFreeFit:
         self.kind, self.config, self.shipped, self.target = kind, config, shipped, target
         self.test_values, self.labels, self.cut = test_values, labels, cut
         self.test_logits = test_logits
-        self.last_detector: Any = None
 
     def fit(self, fit_values: np.ndarray, fit_logits: np.ndarray | None,
             ) -> tuple[Any, np.ndarray, float, dict[str, float]]:
         kind, config, labels, cut = self.kind, self.config, self.labels, self.cut
         # The per-sample part comes from the detector registry; `fused` adds the network.
         detector = create("residual" if kind == "fused" else kind).fit(fit_values)
-        self.last_detector = detector
         fit_scores = detector.score_samples(fit_values)
         scores = detector.score_samples(self.test_values)
         floor = config.min_deviation if kind in ("residual", "subspace") else -np.inf
@@ -499,8 +500,7 @@ def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detec
         for values in injected.values])
     deviation = np.concatenate([detector.score_samples(values[window - 1:])
                                 for values in injected.values])
-    labels = np.concatenate([window_labels(labels, window) for labels in injected.labels])
-    return logits, deviation, labels
+    return logits, deviation, injected.window_labels(window)
 
 
 def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: np.ndarray,

@@ -82,8 +82,7 @@ def injected_generic_set(
                                      fault_share=fault_share)
     return InjectedSet(
         np.ascontiguousarray(np.concatenate([make_windows(v, window) for v in series.values])),
-        np.concatenate([window_labels(labels, window) for labels in series.labels]),
-        series.kinds)
+        series.window_labels(window), series.kinds)
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,10 @@ class InjectedSeries:
     values: tuple[np.ndarray, ...]  # raw float32 [N, M] per copy
     labels: tuple[np.ndarray, ...]  # int8 [N] per copy, 1 inside a fault
     kinds: tuple[str, ...]  # the fault kinds injected, in order
+
+    def window_labels(self, window: int) -> np.ndarray:
+        """The label of every window of every copy, in order (its last sample's)."""
+        return np.concatenate([window_labels(labels, window) for labels in self.labels])
 
 
 def injected_generic_series(
