@@ -42,7 +42,11 @@ from vmad.trainer.adaptation import fit_adaptation, outside_alarms
 from vmad.trainer.checkpoint import Checkpoint, load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.injection import injected_validation_set
-from vmad.trainer.self_supervised import finetune_self_supervised, self_supervised_data
+from vmad.trainer.self_supervised import (
+    finetune_self_supervised,
+    self_supervised_data,
+    validation_threshold,
+)
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba
 from vmad.windows import Normalizer, make_windows
 
@@ -50,9 +54,10 @@ COLUMNS = ("false_alarm_rate", "precision", "recall", "point_f1", "event_recall"
 
 
 def _finetuned_without_labels(shipped: Checkpoint, history: np.ndarray, batches: int,
-                              seed: int) -> tuple[nn.Module, Normalizer]:
+                              seed: int) -> tuple[nn.Module, Normalizer, float]:
     """What the trainer's fine-tune does for an adapted VM without labels: its own
-    statistics, its warm-up history with faults injected (trainer/self_supervised.py)."""
+    statistics, its warm-up history with faults injected (trainer/self_supervised.py),
+    and the network's threshold recalibrated on the injected validation set."""
     training = TrainingSettings()
     normalizer = Normalizer.fit(history, floor=list(DEFAULT_SCALE_FLOORS))
     model = copy.deepcopy(shipped.model)
@@ -61,7 +66,8 @@ def _finetuned_without_labels(shipped: Checkpoint, history: np.ndarray, batches:
         model, data, normalizer.apply_windows,
         TrainConfig(max_batches=batches, batch_size=training.batch_size, lr=training.lr,
                     seed=training.seed))
-    return model, normalizer
+    threshold = validation_threshold(model, data, normalizer.apply_windows)
+    return model, normalizer, shipped.threshold if threshold is None else threshold
 
 
 def run_like_trainer(
@@ -196,16 +202,17 @@ def main() -> None:
             else:
                 weight = {"network alone": 1.0, "deviation alone": 0.0}.get(
                     name, settings.cnn_weight)
-                model, normalizer = shipped.model, None
+                model, normalizer, floor = shipped.model, None, network_threshold
                 if name == "fused, fine-tuned without labels":
-                    model, normalizer = _finetuned_without_labels(
+                    model, normalizer, own = _finetuned_without_labels(
                         shipped, values[:args.warmup], args.finetune_batches, seed)
+                    floor = own if settings.network_floor else None
                 fixed = name in ("network alone", "deviation alone")
                 known = name == labelled_row
                 scores, alarms, chosen = run_like_trainer(
                     model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
                     cnn_weights=() if fixed else tuple(args.cnn_weights),
-                    network_threshold=network_threshold, first_normalizer=normalizer,
+                    network_threshold=floor, first_normalizer=normalizer,
                     labels=vm.labels if known else None,
                     labelled_until=scored_after if known else 0)
                 scores, alarms = scores[args.labelled:], alarms[args.labelled:]

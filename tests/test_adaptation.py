@@ -161,6 +161,18 @@ def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
     provenance = models.checkpoint("vm").provenance
     assert provenance["labelled_windows"] == 0 and provenance["injected_windows"] > 0
     assert models.info("vm").finetuned and not models.bundle("vm").metadata.warmup
+    # The network's threshold (the network floor's) is recalibrated on the injected
+    # validation set, not kept from the pretrained checkpoint (0.9).
+    from vmad.trainer.self_supervised import validation_threshold
+
+    finetuned = models.checkpoint("vm")
+    data = models._self_supervised_data("vm", models.labelled_windows("vm"))
+    assert data is not None
+    expected = validation_threshold(finetuned.model, data,
+                                    models.adaptation("vm").normalizer.apply_windows)
+    assert expected is not None and expected != checkpoint.threshold
+    assert finetuned.threshold == pytest.approx(expected)
+    assert models.info("vm").threshold == pytest.approx(expected)
 
     # Real labels join the injected set and are drawn more often; training and
     # validation come from disjoint stretches of time.

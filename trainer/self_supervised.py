@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from vmad.evaluation import best_f1_threshold
 from vmad.trainer.injection import injected_validation_set
-from vmad.trainer.training import TrainConfig, TrainResult, train
+from vmad.trainer.training import TrainConfig, TrainResult, predict_proba, train
 
-__all__ = ["SelfSupervisedData", "finetune_self_supervised", "self_supervised_data"]
+__all__ = ["SelfSupervisedData", "finetune_self_supervised", "self_supervised_data",
+           "validation_threshold"]
 
 # Share of the history (its newest part) kept for validation.
 _VALIDATION_SHARE = 0.4
@@ -74,3 +76,17 @@ def finetune_self_supervised(
     return train(model, normalize(data.windows), data.labels, config,
                  validation=(normalize(data.validation_windows), data.validation_labels),
                  sample_weights=data.weights)
+
+
+def validation_threshold(model: nn.Module, data: SelfSupervisedData,
+                         normalize: Callable[[np.ndarray], np.ndarray]) -> float | None:
+    """The fine-tuned network's own calibrated threshold: the best-F1 threshold of its
+    probabilities on the validation set (faults injected into the newer part of the
+    VM's history), as the pretrained checkpoint's threshold is the best-F1 threshold on
+    its validation set. Fine-tuning moves the probabilities, so the pretrained value no
+    longer marks where this network's alarms start. None when the validation set holds
+    one class."""
+    labels = data.validation_labels
+    if not labels.any() or labels.all():
+        return None
+    return best_f1_threshold(labels, predict_proba(model, normalize(data.validation_windows)))

@@ -383,8 +383,9 @@ class VMModels:
                  now: float | None = None) -> TrainOutcome:
         """Fine-tune the VM's model (or the pretrained one when `reset`) for `batches`
         mini-batches on its labelled windows, export, and make it current."""
-        from vmad.trainer.self_supervised import finetune_self_supervised
-        from vmad.trainer.training import TrainConfig, train
+        from vmad.evaluation import best_f1_threshold
+        from vmad.trainer.self_supervised import finetune_self_supervised, validation_threshold
+        from vmad.trainer.training import TrainConfig, predict_proba, train
 
         started = time.perf_counter()
         info = self.info(vm_id)
@@ -410,11 +411,20 @@ class VMModels:
         config = TrainConfig(max_batches=batches, batch_size=self.settings.batch_size,
                              lr=self.settings.lr, freeze_early=self.settings.freeze_early,
                              seed=self.seed + info.batches_trained)
+        # The network's own threshold moves with its weights (the network floor under
+        # the fused threshold uses it): recalibrated as `vmad finetune` does, on the
+        # injected validation set when there is one, else on the labelled windows.
+        threshold: float | None
         if injected is not None:
             result = finetune_self_supervised(
                 model, injected, normalizer.apply_windows, config)
+            threshold = validation_threshold(model, injected, normalizer.apply_windows)
         else:
-            result = train(model, normalizer.apply_windows(data.raw), data.labels, config)
+            windows = normalizer.apply_windows(data.raw)
+            result = train(model, windows, data.labels, config)
+            threshold = best_f1_threshold(data.labels, predict_proba(model, windows)) \
+                if data.labels.any() and not data.labels.all() else None
+        threshold = base.threshold if threshold is None else threshold
         spent = (0 if reset or not info.finetuned else info.batches_trained) + result.batches
         n = info.pushed + 1
         version = f"{base.kind}-{_safe_name(vm_id)}-ft{n}"
@@ -424,13 +434,13 @@ class VMModels:
                       "injected_windows": 0 if injected is None
                       else len(injected.labels) - injected.real_labelled}
         checkpoint = Checkpoint(model, base.kind, base.metrics, base.window, normalizer,
-                                base.threshold, provenance)
+                                threshold, provenance)
         save_checkpoint(self.models_dir / _safe_name(vm_id), checkpoint)
         counters = self.store.counters(vm_id)
         now = time.time() if now is None else now
         self.store.set_model_info(vm_id, VMModelInfo(
             version, True, spent, now, counters.received if counters else 0,
-            base.threshold, n))
+            threshold, n))
         with self._lock:
             self._models[vm_id] = checkpoint
             self._bundles.pop(vm_id, None)
