@@ -83,8 +83,9 @@ def run_like_trainer(
     trainer does, or `cnn_weight` when `cnn_weights` is empty, with its deviation's
     norm ("max": per metric, "l2": the subspace distance). With `labels`, the
     trainer holds the labels of the samples before `labelled_until` (an operator's
-    `vmad label`, `vmad inject`): refits leave labelled faults out and let the labelled
-    windows choose the deviation (trainer.yaml's `subspace_variance`), as the trainer."""
+    `vmad label`, `vmad inject`): refits leave labelled faults out, keep samples
+    labelled normal even where an alarm covered them, and let the labelled windows
+    choose the deviation (trainer.yaml's `subspace_variance`), as the trainer."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
@@ -98,11 +99,13 @@ def run_like_trainer(
         # The trainer's refit data (VMModels._normal_history), sample numbers as times.
         first = max(0, start - settings.history_samples)
         # Only the labels the trainer holds by then: those before labelled_until.
-        keep = ~((labels[first:start] == 1) & (np.arange(first, start) < labelled_until)) \
-            if known else None
+        held = np.arange(first, start) < labelled_until
+        keep = ~((labels[first:start] == 1) & held) if known else None
+        normal = (labels[first:start] == 0) & held if known else None
         raw = values[:warmup] if start == warmup else outside_alarms(
             values[first:start], np.arange(first, start),
-            first + np.flatnonzero(alarms[first:start]), window, window, keep=keep)
+            first + np.flatnonzero(alarms[first:start]), window, window, keep=keep,
+            normal=normal)
         labelled = None
         if known and min(start, labelled_until) > window:
             end = min(start, labelled_until)

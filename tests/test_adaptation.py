@@ -139,6 +139,40 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
 
 
+def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint,
+                                                                  tmp_path) -> None:
+    from vmad.labels import LabelInterval
+    from vmad.trainer.transfer import VMModels
+
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                      adaptation=AdaptationSettings(warmup_samples=300, refresh_samples=100,
+                                                    history_samples=600))
+    vm, _ = generate_vm(7, 600, fault_rate=0.0)
+    seqs, times, values = np.arange(1, 601), vm.timestamps, vm.values
+    store.ingest("vm", DEFAULT_METRICS, seqs[:300], times[:300], values[:300])
+    models.adapt("vm")
+    version = models.bundle("vm").metadata.version
+    # The VM's normal moves (more memory in use); every window after it is flagged.
+    moved = values[300:].copy()
+    moved[:, 1] = np.minimum(moved[:, 1] + 25.0, 100.0)
+    flagged = [(float(t), 0.99, True, version, (0.0, 9.0, 0.0, 0.0)) for t in times[400:]]
+    store.ingest("vm", DEFAULT_METRICS, seqs[300:], times[300:], moved, verdicts=flagged)
+    models.adapt("vm")
+    # Alarmed windows (each alarm covers its whole window) are left out of the refit:
+    # the moved level is not learnt.
+    covered = 200 + WINDOW - 1
+    assert models.adaptation("vm").samples_fitted == 600 - covered
+    # The operator labels the alarm a false one: the next refit learns the moved level,
+    # while an interval labelled anomalous stays out whatever the alarms say.
+    store.add_labels("vm", [LabelInterval(float(times[400]), float(times[549]), False,
+                                          "operator"),
+                            LabelInterval(float(times[550]), float(times[599]), True,
+                                          "operator")])
+    models.adapt("vm")
+    assert models.adaptation("vm").samples_fitted == 600 - (WINDOW - 1) - 50
+
+
 def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
                                                                      tmp_path) -> None:
     from vmad.trainer.self_supervised import self_supervised_data

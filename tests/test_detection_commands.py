@@ -70,6 +70,15 @@ def test_unknown_detector_is_a_usage_error(series_dir: Path) -> None:
     assert result.returncode != 0 and "lstm" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_network_weight_out_of_range_is_a_usage_error(series_dir: Path) -> None:
+    command = [str(Path(sys.executable).parent / "vmad"), "bench", "detection", "--quick",
+               "--data", str(series_dir), "--detectors", "fused", "--weight-rule", "fixed",
+               "--cnn-weight", "1.5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--cnn-weight" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_pretrain_then_finetune_then_bundle(tmp_path: Path) -> None:
     vmad("pretrain", "--out", str(tmp_path / "pre"), "--bundle", str(tmp_path / "pre-bundle"),
          "--synthetic-vms", "2", "--synthetic-samples", "2000", "--window", "32",

@@ -190,15 +190,21 @@ def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
 
 
 def outside_alarms(values: np.ndarray, timestamps: np.ndarray, alarm_times: np.ndarray,
-                   span: float, window: int, keep: np.ndarray | None = None) -> np.ndarray:
+                   span: float, window: int, keep: np.ndarray | None = None,
+                   normal: np.ndarray | None = None) -> np.ndarray:
     """What a refit learns normal from: the rows of `values` (taken at `timestamps`)
     outside every window an alarm covered (an alarm at time t covers (t - span, t]: the
-    whole window, not only its newest sample) and where `keep` allows (labels); all of
-    them when fewer than `window` + 16 remain."""
+    whole window, not only its newest sample) and where `keep` allows (no anomalous
+    label); all of them when fewer than `window` + 16 remain. Rows an operator labelled
+    `normal` are kept even where an alarm covered them: a false alarm, once labelled, is
+    learnt as normal at the next refit instead of being left out (and alarming again)."""
     timestamps = np.asarray(timestamps)
-    kept = np.ones(len(values), dtype=bool) if keep is None else np.asarray(keep, bool).copy()
+    covered = np.zeros(len(values), dtype=bool)
     for end in alarm_times:
-        kept &= ~((timestamps > end - span) & (timestamps <= end))
+        covered |= (timestamps > end - span) & (timestamps <= end)
+    if normal is not None:
+        covered &= ~np.asarray(normal, bool)
+    kept = ~covered if keep is None else np.asarray(keep, bool) & ~covered
     return values[kept] if kept.sum() >= window + 16 else values
 
 

@@ -79,7 +79,10 @@ def register(commands: Any, bench: Any) -> None:
                            default="injected",
                            help="fused's network weight: the one that best ranks faults "
                                 "injected into the fitted data (as the trainer), the head's "
-                                "labels where they hold an anomaly, or the fixed cnn_weight")
+                                "labels where they hold an anomaly, or the fixed --cnn-weight")
+    detection.add_argument("--cnn-weight", type=float,
+                           help="fused's network weight under --weight-rule fixed, 0-1 "
+                                "(default 0.5; 0 = the deviation alone on fused's threshold)")
     detection.add_argument("--subspace-variance", type=float,
                            help="with labels, fused's deviation may be the distance from "
                                 "the subspace explaining this share of variance where the "
@@ -259,6 +262,12 @@ def run_bench_detection(args: argparse.Namespace) -> int:
                      weight_rule=args.weight_rule)
     if args.subspace_variance is not None:
         config = replace(config, subspace_variance=args.subspace_variance)
+    if args.cnn_weight is not None:
+        if not 0.0 <= args.cnn_weight <= 1.0:
+            from vmad.errors import UsageError
+
+            raise UsageError(f"--cnn-weight must lie in [0, 1], got {args.cnn_weight}")
+        config = replace(config, cnn_weight=args.cnn_weight)
     if args.refresh is not None:
         config = replace(config, refresh=args.refresh)
     if args.history is not None:

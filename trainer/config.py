@@ -90,9 +90,10 @@ class AdaptationSettings(StrictModel):
     A VM runs the pooled warm-up bundle (no alarms) until `warmup_samples` of its own
     samples have arrived; the trainer then fits on them and pushes the VM's bundle
     without waiting for any label. Every `refresh_samples` further samples (an hour) it
-    refits on the newest `history_samples` that no verdict flagged and no label marked
-    anomalous, so the VM's normal may drift (a daily traffic curve that its first hour
-    did not show) without alarms while a fault is not learnt as normal. A verdict is
+    refits on the newest `history_samples` that no verdict flagged (unless a label marked
+    them normal) and no label marked anomalous, so the VM's normal may drift (a daily
+    traffic curve that its first hour did not show) without alarms while a fault is not
+    learnt as normal. A verdict is
     anomalous once `alarm_after` windows in a row reach the threshold.
     """
 

@@ -394,7 +394,8 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
                       head: np.ndarray) -> tuple[np.ndarray, dict[str, float], Any]:
     """Each test sample's score minus its threshold, refitted as the trainer refits a VM:
     every `refresh` samples on the newest `history` samples before them outside every
-    window an earlier alarm covered and (with labels) outside the head's events
+    window an earlier alarm covered and (with labels) outside the head's events, keeping
+    the head's normal samples even where an alarm covered them
     (trainer/adaptation.py's `outside_alarms`). The head's samples are scored and raise
     alarms too, so the tail starts as a trainer that ran through the head would. Also
     what was chosen, averaged over the fits that reach the tail, and the last detector."""
@@ -403,8 +404,10 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
     all_logits = None if logits is None else np.concatenate(logits)
     start_of_test = len(train_values)
     keep = np.ones(len(values), dtype=bool)
+    normal = np.zeros(len(values), dtype=bool)  # labelled normal: kept though alarmed
     if config.labels != "none":
         keep[start_of_test:start_of_test + len(head)] = head
+        normal[start_of_test:start_of_test + len(head)] = head
     index = np.arange(len(values), dtype=np.float64)
     alarms: list[np.ndarray] = []
     margins = np.full(len(test_values), np.nan)
@@ -417,7 +420,7 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
         rows = outside_alarms(index[low:end], index[low:end],
                               np.concatenate(alarms) if alarms else np.zeros(0),
                               float(config.window), config.window,
-                              keep=keep[low:end]).astype(np.int64)
+                              keep=keep[low:end], normal=normal[low:end]).astype(np.int64)
         detector, scores, threshold, extra = part.fit(
             values[rows], None if all_logits is None else all_logits[rows])
         margins[begin:stop] = scores[begin:stop] - threshold

@@ -207,7 +207,8 @@ class VMModels:
 
     def _normal_history(self, vm_id: str, first: bool) -> np.ndarray:
         """Raw samples to fit on: the first warm-up samples, or on a refresh the newest
-        `history_samples` outside flagged windows and anomalous labels."""
+        `history_samples` outside flagged windows (unless labelled normal) and anomalous
+        labels."""
         settings = self.adaptation_settings
         recent = self.store.recent(vm_id, settings.warmup_samples if first
                                    else settings.history_samples)
@@ -216,8 +217,9 @@ class VMModels:
         times, _, flagged = self.store.verdicts(vm_id, len(recent))
         span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
             if len(recent) > 1 else 0.0
+        labels = self.store.labels_at(vm_id, recent.timestamps)
         return outside_alarms(recent.values, recent.timestamps, times[flagged], span,
-                              self.window, keep=self.store.labels_at(vm_id, recent.timestamps) != 1)
+                              self.window, keep=labels != 1, normal=labels == 0)
 
     def adapt(self, vm_id: str, now: float | None = None, *,
               keep_normalizer: bool = False) -> TrainOutcome:
