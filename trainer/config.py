@@ -93,8 +93,8 @@ class AdaptationSettings(StrictModel):
     refits on the newest `history_samples` that no verdict flagged (unless a label marked
     them normal) and no label marked anomalous, so the VM's normal may drift (a daily
     traffic curve that its first hour did not show) without alarms while a fault is not
-    learnt as normal. A verdict is
-    anomalous once `alarm_after` windows in a row reach the threshold.
+    learnt as normal. A verdict is anomalous once `alarm_after` windows in a row reach
+    the threshold.
     """
 
     warmup_samples: int = Field(
