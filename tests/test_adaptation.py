@@ -139,8 +139,8 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
 
 
-def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint,
-                                                                  tmp_path) -> None:
+def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint, tmp_path,
+                                                                  caplog) -> None:
     from vmad.labels import LabelInterval
     from vmad.trainer.transfer import VMModels
 
@@ -156,21 +156,28 @@ def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint,
     # The VM's normal moves (more memory in use); every window after it is flagged.
     moved = values[300:].copy()
     moved[:, 1] = np.minimum(moved[:, 1] + 25.0, 100.0)
-    flagged = [(float(t), 0.99, True, version, (0.0, 9.0, 0.0, 0.0)) for t in times[400:]]
+    flagged = [(float(t), 0.99, True, version, (0.0, 9.0, 0.0, 0.0)) for t in times[300:]]
     store.ingest("vm", DEFAULT_METRICS, seqs[300:], times[300:], moved, verdicts=flagged)
-    models.adapt("vm")
+    with caplog.at_level("WARNING", logger="vmad.trainer.transfer"):
+        models.adapt("vm")
     # Alarmed windows (each alarm covers its whole window) are left out of the refit:
-    # the moved level is not learnt.
-    covered = 200 + WINDOW - 1
+    # the moved level is not learnt, and the log says how an operator would end it.
+    covered = 300 + WINDOW - 1
     assert models.adaptation("vm").samples_fitted == 600 - covered
-    # The operator labels the alarm a false one: the next refit learns the moved level,
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "vmad.trainer.transfer"]
+    assert f"alarms cover {covered} of its newest 600" in warning
+    assert "left out of this refit" in warning and "vmad label --vm vm --normal" in warning
+    # The operator labels most of it a false alarm: the next refit learns that part,
     # while an interval labelled anomalous stays out whatever the alarms say.
     store.add_labels("vm", [LabelInterval(float(times[400]), float(times[549]), False,
                                           "operator"),
                             LabelInterval(float(times[550]), float(times[599]), True,
                                           "operator")])
-    models.adapt("vm")
-    assert models.adaptation("vm").samples_fitted == 600 - (WINDOW - 1) - 50
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vmad.trainer.transfer"):
+        models.adapt("vm")
+    assert models.adaptation("vm").samples_fitted == 600 - (covered - 150)
+    assert not [r for r in caplog.records if r.name == "vmad.trainer.transfer"]
 
 
 def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,

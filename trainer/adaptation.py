@@ -47,7 +47,7 @@ from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
 __all__ = ["Fusion", "VMAdaptation", "best_ranking", "choose_cnn_weight", "fit_adaptation",
-           "fit_fusion", "offset_floor", "outside_alarms", "robust_location"]
+           "fit_fusion", "offset_floor", "outside_alarms", "refit_rows", "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -198,14 +198,21 @@ def outside_alarms(values: np.ndarray, timestamps: np.ndarray, alarm_times: np.n
     label); all of them when fewer than `window` + 16 remain. Rows an operator labelled
     `normal` are kept even where an alarm covered them: a false alarm, once labelled, is
     learnt as normal at the next refit instead of being left out (and alarming again)."""
+    kept = refit_rows(timestamps, alarm_times, span, keep, normal)
+    return values[kept] if kept.sum() >= window + 16 else values
+
+
+def refit_rows(timestamps: np.ndarray, alarm_times: np.ndarray, span: float,
+               keep: np.ndarray | None = None, normal: np.ndarray | None = None,
+               ) -> np.ndarray:
+    """`outside_alarms`' choice as a mask over `timestamps`, before its fallback."""
     timestamps = np.asarray(timestamps)
-    covered = np.zeros(len(values), dtype=bool)
+    covered = np.zeros(len(timestamps), dtype=bool)
     for end in alarm_times:
         covered |= (timestamps > end - span) & (timestamps <= end)
     if normal is not None:
         covered &= ~np.asarray(normal, bool)
-    kept = ~covered if keep is None else np.asarray(keep, bool) & ~covered
-    return values[kept] if kept.sum() >= window + 16 else values
+    return ~covered if keep is None else np.asarray(keep, bool) & ~covered
 
 
 def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -32,7 +33,7 @@ import numpy as np
 from vmad.bundle import Bundle
 from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
 from vmad.state import VMState, blame_text, compute_state
-from vmad.trainer.adaptation import VMAdaptation, fit_adaptation, outside_alarms
+from vmad.trainer.adaptation import VMAdaptation, fit_adaptation, refit_rows
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.injection import (
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from vmad.trainer.self_supervised import SelfSupervisedData
 
 __all__ = ["LabelledWindows", "TrainOutcome", "VMModels"]
+
+log = logging.getLogger("vmad.trainer.transfer")
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,19 @@ class VMModels:
         span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
             if len(recent) > 1 else 0.0
         labels = self.store.labels_at(vm_id, recent.timestamps)
-        return outside_alarms(recent.values, recent.timestamps, times[flagged], span,
-                              self.window, keep=labels != 1, normal=labels == 0)
+        kept = refit_rows(recent.timestamps, times[flagged], span, keep=labels != 1,
+                          normal=labels == 0)
+        covered = ~refit_rows(recent.timestamps, times[flagged], span, normal=labels == 0)
+        learnt = kept.sum() < self.window + 16  # outside_alarms' fallback: fit them all
+        if covered.sum() > len(recent) // 2:
+            # A fault that lasts, or a normal that moved: only an operator can say which.
+            first, last = recent.timestamps[covered][[0, -1]]
+            log.warning("VM %s: alarms cover %d of its newest %d samples (%.0f-%.0f), %s; "
+                        "if that is its new normal: vmad label --vm %s --normal --start "
+                        "%.0f --end %.0f", vm_id, covered.sum(), len(recent), first, last,
+                        "too many to leave out, so this refit learns them as normal"
+                        if learnt else "left out of this refit", vm_id, first, last)
+        return recent.values if learnt else recent.values[kept]
 
     def adapt(self, vm_id: str, now: float | None = None, *,
               keep_normalizer: bool = False) -> TrainOutcome:
