@@ -46,8 +46,9 @@ from vmad.trainer.injection import InjectedSet
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["Fusion", "VMAdaptation", "best_ranking", "choose_cnn_weight", "fit_adaptation",
-           "fit_fusion", "offset_floor", "outside_alarms", "refit_rows", "robust_location"]
+__all__ = ["Fusion", "VMAdaptation", "alarm_covered", "best_ranking", "choose_cnn_weight",
+           "fit_adaptation", "fit_fusion", "offset_floor", "outside_alarms", "refit_values",
+           "robust_location"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -193,26 +194,33 @@ def outside_alarms(values: np.ndarray, timestamps: np.ndarray, alarm_times: np.n
                    span: float, window: int, keep: np.ndarray | None = None,
                    normal: np.ndarray | None = None) -> np.ndarray:
     """What a refit learns normal from: the rows of `values` (taken at `timestamps`)
-    outside every window an alarm covered (an alarm at time t covers (t - span, t]: the
-    whole window, not only its newest sample) and where `keep` allows (no anomalous
-    label); all of them when fewer than `window` + 16 remain. Rows an operator labelled
-    `normal` are kept even where an alarm covered them: a false alarm, once labelled, is
-    learnt as normal at the next refit instead of being left out (and alarming again)."""
-    kept = refit_rows(timestamps, alarm_times, span, keep, normal)
-    return values[kept] if kept.sum() >= window + 16 else values
+    outside every window an alarm covered (`alarm_covered`) and where `keep` allows (no
+    anomalous label); all of them when fewer than `window` + 16 remain. Rows an operator
+    labelled `normal` are kept even where an alarm covered them: a false alarm, once
+    labelled, is learnt as normal at the next refit instead of being left out (and
+    alarming again)."""
+    covered = alarm_covered(timestamps, alarm_times, span, normal)
+    return refit_values(values, ~covered if keep is None else np.asarray(keep, bool) & ~covered,
+                        window)
 
 
-def refit_rows(timestamps: np.ndarray, alarm_times: np.ndarray, span: float,
-               keep: np.ndarray | None = None, normal: np.ndarray | None = None,
-               ) -> np.ndarray:
-    """`outside_alarms`' choice as a mask over `timestamps`, before its fallback."""
+def alarm_covered(timestamps: np.ndarray, alarm_times: np.ndarray, span: float,
+                  normal: np.ndarray | None = None) -> np.ndarray:
+    """Which `timestamps` an alarm covered (an alarm at time t covers (t - span, t]: the
+    whole window, not only its newest sample), less those labelled `normal`."""
     timestamps = np.asarray(timestamps)
     covered = np.zeros(len(timestamps), dtype=bool)
     for end in alarm_times:
         covered |= (timestamps > end - span) & (timestamps <= end)
     if normal is not None:
         covered &= ~np.asarray(normal, bool)
-    return ~covered if keep is None else np.asarray(keep, bool) & ~covered
+    return covered
+
+
+def refit_values(values: np.ndarray, kept: np.ndarray, window: int) -> np.ndarray:
+    """`values[kept]`, or all of `values` when fewer than `window` + 16 are kept: too
+    few to fit on, so a refit learns what its alarms covered."""
+    return values[kept] if kept.sum() >= window + 16 else values
 
 
 def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,

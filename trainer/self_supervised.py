@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from vmad.evaluation import best_f1_threshold
 from vmad.trainer.injection import injected_validation_set
-from vmad.trainer.training import TrainConfig, TrainResult, predict_proba, train
+from vmad.trainer.training import TrainConfig, TrainResult, calibrated_threshold, train
 
 __all__ = ["SelfSupervisedData", "finetune_self_supervised", "self_supervised_data",
            "validation_threshold"]
@@ -86,7 +85,5 @@ def validation_threshold(model: nn.Module, data: SelfSupervisedData,
     its validation set. Fine-tuning moves the probabilities, so the pretrained value no
     longer marks where this network's alarms start. None when the validation set holds
     one class."""
-    labels = data.validation_labels
-    if not labels.any() or labels.all():
-        return None
-    return best_f1_threshold(labels, predict_proba(model, normalize(data.validation_windows)))
+    return calibrated_threshold(model, normalize(data.validation_windows),
+                                data.validation_labels)

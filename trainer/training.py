@@ -187,6 +187,19 @@ def predict_proba(model: nn.Module, windows: np.ndarray, batch_size: int = 1024)
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
+def calibrated_threshold(model: nn.Module, windows: np.ndarray,
+                         labels: np.ndarray) -> float | None:
+    """The best-F1 threshold of `model`'s probabilities on normalized `windows` with
+    `labels` (how a checkpoint's own threshold is calibrated); None when the labels hold
+    one class."""
+    from vmad.evaluation import best_f1_threshold
+
+    labels = np.asarray(labels)
+    if not labels.any() or labels.all():
+        return None
+    return best_f1_threshold(labels, predict_proba(model, windows))
+
+
 class _ProgressBar:
     """A rich progress bar when a description is given and stderr is a terminal or CI log."""
 

@@ -33,7 +33,7 @@ import numpy as np
 from vmad.bundle import Bundle
 from vmad.schema import DEFAULT_METRICS, DEFAULT_SCALE_FLOORS
 from vmad.state import VMState, blame_text, compute_state
-from vmad.trainer.adaptation import VMAdaptation, fit_adaptation, refit_rows
+from vmad.trainer.adaptation import VMAdaptation, alarm_covered, fit_adaptation, refit_values
 from vmad.trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.injection import (
@@ -221,10 +221,9 @@ class VMModels:
         span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
             if len(recent) > 1 else 0.0
         labels = self.store.labels_at(vm_id, recent.timestamps)
-        kept = refit_rows(recent.timestamps, times[flagged], span, keep=labels != 1,
-                          normal=labels == 0)
-        covered = ~refit_rows(recent.timestamps, times[flagged], span, normal=labels == 0)
-        learnt = kept.sum() < self.window + 16  # outside_alarms' fallback: fit them all
+        # outside_alarms, in its two steps: the covered rows also feed the warning.
+        covered = alarm_covered(recent.timestamps, times[flagged], span, normal=labels == 0)
+        fitted = refit_values(recent.values, (labels != 1) & ~covered, self.window)
         if covered.sum() > len(recent) // 2:
             # A fault that lasts, or a normal that moved: only an operator can say which.
             first, last = recent.timestamps[covered][[0, -1]]
@@ -232,8 +231,9 @@ class VMModels:
                         "if that is its new normal: vmad label --vm %s --normal --start "
                         "%.0f --end %.0f", vm_id, covered.sum(), len(recent), first, last,
                         "too many to leave out, so this refit learns them as normal"
-                        if learnt else "left out of this refit", vm_id, first, last)
-        return recent.values if learnt else recent.values[kept]
+                        if len(fitted) == len(recent) else "left out of this refit",
+                        vm_id, first, last)
+        return fitted
 
     def adapt(self, vm_id: str, now: float | None = None, *,
               keep_normalizer: bool = False) -> TrainOutcome:
@@ -399,9 +399,8 @@ class VMModels:
                  now: float | None = None) -> TrainOutcome:
         """Fine-tune the VM's model (or the pretrained one when `reset`) for `batches`
         mini-batches on its labelled windows, export, and make it current."""
-        from vmad.evaluation import best_f1_threshold
         from vmad.trainer.self_supervised import finetune_self_supervised, validation_threshold
-        from vmad.trainer.training import TrainConfig, predict_proba, train
+        from vmad.trainer.training import TrainConfig, calibrated_threshold, train
 
         started = time.perf_counter()
         info = self.info(vm_id)
@@ -438,8 +437,7 @@ class VMModels:
         else:
             windows = normalizer.apply_windows(data.raw)
             result = train(model, windows, data.labels, config)
-            threshold = best_f1_threshold(data.labels, predict_proba(model, windows)) \
-                if data.labels.any() and not data.labels.all() else None
+            threshold = calibrated_threshold(model, windows, data.labels)
         threshold = base.threshold if threshold is None else threshold
         spent = (0 if reset or not info.finetuned else info.batches_trained) + result.batches
         n = info.pushed + 1
