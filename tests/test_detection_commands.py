@@ -98,6 +98,23 @@ def test_pretrain_then_finetune_then_bundle(tmp_path: Path) -> None:
     assert scores.shape == (50,) and np.all((scores >= 0) & (scores <= 1))
 
 
+def test_finetune_on_one_class_keeps_the_pretrained_threshold(tmp_path: Path) -> None:
+    """Labels of one class give no best-F1 threshold: all anomalous would pick one that
+    flags every window. The fine-tune keeps the checkpoint's threshold and says so."""
+    from vmad.trainer.checkpoint import load_checkpoint
+
+    vmad("pretrain", "--out", str(tmp_path / "pre"), "--synthetic-vms", "1",
+         "--synthetic-samples", "1000", "--window", "16", "--batches", "5")
+    series, _ = generate_vm(9, 500)
+    write_series(tmp_path / "vm.csv", replace(series, labels=np.ones(500, dtype=np.int8)))
+    result = vmad("finetune", "--from", str(tmp_path / "pre"), "--data",
+                  str(tmp_path / "vm.csv"), "--out", str(tmp_path / "tuned"),
+                  "--batches", "3")
+    pretrained = load_checkpoint(tmp_path / "pre").threshold
+    assert load_checkpoint(tmp_path / "tuned").threshold == pytest.approx(pretrained)
+    assert "threshold kept" in result.stderr and "one class" in result.stderr
+
+
 def test_finetune_needs_labels(tmp_path: Path) -> None:
     vmad("pretrain", "--out", str(tmp_path / "pre"), "--synthetic-vms", "1",
          "--synthetic-samples", "1000", "--window", "16", "--batches", "5")

@@ -4,6 +4,7 @@ the functions that run them."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -209,12 +210,11 @@ def _calibrate(model: Any, args: argparse.Namespace) -> tuple[float, dict]:
 def run_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from vmad.evaluation import best_f1_threshold
     from vmad.series import read_series
     from vmad.trainer.checkpoint import load_checkpoint, save_checkpoint
     from vmad.trainer.datasets import WindowSource
     from vmad.trainer.export import export_bundle
-    from vmad.trainer.training import TrainConfig, predict_proba, train
+    from vmad.trainer.training import TrainConfig, calibrated_threshold, train
     from vmad.windows import Normalizer
 
     checkpoint = load_checkpoint(args.source)
@@ -230,9 +230,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     config = TrainConfig(max_batches=args.batches, lr=3e-4, freeze_early=args.freeze_early,
                          seed=args.seed)
     result = train(checkpoint.model, windows, source.labels, config, progress="fine-tune")
-    if source.labels.any():
-        checkpoint.threshold = best_f1_threshold(
-            source.labels, predict_proba(checkpoint.model, windows))
+    threshold = calibrated_threshold(checkpoint.model, windows, source.labels)
+    if threshold is None:
+        # One class gives no best-F1 threshold: all anomalous would set one that flags
+        # every window, all normal one above every window seen.
+        print(f"threshold kept at {checkpoint.threshold:.3f}: the labelled windows of "
+              f"{args.data} hold one class", file=sys.stderr)
+    else:
+        checkpoint.threshold = threshold
     checkpoint.provenance = {**checkpoint.provenance, "finetuned_on": str(args.data),
                              "finetune_batches": result.batches, "seed": args.seed}
     save_checkpoint(args.out, checkpoint)
