@@ -13,7 +13,7 @@ from tests.trainer_fixtures import small_checkpoint
 from vmad.evaluation import hit_rate, read_interpretation_labels
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
-from vmad.trainer.adaptation import fit_adaptation
+from vmad.trainer.adaptation import alarm_covered, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.export import export_bundle
@@ -450,3 +450,23 @@ def test_trainer_lets_a_vms_stored_labels_choose_its_deviation(checkpoint, tmp_p
     models.adapt("vm")
     assert models.adaptation("vm").residual.norm == "l2"
     assert models.bundle("vm").metadata.version
+
+
+def test_alarm_covered_marks_each_alarms_whole_window() -> None:
+    """An alarm at t covers (t - span, t]; the search over sorted alarm times agrees with
+    checking every alarm against every sample, at the edges too (unsorted alarms, alarms
+    outside the samples, span 0)."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        timestamps = np.arange(rng.integers(0, 120), dtype=float) * 5.0
+        alarms = rng.uniform(-50.0, 650.0, rng.integers(0, 12))
+        if trial % 2 and len(timestamps):
+            alarms = rng.choice(timestamps, size=min(len(timestamps), 8), replace=False)
+        span = float(rng.choice([0.0, 5.0, 40.0, 320.0]))
+        expected = np.zeros(len(timestamps), dtype=bool)
+        for end in alarms:
+            expected |= (timestamps > end - span) & (timestamps <= end)
+        assert np.array_equal(alarm_covered(timestamps, alarms, span), expected), trial
+    normal = np.array([False, True, False])
+    assert alarm_covered(np.array([0.0, 5.0, 10.0]), np.array([10.0]), 20.0,
+                         normal).tolist() == [True, False, True]

@@ -208,10 +208,13 @@ def alarm_covered(timestamps: np.ndarray, alarm_times: np.ndarray, span: float,
                   normal: np.ndarray | None = None) -> np.ndarray:
     """Which `timestamps` an alarm covered (an alarm at time t covers (t - span, t]: the
     whole window, not only its newest sample), less those labelled `normal`."""
-    timestamps = np.asarray(timestamps)
-    covered = np.zeros(len(timestamps), dtype=bool)
-    for end in alarm_times:
-        covered |= (timestamps > end - span) & (timestamps <= end)
+    timestamps = np.asarray(timestamps, dtype=float)
+    ends = np.sort(np.asarray(alarm_times, dtype=float))
+    # A sample is covered when the first alarm at or after it ends within `span` of it:
+    # one binary search per sample instead of one pass per alarm.
+    first_end = np.searchsorted(ends, timestamps, side="left")
+    ends_after = np.append(ends, np.inf)[first_end]
+    covered = ends_after < timestamps + span
     if normal is not None:
         covered &= ~np.asarray(normal, bool)
     return covered
