@@ -13,7 +13,7 @@ from tests.trainer_fixtures import small_checkpoint
 from vmad.evaluation import hit_rate, read_interpretation_labels
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
-from vmad.trainer.adaptation import alarm_covered, fit_adaptation
+from vmad.trainer.adaptation import USUAL_SCORE, alarm_covered, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.export import export_bundle
@@ -70,9 +70,13 @@ def test_threshold_meets_the_false_alarm_target_on_own_windows(checkpoint) -> No
     normalized = adaptation.normalizer.apply(vm.values[:2000])
     logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
     deviation = adaptation.residual.score_samples(normalized[WINDOW - 1:])
-    flagged = adaptation.fusion.score(logits, deviation) >= adaptation.threshold
+    scores = adaptation.fusion.score(logits, deviation)
+    flagged = scores >= adaptation.threshold
     # The tail fit extrapolates: about the target, not exactly it, on the fitting data.
     assert adaptation.threshold == 0.5 and flagged.mean() <= 0.02
+    # Scores are in heights of the threshold above the VM's usual level: its median
+    # window reads USUAL_SCORE on every VM and refit.
+    assert np.median(scores) == pytest.approx(USUAL_SCORE, abs=0.005)
 
 
 def test_tail_threshold_extrapolates_beyond_the_sample() -> None:
@@ -340,7 +344,9 @@ def test_network_floor_keeps_the_network_part_at_its_calibrated_threshold(checkp
     floored = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW, cnn_weight=0.5,
                              false_alarm_rate=0.01, network_threshold=0.99)
     f = floored.fusion
-    assert f.offset >= plain.fusion.offset
+    # Each fit rescales z to its own threshold's height (in_threshold_units); offset x
+    # dev_scale undoes that, and the two fits share the deviation's unscaled spread.
+    assert f.offset * f.dev_scale >= plain.fusion.offset * plain.fusion.dev_scale
     assert f.offset >= offset_floor(f, network_threshold=0.99) - 1e-12
     usual = np.array([np.expm1(f.dev_center)])
     at_threshold = np.array([np.log(0.99 / 0.01)])

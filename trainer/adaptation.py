@@ -25,9 +25,14 @@ on a VM whose first hour was quieter than its later normal: a quiet warm-up puts
 tail of the logit low, and on 10 unseen synthetic VMs that tail alone flagged 1.6 % of
 later normal windows (bench/normalization.py). The score is 0.5 exactly at the offset,
 and the bundle's threshold is 0.5. Centring on the threshold keeps float32 scores
-away from saturation where it matters. With w = 1, centre 0, scale 1 and offset 0 the
-score is the network's probability: that is the pooled warm-up bundle, which keeps its
-shipped threshold.
+away from saturation where it matters. Last, z is rescaled so that the VM's median
+window scores `USUAL_SCORE` (`in_threshold_units`): z - offset then counts heights of
+the threshold above the VM's usual level, the same scale on every VM and every refit.
+Verdicts do not change; scores become comparable, where they were in units of each
+fit's spread, and a fit whose threshold a floor raised far above its usual level
+(measured on SMD) ranked its anomalies below the normal windows of the fits around it.
+With w = 1, centre 0, scale 1 and offset 0 the score is the network's probability:
+that is the pooled warm-up bundle, which keeps its shipped threshold.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ from vmad.trainer.injection import InjectedSet
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["Fusion", "VMAdaptation", "alarm_covered", "best_ranking", "choose_cnn_weight",
-           "fit_adaptation", "fit_fusion", "offset_floor", "outside_alarms", "refit_values",
-           "robust_location"]
+__all__ = ["USUAL_SCORE", "Fusion", "VMAdaptation", "alarm_covered", "best_ranking",
+           "choose_cnn_weight", "fit_adaptation", "fit_fusion", "in_threshold_units",
+           "offset_floor", "outside_alarms", "refit_values", "robust_location",
+           "threshold_units"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -85,6 +91,27 @@ class Fusion:
         if not (fusion.cnn_scale > 0 and fusion.dev_scale > 0 and 0 <= fusion.cnn_weight <= 1):
             raise ValueError(f"invalid fusion parameters {data}")
         return fusion
+
+
+# What the fused score of a VM's median window reads, on every VM and after every refit.
+USUAL_SCORE = 0.05
+
+
+def threshold_units(fitted_z: np.ndarray, threshold: float) -> float:
+    """The factor that puts `z - threshold` in the units of the score's logit: heights of
+    `threshold` above the median of `fitted_z` (the VM's usual level), the median at
+    logit(`USUAL_SCORE`)."""
+    height = max(float(threshold) - float(np.median(fitted_z)), 1e-6)
+    return math.log((1.0 - USUAL_SCORE) / USUAL_SCORE) / height
+
+
+def in_threshold_units(fusion: Fusion, fitted_z: np.ndarray) -> Fusion:
+    """`fusion` (with its `offset`) rescaled by `threshold_units`: the same verdicts, and
+    the median of `fitted_z` (its z on the windows it was fitted on) scores
+    `USUAL_SCORE`. Folded into the scales, so the bundle's graph is unchanged."""
+    factor = threshold_units(fitted_z, fusion.offset)
+    return replace(fusion, cnn_scale=fusion.cnn_scale / factor,
+                   dev_scale=fusion.dev_scale / factor, offset=fusion.offset * factor)
 
 
 def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tuple[float, float]:
@@ -299,8 +326,10 @@ def fit_adaptation(
             [fusion.z(label_logits, residual.score_samples(windows[:, :, -1]))
              for residual, fusion in zip(candidates, fusions, strict=True)], labelled[1]))
     residual, deviation, fusion = candidates[chosen], deviations[chosen], fusions[chosen]
-    offset = max(tail_threshold(fusion.z(logits, deviation), false_alarm_rate),
+    fitted_z = fusion.z(logits, deviation)
+    offset = max(tail_threshold(fitted_z, false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
+    fusion = in_threshold_units(replace(fusion, offset=offset), fitted_z)
     attribution = AttributionModel.fit(normalized, window)
-    return VMAdaptation(normalizer, residual, replace(fusion, offset=offset), 0.5, len(raw),
+    return VMAdaptation(normalizer, residual, fusion, 0.5, len(raw),
                         received, now, generation, attribution=attribution)

@@ -31,7 +31,10 @@ With `labels="none"` no label of the target is used: thresholds flag `false_alar
 of the train part's samples, and the neural detectors are not fine-tuned.
 `residual`, `subspace` and `fused` are refitted as the trainer refits a VM (every
 `refresh` test samples on the newest `history` outside earlier alarms; see
-ProtocolConfig), unless `refresh` is 0.
+ProtocolConfig), unless `refresh` is 0. Their AUC ranks each sample's margin over its
+fit's threshold: for `fused` the logit of the bundle's score (in heights of the
+threshold above the fit's median, `threshold_units`), for the others in the
+detector's own units.
 Attribution: for the detectors with per-metric contributions (`residual`, `fused`,
 `pca`), HitRate@100 % / @150 % against `interpretation_label.txt` when the series
 folder has one (NaN otherwise). `residual` and `fused` rank metrics as the bundle's
@@ -72,6 +75,7 @@ from vmad.trainer.adaptation import (
     fit_fusion,
     offset_floor,
     outside_alarms,
+    threshold_units,
 )
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.checkpoint import load_default_checkpoint
@@ -482,6 +486,11 @@ class _LabelFreeFit:
             threshold = max(threshold, floor)
         else:
             threshold = best_f1_threshold(labels[:cut], scores[:cut])
+        if kind == "fused":
+            # As the bundle scores: in heights of the threshold above the fit's usual
+            # level, so that margins compare across refits.
+            units = threshold_units(fit_scores[np.isfinite(fit_scores)], threshold)
+            scores, threshold = (scores - threshold) * units, 0.0
         return detector, scores, float(threshold), extra
 
 
