@@ -478,8 +478,8 @@ class _LabelFreeFit:
             chosen = max(0, best_ranking([v[1][scored] for v in variants], labels[scored]))
             fit_scores, scores, weight, floor = variants[chosen]
             extra = {"cnn_weight": weight, "subspace": float(chosen)}
+        finite = fit_scores[np.isfinite(fit_scores)]
         if config.labels == "none" or config.head_rule == "refit":
-            finite = fit_scores[np.isfinite(fit_scores)]
             threshold = tail_threshold(finite, config.false_alarm_rate) \
                 if config.threshold_rule == "tail" else \
                 false_alarm_threshold(finite, config.false_alarm_rate)
@@ -489,7 +489,7 @@ class _LabelFreeFit:
         if kind == "fused":
             # As the bundle scores: in heights of the threshold above the fit's usual
             # level, so that margins compare across refits.
-            units = threshold_units(fit_scores[np.isfinite(fit_scores)], threshold)
+            units = threshold_units(finite, threshold)
             scores, threshold = (scores - threshold) * units, 0.0
         return detector, scores, float(threshold), extra
 
