@@ -232,6 +232,26 @@ def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
         self_supervised_data(vm.values[:100], WINDOW)
 
 
+def test_a_fine_tune_on_one_class_keeps_the_threshold_and_says_so(checkpoint, tmp_path,
+                                                                   caplog) -> None:
+    from vmad.labels import LabelInterval
+    from vmad.trainer.transfer import VMModels
+
+    vm, _ = generate_vm(9, 300, fault_rate=0.0)
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 301), vm.timestamps, vm.values)
+    # Every labelled window anomalous: no best-F1 threshold exists on them.
+    store.add_labels("vm", [LabelInterval(float(vm.timestamps[0]), float(vm.timestamps[-1]),
+                                          True, "operator")])
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings())
+    with caplog.at_level("WARNING", logger="vmad.trainer.transfer"):
+        outcome = models.finetune("vm", 5)
+    assert outcome.action == "finetune" and outcome.batches > 0
+    assert models.checkpoint("vm").threshold == pytest.approx(checkpoint.threshold)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "vmad.trainer.transfer"]
+    assert "keeps its threshold" in warning and "labelled windows hold one class" in warning
+
+
 def test_warmup_bundle_never_alarms(checkpoint, tmp_path) -> None:
     from vmad.edge_agent.detector import BundleSlot, WindowScorer
 

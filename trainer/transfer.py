@@ -438,7 +438,12 @@ class VMModels:
             windows = normalizer.apply_windows(data.raw)
             result = train(model, windows, data.labels, config)
             threshold = calibrated_threshold(model, windows, data.labels)
-        threshold = base.threshold if threshold is None else threshold
+        if threshold is None:
+            # Too few windows of one kind to place a threshold: the network keeps its old one.
+            log.warning("VM %s: the fine-tuned network keeps its threshold %.3f: its %s "
+                        "windows hold one class", vm_id, base.threshold,
+                        "labelled" if injected is None else "validation")
+            threshold = base.threshold
         spent = (0 if reset or not info.finetuned else info.batches_trained) + result.batches
         n = info.pushed + 1
         version = f"{base.kind}-{_safe_name(vm_id)}-ft{n}"
