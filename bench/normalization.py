@@ -75,25 +75,22 @@ def run_like_trainer(
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
     network_threshold: float | None, first_normalizer: Normalizer | None = None,
     labels: np.ndarray | None = None, labelled_until: int = 0,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[float, str]]]:
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
     in force when it arrived (the first fit on the warm-up, a refit every `refresh`
     samples, 0 = never, on the VM's unflagged recent history), and each fit's network
     weight: chosen from `cnn_weights` on faults injected into the fitted history, as the
-    trainer does, or `cnn_weight` when `cnn_weights` is empty, with its deviation's
-    norm ("max": per metric, "l2": the subspace distance). With `labels`, the
+    trainer does, or `cnn_weight` when `cnn_weights` is empty. With `labels`, the
     trainer holds the labels of the samples before `labelled_until` (an operator's
-    `vmad label`, `vmad inject`): refits leave labelled faults out, keep samples
-    labelled normal even where an alarm covered them, and let the labelled windows
-    choose the deviation (trainer.yaml's `subspace_variance`), as the trainer."""
+    `vmad label`, `vmad inject`): refits leave labelled faults out and keep samples
+    labelled normal even where an alarm covered them, as the trainer."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
     step = refresh or n
     run = 0  # windows in a row at the threshold, carried across refits as in the agent
-    chosen: list[tuple[float, str]] = []
+    chosen: list[float] = []
     known = labels is not None and labelled_until > 0
-    max_windows = TrainingSettings().max_windows  # the trainer's labelled windows per VM
     for start in range(warmup, n, step):
         stop = min(n, start + step)
         # The trainer's refit data (VMModels._normal_history), sample numbers as times.
@@ -106,12 +103,6 @@ def run_like_trainer(
             values[first:start], np.arange(first, start),
             first + np.flatnonzero(alarms[first:start]), window, window, keep=keep,
             normal=normal)
-        labelled = None
-        if known and min(start, labelled_until) > window:
-            end = min(start, labelled_until)
-            begin = max(0, end - max_windows - window + 1)
-            labelled = (make_windows(values[begin:end], window),
-                        labels[begin + window - 1:end].astype(np.int8))
         adaptation = fit_adaptation(
             model, raw, window, floors=list(DEFAULT_SCALE_FLOORS),
             components=settings.components, cnn_weight=cnn_weight,
@@ -119,13 +110,12 @@ def run_like_trainer(
             min_deviation=settings.min_deviation, network_threshold=network_threshold,
             normalizer=first_normalizer if start == warmup else None,
             injected=injected_validation_set(raw, window) if cnn_weights else None,
-            cnn_weights=cnn_weights, labelled=labelled,
+            cnn_weights=cnn_weights,
             subspace_variance=settings.subspace_variance)
-        chosen.append((adaptation.fusion.cnn_weight, adaptation.residual.norm))
+        chosen.append(adaptation.fusion.cnn_weight)
         normalized = adaptation.normalizer.apply(values[start - window + 1:stop])
         logits = predict_logits(model, make_windows(normalized, window))
-        deviation = adaptation.residual.score_samples(normalized[window - 1:])
-        scores[start:stop] = adaptation.fusion.score(logits, deviation)
+        scores[start:stop] = adaptation.score(logits, normalized[window - 1:])
         lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
         alarms[start:stop] = lengths >= settings.alarm_after
         run = int(lengths[-1])
@@ -186,7 +176,7 @@ def main() -> None:
                         f"after {args.alarm_after} windows in a row, scored after sample "
                         f"{scored_after})")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
-    weights_chosen: dict[str, list[tuple[float, str]]] = {}
+    weights_chosen: dict[str, list[float]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
@@ -245,11 +235,9 @@ def main() -> None:
     console.print(summary)
     for name, chosen in weights_chosen.items():
         if args.cnn_weights and name not in ("network alone", "deviation alone"):
-            values_, counts = np.unique([w for w, _ in chosen], return_counts=True)
-            subspace = sum(norm == "l2" for _, norm in chosen)
+            values_, counts = np.unique(chosen, return_counts=True)
             console.print(f"{name}: network weight chosen per fit "
-                          + ", ".join(f"{v:g} x{c}" for v, c in zip(values_, counts, strict=True))
-                          + f"; subspace distance in {subspace} of {len(chosen)} fits")
+                          + ", ".join(f"{v:g} x{c}" for v, c in zip(values_, counts, strict=True)))
     if args.json:
         args.json.write_text(json.dumps(
             {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,

@@ -37,15 +37,13 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
     import onnx
 
     vm, _ = generate_vm(5, 1200)
-    for components, weight, norm in ((0, 0.5, "max"), (2, 0.5, "max"), (0, 0.0, "max"),
-                                     (2, 0.5, "l2")):
+    for components, weight, variance in ((0, 0.5, 0.0), (2, 0.5, 0.0), (0, 0.0, 0.0),
+                                         (0, 0.5, 0.9), (2, 0.0, 0.9)):
         adaptation = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW,
                                     floors=[1.0, 0.5, 0.5, 0.2], components=components,
-                                    cnn_weight=weight, false_alarm_rate=0.01)
-        if norm != "max":
-            fitted = adaptation.normalizer.apply(vm.values[:600])
-            adaptation = replace(adaptation, residual=ResidualModel.fit(
-                fitted, components, spread_floor=1.0, norm=norm))
+                                    cnn_weight=weight, false_alarm_rate=0.01,
+                                    subspace_variance=variance)
+        assert (adaptation.subspace is not None) == (variance > 0)
         bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
         assert not bundle.metadata.warmup
         raw = make_windows(vm.values[600:900], WINDOW)
@@ -53,9 +51,8 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
         normalized = adaptation.normalizer.apply(vm.values[600:900])
         assert adaptation.attribution is not None
         expected_contrib = adaptation.attribution.contributions(make_windows(normalized, WINDOW))
-        deviation = adaptation.residual.score_samples(normalized[WINDOW - 1:])
         logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
-        expected = adaptation.fusion.score(logits, deviation)
+        expected = adaptation.score(logits, normalized[WINDOW - 1:])
         assert np.allclose(contributions, expected_contrib, atol=1e-3)
         assert np.allclose(scores, expected, atol=1e-4)
         # A VM whose network weight is 0 does not run the network at all.
@@ -69,8 +66,7 @@ def test_threshold_meets_the_false_alarm_target_on_own_windows(checkpoint) -> No
                                 false_alarm_rate=0.01)
     normalized = adaptation.normalizer.apply(vm.values[:2000])
     logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
-    deviation = adaptation.residual.score_samples(normalized[WINDOW - 1:])
-    scores = adaptation.fusion.score(logits, deviation)
+    scores = adaptation.score(logits, normalized[WINDOW - 1:])
     flagged = scores >= adaptation.threshold
     # The tail fit extrapolates: about the target, not exactly it, on the fitting data.
     assert adaptation.threshold == 0.5 and flagged.mean() <= 0.02
@@ -375,7 +371,6 @@ def test_network_floor_keeps_the_network_part_at_its_calibrated_threshold(checkp
     # No floor asked for: nothing below the tail fit.
     assert offset_floor(f) == -np.inf
     # The floor never applies to a part that has no weight.
-    from dataclasses import replace
 
     assert offset_floor(replace(f, cnn_weight=0.0), network_threshold=0.99) == -np.inf
 
@@ -419,11 +414,16 @@ def test_best_ranking_prefers_the_earlier_score_on_ties() -> None:
     assert best_ranking([good], np.ones(4)) == -1
 
 
-def test_real_labels_choose_the_subspace_where_it_ranks_them(checkpoint) -> None:
+def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(checkpoint) -> None:
     """A fault that pulls two metrics that move together apart: each stays inside its
-    own range, so the per-metric deviation ranks it poorly and the distance from the
-    subspace well. Labels of that fault choose the subspace; labels of one class, or
-    subspace_variance 0, keep the per-metric deviation."""
+    own range, so the per-metric deviation ranks it poorly, and the distance from the
+    subspace, which shares the unsupervised part by default, ranks it well. No label is
+    used."""
+    from vmad.evaluation import roc_auc
+    from vmad.trainer.adaptation import SUBSPACE_SHARE, VMAdaptation
+    from vmad.trainer.residual import SUBSPACE_VARIANCE
+
+    assert AdaptationSettings().subspace_variance == SUBSPACE_VARIANCE
     history = _correlated_vm(1500, 1)
     later = _correlated_vm(800, 2)
     labels = np.zeros(len(later), dtype=np.int8)
@@ -431,51 +431,62 @@ def test_real_labels_choose_the_subspace_where_it_ranks_them(checkpoint) -> None
         later[start:start + 10, 0] += 6
         later[start:start + 10, 1] -= 6
         labels[start:start + 10] = 1
-    windows = make_windows(later, WINDOW)
-    labelled = (windows, labels[WINDOW - 1:])
     common = dict(cnn_weight=0.0, false_alarm_rate=0.01)
-    chosen = fit_adaptation(checkpoint.model, history, WINDOW, labelled=labelled,
-                            subspace_variance=0.9, **common)
-    assert chosen.residual.norm == "l2" and len(chosen.residual.components) >= 1
-    assert "subspace" in chosen.residual.describe()
-    for kept in (fit_adaptation(checkpoint.model, history, WINDOW, subspace_variance=0.9,
-                                labelled=(windows, np.zeros(len(windows), np.int8)), **common),
-                 fit_adaptation(checkpoint.model, history, WINDOW, labelled=labelled,
-                                subspace_variance=0.0, **common),
-                 fit_adaptation(checkpoint.model, history, WINDOW, **common)):
-        assert kept.residual.norm == "max" and len(kept.residual.components) == 0
+    aucs = {}
+    for variance in (0.0, SUBSPACE_VARIANCE):
+        adaptation = fit_adaptation(checkpoint.model, history, WINDOW,
+                                    subspace_variance=variance, **common)
+        normalized = adaptation.normalizer.apply(later)
+        logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+        aucs[variance] = roc_auc(labels[WINDOW - 1:],
+                                 adaptation.score(logits, normalized[WINDOW - 1:]))
+    assert aucs[SUBSPACE_VARIANCE] > 0.95 and aucs[0.0] < 0.8, aucs
+    assert adaptation.subspace is not None and adaptation.fusion.sub_share == SUBSPACE_SHARE
+    assert "subspace" in adaptation.describe()
+    again = VMAdaptation.from_json(adaptation.to_json())
+    assert again.subspace is not None and again.fusion == adaptation.fusion
+    # A saved adaptation whose fusion and subspace disagree is refused, by name.
+    import json
+
+    broken = json.loads(adaptation.to_json())
+    del broken["subspace"]
+    with pytest.raises(ValueError, match="subspace"):
+        VMAdaptation.from_json(json.dumps(broken))
+    # One saved before the subspace existed loads as the per-metric deviation alone.
+    del broken["fusion"]["sub_share"], broken["fusion"]["sub_center"], \
+        broken["fusion"]["sub_scale"]
+    old = VMAdaptation.from_json(json.dumps(broken))
+    assert old.subspace is None and old.fusion.sub_share == 0.0
 
 
-def test_trainer_lets_a_vms_stored_labels_choose_its_deviation(checkpoint, tmp_path) -> None:
-    """Switched on (`subspace_variance`, off by default), the trainer's refit reads the
-    VM's labelled windows from its store (labels sent with `vmad label` or `vmad
-    inject`) and passes them to the choice above."""
-    assert AdaptationSettings().subspace_variance == 0.0
-    from vmad.labels import LabelInterval
+def test_trainer_refits_carry_the_subspace_into_the_bundle(checkpoint, tmp_path) -> None:
+    """The trainer's adaptation (default settings) fits the subspace on the VM's own
+    history and its bundle scores the fault above as the NumPy arithmetic does, above
+    every normal window. (It raises no alarm: one metric's worth of `min_deviation`
+    spreads is the floor under the threshold.)"""
     from vmad.trainer.transfer import VMModels
 
     store = TelemetryStore(tmp_path / "s.sqlite")
     models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
                       adaptation=AdaptationSettings(warmup_samples=600, refresh_samples=600,
-                                                    history_samples=1200, cnn_weights=[0.0],
-                                                    cnn_weight=0.0, subspace_variance=0.9))
-    values = _correlated_vm(1800, 3)
+                                                    history_samples=1200))
+    values = _correlated_vm(900, 3)
+    values[800:810, 0] += 6
+    values[800:810, 1] -= 6
     timestamps = 1_700_000_000.0 + 5.0 * np.arange(len(values))
-    intervals = [LabelInterval(float(timestamps[600]), float(timestamps[-1]), False, "operator")]
-    for start in range(700, 1760, 60):
-        values[start:start + 10, 0] += 6
-        values[start:start + 10, 1] -= 6
-        intervals.append(LabelInterval(float(timestamps[start]),
-                                       float(timestamps[start + 9]), True, "operator"))
-    seqs = np.arange(1, len(values) + 1)
-    store.ingest("vm", DEFAULT_METRICS, seqs[:600], timestamps[:600], values[:600])
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 601), timestamps[:600], values[:600])
     models.adapt("vm")
-    assert models.adaptation("vm").residual.norm == "max"  # no label yet
-    store.ingest("vm", DEFAULT_METRICS, seqs[600:], timestamps[600:], values[600:])
-    store.add_labels("vm", intervals)
-    models.adapt("vm")
-    assert models.adaptation("vm").residual.norm == "l2"
-    assert models.bundle("vm").metadata.version
+    adaptation = models.adaptation("vm")
+    assert adaptation is not None and adaptation.subspace is not None
+    windows = make_windows(values[600:], WINDOW)
+    scores = models.bundle("vm").score(windows)
+    normalized = adaptation.normalizer.apply(values[600:])
+    logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+    assert np.allclose(scores, adaptation.score(logits, normalized[WINDOW - 1:]), atol=1e-4)
+    # The fault's windows score above every normal one.
+    fault = np.zeros(len(scores), dtype=bool)
+    fault[800 - 600 - WINDOW + 1:810 - 600 - WINDOW + 1] = True
+    assert scores[fault].min() > scores[~fault].max()
 
 
 def test_alarm_covered_marks_each_alarms_whole_window() -> None:

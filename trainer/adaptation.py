@@ -7,17 +7,23 @@ history on a refresh) and the network it runs, and returns a `VMAdaptation`; the
 exported bundle (trainer/export.py) computes, inside one ONNX graph:
 
     z = w * (logit - cnn_center) / cnn_scale
-        + (1 - w) * (log1p(deviation) - dev_center) / dev_scale
+        + (1 - w) * [(1 - s) * (log1p(deviation) - dev_center) / dev_scale
+                     + s * (log1p(distance) - sub_center) / sub_scale]
     score = sigmoid(z - offset)
 
 where `deviation` is the largest per-metric contribution of the window's newest sample
-(trainer/residual.py; where the VM's own labels choose it, the distance from its
-principal subspace instead) and the centres and scales are the median and robust spread of
-each part on the VM's own windows, so both parts speak in "how unusual for this VM".
+and `distance` the newest sample's distance from the VM's principal subspace
+(trainer/residual.py), and the centres and scales are the median and robust spread of
+each part on the VM's own windows, so every part speaks in "how unusual for this VM".
+The two unsupervised parts share equally (s = 0.5): one metric far off and many metrics
+a little off together are both anomalies, no label says which to trust more, and their
+mean ranked SMD's labelled events better than either alone (docs/detection.md). With
+`subspace_variance` 0 (s = 0) the deviation stands alone.
 `offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
 own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
 normal windows exceed it, and never below two floors: the z of a window whose network
-part is at its median and whose most deviant metric is `min_deviation` spreads off, and
+part is at its median and one of whose metrics is `min_deviation` spreads off (the
+deviation and the distance both at `min_deviation`), and
 the z of a window whose deviation is at its median and whose network logit is at the
 network's own calibrated threshold (`network_threshold`, the checkpoint's threshold,
 calibrated on unseen VMs). The second floor is why the network part cannot raise alarms
@@ -51,10 +57,10 @@ from vmad.trainer.injection import InjectedSet
 from vmad.trainer.residual import ResidualModel
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["USUAL_SCORE", "Fusion", "VMAdaptation", "alarm_covered", "best_ranking",
-           "choose_cnn_weight", "fit_adaptation", "fit_fusion", "in_threshold_units",
-           "offset_floor", "outside_alarms", "refit_values", "robust_location",
-           "threshold_units"]
+__all__ = ["SUBSPACE_SHARE", "USUAL_SCORE", "Fusion", "VMAdaptation", "alarm_covered",
+           "best_ranking", "choose_cnn_weight", "fit_adaptation", "fit_fusion",
+           "in_threshold_units", "offset_floor", "outside_alarms", "refit_values",
+           "robust_location", "threshold_units"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
 # VM's own windows must not be blown up into the dominant one. The deviation's is
@@ -71,15 +77,28 @@ class Fusion:
     dev_scale: float = 1.0
     cnn_weight: float = 1.0
     offset: float = 0.0
+    # The distance from the principal subspace: its share of the unsupervised part
+    # (0: the per-metric deviation alone) and its median and spread on the VM's windows.
+    sub_share: float = 0.0
+    sub_center: float = 0.0
+    sub_scale: float = 1.0
 
-    def z(self, logits: np.ndarray, deviation: np.ndarray) -> np.ndarray:
-        w = self.cnn_weight
+    def z(self, logits: np.ndarray, deviation: np.ndarray,
+          distance: np.ndarray | None = None) -> np.ndarray:
+        """`distance` is needed when `sub_share` > 0."""
+        w, s = self.cnn_weight, self.sub_share
         cnn = (np.asarray(logits, np.float64) - self.cnn_center) / self.cnn_scale
         dev = (np.log1p(np.asarray(deviation, np.float64)) - self.dev_center) / self.dev_scale
+        if s > 0.0:
+            if distance is None:
+                raise ValueError("this fusion needs the distance from the subspace")
+            sub = (np.log1p(np.asarray(distance, np.float64)) - self.sub_center) / self.sub_scale
+            dev = (1.0 - s) * dev + s * sub
         return w * cnn + (1.0 - w) * dev
 
-    def score(self, logits: np.ndarray, deviation: np.ndarray) -> np.ndarray:
-        z = self.z(logits, deviation) - self.offset
+    def score(self, logits: np.ndarray, deviation: np.ndarray,
+              distance: np.ndarray | None = None) -> np.ndarray:
+        z = self.z(logits, deviation, distance) - self.offset
         return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
     def to_dict(self) -> dict[str, float]:
@@ -87,8 +106,12 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, data: dict) -> Fusion:
-        fusion = cls(**{k: float(data.get(k, 0.0)) for k in cls.__dataclass_fields__})
-        if not (fusion.cnn_scale > 0 and fusion.dev_scale > 0 and 0 <= fusion.cnn_weight <= 1):
+        # A key saved before it existed takes its default (no subspace share).
+        defaults = cls()
+        fusion = cls(**{k: float(data.get(k, getattr(defaults, k)))
+                        for k in cls.__dataclass_fields__})
+        if not (fusion.cnn_scale > 0 and fusion.dev_scale > 0 and fusion.sub_scale > 0
+                and 0 <= fusion.cnn_weight <= 1 and 0 <= fusion.sub_share <= 1):
             raise ValueError(f"invalid fusion parameters {data}")
         return fusion
 
@@ -111,7 +134,8 @@ def in_threshold_units(fusion: Fusion, fitted_z: np.ndarray) -> Fusion:
     `USUAL_SCORE`. Folded into the scales, so the bundle's graph is unchanged."""
     factor = threshold_units(fitted_z, fusion.offset)
     return replace(fusion, cnn_scale=fusion.cnn_scale / factor,
-                   dev_scale=fusion.dev_scale / factor, offset=fusion.offset * factor)
+                   dev_scale=fusion.dev_scale / factor, sub_scale=fusion.sub_scale / factor,
+                   offset=fusion.offset * factor)
 
 
 def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tuple[float, float]:
@@ -121,12 +145,23 @@ def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tup
     return float(q50), float(max((q75 - q25) / 1.349, floor))
 
 
-def fit_fusion(logits: np.ndarray, deviation: np.ndarray, cnn_weight: float) -> Fusion:
-    """Standardize both parts on the VM's own (mostly normal) windows."""
+# The distance's share of the unsupervised part, where there is a subspace.
+SUBSPACE_SHARE = 0.5
+
+
+def fit_fusion(logits: np.ndarray, deviation: np.ndarray, cnn_weight: float,
+               distance: np.ndarray | None = None) -> Fusion:
+    """Standardize every part on the VM's own (mostly normal) windows; with `distance`
+    (from the principal subspace) the unsupervised part is its mean with the deviation."""
     cc, cs = robust_location(logits)
     dc, ds = robust_location(np.log1p(np.asarray(deviation, np.float64)),
                              _DEVIATION_SCALE_FLOOR)
-    return Fusion(cc, cs, dc, ds, float(cnn_weight))
+    fusion = Fusion(cc, cs, dc, ds, float(cnn_weight))
+    if distance is None:
+        return fusion
+    sc, ss = robust_location(np.log1p(np.asarray(distance, np.float64)),
+                             _DEVIATION_SCALE_FLOOR)
+    return replace(fusion, sub_share=SUBSPACE_SHARE, sub_center=sc, sub_scale=ss)
 
 
 @dataclass(frozen=True)
@@ -148,6 +183,21 @@ class VMAdaptation:
     # (trainer/attribution.py). None: saved before it existed; the export then uses the
     # floor for every metric.
     attribution: AttributionModel | None = None
+    # The principal subspace whose distance shares the unsupervised part (`fusion.
+    # sub_share`); None: the per-metric deviation alone.
+    subspace: ResidualModel | None = None
+
+    def score(self, logits: np.ndarray, newest: np.ndarray) -> np.ndarray:
+        """The fused score (what the bundle's graph computes) of windows whose network
+        logits are `logits[N]` and whose newest normalized samples are `newest[N, M]`."""
+        distance = None if self.subspace is None else self.subspace.score_samples(newest)
+        return self.fusion.score(logits, self.residual.score_samples(newest), distance)
+
+    def describe(self) -> str:
+        """For log lines: what the unsupervised part measures."""
+        if self.subspace is None:
+            return self.residual.describe()
+        return f"{self.residual.describe()} and {self.subspace.describe()}"
 
     def to_json(self) -> str:
         data = {
@@ -158,6 +208,8 @@ class VMAdaptation:
             "quality": self.quality}
         if self.attribution is not None:
             data["attribution"] = self.attribution.to_dict()
+        if self.subspace is not None:
+            data["subspace"] = self.subspace.to_dict()
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -166,13 +218,18 @@ class VMAdaptation:
         threshold = float(data["threshold"])
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"adaptation threshold must lie in [0, 1], got {threshold}")
+        fusion = Fusion.from_dict(data["fusion"])
+        subspace = ResidualModel.from_dict(data["subspace"]) if data.get("subspace") else None
+        if (subspace is None) != (fusion.sub_share == 0.0):
+            raise ValueError("adaptation's fusion and subspace disagree: a subspace share "
+                             "needs a subspace and a subspace needs a share")
         return cls(Normalizer.from_dict(data["normalization"]),
-                   ResidualModel.from_dict(data["residual"]), Fusion.from_dict(data["fusion"]),
+                   ResidualModel.from_dict(data["residual"]), fusion,
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
                    {k: float(v) for k, v in (data.get("quality") or {}).items()},
                    AttributionModel.from_dict(data["attribution"]) if data.get("attribution")
-                   else None)
+                   else None, subspace)
 
 
 def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
@@ -183,11 +240,15 @@ def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
     `network_threshold`, a probability). -inf when neither floor applies."""
     floor = -math.inf
     if min_deviation > 0:
-        floor = float(fusion.z(np.array([fusion.cnn_center]), np.array([min_deviation]))[0])
+        # One metric that far off: its deviation and its distance from the subspace.
+        off = np.array([min_deviation])
+        floor = float(fusion.z(np.array([fusion.cnn_center]), off, off)[0])
     if network_threshold is not None and fusion.cnn_weight > 0.0:
         p = min(max(float(network_threshold), 1e-6), 1 - 1e-6)
-        usual = np.array([math.expm1(fusion.dev_center)])  # the deviation at its median
-        floor = max(floor, float(fusion.z(np.array([math.log(p / (1 - p))]), usual)[0]))
+        # Both unsupervised parts at their medians.
+        usual = (np.array([math.expm1(fusion.dev_center)]),
+                 np.array([math.expm1(fusion.sub_center)]))
+        floor = max(floor, float(fusion.z(np.array([math.log(p / (1 - p))]), *usual)[0]))
     return floor
 
 
@@ -205,15 +266,16 @@ def best_ranking(scores: Sequence[np.ndarray], labels: np.ndarray) -> int:
 
 
 def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
-                      labels: np.ndarray, weights: Sequence[float]) -> float:
+                      labels: np.ndarray, weights: Sequence[float],
+                      distance: np.ndarray | None = None) -> float:
     """The network weight of `weights` whose fused score ranks `labels` best
     (`best_ranking`); ties go to the lower network weight, so a network that adds
     nothing is left out. The labels are faults injected into the VM's own history, or
     real ones where there are. Keeps `fusion.cnn_weight` when the labels hold one class
     or no weight is offered."""
     ordered = sorted(weights)
-    best = best_ranking([replace(fusion, cnn_weight=w).z(logits, deviation) for w in ordered],
-                        labels)
+    best = best_ranking([replace(fusion, cnn_weight=w).z(logits, deviation, distance)
+                         for w in ordered], labels)
     return fusion.cnn_weight if best < 0 else float(ordered[best])
 
 
@@ -267,7 +329,7 @@ def fit_adaptation(
     generation: int = 1,
     normalizer: Normalizer | None = None,
     injected: InjectedSet | None = None, cnn_weights: Sequence[float] = (),
-    labelled: tuple[np.ndarray, np.ndarray] | None = None, subspace_variance: float = 0.0,
+    subspace_variance: float = 0.0,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
@@ -279,12 +341,9 @@ def fit_adaptation(
     With `injected` (raw windows of the VM's history with faults injected,
     trainer/injection.py) the network's weight is the one of `cnn_weights` that ranks
     those faults best (`choose_cnn_weight`), else `cnn_weight`.
-    With `labelled` (real raw windows `[W, M, T]` and their labels, both classes present)
-    and `subspace_variance` > 0, the labels choose the deviation: the per-metric one, or
-    the distance from the principal subspace explaining that share of the variance
-    (`best_ranking` of the fused scores; ties keep the per-metric one). Without labels
-    the per-metric deviation stands: injected faults prefer the subspace on every VM
-    measured, real faults do not (docs/detection.md).
+    With `subspace_variance` > 0 the unsupervised part is the mean of the per-metric
+    deviation and the distance from the principal subspace explaining that share of the
+    VM's variance (`fit_fusion`); 0: the per-metric deviation alone.
     """
     from vmad.trainer.training import predict_logits
 
@@ -297,39 +356,24 @@ def fit_adaptation(
     logits = predict_logits(model, np.ascontiguousarray(make_windows(normalized, window)))
     # Spread floor in normalized units: the normalizer's floor already bounds the scale,
     # so one normalized unit is the least spread a metric may claim.
-    candidates = [ResidualModel.fit(normalized, components=components, spread_floor=1.0)]
-    if labelled is not None and subspace_variance > 0 and labelled[1].any() \
-            and not labelled[1].all():
-        candidates.append(ResidualModel.fit_subspace(normalized, subspace_variance))
-    injected_inputs = None
+    residual = ResidualModel.fit(normalized, components=components, spread_floor=1.0)
+    subspace = ResidualModel.fit_subspace(normalized, subspace_variance) \
+        if subspace_variance > 0 else None
+    deviation = deviation_of_windows(residual, normalized, window)
+    distance = None if subspace is None else deviation_of_windows(subspace, normalized, window)
+    fusion = fit_fusion(logits, deviation, cnn_weight, distance)
     if injected is not None and len(cnn_weights):
         windows = normalizer.apply_windows(injected.windows)
-        injected_inputs = (windows[:, :, -1], predict_logits(model, windows), injected.labels)
-
-    deviations = [deviation_of_windows(residual, normalized, window) for residual in candidates]
-
-    def fused(residual: ResidualModel, deviation: np.ndarray) -> Fusion:
-        fusion = fit_fusion(logits, deviation, cnn_weight)
-        if injected_inputs is None:
-            return fusion
-        last, injected_logits, labels = injected_inputs
-        return replace(fusion, cnn_weight=choose_cnn_weight(
-            fusion, injected_logits, residual.score_samples(last), labels, cnn_weights))
-
-    fusions = [fused(residual, deviation)
-               for residual, deviation in zip(candidates, deviations, strict=True)]
-    chosen = 0
-    if len(candidates) > 1 and labelled is not None:
-        windows = normalizer.apply_windows(labelled[0])
-        label_logits = predict_logits(model, windows)
-        chosen = max(0, best_ranking(
-            [fusion.z(label_logits, residual.score_samples(windows[:, :, -1]))
-             for residual, fusion in zip(candidates, fusions, strict=True)], labelled[1]))
-    residual, deviation, fusion = candidates[chosen], deviations[chosen], fusions[chosen]
-    fitted_z = fusion.z(logits, deviation)
+        last = windows[:, :, -1]
+        fusion = replace(fusion, cnn_weight=choose_cnn_weight(
+            fusion, predict_logits(model, windows), residual.score_samples(last),
+            injected.labels, cnn_weights,
+            None if subspace is None else subspace.score_samples(last)))
+    fitted_z = fusion.z(logits, deviation, distance)
     offset = max(tail_threshold(fitted_z, false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
     fusion = in_threshold_units(replace(fusion, offset=offset), fitted_z)
     attribution = AttributionModel.fit(normalized, window)
     return VMAdaptation(normalizer, residual, fusion, 0.5, len(raw),
-                        received, now, generation, attribution=attribution)
+                        received, now, generation, attribution=attribution,
+                        subspace=subspace)

@@ -85,10 +85,10 @@ def register(commands: Any, bench: Any) -> None:
                            help="fused's network weight under --weight-rule fixed, 0-1 "
                                 "(default 0.5; 0 = the deviation alone on fused's threshold)")
     detection.add_argument("--subspace-variance", type=float,
-                           help="with labels, fused's deviation may be the distance from "
-                                "the subspace explaining this share of variance where the "
-                                "head's labels rank it higher (default: the trainer's "
-                                "adaptation.subspace_variance); 0 = never")
+                           help="fused's unsupervised part is the mean of the per-metric "
+                                "deviation and the distance from the subspace explaining "
+                                "this share of variance (default: the trainer's "
+                                "adaptation.subspace_variance); 0 = the deviation alone")
     detection.add_argument("--refresh", type=int,
                            help="refit residual, subspace and fused every this many test "
                                 "samples on the newest --history samples outside earlier "

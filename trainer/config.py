@@ -127,15 +127,12 @@ class AdaptationSettings(StrictModel):
     components: int = Field(
         0, ge=0, description="principal components removed before the per-metric score "
                              "(0 = plain per-metric deviation)")
-    # Off by default: refitted on the trainer's own schedule (newest `history_samples`),
-    # the subspace fits too few samples and the choice flips between refits; on SMD it
-    # cost point F1 (docs/detection.md). SUBSPACE_VARIANCE is the value to try.
     subspace_variance: float = Field(
-        0.0, ge=0, le=1,
-        description="where the VM has real labels of both kinds, they choose its "
-                    "deviation: the per-metric one, or the distance from the principal "
-                    "subspace explaining this share of its variance (e.g. "
-                    f"{SUBSPACE_VARIANCE}); 0 = always per-metric")
+        SUBSPACE_VARIANCE, ge=0, le=1,
+        description="the unsupervised part of the score is the mean of the per-metric "
+                    "deviation and the distance from the principal subspace explaining "
+                    "this share of the VM's variance (many metrics a little off together); "
+                    "0 = the per-metric deviation alone")
     scale_floors: list[float] | None = Field(
         None, description="least normalization scale per metric, in its units; null = "
                           "vmad.schema.DEFAULT_SCALE_FLOORS for the default metrics, else 0")

@@ -70,7 +70,6 @@ from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
 from vmad.trainer.adaptation import (
-    best_ranking,
     choose_cnn_weight,
     fit_fusion,
     offset_floor,
@@ -118,9 +117,10 @@ class ProtocolConfig:
     `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py).
     weight_rule: `fused`'s network weight: "injected" (as the trainer), "head" (the
     head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`).
-    subspace_variance: with labels, `fused`'s deviation is the per-metric one or the
-    distance from the subspace explaining this share of variance, whichever fused score
-    ranks the head's labels better (trainer.yaml `adaptation`); 0 = per-metric only.
+    subspace_variance: `fused`'s unsupervised part is the mean of the per-metric
+    deviation and the distance from the subspace explaining this share of variance, each
+    standardized on the fitted samples (trainer.yaml `adaptation`); 0 = the deviation
+    alone.
     refresh / history: the rows the trainer ships (`residual`, `subspace`, `fused`) are
     refitted as the trainer refits a VM (trainer.yaml `adaptation.refresh_samples`,
     `history_samples`): every `refresh` samples of the test part on the newest `history`
@@ -458,26 +458,21 @@ class _LabelFreeFit:
         floor = config.min_deviation if kind in ("residual", "subspace") else -np.inf
         extra: dict[str, float] = {}
         if fit_logits is not None and self.test_logits is not None:
-            # As the trainer: the per-metric deviation, or where the head's labels hold
-            # both kinds, the distance from the principal subspace if those labels rank
-            # it higher.
-            deviations = [(detector, fit_scores, scores)]
-            if config.labels != "none" and config.subspace_variance > 0 and cut \
-                    and labels[:cut].any() and not labels[:cut].all():
-                subspace = create("subspace", variance=config.subspace_variance).fit(fit_values)
-                deviations.append((subspace, subspace.score_samples(fit_values),
-                                   subspace.score_samples(self.test_values)))
+            # As the trainer: the per-metric deviation and (`subspace_variance` > 0) the
+            # distance from the principal subspace share the unsupervised part.
+            parts = [detector]
+            if config.subspace_variance > 0:
+                parts.append(create("subspace", variance=config.subspace_variance)
+                             .fit(fit_values))
             network = self.shipped.threshold if config.network_floor else None
-            variants = []
-            for deviation, fit_deviation, test_deviation in deviations:
-                injected = _injected_parts(fit_values, self.target, self.shipped, deviation,
-                                           config) if config.weight_rule != "fixed" else None
-                variants.append(_fuse((fit_logits, self.test_logits), fit_deviation,
-                                      test_deviation, labels, cut, config, network, injected))
-            scored = slice(self.shipped.window - 1, cut)  # head samples with a full window
-            chosen = max(0, best_ranking([v[1][scored] for v in variants], labels[scored]))
-            fit_scores, scores, weight, floor = variants[chosen]
-            extra = {"cnn_weight": weight, "subspace": float(chosen)}
+            injected = _injected_parts(fit_values, self.target, self.shipped, parts, config) \
+                if config.weight_rule != "fixed" else None
+            fit_scores, scores, weight, floor = _fuse(
+                (fit_logits, self.test_logits),
+                [part.score_samples(fit_values) for part in parts],
+                [part.score_samples(self.test_values) for part in parts],
+                labels, cut, config, network, injected)
+            extra = {"cnn_weight": weight}
         finite = fit_scores[np.isfinite(fit_scores)]
         if config.labels == "none" or config.head_rule == "refit":
             threshold = tail_threshold(finite, config.false_alarm_rate) \
@@ -494,11 +489,13 @@ class _LabelFreeFit:
         return detector, scores, float(threshold), extra
 
 
-def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detector: Any,
-                    config: ProtocolConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The network's logits, the deviation and the labels of windows of the newest
-    `history` fitted samples with faults injected (in normalized units: scale 1); None
-    when the target has none of the network's metrics or too few samples."""
+def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any,
+                    parts: Sequence[Any], config: ProtocolConfig,
+                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
+    """The network's logits, each unsupervised part's scores and the labels of windows
+    of the newest `history` fitted samples with faults injected (in normalized units:
+    scale 1); None when the target has none of the network's metrics or too few
+    samples."""
     columns = _network_columns(target, shipped)
     history = fit_values[-config.history:]
     if columns is None or len(history) < 4 * shipped.window:
@@ -510,42 +507,47 @@ def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any, detec
     logits = np.concatenate([predict_logits(shipped.model, np.ascontiguousarray(
         make_windows(np.ascontiguousarray(values[:, columns]), window)))
         for values in injected.values])
-    deviation = np.concatenate([detector.score_samples(values[window - 1:])
-                                for values in injected.values])
-    return logits, deviation, injected.window_labels(window)
+    scores = [np.concatenate([part.score_samples(values[window - 1:])
+                              for values in injected.values]) for part in parts]
+    return logits, scores, injected.window_labels(window)
 
 
-def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_dev: np.ndarray, test_dev: np.ndarray,
-          labels: np.ndarray, cut: int, config: ProtocolConfig,
+def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray],
+          test_parts: list[np.ndarray], labels: np.ndarray, cut: int, config: ProtocolConfig,
           network_threshold: float | None,
-          injected: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+          injected: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None,
           ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Fused fitting-data and test scores, the network weight used and the floor under
-    the threshold (trainer/adaptation.py's `offset_floor`).
+    the threshold (trainer/adaptation.py's `offset_floor`). The unsupervised parts are
+    the deviation and, where given second, the distance from the subspace.
 
     The weight is the one of `fusion_weights` whose fused score ranks the `injected`
-    faults best (logits, deviation, labels; `choose_cnn_weight`), as the trainer does;
+    faults best (logits, parts, labels; `choose_cnn_weight`), as the trainer does;
     with `weight_rule="head"` and labelled anomalies on the head, the one that ranks
     those best; `cnn_weight` without either."""
     fit_logits, test_logits = logits
     usable = np.isfinite(fit_logits)
     # The head's samples with a full window for the network.
     head = slice(min(cut, int(np.argmax(np.isfinite(test_logits)))), cut)
-    fusion = fit_fusion(fit_logits[usable], fit_dev[usable], config.cnn_weight)
+    fusion = fit_fusion(fit_logits[usable], fit_parts[0][usable], config.cnn_weight,
+                        fit_parts[1][usable] if len(fit_parts) > 1 else None)
     # Samples without a full window yet: the network part sits at its median (neutral).
     fit_logits = np.where(usable, fit_logits, fusion.cnn_center)
     test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
     weight = config.cnn_weight
     if config.weight_rule == "head" and config.labels != "none" and cut \
             and labels[head].any() and not labels[head].all():
-        weight = choose_cnn_weight(fusion, test_logits[head], test_dev[head], labels[head],
-                                   config.fusion_weights)
+        weight = choose_cnn_weight(fusion, test_logits[head], test_parts[0][head],
+                                   labels[head], config.fusion_weights,
+                                   *(part[head] for part in test_parts[1:]))
     elif injected is not None:
-        weight = choose_cnn_weight(fusion, *injected, config.fusion_weights)
+        injected_logits, injected_parts, injected_labels = injected
+        weight = choose_cnn_weight(fusion, injected_logits, injected_parts[0], injected_labels,
+                                   config.fusion_weights, *injected_parts[1:])
     fusion = replace(fusion, cnn_weight=weight)
     floor = offset_floor(fusion, config.min_deviation, network_threshold)
-    return (fusion.z(fit_logits, fit_dev), fusion.z(test_logits, test_dev), float(weight),
-            floor)
+    return (fusion.z(fit_logits, *fit_parts), fusion.z(test_logits, *test_parts),
+            float(weight), floor)
 
 
 def run_detection_benchmark(

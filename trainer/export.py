@@ -1,8 +1,8 @@
 """Export a trainer checkpoint to an agent bundle (ONNX + metadata, see vmad/bundle.py).
 
 The agent normalizes with the statistics in the bundle metadata; the graph then returns
-two outputs per window: the fused anomaly score in [0, 1] (the network's logit and the
-deviation of the newest sample, per metric or from the VM's principal subspace,
+two outputs per window: the fused anomaly score in [0, 1] (the network's logit, the
+newest sample's per-metric deviation and its distance from the VM's principal subspace,
 combined as trainer/adaptation.py says) and
 each metric's contribution `[batch, M]`, which names the metrics to blame (what changed
 within the window, trainer/attribution.py; it does not enter the score). Without a
@@ -32,39 +32,54 @@ __all__ = ["export_bundle", "onnx_bytes"]
 ONNX_OPSET = 17
 
 
-class _FusedScore(nn.Module):
-    """`windows[B, M, T]` -> (`score[B]`, `contributions[B, M]`)."""
+class _Deviation(nn.Module):
+    """`ResidualModel.score_samples` of the newest samples `[B, M]` -> `[B]`."""
 
-    def __init__(self, model: nn.Module, residual: ResidualModel, fusion: Fusion,
-                 attribution: WindowAttribution) -> None:
+    def __init__(self, residual: ResidualModel) -> None:
         super().__init__()
-        self.model = model
-        self.attribution = attribution
         self.register_buffer("mean", torch.tensor(residual.mean, dtype=torch.float32))
         self.register_buffer("components",
                              torch.tensor(residual.components, dtype=torch.float32))
         self.register_buffer("spread", torch.tensor(residual.spread, dtype=torch.float32))
         self.use_components = residual.components.shape[0] > 0
         self.norm = residual.norm
-        self.fusion = fusion
 
-    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.fusion
-        centred = windows[:, :, -1] - self.mean
+    def forward(self, newest: torch.Tensor) -> torch.Tensor:
+        centred = newest - self.mean
         if self.use_components:
             centred = centred - (centred @ self.components.T) @ self.components
         contributions = centred.abs() / self.spread
         if self.norm == "l2":
-            deviation = torch.sqrt(torch.sum(contributions * contributions, dim=1))
-        else:
-            deviation = contributions.max(dim=1).values
-        z = torch.zeros_like(deviation)
+            return torch.sqrt(torch.sum(contributions * contributions, dim=1))
+        return contributions.max(dim=1).values
+
+
+class _FusedScore(nn.Module):
+    """`windows[B, M, T]` -> (`score[B]`, `contributions[B, M]`)."""
+
+    def __init__(self, model: nn.Module, residual: ResidualModel, fusion: Fusion,
+                 attribution: WindowAttribution, subspace: ResidualModel | None) -> None:
+        super().__init__()
+        self.model = model
+        self.attribution = attribution
+        self.deviation = _Deviation(residual)
+        self.distance = _Deviation(subspace) if subspace is not None else None
+        self.fusion = fusion
+
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.fusion
+        newest = windows[:, :, -1]
+        unsupervised = (torch.log1p(self.deviation(newest)) - f.dev_center) / f.dev_scale
+        if self.distance is not None:
+            distance = (torch.log1p(self.distance(newest)) - f.sub_center) / f.sub_scale
+            unsupervised = (1.0 - f.sub_share) * unsupervised + f.sub_share * distance
+        z = torch.zeros_like(unsupervised)
         # Decided when the graph is traced: a VM whose weight is 0 gets a graph without
         # the network, and its agent does not pay for running it.
         if f.cnn_weight > 0.0:
             z = f.cnn_weight * (self.model(windows) - f.cnn_center) / f.cnn_scale
         if f.cnn_weight < 1.0:
-            z = z + (1.0 - f.cnn_weight) * (torch.log1p(deviation) - f.dev_center) / f.dev_scale
+            z = z + (1.0 - f.cnn_weight) * unsupervised
         # The score's per-metric deviation is not what names the metric to blame.
         return torch.sigmoid(z - f.offset), self.attribution(windows)
 
@@ -83,7 +98,8 @@ def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _FusedScore(model, residual, fusion, WindowAttribution(attribution, window)),
+            _FusedScore(model, residual, fusion, WindowAttribution(attribution, window),
+                        adaptation.subspace if adaptation else None),
             (example,), buffer,
             input_names=["windows"], output_names=["score", "contributions"],
             dynamic_axes={"windows": {0: "batch"}, "score": {0: "batch"},
@@ -105,7 +121,7 @@ def export_bundle(checkpoint: Checkpoint, version: str, folder: str | Path | Non
     provenance = dict(checkpoint.provenance)
     if adaptation is not None:
         provenance["adaptation"] = {
-            "fusion": adaptation.fusion.to_dict(), "deviation": adaptation.residual.describe(),
+            "fusion": adaptation.fusion.to_dict(), "deviation": adaptation.describe(),
             "samples_fitted": adaptation.samples_fitted,
             "fitted_at": adaptation.fitted_at, "generation": adaptation.generation}
     metadata = BundleMetadata(

@@ -251,7 +251,6 @@ class VMModels:
             checkpoint.model, raw, self.window, floors=self._scale_floors(),
             components=settings.components, cnn_weight=settings.cnn_weight,
             injected=injected, cnn_weights=settings.cnn_weights,
-            labelled=self._real_labels(vm_id, settings.subspace_variance),
             subspace_variance=settings.subspace_variance,
             false_alarm_rate=settings.target_false_alarm_rate,
             min_deviation=settings.min_deviation,
@@ -266,15 +265,6 @@ class VMModels:
             self._save_adaptation(vm_id, replace(adaptation, quality=quality))
         return TrainOutcome(vm_id, "adapt", 0, float("nan"), time.perf_counter() - started,
                             bundle.metadata.version, bundle)
-
-    def _real_labels(self, vm_id: str, subspace_variance: float,
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The VM's labelled windows (raw, labels) when they may choose its deviation."""
-        if subspace_variance <= 0 or not any(
-                interval.anomalous for interval in self.store.label_intervals(vm_id)):
-            return None
-        labelled = self.labelled_windows(vm_id)
-        return (labelled.raw, labelled.labels) if len(labelled.labels) else None
 
     def _injected_set(self, raw: np.ndarray) -> InjectedSet | None:
         """The VM's own history with synthetic faults injected (trainer/injection.py: the

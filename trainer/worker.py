@@ -146,7 +146,7 @@ class ActionWorker:
                  "deviation: %s; on its own history with injected faults: %s", vm_id,
                  adaptation.samples_fitted if adaptation else 0, outcome.seconds,
                  outcome.version, f"{adaptation.fusion.cnn_weight:g}" if adaptation else "-",
-                 adaptation.residual.describe() if adaptation else "-",
+                 adaptation.describe() if adaptation else "-",
                  ", ".join(f"{k} {v:.3f}" for k, v in quality.items()) or "-")
         return outcome
 
