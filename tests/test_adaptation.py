@@ -33,25 +33,39 @@ def checkpoint() -> Checkpoint:
     return small_checkpoint("zoom-cnn", WINDOW, threshold=0.9)
 
 
-def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint) -> None:
+@pytest.fixture(scope="module")
+def wide_checkpoint() -> Checkpoint:
+    """A network over 12 metrics: wide enough for the distance from a subspace."""
+    import torch
+
+    torch.manual_seed(0)
+    return small_checkpoint("zoom-cnn", WINDOW, threshold=0.9,
+                            metrics=tuple(f"m{i}" for i in range(12)))
+
+
+def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint,
+                                        wide_checkpoint: Checkpoint) -> None:
     import onnx
 
     vm, _ = generate_vm(5, 1200)
+    wide = _wide_vm(1200, 5)
     for components, weight, variance in ((0, 0.5, 0.0), (2, 0.5, 0.0), (0, 0.0, 0.0),
                                          (0, 0.5, 0.9), (2, 0.0, 0.9)):
-        adaptation = fit_adaptation(checkpoint.model, vm.values[:600], WINDOW,
-                                    floors=[1.0, 0.5, 0.5, 0.2], components=components,
+        # The subspace needs a wide metric set (SUBSPACE_MIN_METRICS).
+        network, values = (wide_checkpoint, wide) if variance else (checkpoint, vm.values)
+        adaptation = fit_adaptation(network.model, values[:600], WINDOW,
+                                    floors=0.5, components=components,
                                     cnn_weight=weight, false_alarm_rate=0.01,
                                     subspace_variance=variance)
         assert (adaptation.subspace is not None) == (variance > 0)
-        bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
+        bundle = export_bundle(network, "adapted", adaptation=adaptation)
         assert not bundle.metadata.warmup
-        raw = make_windows(vm.values[600:900], WINDOW)
+        raw = make_windows(values[600:900], WINDOW)
         scores, contributions = bundle.score_with_contributions(raw)
-        normalized = adaptation.normalizer.apply(vm.values[600:900])
+        normalized = adaptation.normalizer.apply(values[600:900])
         assert adaptation.attribution is not None
         expected_contrib = adaptation.attribution.contributions(make_windows(normalized, WINDOW))
-        logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+        logits = predict_logits(network.model, make_windows(normalized, WINDOW))
         expected = adaptation.score(logits, normalized[WINDOW - 1:])
         assert np.allclose(contributions, expected_contrib, atol=1e-3)
         assert np.allclose(scores, expected, atol=1e-4)
@@ -388,6 +402,20 @@ def _correlated_vm(n: int, seed: int) -> np.ndarray:
                             rng.normal(20, 2, n), rng.normal(5, 1, n)])
 
 
+def _wide_vm(n: int, seed: int) -> np.ndarray:
+    """12 metrics: two groups of four that move together (each a shared level plus a
+    little noise) and four on their own. A fault that pulls two metrics of a group apart
+    leaves each inside its own range."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    columns = []
+    for period, base in ((40, 50.0), (90, 30.0)):
+        level = base + 10 * np.sin(t / period) + rng.normal(0, 3, n)
+        columns += [level + rng.normal(0, 0.5, n) for _ in range(4)]
+    columns += [rng.normal(20, 2, n) for _ in range(4)]
+    return np.column_stack(columns)
+
+
 def test_residual_norm_l2_is_the_distance_from_the_subspace() -> None:
     values = _correlated_vm(2000, 0)
     model = ResidualModel.fit(values, components=1, spread_floor=1.0, norm="l2")
@@ -414,18 +442,19 @@ def test_best_ranking_prefers_the_earlier_score_on_ties() -> None:
     assert best_ranking([good], np.ones(4)) == -1
 
 
-def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(checkpoint) -> None:
+def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(
+        wide_checkpoint) -> None:
     """A fault that pulls two metrics that move together apart: each stays inside its
     own range, so the per-metric deviation ranks it poorly, and the distance from the
     subspace, which shares the unsupervised part by default, ranks it well. No label is
-    used."""
+    used. On the agent's four default metrics no subspace is fitted."""
     from vmad.evaluation import roc_auc
     from vmad.trainer.adaptation import SUBSPACE_SHARE, VMAdaptation
     from vmad.trainer.residual import SUBSPACE_VARIANCE
 
     assert AdaptationSettings().subspace_variance == SUBSPACE_VARIANCE
-    history = _correlated_vm(1500, 1)
-    later = _correlated_vm(800, 2)
+    history = _wide_vm(1500, 1)
+    later = _wide_vm(800, 2)
     labels = np.zeros(len(later), dtype=np.int8)
     for start in range(100, 760, 60):
         later[start:start + 10, 0] += 6
@@ -434,14 +463,15 @@ def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(check
     common = dict(cnn_weight=0.0, false_alarm_rate=0.01)
     aucs = {}
     for variance in (0.0, SUBSPACE_VARIANCE):
-        adaptation = fit_adaptation(checkpoint.model, history, WINDOW,
+        adaptation = fit_adaptation(wide_checkpoint.model, history, WINDOW,
                                     subspace_variance=variance, **common)
         normalized = adaptation.normalizer.apply(later)
-        logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+        logits = predict_logits(wide_checkpoint.model, make_windows(normalized, WINDOW))
         aucs[variance] = roc_auc(labels[WINDOW - 1:],
                                  adaptation.score(logits, normalized[WINDOW - 1:]))
     assert aucs[SUBSPACE_VARIANCE] > 0.95 and aucs[0.0] < 0.8, aucs
     assert adaptation.subspace is not None and adaptation.fusion.sub_share == SUBSPACE_SHARE
+    assert 1 <= len(adaptation.subspace.components) <= 6
     assert "subspace" in adaptation.describe()
     again = VMAdaptation.from_json(adaptation.to_json())
     assert again.subspace is not None and again.fusion == adaptation.fusion
@@ -457,31 +487,34 @@ def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(check
         broken["fusion"]["sub_scale"]
     old = VMAdaptation.from_json(json.dumps(broken))
     assert old.subspace is None and old.fusion.sub_share == 0.0
+    # Four metrics: no room outside a subspace, the deviation stands alone.
+    four = ResidualModel.fit_normal_subspace(history[:, [0, 1, 8, 9]], SUBSPACE_VARIANCE)
+    assert four is None
 
 
-def test_trainer_refits_carry_the_subspace_into_the_bundle(checkpoint, tmp_path) -> None:
-    """The trainer's adaptation (default settings) fits the subspace on the VM's own
-    history and its bundle scores the fault above as the NumPy arithmetic does, above
-    every normal window. (It raises no alarm: one metric's worth of `min_deviation`
-    spreads is the floor under the threshold.)"""
+def test_trainer_refits_carry_the_subspace_into_the_bundle(wide_checkpoint, tmp_path) -> None:
+    """The trainer's adaptation (default settings) of a VM with 12 metrics fits the
+    subspace on the VM's own history, and its bundle scores a pair pulled apart as the
+    NumPy arithmetic does, above every normal window."""
     from vmad.trainer.transfer import VMModels
 
     store = TelemetryStore(tmp_path / "s.sqlite")
-    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+    models = VMModels(wide_checkpoint, store, tmp_path / "models", TrainingSettings(),
                       adaptation=AdaptationSettings(warmup_samples=600, refresh_samples=600,
                                                     history_samples=1200))
-    values = _correlated_vm(900, 3)
-    values[800:810, 0] += 6
-    values[800:810, 1] -= 6
+    values = _wide_vm(900, 3)
+    values[800:810, 0] += 30  # a clear break of the pair's usual relation
+    values[800:810, 1] -= 30
     timestamps = 1_700_000_000.0 + 5.0 * np.arange(len(values))
-    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 601), timestamps[:600], values[:600])
+    store.ingest("vm", wide_checkpoint.metrics, np.arange(1, 601), timestamps[:600],
+                 values[:600])
     models.adapt("vm")
     adaptation = models.adaptation("vm")
     assert adaptation is not None and adaptation.subspace is not None
     windows = make_windows(values[600:], WINDOW)
     scores = models.bundle("vm").score(windows)
     normalized = adaptation.normalizer.apply(values[600:])
-    logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+    logits = predict_logits(wide_checkpoint.model, make_windows(normalized, WINDOW))
     assert np.allclose(scores, adaptation.score(logits, normalized[WINDOW - 1:]), atol=1e-4)
     # The fault's windows score above every normal one.
     fault = np.zeros(len(scores), dtype=bool)

@@ -16,15 +16,17 @@ from vmad.schema import DEFAULT_METRICS
 WINDOW = 8
 
 
-def small_checkpoint(kind: str = "mlp", window: int = WINDOW, threshold: float = 0.5):
-    """An untrained `kind` network over the default metrics, with a fixed normalizer
-    (weights as torch's current seed draws them)."""
+def small_checkpoint(kind: str = "mlp", window: int = WINDOW, threshold: float = 0.5,
+                     metrics: tuple[str, ...] = DEFAULT_METRICS):
+    """An untrained `kind` network over `metrics` (the default ones unless given), with a
+    fixed normalizer (weights as torch's current seed draws them)."""
     from vmad.trainer.checkpoint import Checkpoint
     from vmad.trainer.models import build_model
     from vmad.windows import Normalizer
 
-    normalizer = Normalizer.fit(np.random.default_rng(0).normal(30, 3, size=(200, 4)))
-    return Checkpoint(build_model(kind, 4, window), kind, DEFAULT_METRICS, window,
+    normalizer = Normalizer.fit(
+        np.random.default_rng(0).normal(30, 3, size=(200, len(metrics))))
+    return Checkpoint(build_model(kind, len(metrics), window), kind, tuple(metrics), window,
                       normalizer, threshold)
 
 

@@ -234,13 +234,13 @@ class VMAdaptation:
 
 def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
                  network_threshold: float | None = None) -> float:
-    """The least offset (threshold on z) the fused score may have: neither part alone,
-    with the other at its usual level, may raise an alarm below its own floor (the
-    deviation below `min_deviation` spreads, the network below its calibrated
+    """The least offset (threshold on z) the fused score may have: neither the
+    unsupervised part nor the network, with the other at its usual level, may raise an
+    alarm below its own floor (the deviation and the distance from the subspace both
+    below `min_deviation` spreads, the network below its calibrated
     `network_threshold`, a probability). -inf when neither floor applies."""
     floor = -math.inf
     if min_deviation > 0:
-        # One metric that far off: its deviation and its distance from the subspace.
         off = np.array([min_deviation])
         floor = float(fusion.z(np.array([fusion.cnn_center]), off, off)[0])
     if network_threshold is not None and fusion.cnn_weight > 0.0:
@@ -357,8 +357,7 @@ def fit_adaptation(
     # Spread floor in normalized units: the normalizer's floor already bounds the scale,
     # so one normalized unit is the least spread a metric may claim.
     residual = ResidualModel.fit(normalized, components=components, spread_floor=1.0)
-    subspace = ResidualModel.fit_subspace(normalized, subspace_variance) \
-        if subspace_variance > 0 else None
+    subspace = ResidualModel.fit_normal_subspace(normalized, subspace_variance)
     deviation = deviation_of_windows(residual, normalized, window)
     distance = None if subspace is None else deviation_of_windows(subspace, normalized, window)
     fusion = fit_fusion(logits, deviation, cnn_weight, distance)

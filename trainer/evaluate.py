@@ -82,6 +82,7 @@ from vmad.trainer.config import AdaptationSettings
 from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, align_metrics
 from vmad.trainer.injection import injected_generic_series
 from vmad.trainer.models import MODEL_KINDS, build_model
+from vmad.trainer.residual import ResidualModel
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
 from vmad.windows import Normalizer, make_windows
 
@@ -461,9 +462,9 @@ class _LabelFreeFit:
             # As the trainer: the per-metric deviation and (`subspace_variance` > 0) the
             # distance from the principal subspace share the unsupervised part.
             parts = [detector]
-            if config.subspace_variance > 0:
-                parts.append(create("subspace", variance=config.subspace_variance)
-                             .fit(fit_values))
+            subspace = ResidualModel.fit_normal_subspace(fit_values, config.subspace_variance)
+            if subspace is not None:
+                parts.append(subspace)
             network = self.shipped.threshold if config.network_floor else None
             injected = _injected_parts(fit_values, self.target, self.shipped, parts, config) \
                 if config.weight_rule != "fixed" else None
