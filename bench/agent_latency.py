@@ -13,10 +13,8 @@ seconds; `--block 3000` times hot loops, as `vmad bench agent-overhead` does:
   `inference_latency` of `vmad bench agent-overhead` measures it;
 - `agent: adapted, network weight 0.5` / `0` -- the same step on a bundle adapted to a
   synthetic VM as the trainer adapts it (the shipped network fused with the VM's
-  per-metric deviation and its distance from its principal subspace), once with the
+  per-metric deviation; on the 4 default metrics no subspace distance), once with the
   network at weight 0.5 and once at 0, whose graph leaves the network out;
-- `agent: adapted, deviation alone, weight 0.5` / `0` -- the same without the subspace
-  distance (`adaptation.subspace_variance: 0`);
 - `agent at REV` (with `--against`) -- the same step with `edge_agent/detector.py` and
   `vmad/bundle.py` as they were at git revision REV (same bundle, same samples);
 - `ORT: bound buffers` -- `run_with_iobinding` on an already-normalized window: the floor
@@ -103,22 +101,20 @@ def _bound_call(onnx: bytes, name: str, window: np.ndarray, outputs: list[str],
     return lambda: session.run_with_iobinding(binding)
 
 
-def _adapted_bundle(cnn_weight: float, subspace: bool = True) -> tuple[str, bytes]:
+def _adapted_bundle(cnn_weight: float) -> tuple[str, bytes]:
     """(metadata JSON, ONNX) of the shipped network adapted to a synthetic VM's first
-    hour with the network at `cnn_weight`, with or without the distance from the VM's
-    principal subspace (the trainer's export; the agent never runs this code)."""
+    hour with the network at `cnn_weight` (the trainer's export; the agent never runs
+    this code)."""
     from vmad.schema import DEFAULT_SCALE_FLOORS
     from vmad.synthetic import generate_vm
     from vmad.trainer.adaptation import fit_adaptation
     from vmad.trainer.checkpoint import load_default_checkpoint
     from vmad.trainer.export import export_bundle
-    from vmad.trainer.residual import SUBSPACE_VARIANCE
 
     checkpoint = load_default_checkpoint()
     vm, _ = generate_vm(900, 720)
     adaptation = fit_adaptation(checkpoint.model, vm.values, checkpoint.window,
-                                floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight,
-                                subspace_variance=SUBSPACE_VARIANCE if subspace else 0.0)
+                                floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight)
     bundle = export_bundle(checkpoint, f"adapted-w{cnn_weight:g}", adaptation=adaptation)
     return bundle.metadata.to_json(), bundle.onnx_bytes
 
@@ -165,10 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             metadata, onnx = _adapted_bundle(weight)
             rows[f"agent: adapted, network weight {weight:g}"] = full_scorer(
                 BundleSlot, WindowScorer, f"adapted-{weight:g}", (metadata, onnx))
-        for weight in (0.5, 0.0):
-            rows[f"agent: adapted, deviation alone, weight {weight:g}"] = full_scorer(
-                BundleSlot, WindowScorer, f"adapted-deviation-{weight:g}",
-                _adapted_bundle(weight, subspace=False))
         if args.against:
             rows[f"agent at {args.against}"] = full_scorer(
                 *_previous_scorer_class(args.against, work), "rev")

@@ -69,3 +69,18 @@ def test_normalization_bench_quick_runs() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fused (shipped)" in result.stdout and "pooled warm-up bundle" in result.stdout
     assert "fused, 400 samples labelled" in result.stdout
+
+
+def test_subspace_latency_bench_times_both_graphs() -> None:
+    """bench/subspace_latency.py, small: a wide VM gets the subspace, and both graphs
+    are timed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "bench/subspace_latency.py", "--metrics", "12",
+                             "--windows", "50"], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deviation alone" in result.stdout and "deviation and distance (" in result.stdout
