@@ -79,7 +79,7 @@ def test_subspace_latency_bench_times_both_graphs() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "bench/subspace_latency.py", "--metrics", "12",
+    result = subprocess.run([sys.executable, "bench/subspace_latency.py", "--metrics", "16",
                              "--windows", "50"], cwd=root, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
