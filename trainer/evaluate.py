@@ -461,18 +461,18 @@ class _LabelFreeFit:
         if fit_logits is not None and self.test_logits is not None:
             # As the trainer: the per-metric deviation and (`subspace_variance` > 0) the
             # distance from the principal subspace share the unsupervised part.
-            parts = [detector]
+            parts, fit_parts, test_parts = [detector], [fit_scores], [scores]
             subspace = ResidualModel.fit_normal_subspace(fit_values, config.subspace_variance)
             if subspace is not None:
                 parts.append(subspace)
+                fit_parts.append(subspace.score_samples(fit_values))
+                test_parts.append(subspace.score_samples(self.test_values))
             network = self.shipped.threshold if config.network_floor else None
             injected = _injected_parts(fit_values, self.target, self.shipped, parts, config) \
                 if config.weight_rule != "fixed" else None
             fit_scores, scores, weight, floor = _fuse(
-                (fit_logits, self.test_logits),
-                [part.score_samples(fit_values) for part in parts],
-                [part.score_samples(self.test_values) for part in parts],
-                labels, cut, config, network, injected)
+                (fit_logits, self.test_logits), fit_parts, test_parts, labels, cut, config,
+                network, injected)
             extra = {"cnn_weight": weight}
         finite = fit_scores[np.isfinite(fit_scores)]
         if config.labels == "none" or config.head_rule == "refit":

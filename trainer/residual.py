@@ -29,8 +29,8 @@ __all__ = ["NORMS", "SUBSPACE_MIN_METRICS", "SUBSPACE_VARIANCE", "ResidualDetect
            "ResidualModel", "components_for_variance", "explained_components"]
 
 NORMS = ("max", "l2")
-# The share of variance the subspace keeps where a VM's labels choose the distance from
-# it (trainer.yaml `adaptation.subspace_variance`): the PCA baseline's usual 90 %.
+# The share of variance the subspace keeps whose distance joins the fused score
+# (trainer.yaml `adaptation.subspace_variance`): the PCA baseline's usual 90 %.
 SUBSPACE_VARIANCE = 0.9
 # The fewest metrics the distance from a subspace is fitted on. On the agent's 4 default
 # metrics 90 % of the variance takes 1-3 directions, the distance of a one-metric fault
