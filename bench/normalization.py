@@ -111,7 +111,8 @@ def run_like_trainer(
             normalizer=first_normalizer if start == warmup else None,
             injected=injected_validation_set(raw, window) if cnn_weights else None,
             cnn_weights=cnn_weights,
-            subspace_variance=settings.subspace_variance)
+            subspace_variance=settings.subspace_variance,
+            normal_states=settings.normal_states)
         chosen.append(adaptation.fusion.cnn_weight)
         normalized = adaptation.normalizer.apply(values[start - window + 1:stop])
         logits = predict_logits(model, make_windows(normalized, window))

@@ -49,15 +49,17 @@ def test_fused_onnx_graph_matches_numpy(checkpoint: Checkpoint,
 
     vm, _ = generate_vm(5, 1200)
     wide = _wide_vm(1200, 5)
-    for components, weight, variance in ((0, 0.5, 0.0), (2, 0.5, 0.0), (0, 0.0, 0.0),
-                                         (0, 0.5, 0.9), (2, 0.0, 0.9)):
+    for components, weight, variance, states in (
+            (0, 0.5, 0.0, 0), (2, 0.5, 0.0, 0), (0, 0.0, 0.0, 0), (0, 0.5, 0.0, 8),
+            (0, 0.5, 0.9, 0), (2, 0.0, 0.9, 0), (0, 0.5, 0.9, 16)):
         # The subspace needs a wide metric set (SUBSPACE_MIN_METRICS).
         network, values = (wide_checkpoint, wide) if variance else (checkpoint, vm.values)
         adaptation = fit_adaptation(network.model, values[:600], WINDOW,
                                     floors=0.5, components=components,
                                     cnn_weight=weight, false_alarm_rate=0.01,
-                                    subspace_variance=variance)
+                                    subspace_variance=variance, normal_states=states)
         assert (adaptation.subspace is not None) == (variance > 0)
+        assert (adaptation.states is not None) == (states > 0)
         bundle = export_bundle(network, "adapted", adaptation=adaptation)
         assert not bundle.metadata.warmup
         raw = make_windows(values[600:900], WINDOW)
@@ -449,7 +451,7 @@ def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(
     subspace, which shares the unsupervised part by default, ranks it well. No label is
     used. On the agent's four default metrics no subspace is fitted."""
     from vmad.evaluation import roc_auc
-    from vmad.trainer.adaptation import SUBSPACE_SHARE, VMAdaptation
+    from vmad.trainer.adaptation import VMAdaptation
     from vmad.trainer.residual import SUBSPACE_VARIANCE
 
     assert AdaptationSettings().subspace_variance == SUBSPACE_VARIANCE
@@ -470,7 +472,7 @@ def test_the_subspace_distance_catches_metrics_pulled_apart_without_labels(
         aucs[variance] = roc_auc(labels[WINDOW - 1:],
                                  adaptation.score(logits, normalized[WINDOW - 1:]))
     assert aucs[SUBSPACE_VARIANCE] > 0.85 and aucs[0.0] < 0.75, aucs
-    assert adaptation.subspace is not None and adaptation.fusion.sub_share == SUBSPACE_SHARE
+    assert adaptation.subspace is not None and adaptation.fusion.sub_share == 0.5
     assert 1 <= len(adaptation.subspace.components) <= 8
     assert "subspace" in adaptation.describe()
     again = VMAdaptation.from_json(adaptation.to_json())
@@ -544,3 +546,98 @@ def test_alarm_covered_marks_each_alarms_whole_window() -> None:
     normal = np.array([False, True, False])
     assert alarm_covered(np.array([0.0, 5.0, 10.0]), np.array([10.0]), 20.0,
                          normal).tolist() == [True, False, True]
+
+
+def _batch_vm(n: int, seed: int) -> np.ndarray:
+    """The agent's 4 default metrics on a VM busy by turns: idle (CPU about 5 %, memory
+    30 %) for 200 samples, then working flat out (CPU 95 %, memory 70 %) for 50, and so
+    on; steady disk and network traffic."""
+    rng = np.random.default_rng(seed)
+    busy = np.arange(n) % 250 >= 200
+    cpu = np.where(busy, 95.0, 5.0) + rng.normal(0, 1, n)
+    memory = np.where(busy, 70.0, 30.0) + rng.normal(0, 0.5, n)
+    disk = rng.normal(20.0, 0.5, n)  # MB/s
+    network = rng.normal(5.0, 0.2, n)
+    return np.column_stack([cpu, memory, disk, network])
+
+
+def test_the_state_distance_catches_a_level_the_vm_never_runs_at(checkpoint) -> None:
+    """A batch VM idles and works flat out by turns; between jobs a runaway process
+    takes the CPU flat out while memory stays at its idle level. The CPU reads like
+    any busy period and memory like any idle one, so the per-metric deviation ranks the
+    fault level with the busy windows; no usual state has both, so the distance from the
+    nearest state ranks it above every normal window. No label is used. Its NumPy
+    arithmetic equals the bundle's graph, it survives a save, and a save whose states and
+    fusion disagree is refused by name."""
+    import json
+
+    from vmad.evaluation import roc_auc
+    from vmad.schema import DEFAULT_SCALE_FLOORS
+    from vmad.trainer.adaptation import VMAdaptation
+    from vmad.trainer.states import NORMAL_STATES
+
+    assert AdaptationSettings().normal_states == NORMAL_STATES > 0
+    history = _batch_vm(2000, 1)
+    later = _batch_vm(1200, 2)
+    labels = np.zeros(len(later), dtype=np.int8)
+    for start in range(100, 1100, 250):
+        later[start:start + 12, 0] = 95.0
+        labels[start:start + 12] = 1
+    aucs = {}
+    for states in (0, NORMAL_STATES):
+        adaptation = fit_adaptation(checkpoint.model, history, WINDOW, cnn_weight=0.0,
+                                    floors=list(DEFAULT_SCALE_FLOORS),
+                                    false_alarm_rate=0.01, normal_states=states)
+        normalized = adaptation.normalizer.apply(later)
+        logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+        aucs[states] = roc_auc(labels[WINDOW - 1:],
+                               adaptation.score(logits, normalized[WINDOW - 1:]))
+    assert aucs[NORMAL_STATES] > 0.99 and aucs[0] < 0.9, aucs
+    # And over the threshold: most fault windows alarm, almost no normal one does.
+    flagged = adaptation.score(logits, normalized[WINDOW - 1:]) >= adaptation.threshold
+    truth = labels[WINDOW - 1:] == 1
+    assert flagged[truth].mean() > 0.9 and flagged[~truth].mean() < 0.01, \
+        (flagged[truth].mean(), flagged[~truth].mean())
+    assert adaptation.states is not None and adaptation.fusion.state_share == 0.5
+    assert 2 <= len(adaptation.states.centres) <= NORMAL_STATES
+    assert "states" in adaptation.describe()
+    bundle = export_bundle(checkpoint, "adapted", adaptation=adaptation)
+    scores = bundle.score(make_windows(later, WINDOW))
+    assert np.allclose(scores, adaptation.score(logits, normalized[WINDOW - 1:]), atol=1e-4)
+    again = VMAdaptation.from_json(adaptation.to_json())
+    assert again.states is not None and again.fusion == adaptation.fusion
+    assert np.array_equal(again.states.centres, adaptation.states.centres)
+    broken = json.loads(adaptation.to_json())
+    del broken["states"]
+    with pytest.raises(ValueError, match="states"):
+        VMAdaptation.from_json(json.dumps(broken))
+    # One saved before the states existed loads without them.
+    for key in ("state_share", "state_center", "state_scale"):
+        del broken["fusion"][key]
+    old = VMAdaptation.from_json(json.dumps(broken))
+    assert old.states is None and old.fusion.state_share == 0.0
+    broken = json.loads(adaptation.to_json())
+    broken["states"]["centres"] = [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="centres"):
+        VMAdaptation.from_json(json.dumps(broken))
+
+
+def test_normal_states_are_fitted_deterministically_and_only_used_centres_kept() -> None:
+    from vmad.trainer.states import NormalStates
+
+    values = np.repeat(np.array([[0.0, 0.0], [10.0, 10.0]]), 50, axis=0)
+    deviation = ResidualModel.fit(values, components=0, spread_floor=1.0)
+    states = NormalStates.fit(values, deviation, 16)
+    assert states is not None
+    # Two distinct points: k-means cannot hold more than two used centres.
+    assert len(states.centres) <= 2
+    assert np.allclose(states.score_samples(values), 0.0)
+    again = NormalStates.fit(values, deviation, 16)
+    assert again is not None and np.array_equal(states.centres, again.centres)
+    assert NormalStates.fit(values, deviation, 0) is None
+    with pytest.raises(ValueError, match="normal states"):
+        NormalStates.fit(values, deviation, -1)
+    # A sample 3 spreads off the nearest state in one metric scores 3.
+    probe = np.array([[10.0 + 3 * deviation.spread[0], 10.0]])
+    assert np.isclose(states.score_samples(probe)[0], 3.0)
+    assert np.isclose(states.contributions(probe)[0, 0], 3.0)

@@ -7,23 +7,27 @@ history on a refresh) and the network it runs, and returns a `VMAdaptation`; the
 exported bundle (trainer/export.py) computes, inside one ONNX graph:
 
     z = w * (logit - cnn_center) / cnn_scale
-        + (1 - w) * [(1 - s) * (log1p(deviation) - dev_center) / dev_scale
-                     + s * (log1p(distance) - sub_center) / sub_scale]
+        + (1 - w) * [(1 - s - t) * (log1p(deviation) - dev_center) / dev_scale
+                     + s * (log1p(distance) - sub_center) / sub_scale
+                     + t * (log1p(state) - state_center) / state_scale]
     score = sigmoid(z - offset)
 
-where `deviation` is the largest per-metric contribution of the window's newest sample
-and `distance` the newest sample's distance from the VM's principal subspace
-(trainer/residual.py), and the centres and scales are the median and robust spread of
-each part on the VM's own windows, so every part speaks in "how unusual for this VM".
-The two unsupervised parts share equally (s = 0.5): one metric far off and many metrics
-a little off together are both anomalies, no label says which to trust more, and their
-mean ranked SMD's labelled events better than either alone (docs/detection.md). With
-`subspace_variance` 0 (s = 0) the deviation stands alone.
+where `deviation` is the largest per-metric contribution of the window's newest sample,
+`distance` the newest sample's distance from the VM's principal subspace
+(trainer/residual.py) and `state` its largest per-metric distance from the nearest of
+the VM's usual states (trainer/states.py), and the centres and scales are the median
+and robust spread of each part on the VM's own windows, so every part speaks in "how
+unusual for this VM". The unsupervised parts present share equally (s = t = 1/3; with
+one of the last two, 1/2): one metric far off, many metrics a little off together and
+a state the VM is never in are all anomalies, no label says which to trust more, and
+the mean of standardized detectors is the plainest ensemble (measured on SMD,
+docs/detection.md). With `subspace_variance` 0 (s = 0) and `normal_states` 0 (t = 0)
+the deviation stands alone.
 `offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
 own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
 normal windows exceed it, and never below two floors: the z of a window whose network
 part is at its median and one of whose metrics is `min_deviation` spreads off (the
-deviation and the distance both at `min_deviation`), and
+deviation, the distance and the state distance all at `min_deviation`), and
 the z of a window whose deviation is at its median and whose network logit is at the
 network's own calibrated threshold (`network_threshold`, the checkpoint's threshold,
 calibrated on unseen VMs). The second floor is why the network part cannot raise alarms
@@ -55,9 +59,10 @@ from vmad.evaluation import tail_threshold
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.injection import InjectedSet
 from vmad.trainer.residual import ResidualModel
+from vmad.trainer.states import NormalStates
 from vmad.windows import Normalizer, make_windows
 
-__all__ = ["SUBSPACE_SHARE", "USUAL_SCORE", "Fusion", "VMAdaptation", "alarm_covered",
+__all__ = ["USUAL_SCORE", "Fusion", "VMAdaptation", "alarm_covered",
            "best_ranking", "choose_cnn_weight", "fit_adaptation", "fit_fusion",
            "in_threshold_units", "offset_floor", "outside_alarms", "refit_values",
            "robust_location", "threshold_units"]
@@ -78,27 +83,39 @@ class Fusion:
     cnn_weight: float = 1.0
     offset: float = 0.0
     # The distance from the principal subspace: its share of the unsupervised part
-    # (0: the per-metric deviation alone) and its median and spread on the VM's windows.
+    # (0: none) and its median and spread on the VM's windows.
     sub_share: float = 0.0
     sub_center: float = 0.0
     sub_scale: float = 1.0
+    # The distance from the nearest usual state, likewise.
+    state_share: float = 0.0
+    state_center: float = 0.0
+    state_scale: float = 1.0
 
     def z(self, logits: np.ndarray, deviation: np.ndarray,
-          distance: np.ndarray | None = None) -> np.ndarray:
-        """`distance` is needed when `sub_share` > 0."""
-        w, s = self.cnn_weight, self.sub_share
+          distance: np.ndarray | None = None, state: np.ndarray | None = None,
+          ) -> np.ndarray:
+        """`distance` is needed when `sub_share` > 0, `state` when `state_share` > 0."""
+        w = self.cnn_weight
         cnn = (np.asarray(logits, np.float64) - self.cnn_center) / self.cnn_scale
-        dev = (np.log1p(np.asarray(deviation, np.float64)) - self.dev_center) / self.dev_scale
-        if s > 0.0:
-            if distance is None:
-                raise ValueError("this fusion needs the distance from the subspace")
-            sub = (np.log1p(np.asarray(distance, np.float64)) - self.sub_center) / self.sub_scale
-            dev = (1.0 - s) * dev + s * sub
-        return w * cnn + (1.0 - w) * dev
+        unsupervised = (1.0 - self.sub_share - self.state_share) * \
+            (np.log1p(np.asarray(deviation, np.float64)) - self.dev_center) / self.dev_scale
+        for name, share, values, center, scale in (
+                ("the distance from the subspace", self.sub_share, distance,
+                 self.sub_center, self.sub_scale),
+                ("the distance from the nearest state", self.state_share, state,
+                 self.state_center, self.state_scale)):
+            if share > 0.0:
+                if values is None:
+                    raise ValueError(f"this fusion needs {name}")
+                unsupervised = unsupervised + share * (
+                    np.log1p(np.asarray(values, np.float64)) - center) / scale
+        return w * cnn + (1.0 - w) * unsupervised
 
     def score(self, logits: np.ndarray, deviation: np.ndarray,
-              distance: np.ndarray | None = None) -> np.ndarray:
-        z = self.z(logits, deviation, distance) - self.offset
+              distance: np.ndarray | None = None,
+              state: np.ndarray | None = None) -> np.ndarray:
+        z = self.z(logits, deviation, distance, state) - self.offset
         return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
     def to_dict(self) -> dict[str, float]:
@@ -106,12 +123,14 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, data: dict) -> Fusion:
-        # A key saved before it existed takes its default (no subspace share).
+        # A key saved before it existed takes its default (no share).
         defaults = cls()
         fusion = cls(**{k: float(data.get(k, getattr(defaults, k)))
                         for k in cls.__dataclass_fields__})
         if not (fusion.cnn_scale > 0 and fusion.dev_scale > 0 and fusion.sub_scale > 0
-                and 0 <= fusion.cnn_weight <= 1 and 0 <= fusion.sub_share <= 1):
+                and fusion.state_scale > 0 and 0 <= fusion.cnn_weight <= 1
+                and fusion.sub_share >= 0 and fusion.state_share >= 0
+                and fusion.sub_share + fusion.state_share <= 1):
             raise ValueError(f"invalid fusion parameters {data}")
         return fusion
 
@@ -135,7 +154,7 @@ def in_threshold_units(fusion: Fusion, fitted_z: np.ndarray) -> Fusion:
     factor = threshold_units(fitted_z, fusion.offset)
     return replace(fusion, cnn_scale=fusion.cnn_scale / factor,
                    dev_scale=fusion.dev_scale / factor, sub_scale=fusion.sub_scale / factor,
-                   offset=fusion.offset * factor)
+                   state_scale=fusion.state_scale / factor, offset=fusion.offset * factor)
 
 
 def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tuple[float, float]:
@@ -145,23 +164,26 @@ def robust_location(values: np.ndarray, floor: float = _PART_SCALE_FLOOR) -> tup
     return float(q50), float(max((q75 - q25) / 1.349, floor))
 
 
-# The distance's share of the unsupervised part, where there is a subspace.
-SUBSPACE_SHARE = 0.5
-
-
 def fit_fusion(logits: np.ndarray, deviation: np.ndarray, cnn_weight: float,
-               distance: np.ndarray | None = None) -> Fusion:
-    """Standardize every part on the VM's own (mostly normal) windows; with `distance`
-    (from the principal subspace) the unsupervised part is its mean with the deviation."""
+               distance: np.ndarray | None = None,
+               state: np.ndarray | None = None) -> Fusion:
+    """Standardize every part on the VM's own (mostly normal) windows; the unsupervised
+    part is the mean of the deviation and those of `distance` (from the principal
+    subspace) and `state` (from the nearest usual state) that are given."""
     cc, cs = robust_location(logits)
     dc, ds = robust_location(np.log1p(np.asarray(deviation, np.float64)),
                              _DEVIATION_SCALE_FLOOR)
     fusion = Fusion(cc, cs, dc, ds, float(cnn_weight))
-    if distance is None:
-        return fusion
-    sc, ss = robust_location(np.log1p(np.asarray(distance, np.float64)),
-                             _DEVIATION_SCALE_FLOOR)
-    return replace(fusion, sub_share=SUBSPACE_SHARE, sub_center=sc, sub_scale=ss)
+    share = 1.0 / (1 + (distance is not None) + (state is not None))
+    if distance is not None:
+        sc, ss = robust_location(np.log1p(np.asarray(distance, np.float64)),
+                                 _DEVIATION_SCALE_FLOOR)
+        fusion = replace(fusion, sub_share=share, sub_center=sc, sub_scale=ss)
+    if state is not None:
+        tc, ts = robust_location(np.log1p(np.asarray(state, np.float64)),
+                                 _DEVIATION_SCALE_FLOOR)
+        fusion = replace(fusion, state_share=share, state_center=tc, state_scale=ts)
+    return fusion
 
 
 @dataclass(frozen=True)
@@ -184,20 +206,24 @@ class VMAdaptation:
     # floor for every metric.
     attribution: AttributionModel | None = None
     # The principal subspace whose distance shares the unsupervised part (`fusion.
-    # sub_share`); None: the per-metric deviation alone.
+    # sub_share`); None: no such part.
     subspace: ResidualModel | None = None
+    # The usual states whose distance shares it (`fusion.state_share`); None: no such part.
+    states: NormalStates | None = None
 
     def score(self, logits: np.ndarray, newest: np.ndarray) -> np.ndarray:
         """The fused score (what the bundle's graph computes) of windows whose network
         logits are `logits[N]` and whose newest normalized samples are `newest[N, M]`."""
         distance = None if self.subspace is None else self.subspace.score_samples(newest)
-        return self.fusion.score(logits, self.residual.score_samples(newest), distance)
+        state = None if self.states is None else self.states.score_samples(newest)
+        return self.fusion.score(logits, self.residual.score_samples(newest), distance,
+                                 state)
 
     def describe(self) -> str:
         """For log lines: what the unsupervised part measures."""
-        if self.subspace is None:
-            return self.residual.describe()
-        return f"{self.residual.describe()} and {self.subspace.describe()}"
+        parts = [part.describe() for part in (self.residual, self.subspace, self.states)
+                 if part is not None]
+        return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
     def to_json(self) -> str:
         data = {
@@ -210,6 +236,8 @@ class VMAdaptation:
             data["attribution"] = self.attribution.to_dict()
         if self.subspace is not None:
             data["subspace"] = self.subspace.to_dict()
+        if self.states is not None:
+            data["states"] = self.states.to_dict()
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -223,31 +251,39 @@ class VMAdaptation:
         if (subspace is None) != (fusion.sub_share == 0.0):
             raise ValueError("adaptation's fusion and subspace disagree: a subspace share "
                              "needs a subspace and a subspace needs a share")
+        states = NormalStates.from_dict(data["states"]) if data.get("states") else None
+        if (states is None) != (fusion.state_share == 0.0):
+            raise ValueError("adaptation's fusion and states disagree: a state share "
+                             "needs states and states need a share")
+        if states is not None and len(states.mean) != len(np.asarray(
+                data["residual"]["mean"])):
+            raise ValueError("adaptation's states and residual have different metric counts")
         return cls(Normalizer.from_dict(data["normalization"]),
                    ResidualModel.from_dict(data["residual"]), fusion,
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
                    {k: float(v) for k, v in (data.get("quality") or {}).items()},
                    AttributionModel.from_dict(data["attribution"]) if data.get("attribution")
-                   else None, subspace)
+                   else None, subspace, states)
 
 
 def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
                  network_threshold: float | None = None) -> float:
     """The least offset (threshold on z) the fused score may have: neither the
     unsupervised part nor the network, with the other at its usual level, may raise an
-    alarm below its own floor (the deviation and the distance from the subspace both
-    below `min_deviation` spreads, the network below its calibrated
+    alarm below its own floor (the deviation and the distances from the subspace and the
+    nearest state all below `min_deviation` spreads, the network below its calibrated
     `network_threshold`, a probability). -inf when neither floor applies."""
     floor = -math.inf
     if min_deviation > 0:
         off = np.array([min_deviation])
-        floor = float(fusion.z(np.array([fusion.cnn_center]), off, off)[0])
+        floor = float(fusion.z(np.array([fusion.cnn_center]), off, off, off)[0])
     if network_threshold is not None and fusion.cnn_weight > 0.0:
         p = min(max(float(network_threshold), 1e-6), 1 - 1e-6)
-        # Both unsupervised parts at their medians.
+        # Every unsupervised part at its median.
         usual = (np.array([math.expm1(fusion.dev_center)]),
-                 np.array([math.expm1(fusion.sub_center)]))
+                 np.array([math.expm1(fusion.sub_center)]),
+                 np.array([math.expm1(fusion.state_center)]))
         floor = max(floor, float(fusion.z(np.array([math.log(p / (1 - p))]), *usual)[0]))
     return floor
 
@@ -267,14 +303,15 @@ def best_ranking(scores: Sequence[np.ndarray], labels: np.ndarray) -> int:
 
 def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
                       labels: np.ndarray, weights: Sequence[float],
-                      distance: np.ndarray | None = None) -> float:
+                      distance: np.ndarray | None = None,
+                      state: np.ndarray | None = None) -> float:
     """The network weight of `weights` whose fused score ranks `labels` best
     (`best_ranking`); ties go to the lower network weight, so a network that adds
     nothing is left out. The labels are faults injected into the VM's own history, or
     real ones where there are. Keeps `fusion.cnn_weight` when the labels hold one class
     or no weight is offered."""
     ordered = sorted(weights)
-    best = best_ranking([replace(fusion, cnn_weight=w).z(logits, deviation, distance)
+    best = best_ranking([replace(fusion, cnn_weight=w).z(logits, deviation, distance, state)
                          for w in ordered], labels)
     return fusion.cnn_weight if best < 0 else float(ordered[best])
 
@@ -315,12 +352,6 @@ def refit_values(values: np.ndarray, kept: np.ndarray, window: int) -> np.ndarra
     return values[kept] if kept.sum() >= window + 16 else values
 
 
-def deviation_of_windows(residual: ResidualModel, normalized_samples: np.ndarray,
-                         window: int) -> np.ndarray:
-    """Deviation of each window (that of its newest sample) over normalized samples."""
-    return residual.score_samples(normalized_samples[window - 1:])
-
-
 def fit_adaptation(
     model: nn.Module, raw: np.ndarray, window: int, *,
     floors: float | Sequence[float] = 0.0, components: int = 0, cnn_weight: float = 0.5,
@@ -329,7 +360,7 @@ def fit_adaptation(
     generation: int = 1,
     normalizer: Normalizer | None = None,
     injected: InjectedSet | None = None, cnn_weights: Sequence[float] = (),
-    subspace_variance: float = 0.0,
+    subspace_variance: float = 0.0, normal_states: int = 0,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
@@ -343,7 +374,8 @@ def fit_adaptation(
     those faults best (`choose_cnn_weight`), else `cnn_weight`.
     With `subspace_variance` > 0 the unsupervised part is the mean of the per-metric
     deviation and the distance from the principal subspace explaining that share of the
-    VM's variance (`fit_fusion`); 0: the per-metric deviation alone.
+    VM's variance (`fit_fusion`); with `normal_states` > 0, also the distance from the
+    nearest of that many usual states (trainer/states.py).
     """
     from vmad.trainer.training import predict_logits
 
@@ -358,21 +390,25 @@ def fit_adaptation(
     # so one normalized unit is the least spread a metric may claim.
     residual = ResidualModel.fit(normalized, components=components, spread_floor=1.0)
     subspace = ResidualModel.fit_normal_subspace(normalized, subspace_variance)
-    deviation = deviation_of_windows(residual, normalized, window)
-    distance = None if subspace is None else deviation_of_windows(subspace, normalized, window)
-    fusion = fit_fusion(logits, deviation, cnn_weight, distance)
+    states = NormalStates.fit(normalized, residual, normal_states)
+    newest = normalized[window - 1:]
+    deviation = residual.score_samples(newest)
+    distance = None if subspace is None else subspace.score_samples(newest)
+    state = None if states is None else states.score_samples(newest)
+    fusion = fit_fusion(logits, deviation, cnn_weight, distance, state)
     if injected is not None and len(cnn_weights):
         windows = normalizer.apply_windows(injected.windows)
         last = windows[:, :, -1]
         fusion = replace(fusion, cnn_weight=choose_cnn_weight(
             fusion, predict_logits(model, windows), residual.score_samples(last),
             injected.labels, cnn_weights,
-            None if subspace is None else subspace.score_samples(last)))
-    fitted_z = fusion.z(logits, deviation, distance)
+            None if subspace is None else subspace.score_samples(last),
+            None if states is None else states.score_samples(last)))
+    fitted_z = fusion.z(logits, deviation, distance, state)
     offset = max(tail_threshold(fitted_z, false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
     fusion = in_threshold_units(replace(fusion, offset=offset), fitted_z)
     attribution = AttributionModel.fit(normalized, window)
     return VMAdaptation(normalizer, residual, fusion, 0.5, len(raw),
                         received, now, generation, attribution=attribution,
-                        subspace=subspace)
+                        subspace=subspace, states=states)

@@ -88,9 +88,13 @@ def register(commands: Any, bench: Any) -> None:
                            help="fused's unsupervised part is the mean of the per-metric "
                                 "deviation and the distance from the subspace explaining "
                                 "this share of variance (default: the trainer's "
-                                "adaptation.subspace_variance); 0 = the deviation alone")
+                                "adaptation.subspace_variance); 0 = no such part")
+    detection.add_argument("--normal-states", type=int,
+                           help="and the distance from the nearest of this many usual "
+                                "states (default: the trainer's adaptation.normal_states); "
+                                "0 = no such part")
     detection.add_argument("--refresh", type=int,
-                           help="refit residual, subspace and fused every this many test "
+                           help="refit residual, subspace, states and fused every this many test "
                                 "samples on the newest --history samples outside earlier "
                                 "alarms, as the trainer refits a VM (default: the trainer's "
                                 "adaptation.refresh_samples); 0 = one fit on the train part")
@@ -267,6 +271,11 @@ def run_bench_detection(args: argparse.Namespace) -> int:
                      weight_rule=args.weight_rule)
     if args.subspace_variance is not None:
         config = replace(config, subspace_variance=args.subspace_variance)
+    if args.normal_states is not None:
+        if args.normal_states < 0:
+            from vmad.errors import UsageError
+            raise UsageError(f"--normal-states must be >= 0, got {args.normal_states}")
+        config = replace(config, normal_states=args.normal_states)
     if args.cnn_weight is not None:
         if not 0.0 <= args.cnn_weight <= 1.0:
             from vmad.errors import UsageError

@@ -17,6 +17,7 @@ from vmad.config import StrictModel
 from vmad.http_endpoint import MetricsSettings
 from vmad.security import SecurityConfig
 from vmad.trainer.residual import SUBSPACE_VARIANCE
+from vmad.trainer.states import NORMAL_STATES
 
 __all__ = ["AdaptationSettings", "ControllerLink", "ModelSettings", "ServingSettings",
            "StoreSettings",
@@ -133,6 +134,12 @@ class AdaptationSettings(StrictModel):
                     "deviation and the distance from the principal subspace explaining "
                     "this share of the VM's variance (many metrics a little off together); "
                     "0 = the per-metric deviation alone")
+    normal_states: int = Field(
+        NORMAL_STATES, ge=0, le=256,
+        description="the unsupervised part also averages in the largest per-metric "
+                    "distance from the nearest of this many usual states of the VM "
+                    "(k-means of its history: a VM busy by turns is normal in each "
+                    "state); 0 = no such part")
     scale_floors: list[float] | None = Field(
         None, description="least normalization scale per metric, in its units; null = "
                           "vmad.schema.DEFAULT_SCALE_FLOORS for the default metrics, else 0")

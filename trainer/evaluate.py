@@ -68,7 +68,7 @@ from vmad.evaluation import (
 )
 from vmad.series import Series, list_series_folders, read_series_folder
 from vmad.synthetic import generate_fleet
-from vmad.trainer import pca_detector, residual  # noqa: F401 - register their detectors
+from vmad.trainer import pca_detector, residual, states  # noqa: F401 - register detectors
 from vmad.trainer.adaptation import (
     choose_cnn_weight,
     fit_fusion,
@@ -83,12 +83,13 @@ from vmad.trainer.datasets import SYNTHETIC_ALIASES, WindowPool, WindowSource, a
 from vmad.trainer.injection import injected_generic_series
 from vmad.trainer.models import MODEL_KINDS, build_model
 from vmad.trainer.residual import ResidualModel
+from vmad.trainer.states import NormalStates
 from vmad.trainer.training import TrainConfig, predict_logits, predict_proba, train
 from vmad.windows import Normalizer, make_windows
 
 __all__ = ["DETECTORS", "QUICK", "ProtocolConfig", "run_detection_benchmark"]
 
-LABEL_FREE: tuple[str, ...] = ("residual", "subspace", "fused", "pca")
+LABEL_FREE: tuple[str, ...] = ("residual", "subspace", "states", "fused", "pca")
 DETECTORS: tuple[str, ...] = (*MODEL_KINDS, *LABEL_FREE)
 LABEL_MODES: tuple[str, ...] = ("head", "none")
 HEAD_RULES: tuple[str, ...] = ("refit", "best_f1")
@@ -120,8 +121,9 @@ class ProtocolConfig:
     head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`).
     subspace_variance: `fused`'s unsupervised part is the mean of the per-metric
     deviation and the distance from the subspace explaining this share of variance, each
-    standardized on the fitted samples (trainer.yaml `adaptation`); 0 = the deviation
-    alone.
+    standardized on the fitted samples (trainer.yaml `adaptation`); 0 = no such part.
+    normal_states: and of the distance from the nearest of this many usual states
+    (trainer.yaml `adaptation`); 0 = no such part.
     refresh / history: the rows the trainer ships (`residual`, `subspace`, `fused`) are
     refitted as the trainer refits a VM (trainer.yaml `adaptation.refresh_samples`,
     `history_samples`): every `refresh` samples of the test part on the newest `history`
@@ -156,6 +158,7 @@ class ProtocolConfig:
     network_floor: bool = AdaptationSettings().network_floor
     weight_rule: str = "injected"
     subspace_variance: float = AdaptationSettings().subspace_variance
+    normal_states: int = AdaptationSettings().normal_states
     refresh: int = AdaptationSettings().refresh_samples
     history: int = AdaptationSettings().history_samples
 
@@ -344,7 +347,7 @@ def _normal_head(labels: np.ndarray, window: int) -> np.ndarray:
 
 
 # The rows the trainer ships: under `refresh`, refitted on the trainer's schedule.
-TRAINER_ROWS: tuple[str, ...] = ("residual", "subspace", "fused")
+TRAINER_ROWS: tuple[str, ...] = ("residual", "subspace", "states", "fused")
 
 
 def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
@@ -382,7 +385,7 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
         scores, extra, detector = _refitted_margins(part, train_values, test_values, logits,
                                                     head)
         threshold = 0.0
-        if kind == "subspace":
+        if kind in ("subspace", "states"):
             contributions = detector.contributions(test_values)  # the last fit's
     result = score_detection(labels[first:], scores[first:], threshold)
     if target.interpretation is not None:
@@ -456,17 +459,20 @@ class _LabelFreeFit:
         detector = create("residual" if kind == "fused" else kind).fit(fit_values)
         fit_scores = detector.score_samples(fit_values)
         scores = detector.score_samples(self.test_values)
-        floor = config.min_deviation if kind in ("residual", "subspace") else -np.inf
+        floor = config.min_deviation if kind in ("residual", "subspace", "states") \
+            else -np.inf
         extra: dict[str, float] = {}
         if fit_logits is not None and self.test_logits is not None:
-            # As the trainer: the per-metric deviation and (`subspace_variance` > 0) the
-            # distance from the principal subspace share the unsupervised part.
-            parts, fit_parts, test_parts = [detector], [fit_scores], [scores]
-            subspace = ResidualModel.fit_normal_subspace(fit_values, config.subspace_variance)
-            if subspace is not None:
-                parts.append(subspace)
-                fit_parts.append(subspace.score_samples(fit_values))
-                test_parts.append(subspace.score_samples(self.test_values))
+            # As the trainer: the per-metric deviation, the distance from the principal
+            # subspace and the distance from the nearest usual state share the
+            # unsupervised part (each where its setting lets it: else None).
+            parts = [detector.model,
+                     ResidualModel.fit_normal_subspace(fit_values, config.subspace_variance),
+                     NormalStates.fit(fit_values, detector.model, config.normal_states)]
+            fit_parts = [None if part is None else part.score_samples(fit_values)
+                         for part in parts]
+            test_parts = [None if part is None else part.score_samples(self.test_values)
+                          for part in parts]
             network = self.shipped.threshold if config.network_floor else None
             injected = _injected_parts(fit_values, self.target, self.shipped, parts, config) \
                 if config.weight_rule != "fixed" else None
@@ -492,8 +498,9 @@ class _LabelFreeFit:
 
 def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any,
                     parts: Sequence[Any], config: ProtocolConfig,
-                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
-    """The network's logits, each unsupervised part's scores and the labels of windows
+                    ) -> tuple[np.ndarray, list[np.ndarray | None], np.ndarray] | None:
+    """The network's logits, each unsupervised part's scores (None for a part that is
+    None) and the labels of windows
     of the newest `history` fitted samples with faults injected (in normalized units:
     scale 1); None when the target has none of the network's metrics or too few
     samples."""
@@ -508,19 +515,21 @@ def _injected_parts(fit_values: np.ndarray, target: _Target, shipped: Any,
     logits = np.concatenate([predict_logits(shipped.model, np.ascontiguousarray(
         make_windows(np.ascontiguousarray(values[:, columns]), window)))
         for values in injected.values])
-    scores = [np.concatenate([part.score_samples(values[window - 1:])
-                              for values in injected.values]) for part in parts]
+    scores = [None if part is None else np.concatenate([
+        part.score_samples(values[window - 1:]) for values in injected.values])
+        for part in parts]
     return logits, scores, injected.window_labels(window)
 
 
-def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray],
-          test_parts: list[np.ndarray], labels: np.ndarray, cut: int, config: ProtocolConfig,
-          network_threshold: float | None,
-          injected: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None,
+def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray | None],
+          test_parts: list[np.ndarray | None], labels: np.ndarray, cut: int,
+          config: ProtocolConfig, network_threshold: float | None,
+          injected: tuple[np.ndarray, list[np.ndarray | None], np.ndarray] | None = None,
           ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Fused fitting-data and test scores, the network weight used and the floor under
     the threshold (trainer/adaptation.py's `offset_floor`). The unsupervised parts are
-    the deviation and, where given second, the distance from the subspace.
+    the deviation, the distance from the subspace and the distance from the nearest
+    state, in that order (None: not part of the score).
 
     The weight is the one of `fusion_weights` whose fused score ranks the `injected`
     faults best (logits, parts, labels; `choose_cnn_weight`), as the trainer does;
@@ -530,8 +539,9 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray],
     usable = np.isfinite(fit_logits)
     # The head's samples with a full window for the network.
     head = slice(min(cut, int(np.argmax(np.isfinite(test_logits)))), cut)
-    fusion = fit_fusion(fit_logits[usable], fit_parts[0][usable], config.cnn_weight,
-                        fit_parts[1][usable] if len(fit_parts) > 1 else None)
+    deviation, distance, state = (None if part is None else part[usable]
+                                  for part in fit_parts)
+    fusion = fit_fusion(fit_logits[usable], deviation, config.cnn_weight, distance, state)
     # Samples without a full window yet: the network part sits at its median (neutral).
     fit_logits = np.where(usable, fit_logits, fusion.cnn_center)
     test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
@@ -540,7 +550,8 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray],
             and labels[head].any() and not labels[head].all():
         weight = choose_cnn_weight(fusion, test_logits[head], test_parts[0][head],
                                    labels[head], config.fusion_weights,
-                                   *(part[head] for part in test_parts[1:]))
+                                   *(None if part is None else part[head]
+                                     for part in test_parts[1:]))
     elif injected is not None:
         injected_logits, injected_parts, injected_labels = injected
         weight = choose_cnn_weight(fusion, injected_logits, injected_parts[0], injected_labels,

@@ -2,8 +2,9 @@
 
 The agent normalizes with the statistics in the bundle metadata; the graph then returns
 two outputs per window: the fused anomaly score in [0, 1] (the network's logit, the
-newest sample's per-metric deviation and its distance from the VM's principal subspace,
-combined as trainer/adaptation.py says) and
+newest sample's per-metric deviation, its distance from the VM's principal subspace and
+its distance from the nearest of the VM's usual states, combined as
+trainer/adaptation.py says) and
 each metric's contribution `[batch, M]`, which names the metrics to blame (what changed
 within the window, trainer/attribution.py; it does not enter the score). Without a
 VM adaptation the score is the network's probability alone and the bundle is marked
@@ -26,6 +27,7 @@ from vmad.trainer.adaptation import Fusion, VMAdaptation
 from vmad.trainer.attribution import AttributionModel, WindowAttribution
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.residual import ResidualModel
+from vmad.trainer.states import NormalStates
 
 __all__ = ["export_bundle", "onnx_bytes"]
 
@@ -54,25 +56,46 @@ class _Deviation(nn.Module):
         return contributions.max(dim=1).values
 
 
+class _StateDistance(nn.Module):
+    """`NormalStates.score_samples` of the newest samples `[B, M]` -> `[B]`."""
+
+    def __init__(self, states: NormalStates) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(states.mean, dtype=torch.float32))
+        self.register_buffer("spread", torch.tensor(states.spread, dtype=torch.float32))
+        self.register_buffer("centres", torch.tensor(states.centres, dtype=torch.float32))
+
+    def forward(self, newest: torch.Tensor) -> torch.Tensor:
+        units = (newest - self.mean) / self.spread
+        offsets = (units.unsqueeze(1) - self.centres.unsqueeze(0)).abs()  # [B, P, M]
+        return offsets.amax(dim=2).amin(dim=1)
+
+
 class _FusedScore(nn.Module):
     """`windows[B, M, T]` -> (`score[B]`, `contributions[B, M]`)."""
 
     def __init__(self, model: nn.Module, residual: ResidualModel, fusion: Fusion,
-                 attribution: WindowAttribution, subspace: ResidualModel | None) -> None:
+                 attribution: WindowAttribution, subspace: ResidualModel | None,
+                 states: NormalStates | None) -> None:
         super().__init__()
         self.model = model
         self.attribution = attribution
         self.deviation = _Deviation(residual)
         self.distance = _Deviation(subspace) if subspace is not None else None
+        self.state = _StateDistance(states) if states is not None else None
         self.fusion = fusion
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.fusion
         newest = windows[:, :, -1]
-        unsupervised = (torch.log1p(self.deviation(newest)) - f.dev_center) / f.dev_scale
+        unsupervised = (1.0 - f.sub_share - f.state_share) * \
+            (torch.log1p(self.deviation(newest)) - f.dev_center) / f.dev_scale
         if self.distance is not None:
-            distance = (torch.log1p(self.distance(newest)) - f.sub_center) / f.sub_scale
-            unsupervised = (1.0 - f.sub_share) * unsupervised + f.sub_share * distance
+            unsupervised = unsupervised + f.sub_share * \
+                (torch.log1p(self.distance(newest)) - f.sub_center) / f.sub_scale
+        if self.state is not None:
+            unsupervised = unsupervised + f.state_share * \
+                (torch.log1p(self.state(newest)) - f.state_center) / f.state_scale
         z = torch.zeros_like(unsupervised)
         # Decided when the graph is traced: a VM whose weight is 0 gets a graph without
         # the network, and its agent does not pay for running it.
@@ -99,7 +122,8 @@ def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _FusedScore(model, residual, fusion, WindowAttribution(attribution, window),
-                        adaptation.subspace if adaptation else None),
+                        adaptation.subspace if adaptation else None,
+                        adaptation.states if adaptation else None),
             (example,), buffer,
             input_names=["windows"], output_names=["score", "contributions"],
             dynamic_axes={"windows": {0: "batch"}, "score": {0: "batch"},

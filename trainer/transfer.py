@@ -252,6 +252,7 @@ class VMModels:
             components=settings.components, cnn_weight=settings.cnn_weight,
             injected=injected, cnn_weights=settings.cnn_weights,
             subspace_variance=settings.subspace_variance,
+            normal_states=settings.normal_states,
             false_alarm_rate=settings.target_false_alarm_rate,
             min_deviation=settings.min_deviation,
             network_threshold=checkpoint.threshold if settings.network_floor else None,
