@@ -13,7 +13,8 @@ seconds; `--block 3000` times hot loops, as `vmad bench agent-overhead` does:
   `inference_latency` of `vmad bench agent-overhead` measures it;
 - `agent: adapted, network weight 0.5` / `0` -- the same step on a bundle adapted to a
   synthetic VM as the trainer adapts it (the shipped network fused with the VM's
-  per-metric deviation; on the 4 default metrics no subspace distance), once with the
+  per-metric deviation and its distance from the nearest of its usual states; on the 4
+  default metrics no subspace distance), once with the
   network at weight 0.5 and once at 0, whose graph leaves the network out;
 - `agent at REV` (with `--against`) -- the same step with `edge_agent/detector.py` and
   `vmad/bundle.py` as they were at git revision REV (same bundle, same samples);
@@ -109,12 +110,14 @@ def _adapted_bundle(cnn_weight: float) -> tuple[str, bytes]:
     from vmad.synthetic import generate_vm
     from vmad.trainer.adaptation import fit_adaptation
     from vmad.trainer.checkpoint import load_default_checkpoint
+    from vmad.trainer.config import AdaptationSettings
     from vmad.trainer.export import export_bundle
 
     checkpoint = load_default_checkpoint()
     vm, _ = generate_vm(900, 720)
     adaptation = fit_adaptation(checkpoint.model, vm.values, checkpoint.window,
-                                floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight)
+                                floors=list(DEFAULT_SCALE_FLOORS), cnn_weight=cnn_weight,
+                                normal_states=AdaptationSettings().normal_states)
     bundle = export_bundle(checkpoint, f"adapted-w{cnn_weight:g}", adaptation=adaptation)
     return bundle.metadata.to_json(), bundle.onnx_bytes
 

@@ -71,16 +71,38 @@ def test_normalization_bench_quick_runs() -> None:
     assert "fused, 400 samples labelled" in result.stdout
 
 
-def test_subspace_latency_bench_times_both_graphs() -> None:
-    """bench/subspace_latency.py, small: a wide VM gets the subspace, and both graphs
-    are timed."""
+def test_part_latency_bench_times_every_graph() -> None:
+    """bench/part_latency.py, small: a narrow VM gets the states and no subspace, a wide
+    one both, and every graph is timed."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "bench/subspace_latency.py", "--metrics", "16",
+    result = subprocess.run([sys.executable, "bench/part_latency.py", "--metrics", "4", "16",
                              "--windows", "50"], cwd=root, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "deviation alone" in result.stdout and "deviation and distance (" in result.stdout
+    narrow, wide = result.stdout.split("16 metrics")
+    assert "deviation  " in narrow and "deviation + states (" in narrow
+    assert "subspace" not in narrow
+    assert "deviation + subspace (" in wide and " + states (" in wide
+    assert wide.count(" p50 ") == 4
+
+
+def test_agent_latency_bench_times_every_row() -> None:
+    """bench/agent_latency.py, small: the agent's step, the adapted bundles (whose
+    graph now holds the usual states) and ONNX Runtime alone are all timed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "bench/agent_latency.py", "--rounds", "1",
+                             "--windows", "20"], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("agent: WindowScorer.push", "agent: adapted, network weight 0.5",
+                "agent: adapted, network weight 0", "ORT: bound buffers",
+                "ORT: session.run, score only"):
+        assert row in result.stdout, result.stdout
