@@ -372,10 +372,12 @@ def fit_adaptation(
     With `injected` (raw windows of the VM's history with faults injected,
     trainer/injection.py) the network's weight is the one of `cnn_weights` that ranks
     those faults best (`choose_cnn_weight`), else `cnn_weight`.
-    With `subspace_variance` > 0 the unsupervised part is the mean of the per-metric
-    deviation and the distance from the principal subspace explaining that share of the
-    VM's variance (`fit_fusion`); with `normal_states` > 0, also the distance from the
-    nearest of that many usual states (trainer/states.py).
+    The unsupervised part is the mean (`fit_fusion`) of the per-metric deviation and,
+    with `subspace_variance` > 0 (and a wide metric set), the distance from the
+    principal subspace explaining that share of the VM's variance, and with
+    `normal_states` > 0 the distance from the nearest of that many usual states
+    (trainer/states.py). The defaults here leave both out; the trainer passes its
+    settings.
     """
     from vmad.trainer.training import predict_logits
 

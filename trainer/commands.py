@@ -85,10 +85,10 @@ def register(commands: Any, bench: Any) -> None:
                            help="fused's network weight under --weight-rule fixed, 0-1 "
                                 "(default 0.5; 0 = the deviation alone on fused's threshold)")
     detection.add_argument("--subspace-variance", type=float,
-                           help="fused's unsupervised part is the mean of the per-metric "
-                                "deviation and the distance from the subspace explaining "
-                                "this share of variance (default: the trainer's "
-                                "adaptation.subspace_variance); 0 = no such part")
+                           help="fused's unsupervised part averages in the distance from "
+                                "the subspace explaining this share of variance (default: "
+                                "the trainer's adaptation.subspace_variance); 0 = no such "
+                                "part")
     detection.add_argument("--normal-states", type=int,
                            help="and the distance from the nearest of this many usual "
                                 "states (default: the trainer's adaptation.normal_states); "

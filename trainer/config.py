@@ -130,10 +130,10 @@ class AdaptationSettings(StrictModel):
                              "(0 = plain per-metric deviation)")
     subspace_variance: float = Field(
         SUBSPACE_VARIANCE, ge=0, le=1,
-        description="the unsupervised part of the score is the mean of the per-metric "
-                    "deviation and the distance from the principal subspace explaining "
-                    "this share of the VM's variance (many metrics a little off together); "
-                    "0 = the per-metric deviation alone")
+        description="the unsupervised part of the score also averages in the distance "
+                    "from the principal subspace explaining this share of the VM's "
+                    "variance (many metrics a little off together; on 16 metrics or "
+                    "more); 0 = no such part")
     normal_states: int = Field(
         NORMAL_STATES, ge=0, le=256,
         description="the unsupervised part also averages in the largest per-metric "

@@ -119,17 +119,16 @@ class ProtocolConfig:
     `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py).
     weight_rule: `fused`'s network weight: "injected" (as the trainer), "head" (the
     head's labels where they hold an anomaly, else injected) or "fixed" (`cnn_weight`).
-    subspace_variance: `fused`'s unsupervised part is the mean of the per-metric
-    deviation and the distance from the subspace explaining this share of variance, each
+    subspace_variance / normal_states: `fused`'s unsupervised part is the mean of the
+    per-metric deviation, the distance from the subspace explaining this share of
+    variance and the distance from the nearest of this many usual states, each
     standardized on the fitted samples (trainer.yaml `adaptation`); 0 = no such part.
-    normal_states: and of the distance from the nearest of this many usual states
-    (trainer.yaml `adaptation`); 0 = no such part.
-    refresh / history: the rows the trainer ships (`residual`, `subspace`, `fused`) are
-    refitted as the trainer refits a VM (trainer.yaml `adaptation.refresh_samples`,
-    `history_samples`): every `refresh` samples of the test part on the newest `history`
-    samples outside earlier alarms (and the head's events); 0 = one fit on the whole
-    train part (and the head's normal samples), the protocol before the trainer's
-    schedule was simulated. `pca`, the operator's baseline, is fitted once either way;
+    refresh / history: the rows the trainer ships (`residual`, `subspace`, `states`,
+    `fused`) are refitted as the trainer refits a VM (trainer.yaml
+    `adaptation.refresh_samples`, `history_samples`): every `refresh` samples of the
+    test part on the newest `history` samples outside earlier alarms (and the head's
+    events); 0 = one fit on the whole train part (and the head's normal samples), the
+    protocol before the trainer's schedule was simulated. `pca`, the operator's baseline, is fitted once either way;
     so is every row under `head_rule="best_f1"`."""
 
     window: int = 64
