@@ -5,9 +5,10 @@
 For each metric count, a VM is adapted by the trainer's `fit_adaptation`, network
 weight 0 (the weight SMD's fits choose), once per combination of parts: the per-metric
 deviation alone, with the distance from the nearest of 16 usual states
-(`normal_states`, trainer/states.py), and on wide metric sets with the distance from
-the principal subspace (`subspace_variance` 0.9; fitted only from
-`SUBSPACE_MIN_METRICS` metrics on) and with all three (the default). The ONNX graphs
+(`normal_states`, trainer/states.py), with the distance from the principal subspace
+(`subspace_variance` 0.9) and with all three (the default). Both distances are fitted
+only on wide metric sets (16 metrics or more), so a VM with the agent's 4 default
+metrics has one graph, the deviation alone. The ONNX graphs
 of one metric count run in one ONNX Runtime process on one thread, call by call in
 turn, on the same window; p50 and p99 in microseconds. `bench/agent_latency.py` times
 the agent's whole path around the graph.
@@ -27,7 +28,7 @@ from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.export import export_bundle
 from vmad.trainer.models import build_model
 from vmad.trainer.residual import SUBSPACE_MIN_METRICS
-from vmad.trainer.states import NORMAL_STATES
+from vmad.trainer.states import NORMAL_STATES, STATES_MIN_METRICS
 from vmad.windows import Normalizer
 
 WINDOW = 64
@@ -40,10 +41,11 @@ def _sessions(n_metrics: int, rng: np.random.Generator) -> dict[str, ort.Inferen
         + 0.3 * rng.normal(size=(1500, n_metrics)) + 50
     checkpoint = Checkpoint(build_model("zoom-cnn", n_metrics, WINDOW), "zoom-cnn", metrics,
                             WINDOW, Normalizer.fit(history), 0.5)
-    variances = (0.0, 0.9) if n_metrics >= SUBSPACE_MIN_METRICS else (0.0,)
+    # Narrower VMs get neither part (SUBSPACE_MIN_METRICS, STATES_MIN_METRICS): one graph.
+    wide = n_metrics >= min(SUBSPACE_MIN_METRICS, STATES_MIN_METRICS)
     sessions = {}
-    for variance in variances:
-        for states in (0, NORMAL_STATES):
+    for variance in (0.0, 0.9) if wide else (0.0,):
+        for states in (0, NORMAL_STATES) if wide else (0,):
             adaptation = fit_adaptation(checkpoint.model, history, WINDOW, cnn_weight=0.0,
                                         subspace_variance=variance, normal_states=states)
             parts = ["deviation"]

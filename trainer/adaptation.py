@@ -21,8 +21,9 @@ unusual for this VM". The unsupervised parts present share equally (s = t = 1/3;
 one of the last two, 1/2): one metric far off, many metrics a little off together and
 a state the VM is never in are all anomalies, no label says which to trust more, and
 the mean of standardized detectors is the plainest ensemble (measured on SMD,
-docs/detection.md). With `subspace_variance` 0 (s = 0) and `normal_states` 0 (t = 0)
-the deviation stands alone.
+docs/detection.md). The last two are fitted only on wide metric sets (16 metrics or
+more); on the agent's 4 default metrics, or with `subspace_variance` 0 (s = 0) and
+`normal_states` 0 (t = 0), the deviation stands alone.
 `offset` is the threshold on z, placed by a peaks-over-threshold fit of z on the VM's
 own windows (vmad.evaluation.tail_threshold) so that `target false-alarm rate` of
 normal windows exceed it, and never below two floors: the z of a window whose network
@@ -375,9 +376,9 @@ def fit_adaptation(
     The unsupervised part is the mean (`fit_fusion`) of the per-metric deviation and,
     with `subspace_variance` > 0 (and a wide metric set), the distance from the
     principal subspace explaining that share of the VM's variance, and with
-    `normal_states` > 0 the distance from the nearest of that many usual states
-    (trainer/states.py). The defaults here leave both out; the trainer passes its
-    settings.
+    `normal_states` > 0 (and a wide metric set) the distance from the nearest of that
+    many usual states (trainer/states.py). The defaults here leave both out; the
+    trainer passes its settings.
     """
     from vmad.trainer.training import predict_logits
 
@@ -392,7 +393,7 @@ def fit_adaptation(
     # so one normalized unit is the least spread a metric may claim.
     residual = ResidualModel.fit(normalized, components=components, spread_floor=1.0)
     subspace = ResidualModel.fit_normal_subspace(normalized, subspace_variance)
-    states = NormalStates.fit(normalized, residual, normal_states)
+    states = NormalStates.fit_usual(normalized, residual, normal_states)
     newest = normalized[window - 1:]
     deviation = residual.score_samples(newest)
     distance = None if subspace is None else subspace.score_samples(newest)

@@ -139,7 +139,7 @@ class AdaptationSettings(StrictModel):
         description="the unsupervised part also averages in the largest per-metric "
                     "distance from the nearest of this many usual states of the VM "
                     "(k-means of its history: a VM busy by turns is normal in each "
-                    "state); 0 = no such part")
+                    "state; on 16 metrics or more); 0 = no such part")
     scale_floors: list[float] | None = Field(
         None, description="least normalization scale per metric, in its units; null = "
                           "vmad.schema.DEFAULT_SCALE_FLOORS for the default metrics, else 0")

@@ -128,8 +128,8 @@ class ProtocolConfig:
     `adaptation.refresh_samples`, `history_samples`): every `refresh` samples of the
     test part on the newest `history` samples outside earlier alarms (and the head's
     events); 0 = one fit on the whole train part (and the head's normal samples), the
-    protocol before the trainer's schedule was simulated. `pca`, the operator's baseline, is fitted once either way;
-    so is every row under `head_rule="best_f1"`."""
+    protocol before the trainer's schedule was simulated. `pca`, the operator's
+    baseline, is fitted once either way; so is every row under `head_rule="best_f1"`."""
 
     window: int = 64
     finetune_share: float = 0.3
@@ -467,7 +467,8 @@ class _LabelFreeFit:
             # unsupervised part (each where its setting lets it: else None).
             parts = [detector.model,
                      ResidualModel.fit_normal_subspace(fit_values, config.subspace_variance),
-                     NormalStates.fit(fit_values, detector.model, config.normal_states)]
+                     NormalStates.fit_usual(fit_values, detector.model,
+                                            config.normal_states)]
             fit_parts = [None if part is None else part.score_samples(fit_values)
                          for part in parts]
             test_parts = [None if part is None else part.score_samples(self.test_values)
