@@ -22,7 +22,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.cluster.vq import kmeans2
 
 from vmad.detectors import register
 from vmad.trainer.residual import SUBSPACE_MIN_METRICS, ResidualModel
@@ -62,6 +61,10 @@ class NormalStates:
             return None
         if values.ndim != 2 or len(values) < 2:
             raise ValueError(f"need [samples >= 2, metrics] values, got {values.shape}")
+        # Here, not at the top: the trainer's config imports this module, and `vmad
+        # validate` checks a trainer.yaml on an agent's install, which has no scipy.
+        from scipy.cluster.vq import kmeans2
+
         units = (values - deviation.mean) / deviation.spread
         with warnings.catch_warnings():
             # An empty cluster keeps its seed point; it is dropped below.
