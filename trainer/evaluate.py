@@ -469,10 +469,11 @@ class _LabelFreeFit:
                      ResidualModel.fit_normal_subspace(fit_values, config.subspace_variance),
                      NormalStates.fit_usual(fit_values, detector.model,
                                             config.normal_states)]
-            fit_parts = [None if part is None else part.score_samples(fit_values)
-                         for part in parts]
-            test_parts = [None if part is None else part.score_samples(self.test_values)
-                          for part in parts]
+            # The deviation's scores are those above.
+            fit_parts = [fit_scores] + [None if part is None else part.score_samples(
+                fit_values) for part in parts[1:]]
+            test_parts = [scores] + [None if part is None else part.score_samples(
+                self.test_values) for part in parts[1:]]
             network = self.shipped.threshold if config.network_floor else None
             injected = _injected_parts(fit_values, self.target, self.shipped, parts, config) \
                 if config.weight_rule != "fixed" else None
