@@ -256,11 +256,10 @@ class VMAdaptation:
         if (states is None) != (fusion.state_share == 0.0):
             raise ValueError("adaptation's fusion and states disagree: a state share "
                              "needs states and states need a share")
-        if states is not None and len(states.mean) != len(np.asarray(
-                data["residual"]["mean"])):
+        residual = ResidualModel.from_dict(data["residual"])
+        if states is not None and len(states.mean) != len(residual.mean):
             raise ValueError("adaptation's states and residual have different metric counts")
-        return cls(Normalizer.from_dict(data["normalization"]),
-                   ResidualModel.from_dict(data["residual"]), fusion,
+        return cls(Normalizer.from_dict(data["normalization"]), residual, fusion,
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
                    {k: float(v) for k, v in (data.get("quality") or {}).items()},
