@@ -353,14 +353,17 @@ def test_the_network_weight_goes_to_the_part_that_ranks_faults() -> None:
 
 def test_detector_registry_creates_by_name() -> None:
     from vmad.detectors import Detector, create, names
-    from vmad.trainer import pca_detector, residual  # noqa: F401 - they register themselves
+    from vmad.trainer import pca_detector, residual, states  # noqa: F401 - they register
 
-    assert {"pca", "residual"} <= set(names())
+    assert {"pca", "residual", "subspace", "states"} <= set(names())
     train = np.random.default_rng(0).normal(size=(300, 5))
-    for name in ("pca", "residual"):
+    for name in ("pca", "residual", "subspace", "states"):
         detector = create(name).fit(train)
         assert isinstance(detector, Detector)
         assert detector.score_samples(train[:7]).shape == (7,)
+    for name, kind in (("residual", "ResidualDetector"), ("states", "StatesDetector")):
+        with pytest.raises(RuntimeError, match=f"{kind} used before fit"):
+            create(name).score_samples(train[:7])
     with pytest.raises(ValueError, match="unknown detector 'lstm'"):
         create("lstm")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmad.detectors import register
+from vmad.detectors import FittedModelDetector, register
 
 __all__ = ["NORMS", "SUBSPACE_MIN_METRICS", "SUBSPACE_VARIANCE", "ResidualDetector",
            "ResidualModel", "components_for_variance", "explained_components"]
@@ -148,7 +148,7 @@ class ResidualModel:
         return cls(mean, components, spread, str(data.get("norm", "max")))
 
 
-class ResidualDetector:
+class ResidualDetector(FittedModelDetector):
     """`ResidualModel` behind the `vmad.detectors.Detector` interface."""
 
     def __init__(self, components: int = 0, spread_floor: float = 1.0, norm: str = "max",
@@ -165,17 +165,6 @@ class ResidualDetector:
             else components_for_variance(train, self.variance)
         self.model = ResidualModel.fit(train, components, self.spread_floor, self.norm)
         return self
-
-    def _fitted(self) -> ResidualModel:
-        if self.model is None:
-            raise RuntimeError("ResidualDetector used before fit")
-        return self.model
-
-    def score_samples(self, values: np.ndarray) -> np.ndarray:
-        return self._fitted().score_samples(values)
-
-    def contributions(self, values: np.ndarray) -> np.ndarray:
-        return self._fitted().contributions(values)
 
 
 register("residual", ResidualDetector)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmad.detectors import register
+from vmad.detectors import FittedModelDetector, register
 from vmad.trainer.residual import SUBSPACE_MIN_METRICS, ResidualModel
 
 __all__ = ["NORMAL_STATES", "STATES_MIN_METRICS", "NormalStates", "StatesDetector"]
@@ -125,7 +125,7 @@ class NormalStates:
         return cls(mean, spread, centres)
 
 
-class StatesDetector:
+class StatesDetector(FittedModelDetector):
     """`NormalStates` behind the `vmad.detectors.Detector` interface, in the units of the
     per-metric deviation fitted on the same samples (as the trainer fits both)."""
 
@@ -138,17 +138,6 @@ class StatesDetector:
         deviation = ResidualModel.fit(train, components=0, spread_floor=self.spread_floor)
         self.model = NormalStates.fit(train, deviation, max(self.states, 1))
         return self
-
-    def _fitted(self) -> NormalStates:
-        if self.model is None:
-            raise RuntimeError("StatesDetector used before fit")
-        return self.model
-
-    def score_samples(self, values: np.ndarray) -> np.ndarray:
-        return self._fitted().score_samples(values)
-
-    def contributions(self, values: np.ndarray) -> np.ndarray:
-        return self._fitted().contributions(values)
 
 
 register("states", StatesDetector)

@@ -14,11 +14,11 @@ bundles. NumPy only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Detector", "create", "names", "register"]
+__all__ = ["Detector", "FittedModelDetector", "create", "names", "register"]
 
 
 @runtime_checkable
@@ -26,6 +26,24 @@ class Detector(Protocol):
     def fit(self, train: np.ndarray) -> Detector: ...
 
     def score_samples(self, values: np.ndarray) -> np.ndarray: ...
+
+
+class FittedModelDetector:
+    """A detector whose `fit` builds one model (`self.model`) that scores and blames
+    samples itself: scoring before `fit` is refused by name instead of failing on None."""
+
+    model: Any = None
+
+    def _fitted(self) -> Any:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} used before fit")
+        return self.model
+
+    def score_samples(self, values: np.ndarray) -> np.ndarray:
+        return self._fitted().score_samples(values)
+
+    def contributions(self, values: np.ndarray) -> np.ndarray:
+        return self._fitted().contributions(values)
 
 
 _REGISTRY: dict[str, Callable[..., Detector]] = {}
