@@ -90,6 +90,7 @@ def run_like_trainer(
     step = refresh or n
     run = 0  # windows in a row at the threshold, carried across refits as in the agent
     chosen: list[float] = []
+    preferred: float | None = None  # the previous fit's preferred network weight
     known = labels is not None and labelled_until > 0
     for start in range(warmup, n, step):
         stop = min(n, start + step)
@@ -112,7 +113,8 @@ def run_like_trainer(
             injected=injected_validation_set(raw, window) if cnn_weights else None,
             cnn_weights=cnn_weights,
             subspace_variance=settings.subspace_variance,
-            normal_states=settings.normal_states)
+            normal_states=settings.normal_states, preferred_before=preferred)
+        preferred = adaptation.preferred_cnn_weight
         chosen.append(adaptation.fusion.cnn_weight)
         normalized = adaptation.normalizer.apply(values[start - window + 1:stop])
         logits = predict_logits(model, make_windows(normalized, window))

@@ -4,6 +4,7 @@ contributions reach the store, and HitRate counts what it should."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -149,8 +150,14 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
                  verdicts=[(float(vm.timestamps[700]), 0.99, True, bundle.metadata.version,
                             (0.1, 7.0, 0.2, 0.3))])
     assert models.needs_adaptation("vm")
+    first = models.adaptation("vm")
     models.adapt("vm")
-    assert models.adaptation("vm").generation == 2
+    second = models.adaptation("vm")
+    assert second.generation == 2
+    # The refit uses no more network weight than the first fit preferred.
+    assert first.preferred_cnn_weight is not None and second.preferred_cnn_weight is not None
+    assert second.fusion.cnn_weight == min(first.preferred_cnn_weight,
+                                           second.preferred_cnn_weight)
     assert models.bundle("vm").metadata.version != bundle.metadata.version
     [(ts, contributions)] = store.contributions("vm")
     assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
@@ -349,6 +356,45 @@ def test_the_network_weight_goes_to_the_part_that_ranks_faults() -> None:
     assert choose_cnn_weight(fusion, signal, np.exp(noise), labels, grid) == 1.0
     assert choose_cnn_weight(fusion, signal, np.exp(noise), np.zeros(2000), grid) == 0.5
     assert choose_cnn_weight(fusion, signal, np.exp(noise), labels, ()) == 0.5
+
+
+def test_a_network_weight_is_taken_up_only_when_two_fits_in_a_row_prefer_it() -> None:
+    """The weight a fit uses is the lower of its own preference and the previous fit's;
+    the preference is saved with the adaptation (and refused out of [0, 1])."""
+    from vmad.trainer.adaptation import VMAdaptation, confirmed_weight
+    from vmad.trainer.checkpoint import load_default_checkpoint
+    from vmad.trainer.injection import injected_validation_set
+
+    assert confirmed_weight(0.75, None) == 0.75
+    assert confirmed_weight(0.75, 0.25) == 0.25
+    assert confirmed_weight(0.0, 1.0) == 0.0
+    shipped = load_default_checkpoint()  # a network the injected faults give weight
+    vm, _ = generate_vm(900, 720, fault_rate=0.0)
+    history = vm.values
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def fit(before: float | None):
+        return fit_adaptation(shipped.model, history, shipped.window, cnn_weight=0.5,
+                              injected=injected_validation_set(history, shipped.window),
+                              cnn_weights=grid, preferred_before=before)
+
+    alone = fit(None)
+    preferred = alone.preferred_cnn_weight
+    assert preferred is not None and preferred > 0.0 and alone.fusion.cnn_weight == preferred
+    for before in grid:
+        adaptation = fit(before)
+        assert adaptation.preferred_cnn_weight == preferred  # its own view is unchanged
+        assert adaptation.fusion.cnn_weight == min(preferred, before)
+    # Without a choice there is no preference to pass on.
+    assert fit_adaptation(shipped.model, history, shipped.window).preferred_cnn_weight is None
+    saved = alone.to_json()
+    assert VMAdaptation.from_json(saved).preferred_cnn_weight == preferred
+    data = json.loads(saved)
+    del data["preferred_cnn_weight"]  # saved before the preference was kept
+    assert VMAdaptation.from_json(json.dumps(data)).preferred_cnn_weight is None
+    data["preferred_cnn_weight"] = 1.5
+    with pytest.raises(ValueError, match="preferred network weight must lie in"):
+        VMAdaptation.from_json(json.dumps(data))
 
 
 def test_detector_registry_creates_by_name() -> None:

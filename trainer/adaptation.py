@@ -64,8 +64,8 @@ from vmad.trainer.states import NormalStates
 from vmad.windows import Normalizer, make_windows
 
 __all__ = ["USUAL_SCORE", "Fusion", "VMAdaptation", "alarm_covered",
-           "best_ranking", "choose_cnn_weight", "fit_adaptation", "fit_fusion",
-           "in_threshold_units", "offset_floor", "outside_alarms", "refit_values",
+           "best_ranking", "choose_cnn_weight", "confirmed_weight", "fit_adaptation",
+           "fit_fusion", "in_threshold_units", "offset_floor", "outside_alarms", "refit_values",
            "robust_location", "threshold_units"]
 
 # Spread floor of each fused part in its own units: a part that hardly varies on the
@@ -211,6 +211,10 @@ class VMAdaptation:
     subspace: ResidualModel | None = None
     # The usual states whose distance shares it (`fusion.state_share`); None: no such part.
     states: NormalStates | None = None
+    # The network weight this fit's injected faults preferred (`choose_cnn_weight`); the
+    # next fit uses no more than it (`fit_adaptation`'s `preferred_before`). None: no
+    # choice was made (or saved before it was kept).
+    preferred_cnn_weight: float | None = None
 
     def score(self, logits: np.ndarray, newest: np.ndarray) -> np.ndarray:
         """The fused score (what the bundle's graph computes) of windows whose network
@@ -239,6 +243,8 @@ class VMAdaptation:
             data["subspace"] = self.subspace.to_dict()
         if self.states is not None:
             data["states"] = self.states.to_dict()
+        if self.preferred_cnn_weight is not None:
+            data["preferred_cnn_weight"] = self.preferred_cnn_weight
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -259,12 +265,18 @@ class VMAdaptation:
         residual = ResidualModel.from_dict(data["residual"])
         if states is not None and len(states.mean) != len(residual.mean):
             raise ValueError("adaptation's states and residual have different metric counts")
+        preferred = data.get("preferred_cnn_weight")
+        if preferred is not None:
+            preferred = float(preferred)
+            if not 0.0 <= preferred <= 1.0:
+                raise ValueError(f"adaptation's preferred network weight must lie in [0, 1], "
+                                 f"got {preferred}")
         return cls(Normalizer.from_dict(data["normalization"]), residual, fusion,
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
                    {k: float(v) for k, v in (data.get("quality") or {}).items()},
                    AttributionModel.from_dict(data["attribution"]) if data.get("attribution")
-                   else None, subspace, states)
+                   else None, subspace, states, preferred)
 
 
 def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
@@ -316,6 +328,12 @@ def choose_cnn_weight(fusion: Fusion, logits: np.ndarray, deviation: np.ndarray,
     return fusion.cnn_weight if best < 0 else float(ordered[best])
 
 
+def confirmed_weight(preferred: float, preferred_before: float | None) -> float:
+    """The network weight a fit uses: the lower of the one it `preferred` and the one the
+    previous fit preferred (its own on a first fit, `preferred_before` None)."""
+    return preferred if preferred_before is None else min(preferred, preferred_before)
+
+
 def outside_alarms(values: np.ndarray, timestamps: np.ndarray, alarm_times: np.ndarray,
                    span: float, window: int, keep: np.ndarray | None = None,
                    normal: np.ndarray | None = None) -> np.ndarray:
@@ -361,6 +379,7 @@ def fit_adaptation(
     normalizer: Normalizer | None = None,
     injected: InjectedSet | None = None, cnn_weights: Sequence[float] = (),
     subspace_variance: float = 0.0, normal_states: int = 0,
+    preferred_before: float | None = None,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
@@ -371,7 +390,12 @@ def fit_adaptation(
     threshold) are the floors of the offset described in the module docstring.
     With `injected` (raw windows of the VM's history with faults injected,
     trainer/injection.py) the network's weight is the one of `cnn_weights` that ranks
-    those faults best (`choose_cnn_weight`), else `cnn_weight`.
+    those faults best (`choose_cnn_weight`), else `cnn_weight`; but no more than
+    `preferred_before`, the weight the VM's previous fit preferred: the network's share
+    grows only when two fits in a row want it, and shrinks as soon as one does not.
+    (Injected faults rank the weights apart by a few thousandths of AUC; a preference
+    that flips from one refit to the next is noise, and each flip changes what the
+    score measures.)
     The unsupervised part is the mean (`fit_fusion`) of the per-metric deviation and,
     with `subspace_variance` > 0 (and a wide metric set), the distance from the
     principal subspace explaining that share of the VM's variance, and with
@@ -398,14 +422,16 @@ def fit_adaptation(
     distance = None if subspace is None else subspace.score_samples(newest)
     state = None if states is None else states.score_samples(newest)
     fusion = fit_fusion(logits, deviation, cnn_weight, distance, state)
+    preferred = None
     if injected is not None and len(cnn_weights):
         windows = normalizer.apply_windows(injected.windows)
         last = windows[:, :, -1]
-        fusion = replace(fusion, cnn_weight=choose_cnn_weight(
+        preferred = choose_cnn_weight(
             fusion, predict_logits(model, windows), residual.score_samples(last),
             injected.labels, cnn_weights,
             None if subspace is None else subspace.score_samples(last),
-            None if states is None else states.score_samples(last)))
+            None if states is None else states.score_samples(last))
+        fusion = replace(fusion, cnn_weight=confirmed_weight(preferred, preferred_before))
     fitted_z = fusion.z(logits, deviation, distance, state)
     offset = max(tail_threshold(fitted_z, false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
@@ -413,4 +439,4 @@ def fit_adaptation(
     attribution = AttributionModel.fit(normalized, window)
     return VMAdaptation(normalizer, residual, fusion, 0.5, len(raw),
                         received, now, generation, attribution=attribution,
-                        subspace=subspace, states=states)
+                        subspace=subspace, states=states, preferred_cnn_weight=preferred)

@@ -71,6 +71,7 @@ from vmad.synthetic import generate_fleet
 from vmad.trainer import pca_detector, residual, states  # noqa: F401 - register detectors
 from vmad.trainer.adaptation import (
     choose_cnn_weight,
+    confirmed_weight,
     fit_fusion,
     offset_floor,
     outside_alarms,
@@ -450,6 +451,9 @@ class _LabelFreeFit:
         self.kind, self.config, self.shipped, self.target = kind, config, shipped, target
         self.test_values, self.labels, self.cut = test_values, labels, cut
         self.test_logits = test_logits
+        # The network weight the previous fit preferred (trainer/adaptation.py's
+        # `confirmed_weight`): fits follow one another as the trainer's refits do.
+        self.preferred: float | None = None
 
     def fit(self, fit_values: np.ndarray, fit_logits: np.ndarray | None,
             ) -> tuple[Any, np.ndarray, float, dict[str, float]]:
@@ -477,9 +481,9 @@ class _LabelFreeFit:
             network = self.shipped.threshold if config.network_floor else None
             injected = _injected_parts(fit_values, self.target, self.shipped, parts, config) \
                 if config.weight_rule != "fixed" else None
-            fit_scores, scores, weight, floor = _fuse(
+            fit_scores, scores, weight, floor, self.preferred = _fuse(
                 (fit_logits, self.test_logits), fit_parts, test_parts, labels, cut, config,
-                network, injected)
+                network, injected, self.preferred)
             extra = {"cnn_weight": weight}
         finite = fit_scores[np.isfinite(fit_scores)]
         if config.labels == "none" or config.head_rule == "refit":
@@ -526,16 +530,19 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray | No
           test_parts: list[np.ndarray | None], labels: np.ndarray, cut: int,
           config: ProtocolConfig, network_threshold: float | None,
           injected: tuple[np.ndarray, list[np.ndarray | None], np.ndarray] | None = None,
-          ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Fused fitting-data and test scores, the network weight used and the floor under
-    the threshold (trainer/adaptation.py's `offset_floor`). The unsupervised parts are
-    the deviation, the distance from the subspace and the distance from the nearest
-    state, in that order (None: not part of the score).
+          preferred_before: float | None = None,
+          ) -> tuple[np.ndarray, np.ndarray, float, float, float | None]:
+    """Fused fitting-data and test scores, the network weight used, the floor under
+    the threshold (trainer/adaptation.py's `offset_floor`) and the weight this fit
+    preferred (None: no choice). The unsupervised parts are the deviation, the distance
+    from the subspace and the distance from the nearest state, in that order (None: not
+    part of the score).
 
     The weight is the one of `fusion_weights` whose fused score ranks the `injected`
     faults best (logits, parts, labels; `choose_cnn_weight`), as the trainer does;
     with `weight_rule="head"` and labelled anomalies on the head, the one that ranks
-    those best; `cnn_weight` without either."""
+    those best; `cnn_weight` without either. A chosen weight is no more than
+    `preferred_before`, the previous fit's preference (`confirmed_weight`)."""
     fit_logits, test_logits = logits
     usable = np.isfinite(fit_logits)
     # The head's samples with a full window for the network.
@@ -546,21 +553,24 @@ def _fuse(logits: tuple[np.ndarray, np.ndarray], fit_parts: list[np.ndarray | No
     # Samples without a full window yet: the network part sits at its median (neutral).
     fit_logits = np.where(usable, fit_logits, fusion.cnn_center)
     test_logits = np.where(np.isfinite(test_logits), test_logits, fusion.cnn_center)
-    weight = config.cnn_weight
+    preferred = None
     if config.weight_rule == "head" and config.labels != "none" and cut \
             and labels[head].any() and not labels[head].all():
-        weight = choose_cnn_weight(fusion, test_logits[head], test_parts[0][head],
-                                   labels[head], config.fusion_weights,
-                                   *(None if part is None else part[head]
-                                     for part in test_parts[1:]))
+        preferred = choose_cnn_weight(fusion, test_logits[head], test_parts[0][head],
+                                      labels[head], config.fusion_weights,
+                                      *(None if part is None else part[head]
+                                        for part in test_parts[1:]))
     elif injected is not None:
         injected_logits, injected_parts, injected_labels = injected
-        weight = choose_cnn_weight(fusion, injected_logits, injected_parts[0], injected_labels,
-                                   config.fusion_weights, *injected_parts[1:])
+        preferred = choose_cnn_weight(fusion, injected_logits, injected_parts[0],
+                                      injected_labels, config.fusion_weights,
+                                      *injected_parts[1:])
+    weight = config.cnn_weight if preferred is None else \
+        confirmed_weight(preferred, preferred_before)
     fusion = replace(fusion, cnn_weight=weight)
     floor = offset_floor(fusion, config.min_deviation, network_threshold)
     return (fusion.z(fit_logits, *fit_parts), fusion.z(test_logits, *test_parts),
-            float(weight), floor)
+            float(weight), floor, preferred)
 
 
 def run_detection_benchmark(

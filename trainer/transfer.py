@@ -258,7 +258,8 @@ class VMModels:
             network_threshold=checkpoint.threshold if settings.network_floor else None,
             received=counters.received if counters else 0, now=now,
             generation=previous.generation + 1 if previous else 1,
-            normalizer=previous.normalizer if keep_normalizer and previous else None)
+            normalizer=previous.normalizer if keep_normalizer and previous else None,
+            preferred_before=previous.preferred_cnn_weight if previous else None)
         self._save_adaptation(vm_id, adaptation)
         bundle = self.bundle(vm_id)
         quality = self._injected_quality(injected, bundle) if injected is not None else {}

@@ -142,10 +142,15 @@ class ActionWorker:
         outcome = self.models.adapt(vm_id)
         adaptation = self.models.adaptation(vm_id)
         quality = adaptation.quality if adaptation else {}
+        weight = "-"
+        if adaptation:
+            used, preferred = adaptation.fusion.cnn_weight, adaptation.preferred_cnn_weight
+            weight = f"{used:g}" if preferred is None or preferred == used else \
+                f"{used:g} (this fit preferred {preferred:g}; taken up once the next agrees)"
         log.info("VM %s: adapted on %d samples in %.1f s -> %s; network weight %s; "
                  "deviation: %s; on its own history with injected faults: %s", vm_id,
                  adaptation.samples_fitted if adaptation else 0, outcome.seconds,
-                 outcome.version, f"{adaptation.fusion.cnn_weight:g}" if adaptation else "-",
+                 outcome.version, weight,
                  adaptation.describe() if adaptation else "-",
                  ", ".join(f"{k} {v:.3f}" for k, v in quality.items()) or "-")
         return outcome
