@@ -24,7 +24,8 @@ The label-free detectors need no pretraining per target, so they cost seconds:
   `residual` as the agent's bundle does (trainer/adaptation.py). The network's weight
   is the one of `fusion_weights` that best ranks faults injected into the newest
   `history_samples` of the fitted data (trainer/injection.py's generic shifts, ramps
-  and spikes, as the trainer does for metrics other than its default four); with
+  and spikes, as the trainer does for metrics other than its default four), but no
+  more than the previous fit preferred (`confirmed_weight`); with
   `weight_rule="head"` the head's labels pick it where they hold an anomaly, and with
   "fixed" it is `cnn_weight`.
 With `labels="none"` no label of the target is used: thresholds flag `false_alarm_rate`
