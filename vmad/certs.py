@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROLES", "authorize", "issue_certificate", "parse_identity", "peer_identity"]
+__all__ = ["ROLES", "authorize", "host_names", "issue_certificate", "parse_identity",
+           "peer_identity"]
 
 ROLES = ("vm", "trainer")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -42,6 +43,21 @@ def peer_identity(context: Any) -> tuple[str, str] | None:
         return parse_identity(names[0].decode())
     except UnicodeDecodeError:
         return None
+
+
+def host_names(hosts: Sequence[str]) -> list[Any]:
+    """The subject alternative names a server certificate carries for `hosts`: an IP
+    address where the host is one (agents that dial an address check it as such), else
+    a DNS name."""
+    from cryptography import x509
+
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
 
 
 def issue_certificate(ca_dir: str | Path, role: str, ident: str,
@@ -93,13 +109,8 @@ def issue_certificate(ca_dir: str | Path, role: str, ident: str,
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if role == "trainer":
-        sans: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(host_names(hosts)),
+                                        critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     key_path.touch(mode=0o600, exist_ok=True)
     key_path.chmod(0o600)

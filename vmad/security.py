@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hmac
-import ipaddress
 import logging
 import threading
 from collections import Counter
@@ -39,6 +38,7 @@ from typing import Any
 import grpc
 from pydantic import Field
 
+from vmad.certs import host_names
 from vmad.config import StrictModel
 
 __all__ = [
@@ -456,12 +456,7 @@ def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", "127.
     write_key(ca_key, paths["ca-key"])
     paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
+    sans = host_names(hosts)
     # The server certificate is also a client one: a trainer serves agents and calls the
     # controller with the same certificate.
     for role, usages in (("server", [ExtendedKeyUsageOID.SERVER_AUTH,
