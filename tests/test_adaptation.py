@@ -684,15 +684,16 @@ def test_normal_states_are_fitted_deterministically_and_only_used_centres_kept()
     values = np.repeat(np.array([[0.0, 0.0], [10.0, 10.0]]), 50, axis=0)
     deviation = ResidualModel.fit(values, components=0, spread_floor=1.0)
     states = NormalStates.fit(values, deviation, 16)
-    assert states is not None
     # Two distinct points: k-means cannot hold more than two used centres.
     assert len(states.centres) <= 2
     assert np.allclose(states.score_samples(values), 0.0)
     again = NormalStates.fit(values, deviation, 16)
-    assert again is not None and np.array_equal(states.centres, again.centres)
-    assert NormalStates.fit(values, deviation, 0) is None
-    with pytest.raises(ValueError, match="normal states"):
-        NormalStates.fit(values, deviation, -1)
+    assert np.array_equal(states.centres, again.centres)
+    # Zero states is "off", which only `fit_usual` knows; a fit needs at least one.
+    with pytest.raises(ValueError, match="normal states must be >= 1"):
+        NormalStates.fit(values, deviation, 0)
+    with pytest.raises(ValueError, match="normal states must be >= 0"):
+        NormalStates.fit_usual(np.zeros((4, 16)), deviation, -1)
     # A sample 3 spreads off the nearest state in one metric scores 3.
     probe = np.array([[10.0 + 3 * deviation.spread[0], 10.0]])
     assert np.isclose(states.score_samples(probe)[0], 3.0)

@@ -51,14 +51,12 @@ class NormalStates:
 
     @classmethod
     def fit(cls, values: np.ndarray, deviation: ResidualModel, states: int = NORMAL_STATES,
-            seed: int = 0) -> NormalStates | None:
-        """The usual states of normalized `values[N, M]`, in the units of `deviation` (the
-        per-metric deviation fitted on the same values). None for `states` 0."""
-        if states < 0:
-            raise ValueError(f"normal states must be >= 0, got {states}")
+            seed: int = 0) -> NormalStates:
+        """At most `states` usual states of normalized `values[N, M]`, in the units of
+        `deviation` (the per-metric deviation fitted on the same values)."""
+        if states < 1:
+            raise ValueError(f"normal states must be >= 1 to fit, got {states}")
         values = np.asarray(values, dtype=np.float64)
-        if states == 0:
-            return None
         if values.ndim != 2 or len(values) < 2:
             raise ValueError(f"need [samples >= 2, metrics] values, got {values.shape}")
         # Here, not at the top: the trainer's config imports this module, and `vmad
@@ -79,7 +77,9 @@ class NormalStates:
     def fit_usual(cls, values: np.ndarray, deviation: ResidualModel,
                   states: int = NORMAL_STATES) -> NormalStates | None:
         """The states the fused score uses: `fit`, where the VM reports at least
-        `STATES_MIN_METRICS` metrics and `states` > 0; else None."""
+        `STATES_MIN_METRICS` metrics and `states` > 0 (0 turns them off); else None."""
+        if states < 0:
+            raise ValueError(f"normal states must be >= 0, got {states}")
         if states == 0 or np.shape(values)[1] < STATES_MIN_METRICS:
             return None
         return cls.fit(values, deviation, states)
