@@ -47,4 +47,7 @@ done
 for config in "$root"/deploy/*.yaml; do
   "$vmad" validate "$config"
 done
+# The agent's out-of-box model is package data: it must load from the installed wheel.
+"$work/venv/bin/python" -c "from vmad.bundle import load_default_bundle as load
+print('default bundle ok:', load().metadata.version)"
 echo "wheel ok: $(basename "$wheel")"
