@@ -163,6 +163,27 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
 
 
+def test_a_vm_that_arrives_with_a_backlog_is_first_fitted_on_all_of_it(checkpoint,
+                                                                       tmp_path) -> None:
+    from vmad.labels import LabelInterval
+    from vmad.trainer.transfer import VMModels
+
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                      adaptation=AdaptationSettings(warmup_samples=300, refresh_samples=100,
+                                                    history_samples=600))
+    vm, _ = generate_vm(7, 800, fault_rate=0.0)
+    # 800 samples in one go (an agent's spool after the trainer was unreachable), 100 of
+    # them labelled anomalous: the first fit takes the newest 600 but those 100.
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 801), vm.timestamps, vm.values)
+    store.add_labels("vm", [LabelInterval(float(vm.timestamps[500]),
+                                          float(vm.timestamps[599]), True, "operator")])
+    assert models.needs_adaptation("vm")
+    models.adapt("vm")
+    assert models.adaptation("vm").generation == 1
+    assert models.adaptation("vm").samples_fitted == 500
+
+
 def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint, tmp_path,
                                                                   caplog) -> None:
     from vmad.labels import LabelInterval

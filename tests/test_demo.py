@@ -37,3 +37,14 @@ def test_demo_runs_and_flags_the_real_leak(tmp_path: Path) -> None:
     assert leak is not None, output[-4000:]
     assert leak.group(1) == "flagged", output[-4000:]
     assert "stream errors 0" in output, output[-4000:]
+    # Each VM's faults and false alarms add up to the totals.
+    totals = re.search(r"faults (\d+) detected / \d+ missed of (\d+); false alarms (\d+);",
+                       output)
+    by_vm = re.search(r"by VM \(faults detected/of, false alarms\): (.*)", output)
+    assert totals is not None and by_vm is not None, output[-4000:]
+    rows = [re.fullmatch(r"\S+ (\d+)/(\d+) (\d+)", part) for part in by_vm.group(1).split(", ")]
+    simulated = re.search(r"(\d+) simulated VMs", output)
+    assert simulated is not None and all(rows), by_vm.group(0)
+    assert len(rows) == int(simulated.group(1)), by_vm.group(0)
+    assert [sum(int(row.group(k)) for row in rows) for k in (1, 2, 3)] == \
+        [int(totals.group(k)) for k in (1, 2, 3)], output[-4000:]

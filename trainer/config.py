@@ -103,7 +103,7 @@ class AdaptationSettings(StrictModel):
     refresh_samples: int = Field(
         720, ge=1, description="refit after this many more samples (720 = 1 h at 5 s)")
     history_samples: int = Field(
-        4_320, ge=80, description="newest samples a refit uses (4,320 = 6 h at 5 s)")
+        4_320, ge=80, description="newest samples a fit uses (4,320 = 6 h at 5 s)")
     alarm_after: int = Field(
         3, ge=1, le=MAX_ALARM_AFTER, description="windows in a row at the threshold before "
                                                  "a verdict is anomalous (as Prometheus' "

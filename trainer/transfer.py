@@ -209,14 +209,19 @@ class VMModels:
         return list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS else 0.0
 
     def _normal_history(self, vm_id: str, first: bool) -> np.ndarray:
-        """Raw samples to fit on: the first warm-up samples, or on a refresh the newest
-        `history_samples` outside flagged windows (unless labelled normal) and anomalous
-        labels."""
+        """Raw samples to fit on: the newest `history_samples` outside anomalous labels
+        and, on a refresh, outside flagged windows (unless labelled normal)."""
         settings = self.adaptation_settings
-        recent = self.store.recent(vm_id, settings.warmup_samples if first
-                                   else settings.history_samples)
-        if first or not len(recent):
+        # The first fit too takes all the VM has sent, up to the history: usually its
+        # warm-up, but more where it arrived with a backlog (an agent's spool after the
+        # trainer was unreachable), and more of its normal fits better.
+        recent = self.store.recent(vm_id, settings.history_samples)
+        if not len(recent):
             return recent.values
+        if first:
+            # The warm-up bundle raises no alarm: only labels can leave samples out.
+            labels = self.store.labels_at(vm_id, recent.timestamps)
+            return refit_values(recent.values, labels != 1, self.window)
         times, _, flagged = self.store.verdicts(vm_id, len(recent))
         span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
             if len(recent) > 1 else 0.0

@@ -43,6 +43,9 @@ class ReplaySeries:
     values: np.ndarray  # float32 [N, M] in DEFAULT_METRICS order
     labels: np.ndarray  # int8 [N]
     source: str
+    # The first `history` samples are the VM's past: sent in one batch at connect, as
+    # from a VM that has run for that long, and left out of the demo's scores.
+    history: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,48 +84,69 @@ def score_events(labels: np.ndarray, flagged: np.ndarray, scored: np.ndarray,
     return EventScore(len(segments), detected, len(segments) - detected, false_alarms)
 
 
-def synthetic_series(seed: int, n_vms: int, n_samples: int) -> list[ReplaySeries]:
+def synthetic_series(seed: int, n_vms: int, n_samples: int,
+                     history: int = 0) -> list[ReplaySeries]:
+    """`n_vms` generated VMs of `history` past samples and `n_samples` replayed ones."""
     from vmad.synthetic import generate_vm
 
     out = []
     for i in range(n_vms):
-        series, _ = generate_vm(seed * 1000 + i, n_samples)
+        series, _ = generate_vm(seed * 1000 + i, history + n_samples)
         series = series.select(DEFAULT_METRICS) if series.metrics != DEFAULT_METRICS else series
         labels = (series.labels if series.labels is not None
                   else np.zeros(len(series), dtype=np.int8))
         out.append(ReplaySeries(f"synthetic-{i}", np.asarray(series.values, np.float32),
-                                np.asarray(labels, np.int8), "synthetic"))
+                                np.asarray(labels, np.int8), "synthetic", history))
     return out
 
 
+def _smd_part(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The default metrics (in the agent's units) and labels of one SMD csv; None when
+    a column is missing. The train part is unlabelled: all 0."""
+    with gzip.open(path, "rt", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        try:
+            columns = [header.index(SMD_COLUMNS[m][0]) for m in DEFAULT_METRICS]
+            label_column = header.index("label") if labelled else -1
+        except ValueError:
+            return None
+        rows = [(tuple(float(r[c]) for c in columns),
+                 int(float(r[label_column])) if labelled else 0) for r in reader]
+    values = np.array([r[0] for r in rows], dtype=np.float32).reshape(-1, len(columns))
+    values *= np.array([SMD_COLUMNS[m][1] for m in DEFAULT_METRICS], dtype=np.float32)
+    return values, np.array([r[1] for r in rows], dtype=np.int8)
+
+
 def load_smd(folder: str | Path, machines: int, n_samples: int,
-             lead: int = 300) -> list[ReplaySeries]:
+             lead: int = 300, history: int = 0) -> list[ReplaySeries]:
     """Stretches of `n_samples` from the labelled test part of the first `machines` SMD
     machines, each starting `lead` samples before its first anomaly (so a short demo
-    replays at least one)."""
+    replays at least one), after up to `history` samples of what came before it (the
+    end of the train part where the test part has too few)."""
     folder = Path(folder)
     out = []
     for machine in sorted(p for p in folder.iterdir() if (p / "test.csv.gz").is_file()):
         if len(out) >= machines:
             break
-        with gzip.open(machine / "test.csv.gz", "rt", newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader)
-            try:
-                columns = [header.index(SMD_COLUMNS[m][0]) for m in DEFAULT_METRICS]
-                label_column = header.index("label")
-            except ValueError:
-                continue
-            rows = [(tuple(float(r[c]) for c in columns), int(float(r[label_column])))
-                    for r in reader]
-        values = np.array([r[0] for r in rows], dtype=np.float32)
-        values *= np.array([SMD_COLUMNS[m][1] for m in DEFAULT_METRICS], dtype=np.float32)
-        labels = np.array([r[1] for r in rows], dtype=np.int8)
+        test = _smd_part(machine / "test.csv.gz", labelled=True)
+        if test is None:
+            continue
+        values, labels = test
         anomalous = np.flatnonzero(labels)
         start = max(0, int(anomalous[0]) - lead) if len(anomalous) else 0
-        start = min(start, max(0, len(rows) - n_samples))
-        out.append(ReplaySeries(f"smd-{machine.name}", values[start:start + n_samples],
-                                labels[start:start + n_samples], "smd"))
+        start = min(start, max(0, len(values) - n_samples))
+        train = _smd_part(machine / "train.csv.gz", labelled=False) \
+            if history > start and (machine / "train.csv.gz").is_file() else None
+        if train is not None:
+            # SMD's train part is the stretch just before its test part.
+            values = np.concatenate([train[0], values])
+            labels = np.concatenate([train[1], labels])
+            start += len(train[0])
+        past = min(history, start)
+        stretch = slice(start - past, start + n_samples)
+        out.append(ReplaySeries(f"smd-{machine.name}", values[stretch], labels[stretch],
+                                "smd", past))
     return out
 
 
@@ -251,7 +275,11 @@ class ReplayAgent:
                                 metadata=self._metadata)
         try:
             while self.sent < stop:
-                end = min(stop, self.sent + self.batch_size)
+                # The VM's past goes in one batch, so that the trainer's first fit of
+                # it sees all of it, as it would a VM that has run that long.
+                size = self.series.history - self.sent \
+                    if self.sent < self.series.history else self.batch_size
+                end = min(stop, self.sent + size)
                 self._batch_id += 1
                 outbox.put(self._batch(self.sent, end, self._batch_id))
                 self.sent = end
