@@ -174,14 +174,17 @@ def test_a_vm_that_arrives_with_a_backlog_is_first_fitted_on_all_of_it(checkpoin
                                                     history_samples=600))
     vm, _ = generate_vm(7, 800, fault_rate=0.0)
     # 800 samples in one go (an agent's spool after the trainer was unreachable), 100 of
-    # them labelled anomalous: the first fit takes the newest 600 but those 100.
-    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 801), vm.timestamps, vm.values)
+    # them labelled anomalous and one window that alarmed (under a bundle of a trainer
+    # that lost its models): the first fit takes the newest 600 but those.
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 801), vm.timestamps, vm.values,
+                 verdicts=[(float(vm.timestamps[700]), 0.99, True, "lost",
+                            (0.0, 9.0, 0.0, 0.0))])
     store.add_labels("vm", [LabelInterval(float(vm.timestamps[500]),
                                           float(vm.timestamps[599]), True, "operator")])
     assert models.needs_adaptation("vm")
     models.adapt("vm")
     assert models.adaptation("vm").generation == 1
-    assert models.adaptation("vm").samples_fitted == 500
+    assert models.adaptation("vm").samples_fitted == 600 - 100 - WINDOW
 
 
 def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint, tmp_path,

@@ -208,20 +208,16 @@ class VMModels:
             return floors
         return list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS else 0.0
 
-    def _normal_history(self, vm_id: str, first: bool) -> np.ndarray:
+    def _normal_history(self, vm_id: str) -> np.ndarray:
         """Raw samples to fit on: the newest `history_samples` outside anomalous labels
-        and, on a refresh, outside flagged windows (unless labelled normal)."""
+        and flagged windows (unless labelled normal). The first fit takes the same: the
+        warm-up bundle raises no alarm, so a new VM's warm-up is all of it, and a VM that
+        arrives with a backlog (an agent's spool after the trainer was unreachable, a
+        trainer that lost its models) is fitted on all of that, outside what alarmed."""
         settings = self.adaptation_settings
-        # The first fit too takes all the VM has sent, up to the history: usually its
-        # warm-up, but more where it arrived with a backlog (an agent's spool after the
-        # trainer was unreachable), and more of its normal fits better.
         recent = self.store.recent(vm_id, settings.history_samples)
         if not len(recent):
             return recent.values
-        if first:
-            # The warm-up bundle raises no alarm: only labels can leave samples out.
-            labels = self.store.labels_at(vm_id, recent.timestamps)
-            return refit_values(recent.values, labels != 1, self.window)
         times, _, flagged = self.store.verdicts(vm_id, len(recent))
         span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
             if len(recent) > 1 else 0.0
@@ -249,7 +245,7 @@ class VMModels:
         previous = self.adaptation(vm_id)
         settings = self.adaptation_settings
         counters = self.store.counters(vm_id)
-        raw = self._normal_history(vm_id, first=previous is None)
+        raw = self._normal_history(vm_id)
         checkpoint = self.checkpoint(vm_id)
         injected = self._injected_set(raw)
         adaptation = fit_adaptation(
@@ -300,7 +296,7 @@ class VMModels:
 
         if not self.settings.self_supervised or self.metrics != DEFAULT_METRICS:
             return None
-        history = self._normal_history(vm_id, first=False)
+        history = self._normal_history(vm_id)
         try:
             return self_supervised_data(history, self.window, seed=self.seed,
                                         real_windows=labelled.raw, real_labels=labelled.labels)
