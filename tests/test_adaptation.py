@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from vmad.trainer.residual import ResidualModel
 from vmad.trainer.store import TelemetryStore
 from vmad.trainer.training import predict_logits
 from vmad.windows import Normalizer, make_windows
+
+if TYPE_CHECKING:
+    from vmad.trainer.transfer import VMModels
 
 WINDOW = 16
 
@@ -163,15 +168,24 @@ def test_vm_is_adapted_from_its_own_first_samples_without_labels(checkpoint, tmp
     assert ts == float(vm.timestamps[700]) and contributions[1] == pytest.approx(7.0)
 
 
-def test_a_vm_that_arrives_with_a_backlog_is_first_fitted_on_all_of_it(checkpoint,
-                                                                       tmp_path) -> None:
-    from vmad.labels import LabelInterval
+def _short_history_models(checkpoint: Checkpoint, tmp_path: Path,
+                          ) -> tuple[TelemetryStore, VMModels]:
+    """A store and the trainer's per-VM models on it, with a warm-up of 300 samples, a
+    refit every 100 and a history of 600."""
     from vmad.trainer.transfer import VMModels
 
     store = TelemetryStore(tmp_path / "s.sqlite")
-    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
-                      adaptation=AdaptationSettings(warmup_samples=300, refresh_samples=100,
-                                                    history_samples=600))
+    return store, VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                           adaptation=AdaptationSettings(warmup_samples=300,
+                                                         refresh_samples=100,
+                                                         history_samples=600))
+
+
+def test_a_vm_that_arrives_with_a_backlog_is_first_fitted_on_all_of_it(checkpoint,
+                                                                       tmp_path) -> None:
+    from vmad.labels import LabelInterval
+
+    store, models = _short_history_models(checkpoint, tmp_path)
     vm, _ = generate_vm(7, 800, fault_rate=0.0)
     # 800 samples in one go (an agent's spool after the trainer was unreachable), 100 of
     # them labelled anomalous and one window that alarmed (under a bundle of a trainer
@@ -190,12 +204,8 @@ def test_a_vm_that_arrives_with_a_backlog_is_first_fitted_on_all_of_it(checkpoin
 def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint, tmp_path,
                                                                   caplog) -> None:
     from vmad.labels import LabelInterval
-    from vmad.trainer.transfer import VMModels
 
-    store = TelemetryStore(tmp_path / "s.sqlite")
-    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
-                      adaptation=AdaptationSettings(warmup_samples=300, refresh_samples=100,
-                                                    history_samples=600))
+    store, models = _short_history_models(checkpoint, tmp_path)
     vm, _ = generate_vm(7, 600, fault_rate=0.0)
     seqs, times, values = np.arange(1, 601), vm.timestamps, vm.values
     store.ingest("vm", DEFAULT_METRICS, seqs[:300], times[:300], values[:300])
