@@ -70,17 +70,15 @@ class NormalStates:
 
         units = (values - deviation.mean) / deviation.spread
         rng = np.random.default_rng(seed)
-        best_inertia = np.inf
-        for _ in range(_KMEANS_STARTS):
-            with warnings.catch_warnings():
-                # An empty cluster keeps its seed point; it is dropped below.
-                warnings.simplefilter("ignore")
-                start_centres, start_members = kmeans2(
-                    units, min(states, len(units)), iter=_KMEANS_ITERATIONS, minit="++",
-                    seed=rng)
-            inertia = float(np.sum((units - start_centres[start_members]) ** 2))
-            if inertia < best_inertia:
-                best_inertia, centres, members = inertia, start_centres, start_members
+        with warnings.catch_warnings():
+            # An empty cluster keeps its seed point; it is dropped below.
+            warnings.simplefilter("ignore")
+            starts = [kmeans2(units, min(states, len(units)), iter=_KMEANS_ITERATIONS,
+                              minit="++", seed=rng) for _ in range(_KMEANS_STARTS)]
+        # The least inertia (squared distance of each sample from its centre); ties go to
+        # the earlier start.
+        centres, members = min(starts, key=lambda start: float(
+            np.sum((units - start[0][start[1]]) ** 2)))
         used = np.bincount(members, minlength=len(centres)) > 0
         return cls(deviation.mean.copy(), deviation.spread.copy(), centres[used])
 
