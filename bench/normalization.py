@@ -12,13 +12,25 @@ the same way), the fused score after the trainer's label-free fine-tune
 (`--finetune-batches` on the warm-up history with synthetic faults injected,
 trainer/self_supervised.py), and the pooled warm-up bundle at its shipped threshold,
 window by window (what the agent would flag if it did not hold alarms back during
-warm-up). No label is used anywhere.
+warm-up), and the static limits an operator would set instead (CPU or memory at or
+above 90 %, the same `--alarm-after` windows in a row). No label is used anywhere.
+
+`--real DIR` scores real VMs instead: the traces of Bitbrains' Rnd VMs
+(../shared/datasets/bitbrains-rnd, one file per VM), their CPU, memory, disk and network
+in the agent's units, with the same generated faults injected into them
+(vmad/synthetic.py `inject_faults`, seeded from `--first-seed`). The traces hold a
+sample every 5 minutes; here each is taken as one agent sample (5 s), so the faults
+last as many samples as at the agent's interval and the background moves as much
+between two samples as a real VM does in 5 minutes: a harder test of false alarms
+than the generator's. A real trace is unlabelled, so its "false alarms" also count
+whatever unusual it really holds: an upper bound.
 
     python bench/normalization.py            # 10 VMs x 6000 samples, about a minute
     python bench/normalization.py --quick    # 3 VMs x 2000 samples: a smoke run
     python bench/normalization.py --refresh 0 --alarm-after 1   # one fit, every window
     python bench/normalization.py --json bench/results/normalization.json
     python bench/normalization.py --labelled 1440   # + a row whose trainer has labels
+    python bench/normalization.py --real ../shared/datasets/bitbrains-rnd --vms 100
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from torch import nn
 
 from vmad.evaluation import DetectionScores, run_lengths, score_detection
 from vmad.schema import DEFAULT_SCALE_FLOORS
-from vmad.synthetic import generate_vm
+from vmad.synthetic import generate_vm, inject_faults
 from vmad.trainer.adaptation import fit_adaptation, outside_alarms
 from vmad.trainer.checkpoint import Checkpoint, load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
@@ -51,6 +63,38 @@ from vmad.trainer.training import TrainConfig, predict_logits, predict_proba
 from vmad.windows import Normalizer, make_windows
 
 COLUMNS = ("false_alarm_rate", "precision", "recall", "point_f1", "event_recall", "auc")
+# The usual static alert on a VM: CPU or memory at or above this share of capacity.
+STATIC_LIMIT_PERCENT = 90.0
+KIB_PER_MB = 1024.0
+
+
+def real_vm_values(path: Path) -> np.ndarray:
+    """A Bitbrains trace (`vm-NNN.csv.gz`) as `[samples, 4]` in DEFAULT_METRICS' units:
+    CPU %, memory used over provisioned %, disk read + write and network received + sent
+    in MB/s. Rows where no memory was provisioned (the VM was not running) are left
+    out."""
+    table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64,
+                          usecols=("cpu_usage_pct", "mem_capacity_kb", "mem_usage_kb",
+                                   "disk_read_kbs", "disk_write_kbs", "net_rx_kbs",
+                                   "net_tx_kbs"))
+    running = table["mem_capacity_kb"] > 0
+    table = table[running]
+    values = np.column_stack([
+        np.clip(table["cpu_usage_pct"], 0, 100),
+        np.clip(100 * table["mem_usage_kb"] / table["mem_capacity_kb"], 0, 100),
+        np.clip(table["disk_read_kbs"] + table["disk_write_kbs"], 0, None) / KIB_PER_MB,
+        np.clip(table["net_rx_kbs"] + table["net_tx_kbs"], 0, None) / KIB_PER_MB])
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path}: non-finite values in the trace")
+    return values
+
+
+def static_limits(values: np.ndarray, alarm_after: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (the larger of CPU and memory, as a share) and alarms of the static alert:
+    `alarm_after` samples in a row at or above STATIC_LIMIT_PERCENT."""
+    level = np.maximum(values[:, 0], values[:, 1])
+    return (level / 100).astype(np.float32), \
+        run_lengths(level >= STATIC_LIMIT_PERCENT, 0) >= alarm_after
 
 
 def _finetuned_without_labels(shipped: Checkpoint, history: np.ndarray, batches: int,
@@ -152,6 +196,9 @@ def main() -> None:
                         help="adds a row whose trainer holds the labels of this many samples "
                              "after the warm-up (as `vmad label` / `vmad inject` give it); "
                              "every row is then scored after them only (0: no row)")
+    parser.add_argument("--real", type=Path,
+                        help="score these real VMs' traces (a Bitbrains folder) with faults "
+                             "injected, instead of generated VMs")
     parser.add_argument("--json", type=Path, help="write per-VM and pooled results here")
     args = parser.parse_args()
     if args.quick:
@@ -164,7 +211,7 @@ def main() -> None:
     network_threshold = shipped.threshold if settings.network_floor else None
     started = time.perf_counter()
     variants = ["fused (shipped)", "network alone", "deviation alone",
-                "fused, fine-tuned without labels", "pooled warm-up bundle"]
+                "fused, fine-tuned without labels", "pooled warm-up bundle", "static limits"]
     if args.finetune_batches == 0:
         variants.remove("fused, fine-tuned without labels")
     labelled_row = f"fused, {args.labelled} samples labelled"
@@ -174,24 +221,39 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.vms)
     refits = f"refitted every {args.refresh}" if args.refresh else "never refitted"
     scored_after = args.warmup + args.labelled
-    table = Table(title=f"Unseen synthetic VMs (seeds {seeds[0]}-{seeds[-1]}, {args.samples} "
-                        f"samples each, adapted on the first {args.warmup}, {refits}, alarm "
-                        f"after {args.alarm_after} windows in a row, scored after sample "
-                        f"{scored_after})")
+    traces = sorted(args.real.glob("vm-*.csv*"))[:args.vms] if args.real else []
+    if args.real and len(traces) < args.vms:
+        parser.error(f"{args.real} holds {len(traces)} VM traces (vm-*.csv[.gz]), "
+                     f"{args.vms} asked for")
+    names = [trace.name.split(".")[0] for trace in traces]
+    source = f"Real VMs ({args.real.name}, {names[0]}-{names[-1]}, faults " \
+        f"seeded {seeds[0]}-{seeds[-1]}" if traces else \
+        f"Unseen synthetic VMs (seeds {seeds[0]}-{seeds[-1]}"
+    table = Table(title=f"{source}, {args.samples} samples each, adapted on the first "
+                        f"{args.warmup}, {refits}, alarm after {args.alarm_after} windows in "
+                        f"a row, scored after sample {scored_after})")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
     weights_chosen: dict[str, list[float]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
-    for seed in seeds:
-        vm, _ = generate_vm(seed, args.samples)
-        assert vm.labels is not None
-        labels = vm.labels[scored_after:].astype(bool)
-        values = vm.values.astype(np.float64)
+    for index, seed in enumerate(seeds):
+        if traces:
+            values = real_vm_values(traces[index])[:args.samples]
+            all_labels, _ = inject_faults(values, np.random.default_rng(seed))
+            vm_name = names[index]
+        else:
+            vm, _ = generate_vm(seed, args.samples)
+            assert vm.labels is not None
+            values, all_labels, vm_name = vm.values.astype(np.float64), vm.labels, vm.name
+        labels = all_labels[scored_after:].astype(bool)
         cells = []
         for name in variants:
-            if name == "pooled warm-up bundle":
-                pooled = shipped.normalizer.apply(vm.values)
+            if name == "static limits":
+                scores, alarms = static_limits(values, args.alarm_after)
+                scores, alarms = scores[scored_after:], alarms[scored_after:]
+            elif name == "pooled warm-up bundle":
+                pooled = shipped.normalizer.apply(values.astype(np.float32))
                 scores = predict_proba(shipped.model, make_windows(pooled, window))
                 scores = scores[scored_after - window + 1:]
                 alarms = scores >= shipped.threshold
@@ -209,7 +271,7 @@ def main() -> None:
                     model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
                     cnn_weights=() if fixed else tuple(args.cnn_weights),
                     network_threshold=floor, first_normalizer=normalizer,
-                    labels=vm.labels if known else None,
+                    labels=all_labels if known else None,
                     labelled_until=scored_after if known else 0)
                 scores, alarms = scores[args.labelled:], alarms[args.labelled:]
                 weights_chosen.setdefault(name, []).extend(chosen)
@@ -217,8 +279,8 @@ def main() -> None:
             totals[name][0].append((scores, alarms))
             totals[name][1].append(labels)
             cells.append(f"{result.false_alarm_rate:.4f} / {result.recall:.2f}")
-            per_vm.setdefault(vm.name, {})[name] = result.to_dict()
-        table.add_row(vm.name, *cells)
+            per_vm.setdefault(vm_name, {})[name] = result.to_dict()
+        table.add_row(vm_name, *cells)
     console = Console(width=160)
     console.print(table)
     summary = Table(title="All scored windows together (each VM's own alarms)")
@@ -244,7 +306,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(
             {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,
-                          "first_seed": args.first_seed},
+                          "first_seed": args.first_seed,
+                          "real": None if args.real is None else str(args.real)},
              "pooled": pooled_rows, "vms": per_vm}, indent=2, sort_keys=True) + "\n")
     console.print(f"{time.perf_counter() - started:.0f} s; AUC is the mean of the VMs' AUCs")
 

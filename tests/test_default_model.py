@@ -71,6 +71,29 @@ def test_normalization_bench_quick_runs() -> None:
     assert "fused, 400 samples labelled" in result.stdout
 
 
+def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> None:
+    """bench/normalization.py --real: Bitbrains traces read in the agent's units, faults
+    injected, every variant and the static limits scored."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "real.json"
+    result = subprocess.run(
+        [sys.executable, "bench/normalization.py", "--vms", "2", "--samples", "1600",
+         "--finetune-batches", "0", "--real", str(shared_datasets / "bitbrains-rnd"),
+         "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Real VMs (bitbrains-rnd, vm-001-vm-002" in result.stdout
+    data = json.loads(out.read_text())
+    assert sorted(data["vms"]) == ["vm-001", "vm-002"]
+    assert set(data["pooled"]) == {"fused (shipped)", "network alone", "deviation alone",
+                                   "pooled warm-up bundle", "static limits"}
+    assert 0.0 <= data["pooled"]["fused (shipped)"]["false_alarm_rate"] <= 1.0
+
+
 def test_part_latency_bench_times_every_graph() -> None:
     """bench/part_latency.py, small: a narrow VM gets neither the states nor the
     subspace, a wide one both, and every graph is timed."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vmad.schema import DEFAULT_METRICS
-from vmad.synthetic import FAULT_KINDS, generate_fleet, generate_vm
+from vmad.synthetic import FAULT_KINDS, generate_fleet, generate_vm, inject_faults
 
 
 def test_same_seed_same_series_other_seed_differs() -> None:
@@ -47,6 +47,24 @@ def test_each_fault_moves_its_metrics(kind: str) -> None:
             j = DEFAULT_METRICS.index(metric)
             assert faulty.values[fault.start:fault.stop, j].mean() > \
                 clean.values[fault.start:fault.stop, j].mean()
+
+
+def test_faults_injected_into_a_given_trace_change_it_only_where_labelled() -> None:
+    """As bench/normalization.py --real does with a real VM's trace: the labels mark
+    exactly the samples the faults changed, and the same seed injects the same faults."""
+    trace = generate_vm(3, 20_000, fault_rate=0.0, profile="database")[0].values
+    trace = trace.astype(np.float64)
+    faulty = trace.copy()
+    labels, faults = inject_faults(faulty, np.random.default_rng(5))
+    again = trace.copy()
+    assert inject_faults(again, np.random.default_rng(5))[1] == faults
+    np.testing.assert_array_equal(again, faulty)
+    changed = (faulty != trace).any(axis=1)
+    assert faults and 0.02 < labels.mean() < 0.09
+    assert not changed[labels == 0].any()
+    assert changed[labels == 1].mean() > 0.9
+    with pytest.raises(ValueError, match="values"):
+        inject_faults(np.zeros((100, 3)), np.random.default_rng(0))
 
 
 def test_bad_arguments() -> None:

@@ -27,7 +27,8 @@ import numpy as np
 from vmad.schema import DEFAULT_INTERVAL_S, DEFAULT_METRICS
 from vmad.series import Series
 
-__all__ = ["FAULT_KINDS", "PROFILES", "Fault", "generate_fleet", "generate_vm", "inject_fault"]
+__all__ = ["FAULT_KINDS", "PROFILES", "Fault", "generate_fleet", "generate_vm", "inject_fault",
+           "inject_faults"]
 
 CPU, MEM, DISK, NET = range(4)
 
@@ -166,6 +167,48 @@ def inject_fault(kind: str, values: np.ndarray, start: int, stop: int,
     values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
 
 
+def inject_faults(
+    values: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    fault_rate: float = 0.05,
+    fault_kinds: tuple[str, ...] = tuple(FAULT_KINDS),
+) -> tuple[np.ndarray, list[Fault]]:
+    """Inject faults into `values[N, 4]` (DEFAULT_METRICS, in their units, sampled every
+    `interval_s` seconds) in place: kinds drawn from `fault_kinds`, about `fault_rate` of
+    the samples inside one, with exponential gaps between them. Generated VMs get theirs
+    this way, and so can a real VM's trace (bench/normalization.py `--real`). Returns the
+    per-sample labels (1 inside a fault) and the faults."""
+    unknown = [k for k in fault_kinds if k not in FAULT_KINDS]
+    if unknown or values.ndim != 2 or values.shape[1] != len(DEFAULT_METRICS) \
+            or interval_s <= 0 or not 0 <= fault_rate < 1:
+        raise ValueError(f"need values [samples, {len(DEFAULT_METRICS)}], interval_s > 0, "
+                         f"0 <= fault_rate < 1 and known kinds; got {values.shape}, "
+                         f"{interval_s}, {fault_rate}, unknown kinds {unknown}")
+    n_samples = len(values)
+    labels = np.zeros(n_samples, dtype=np.int8)
+    faults: list[Fault] = []
+    if fault_rate > 0 and fault_kinds:
+        mean_span = np.mean([np.mean(FAULT_KINDS[k][1]) for k in fault_kinds]) / interval_s
+        mean_gap = mean_span * (1 - fault_rate) / fault_rate
+        position = int(rng.exponential(mean_gap))
+        while True:
+            kind = str(rng.choice(fault_kinds))
+            low, high = FAULT_KINDS[kind][1]
+            span = max(2, int(rng.uniform(low, high) / interval_s))
+            if position + span > n_samples:
+                break
+            _inject(kind, values, position, position + span, rng)
+            labels[position:position + span] = 1
+            faults.append(Fault(kind, position, position + span, FAULT_KINDS[kind][0]))
+            position += span + max(2, int(rng.exponential(mean_gap)))
+    values[:, CPU] = np.clip(values[:, CPU], 0, 100)
+    values[:, MEM] = np.clip(values[:, MEM], 0, 100)
+    values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
+    return labels, faults
+
+
 def generate_vm(
     seed: int,
     n_samples: int,
@@ -190,25 +233,8 @@ def generate_vm(
     start_time = EPOCH_START + int(rng.integers(0, 28 * 86_400 // interval_s)) * interval_s
     timestamps = (start_time + np.arange(n_samples) * interval_s).astype(np.int64)
     values = _normal_workload(profile, timestamps, interval_s, rng)
-    labels = np.zeros(n_samples, dtype=np.int8)
-    faults: list[Fault] = []
-    if fault_rate > 0 and fault_kinds:
-        mean_span = np.mean([np.mean(FAULT_KINDS[k][1]) for k in fault_kinds]) / interval_s
-        mean_gap = mean_span * (1 - fault_rate) / fault_rate
-        position = int(rng.exponential(mean_gap))
-        while True:
-            kind = str(rng.choice(fault_kinds))
-            low, high = FAULT_KINDS[kind][1]
-            span = max(2, int(rng.uniform(low, high) / interval_s))
-            if position + span > n_samples:
-                break
-            _inject(kind, values, position, position + span, rng)
-            labels[position:position + span] = 1
-            faults.append(Fault(kind, position, position + span, FAULT_KINDS[kind][0]))
-            position += span + max(2, int(rng.exponential(mean_gap)))
-    values[:, CPU] = np.clip(values[:, CPU], 0, 100)
-    values[:, MEM] = np.clip(values[:, MEM], 0, 100)
-    values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
+    labels, faults = inject_faults(values, rng, interval_s=interval_s, fault_rate=fault_rate,
+                                   fault_kinds=fault_kinds)
     series = Series(name or f"synthetic-{profile}-{seed}", timestamps, values.astype(np.float32),
                     DEFAULT_METRICS, labels)
     return series, faults
