@@ -240,6 +240,10 @@ def main() -> None:
     for index, seed in enumerate(seeds):
         if traces:
             values = real_vm_values(traces[index])[:args.samples]
+            if len(values) <= scored_after + window:
+                parser.error(f"{traces[index]}: {len(values)} samples of a running VM, too "
+                             f"few to warm up and score (need more than "
+                             f"{scored_after + window})")
             all_labels, _ = inject_faults(values, np.random.default_rng(seed))
             vm_name = names[index]
         else:

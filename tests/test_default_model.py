@@ -92,6 +92,19 @@ def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> No
     assert set(data["pooled"]) == {"fused (shipped)", "network alone", "deviation alone",
                                    "pooled warm-up bundle", "static limits"}
     assert 0.0 <= data["pooled"]["fused (shipped)"]["false_alarm_rate"] <= 1.0
+    # A trace too short to warm up on is refused by name, not scored on nothing.
+    import gzip
+
+    short = tmp_path / "short"
+    short.mkdir()
+    with gzip.open(shared_datasets / "bitbrains-rnd" / "vm-001.csv.gz", "rt") as trace:
+        lines = trace.readlines()
+    with gzip.open(short / "vm-001.csv.gz", "wt") as out_file:
+        out_file.writelines(lines[:500])
+    refused = subprocess.run(
+        [sys.executable, "bench/normalization.py", "--vms", "1", "--finetune-batches", "0",
+         "--real", str(short)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "vm-001.csv.gz: 499 samples" in refused.stderr
 
 
 def test_part_latency_bench_times_every_graph() -> None:
