@@ -74,6 +74,7 @@ def test_normalization_bench_quick_runs() -> None:
 def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> None:
     """bench/normalization.py --real: Bitbrains traces read in the agent's units, faults
     injected, every variant and the static limits scored."""
+    import gzip
     import json
     import subprocess
     import sys
@@ -93,8 +94,6 @@ def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> No
                                    "pooled warm-up bundle", "static limits"}
     assert 0.0 <= data["pooled"]["fused (shipped)"]["false_alarm_rate"] <= 1.0
     # A trace too short to warm up on is refused by name, not scored on nothing.
-    import gzip
-
     short = tmp_path / "short"
     short.mkdir()
     with gzip.open(shared_datasets / "bitbrains-rnd" / "vm-001.csv.gz", "rt") as trace:

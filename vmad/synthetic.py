@@ -155,6 +155,14 @@ def _inject(kind: str, values: np.ndarray, start: int, stop: int,
             * np.exp(0.3 * rng.standard_normal(span))
 
 
+def _clip_to_units(values: np.ndarray) -> None:
+    """Keep `values[N, 4]` in DEFAULT_METRICS' ranges, in place: percentages in [0, 100],
+    rates not below 0."""
+    values[:, CPU] = np.clip(values[:, CPU], 0, 100)
+    values[:, MEM] = np.clip(values[:, MEM], 0, 100)
+    values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
+
+
 def inject_fault(kind: str, values: np.ndarray, start: int, stop: int,
                  rng: np.random.Generator) -> None:
     """Add fault `kind` to rows [start, stop) of `values[N, 4]` (DEFAULT_METRICS, in their
@@ -162,9 +170,7 @@ def inject_fault(kind: str, values: np.ndarray, start: int, stop: int,
     if kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {kind!r}; kinds: {sorted(FAULT_KINDS)}")
     _inject(kind, values, start, stop, rng)
-    values[:, CPU] = np.clip(values[:, CPU], 0, 100)
-    values[:, MEM] = np.clip(values[:, MEM], 0, 100)
-    values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
+    _clip_to_units(values)
 
 
 def inject_faults(
@@ -203,9 +209,7 @@ def inject_faults(
             labels[position:position + span] = 1
             faults.append(Fault(kind, position, position + span, FAULT_KINDS[kind][0]))
             position += span + max(2, int(rng.exponential(mean_gap)))
-    values[:, CPU] = np.clip(values[:, CPU], 0, 100)
-    values[:, MEM] = np.clip(values[:, MEM], 0, 100)
-    values[:, DISK:] = np.clip(values[:, DISK:], 0, None)
+    _clip_to_units(values)
     return labels, faults
 
 
