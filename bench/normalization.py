@@ -31,6 +31,7 @@ whatever unusual it really holds: an upper bound.
     python bench/normalization.py --json bench/results/normalization.json
     python bench/normalization.py --labelled 1440   # + a row whose trainer has labels
     python bench/normalization.py --real ../shared/datasets/bitbrains-rnd --vms 100
+    python bench/normalization.py --label-false-alarms 3   # + an operator's few labels
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from vmad.evaluation import DetectionScores, run_lengths, score_detection
+from vmad.evaluation import DetectionScores, events, run_lengths, score_detection
 from vmad.schema import DEFAULT_SCALE_FLOORS
 from vmad.synthetic import generate_vm, inject_faults
 from vmad.trainer.adaptation import fit_adaptation, outside_alarms
@@ -118,8 +119,8 @@ def run_like_trainer(
     model: nn.Module, values: np.ndarray, window: int, settings: AdaptationSettings, *,
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
     network_threshold: float | None, first_normalizer: Normalizer | None = None,
-    labels: np.ndarray | None = None, labelled_until: int = 0,
-) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    labels: np.ndarray | None = None, labelled_until: int = 0, false_alarm_labels: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[float], int]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
     in force when it arrived (the first fit on the warm-up, a refit every `refresh`
     samples, 0 = never, on the VM's unflagged recent history), and each fit's network
@@ -127,7 +128,12 @@ def run_like_trainer(
     trainer does, or `cnn_weight` when `cnn_weights` is empty. With `labels`, the
     trainer holds the labels of the samples before `labelled_until` (an operator's
     `vmad label`, `vmad inject`): refits leave labelled faults out and keep samples
-    labelled normal even where an alarm covered them, as the trainer."""
+    labelled normal even where an alarm covered them, as the trainer.
+    `false_alarm_labels` > 0: an operator reviews the alarms instead (`labels` being the
+    truth), and by each refit has labelled normal every alarm run that has ended and
+    covered no labelled fault, its whole windows (`vmad label --normal`, the command the
+    agent's `anomaly end` line prints), up to that many runs on the VM. Also returns
+    how many runs were labelled."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
@@ -136,14 +142,28 @@ def run_like_trainer(
     chosen: list[float] = []
     preferred: float | None = None  # the previous fit's preferred network weight
     known = labels is not None and labelled_until > 0
+    reviewed = np.zeros(n, dtype=bool)  # alarmed windows an operator labelled normal
+    labelled_runs = 0
     for start in range(warmup, n, step):
         stop = min(n, start + step)
+        if labels is not None and labelled_runs < false_alarm_labels:
+            for first_alarm, end in events(alarms[:start]):
+                covered = slice(max(0, first_alarm - window + 1), end)
+                # A run still going at the refit is not over yet: reviewed at the next.
+                if end == start or reviewed[covered].all() or labels[covered].any():
+                    continue
+                reviewed[covered] = True
+                labelled_runs += 1
+                if labelled_runs == false_alarm_labels:
+                    break
         # The trainer's refit data (VMModels._normal_history), sample numbers as times.
         first = max(0, start - settings.history_samples)
         # Only the labels the trainer holds by then: those before labelled_until.
         held = np.arange(first, start) < labelled_until
         keep = ~((labels[first:start] == 1) & held) if known else None
         normal = (labels[first:start] == 0) & held if known else None
+        if labelled_runs:
+            normal = reviewed[first:start] | (False if normal is None else normal)
         raw = values[:warmup] if start == warmup else outside_alarms(
             values[first:start], np.arange(first, start),
             first + np.flatnonzero(alarms[first:start]), window, window, keep=keep,
@@ -166,7 +186,7 @@ def run_like_trainer(
         lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
         alarms[start:stop] = lengths >= settings.alarm_after
         run = int(lengths[-1])
-    return scores[warmup:], alarms[warmup:], chosen
+    return scores[warmup:], alarms[warmup:], chosen, labelled_runs
 
 
 def main() -> None:
@@ -196,6 +216,9 @@ def main() -> None:
                         help="adds a row whose trainer holds the labels of this many samples "
                              "after the warm-up (as `vmad label` / `vmad inject` give it); "
                              "every row is then scored after them only (0: no row)")
+    parser.add_argument("--label-false-alarms", type=int, default=0, metavar="RUNS",
+                        help="adds a row whose operator labels normal each false alarm run "
+                             "once it has ended, up to RUNS runs per VM (0: no row)")
     parser.add_argument("--real", type=Path,
                         help="score these real VMs' traces (a Bitbrains folder) with faults "
                              "injected, instead of generated VMs")
@@ -217,6 +240,10 @@ def main() -> None:
     labelled_row = f"fused, {args.labelled} samples labelled"
     if args.labelled:
         variants.insert(1, labelled_row)
+    reviewed_row = f"fused, up to {args.label_false_alarms} false alarms labelled normal"
+    if args.label_false_alarms:
+        variants.insert(1, reviewed_row)
+    labels_given: list[int] = []
     totals: dict[str, tuple[list, list]] = {name: ([], []) for name in variants}
     seeds = range(args.first_seed, args.first_seed + args.vms)
     refits = f"refitted every {args.refresh}" if args.refresh else "never refitted"
@@ -271,12 +298,16 @@ def main() -> None:
                     floor = own if settings.network_floor else None
                 fixed = name in ("network alone", "deviation alone")
                 known = name == labelled_row
-                scores, alarms, chosen = run_like_trainer(
+                reviewing = args.label_false_alarms if name == reviewed_row else 0
+                scores, alarms, chosen, labelled_runs = run_like_trainer(
                     model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
                     cnn_weights=() if fixed else tuple(args.cnn_weights),
                     network_threshold=floor, first_normalizer=normalizer,
-                    labels=all_labels if known else None,
-                    labelled_until=scored_after if known else 0)
+                    labels=all_labels if known or reviewing else None,
+                    labelled_until=scored_after if known else 0,
+                    false_alarm_labels=reviewing)
+                if reviewing:
+                    labels_given.append(labelled_runs)
                 scores, alarms = scores[args.labelled:], alarms[args.labelled:]
                 weights_chosen.setdefault(name, []).extend(chosen)
             result = _scored(labels, scores, alarms)
@@ -284,6 +315,8 @@ def main() -> None:
             totals[name][1].append(labels)
             cells.append(f"{result.false_alarm_rate:.4f} / {result.recall:.2f}")
             per_vm.setdefault(vm_name, {})[name] = result.to_dict()
+            if name == reviewed_row:
+                per_vm[vm_name][name]["labelled_runs"] = labels_given[-1]
         table.add_row(vm_name, *cells)
     console = Console(width=160)
     console.print(table)
@@ -302,6 +335,10 @@ def main() -> None:
         summary.add_row(name, f"{worst:.4f}", *(f"{getattr(row, c):.4f}" for c in COLUMNS))
         pooled_rows[name] = {**row.to_dict(), "worst_vm_false_alarm_rate": worst}
     console.print(summary)
+    if labels_given:
+        console.print(f"{reviewed_row}: runs labelled per VM: mean {np.mean(labels_given):.2f}, "
+                      f"max {max(labels_given)}, on {np.count_nonzero(labels_given)} of "
+                      f"{len(labels_given)} VMs")
     for name, chosen in weights_chosen.items():
         if args.cnn_weights and name not in ("network alone", "deviation alone"):
             values_, counts = np.unique(chosen, return_counts=True)

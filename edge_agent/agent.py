@@ -6,7 +6,8 @@ never waits on the network: samples and verdicts go to the spool, and the stream
 ships whatever the spool holds whenever the trainer is reachable.
 
 Anomaly start/end events are logged (`anomaly start vm=... score=... top=<metrics to
-blame>` / `anomaly end`). Warm-up (a bundle whose statistics are pooled, not this VM's
+blame>` / `anomaly end ...`, with the `vmad label --normal` command for what the alarm
+covered). Warm-up (a bundle whose statistics are pooled, not this VM's
 own: no alarms until the trainer pushes the VM's own) is logged when it starts and ends
 and exported as the `vmad_agent_warmup` gauge.
 Labelled intervals written by `vmad inject` or `vmad label --labels-file` to
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vmad.edge_agent.config import AgentConfig
-from vmad.edge_agent.detector import BundleSlot, WindowScorer
+from vmad.edge_agent.detector import BundleSlot, WindowScorer, WindowVerdict
 from vmad.edge_agent.metrics import PersistedCounters
 from vmad.edge_agent.sampler import METRICS, Reading, Sampler
 from vmad.edge_agent.spool import Spool
@@ -83,6 +85,7 @@ class Agent:
         self.metrics.registry.register(PersistedCounters(self.spool, self.slot,
                                                          config.vm_id))
         self._in_anomaly = False
+        self._alarm_started = self._alarm_last = 0.0  # timestamps of the current alarm
         self._in_warmup: bool | None = None
         self._threads: list[threading.Thread] = []
         self.thread_restarts: dict[str, int] = {}  # worker thread name -> restarts
@@ -203,11 +206,7 @@ class Agent:
                 anomalous=result.anomalous, model_version=result.version,
                 contributions=result.contributions, warmup=result.warmup).SerializeToString()
             self._log_warmup(result.warmup, result.version)
-            if result.anomalous != self._in_anomaly:
-                self._in_anomaly = result.anomalous
-                log.warning("anomaly %s vm=%s seq=%d score=%.3f model=%s top=%s",
-                            "start" if result.anomalous else "end", self.config.vm_id, seq,
-                            result.score, result.version, result.top_metrics(METRICS))
+            self._log_alarm(result, seq, timestamp)
         self.spool.append(seq, telemetry_pb2.Sample(seq=seq, timestamp=timestamp,
                                                     values=values).SerializeToString(),
                           verdict_bytes)
@@ -217,6 +216,31 @@ class Agent:
         if bundle is not None:
             self.metrics.model.info({"version": bundle.metadata.version,
                                      "kind": bundle.metadata.model_kind})
+
+    def _log_alarm(self, result: WindowVerdict, seq: int, timestamp: float) -> None:
+        """`anomaly start` and `anomaly end` lines; the end names the interval the alarm
+        covered (its first window's oldest sample to its last alarmed one) as the
+        command that labels it normal, so that a false alarm is learnt at the trainer's
+        next refit instead of being left out of it and alarming again."""
+        if result.anomalous:
+            if not self._in_anomaly:
+                self._alarm_started = timestamp
+            self._alarm_last = timestamp
+        if result.anomalous == self._in_anomaly:
+            return
+        self._in_anomaly = result.anomalous
+        line = "anomaly %s vm=%s seq=%d score=%.3f model=%s top=%s"
+        fields = ("start" if result.anomalous else "end", self.config.vm_id, seq,
+                  result.score, result.version, result.top_metrics(METRICS))
+        if result.anomalous:
+            log.warning(line, *fields)
+            return
+        covered_from = self._alarm_started - self.slot.window * self.config.interval_s
+        log.warning(line + " lasted %.0f s; if it was normal: vmad label --vm %s --normal "
+                    "--start %d --end %d --labels-file %s", *fields,
+                    self._alarm_last - self._alarm_started + self.config.interval_s,
+                    self.config.vm_id, math.floor(covered_from), math.ceil(self._alarm_last),
+                    self.config.inject.labels_file)
 
     def _log_warmup(self, warmup: bool, version: str) -> None:
         self.metrics.warmup.set(1 if warmup else 0)

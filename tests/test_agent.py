@@ -5,6 +5,7 @@ bundle swap (corrupt refused, old keeps running, rollback), streaming with repla
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 
@@ -331,3 +332,50 @@ def test_refused_batch_stays_spooled_and_arrives_after_reconnect(tmp_path: Path,
         finally:
             agent.stop()
             server.stop(None)
+
+
+def test_anomaly_end_prints_the_label_that_puts_the_alarm_back_into_refits(
+        tmp_path: Path, caplog) -> None:
+    """A burst alarms for a while; the `anomaly end` line names a `vmad label --normal`
+    command. Run as printed, it labels every sample the trainer's refits would leave
+    out for that alarm (`alarm_covered`), and not far beyond it."""
+    import logging
+    import shlex
+    import subprocess
+
+    from tests.test_agent_process import vmad
+    from vmad.edge_agent.agent import Agent
+    from vmad.trainer.adaptation import alarm_covered
+
+    slot = BundleSlot(tmp_path / "bundles", METRICS, DEFAULT_WINDOW)
+    # score = sigmoid(window mean - 0.5): 4 samples at the clip (10) in a window alarm.
+    slot.install(*tiny_bundle("v1", bias=-0.5))
+    hot = set(range(100, 110))
+    counters = itertools.count()
+
+    def source() -> Reading:
+        i = next(counters)
+        level = 100.0 if i in hot else 0.0
+        return Reading(1_000_000.0 + i, level, level, i * (10**9 if i in hot else 0), 0)
+
+    agent = Agent(agent_config(tmp_path, None, interval_s=1.0), source=source)
+    timestamps, alarmed = [], []
+    with caplog.at_level(logging.WARNING, "vmad.agent"):
+        for i in range(260):
+            agent.tick()
+            if i >= DEFAULT_WINDOW:  # a verdict per tick once the window is full
+                timestamps.append(1_000_000.0 + i)
+                alarmed.append(agent.metrics.anomalous._value.get() == 1)
+    agent.spool.close()
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("anomaly end")]
+    assert len(ends) == 1 and sum(alarmed) > 3, ends
+    command = shlex.split(ends[0].split("if it was normal: ")[1])
+    assert command[:2] == ["vmad", "label"] and "--normal" in command
+    subprocess.run(vmad(*command[1:]), check=True, capture_output=True)
+    label = json.loads((tmp_path / "labels.jsonl").read_text().splitlines()[-1])
+    assert not label["anomalous"] and label["vm_id"] == "vm-1"
+    times = np.asarray(timestamps)
+    labelled = (times >= label["start"]) & (times <= label["end"])
+    covered = alarm_covered(times, times[np.asarray(alarmed)], DEFAULT_WINDOW * 1.0)
+    assert covered.any() and not (covered & ~labelled).any()
+    assert labelled.sum() <= covered.sum() + 2
