@@ -140,3 +140,45 @@ def test_agent_latency_bench_times_every_row() -> None:
                 "agent: adapted, network weight 0", "ORT: bound buffers",
                 "ORT: session.run, score only"):
         assert row in result.stdout, result.stdout
+
+
+def test_a_recurring_job_labelled_normal_once_stops_alarming_a_fault_still_does() -> None:
+    """A VM runs a 40-sample job (CPU 95 %, disk 30 MB/s) its warm-up never saw, four
+    times. Without labels the trainer leaves each alarm out of its refits, so every
+    recurrence alarms. An operator who labels ended false alarms normal (the agent's
+    `anomaly end` command; bench/normalization.py --label-false-alarms) teaches the
+    refits the job, while a labelled fault, never labelled normal, still alarms."""
+    from bench.normalization import run_like_trainer
+    from vmad.trainer.config import AdaptationSettings
+
+    rng = np.random.default_rng(0)
+    n, job = 4400, 40
+    values = np.c_[10 + rng.normal(0, 1, n), 40 + rng.normal(0, 0.2, n),
+                   1 + rng.normal(0, 0.2, n), 0.5 + rng.normal(0, 0.1, n)]
+    starts = [1000, 1800, 2600, 3400]
+    for start in starts:
+        values[start:start + job, 0] = 95 + rng.normal(0, 1, job)
+        values[start:start + job, 2] = 30 + rng.normal(0, 2, job)
+    leak = slice(2200, 2300)
+    values[leak, 1] += np.linspace(0, 40, 100)
+    values = np.clip(values, 0, None)
+    labels = np.zeros(n, dtype=np.int8)
+    labels[leak] = 1
+    checkpoint, settings = load_default_checkpoint(), AdaptationSettings()
+    alarmed = {}
+    for reviews in (0, 3):
+        _, alarms, _, labelled = run_like_trainer(
+            checkpoint.model, values, checkpoint.window, settings,
+            refresh=settings.refresh_samples, cnn_weight=settings.cnn_weight,
+            cnn_weights=tuple(settings.cnn_weights), network_threshold=checkpoint.threshold,
+            labels=labels, false_alarm_labels=reviews)
+        assert labelled <= reviews
+        full = np.zeros(n, dtype=bool)
+        full[settings.warmup_samples:] = alarms
+        alarmed[reviews] = ([int(full[s:s + job + DEFAULT_WINDOW].sum()) for s in starts],
+                            int(full[leak].sum()))
+    unlabelled, reviewed = alarmed[0], alarmed[3]
+    assert min(unlabelled[0]) >= job // 2, unlabelled  # every recurrence alarms
+    assert reviewed[0][0] == unlabelled[0][0]  # the first is seen before any label
+    assert max(reviewed[0][2:]) <= unlabelled[0][0] // 4, reviewed
+    assert unlabelled[1] >= 50 and reviewed[1] >= 50, (unlabelled, reviewed)  # the leak
