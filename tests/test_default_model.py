@@ -73,7 +73,7 @@ def test_normalization_bench_quick_runs() -> None:
 
 def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> None:
     """bench/normalization.py --real: Bitbrains traces read in the agent's units, faults
-    injected, every variant and the static limits scored."""
+    injected, every variant, the static limits and an operator's labels scored."""
     import gzip
     import json
     import subprocess
@@ -85,13 +85,17 @@ def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> No
     result = subprocess.run(
         [sys.executable, "bench/normalization.py", "--vms", "2", "--samples", "1600",
          "--finetune-batches", "0", "--real", str(shared_datasets / "bitbrains-rnd"),
-         "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+         "--label-false-alarms", "3", "--json", str(out)], cwd=root, capture_output=True,
+        text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Real VMs (bitbrains-rnd, vm-001-vm-002" in result.stdout
     data = json.loads(out.read_text())
     assert sorted(data["vms"]) == ["vm-001", "vm-002"]
-    assert set(data["pooled"]) == {"fused (shipped)", "network alone", "deviation alone",
-                                   "pooled warm-up bundle", "static limits"}
+    reviewed = "fused, up to 3 false alarms labelled normal"
+    assert set(data["pooled"]) == {"fused (shipped)", reviewed, "network alone",
+                                   "deviation alone", "pooled warm-up bundle", "static limits"}
+    assert all(0 <= vm[reviewed]["labelled_runs"] <= 3 for vm in data["vms"].values())
+    assert "runs labelled per VM" in result.stdout
     assert 0.0 <= data["pooled"]["fused (shipped)"]["false_alarm_rate"] <= 1.0
     # A trace too short to warm up on is refused by name, not scored on nothing.
     short = tmp_path / "short"
