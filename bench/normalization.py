@@ -48,6 +48,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from vmad.edge_agent.config import AgentConfig
 from vmad.evaluation import DetectionScores, events, run_lengths, score_detection
 from vmad.schema import DEFAULT_SCALE_FLOORS
 from vmad.synthetic import generate_vm, inject_faults
@@ -67,6 +68,9 @@ COLUMNS = ("false_alarm_rate", "precision", "recall", "point_f1", "event_recall"
 # The usual static alert on a VM: CPU or memory at or above this share of capacity.
 STATIC_LIMIT_PERCENT = 90.0
 KIB_PER_MB = 1024.0
+# The agent's reminder of a lasting alarm, in samples at its default interval (720).
+REMINDER_SAMPLES = round(AgentConfig.model_fields["alarm_reminder_s"].default
+                         / AgentConfig.model_fields["interval_s"].default)
 
 
 def real_vm_values(path: Path) -> np.ndarray:
@@ -120,6 +124,7 @@ def run_like_trainer(
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
     network_threshold: float | None, first_normalizer: Normalizer | None = None,
     labels: np.ndarray | None = None, labelled_until: int = 0, false_alarm_labels: int = 0,
+    reminder: int = 720,
 ) -> tuple[np.ndarray, np.ndarray, list[float], int]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
     in force when it arrived (the first fit on the warm-up, a refit every `refresh`
@@ -130,10 +135,11 @@ def run_like_trainer(
     `vmad label`, `vmad inject`): refits leave labelled faults out and keep samples
     labelled normal even where an alarm covered them, as the trainer.
     `false_alarm_labels` > 0: an operator reviews the alarms instead (`labels` being the
-    truth), and by each refit has labelled normal every alarm run that has ended and
-    covered no labelled fault, its whole windows (`vmad label --normal`, the command the
-    agent's `anomaly end` line prints), up to that many runs on the VM. Also returns
-    how many runs were labelled."""
+    truth), and by each refit has labelled normal every false alarm run (most of its
+    alarmed samples normal), its whole windows but the faults inside (`vmad label
+    --normal`, the command the agent prints), once the run has ended or, while it goes
+    on, at each of the agent's reminders (`reminder` samples apart), up to that many
+    labels on the VM. Also returns how many labels were given."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
@@ -148,11 +154,19 @@ def run_like_trainer(
         stop = min(n, start + step)
         if labels is not None and labelled_runs < false_alarm_labels:
             for first_alarm, end in events(alarms[:start]):
-                covered = slice(max(0, first_alarm - window + 1), end)
-                # A run still going at the refit is not over yet: reviewed at the next.
-                if end == start or reviewed[covered].all() or labels[covered].any():
+                # A run still going is labelled up to the agent's newest reminder of it.
+                if end == start:
+                    reminders = (end - 1 - first_alarm) // reminder
+                    if not reminders:
+                        continue
+                    end = first_alarm + reminders * reminder + 1
+                covered = np.zeros(n, dtype=bool)
+                covered[max(0, first_alarm - window + 1):end] = True
+                covered &= labels == 0  # a fault inside is not labelled normal
+                # A false alarm (most of what alarmed was normal) not labelled yet.
+                if labels[first_alarm:end].mean() >= 0.5 or not (covered & ~reviewed).any():
                     continue
-                reviewed[covered] = True
+                reviewed |= covered
                 labelled_runs += 1
                 if labelled_runs == false_alarm_labels:
                     break
@@ -305,7 +319,7 @@ def main() -> None:
                     network_threshold=floor, first_normalizer=normalizer,
                     labels=all_labels if known or reviewing else None,
                     labelled_until=scored_after if known else 0,
-                    false_alarm_labels=reviewing)
+                    false_alarm_labels=reviewing, reminder=REMINDER_SAMPLES)
                 if reviewing:
                     labels_given.append(labelled_runs)
                 scores, alarms = scores[args.labelled:], alarms[args.labelled:]

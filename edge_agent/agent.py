@@ -85,7 +85,8 @@ class Agent:
         self.metrics.registry.register(PersistedCounters(self.spool, self.slot,
                                                          config.vm_id))
         self._in_anomaly = False
-        self._alarm_started = self._alarm_last = 0.0  # timestamps of the current alarm
+        # Timestamps of the current alarm: first and newest alarmed verdict, last reminder.
+        self._alarm_started = self._alarm_last = self._reminded = 0.0
         self._in_warmup: bool | None = None
         self._threads: list[threading.Thread] = []
         self.thread_restarts: dict[str, int] = {}  # worker thread name -> restarts
@@ -218,29 +219,39 @@ class Agent:
                                      "kind": bundle.metadata.model_kind})
 
     def _log_alarm(self, result: WindowVerdict, seq: int, timestamp: float) -> None:
-        """`anomaly start` and `anomaly end` lines; the end names the interval the alarm
-        covered (its first window's oldest sample to its last alarmed one) as the
-        command that labels it normal, so that a false alarm is learnt at the trainer's
-        next refit instead of being left out of it and alarming again."""
+        """`anomaly start`, `anomaly ongoing` every `alarm_reminder_s` while it lasts, and
+        `anomaly end`. The last two name the interval the alarm covered (its first
+        window's oldest sample to its newest alarmed one) as the command that labels it
+        normal: the trainer leaves what alarms covered out of its refits, so a false
+        alarm, or a new normal level, would otherwise alarm again and again."""
+        if result.anomalous and not self._in_anomaly:
+            self._in_anomaly = True
+            self._alarm_started = self._reminded = timestamp
+            self._log_anomaly("start", result, seq, "")
         if result.anomalous:
-            if not self._in_anomaly:
-                self._alarm_started = timestamp
             self._alarm_last = timestamp
-        if result.anomalous == self._in_anomaly:
-            return
-        self._in_anomaly = result.anomalous
-        line = "anomaly %s vm=%s seq=%d score=%.3f model=%s top=%s"
-        fields = ("start" if result.anomalous else "end", self.config.vm_id, seq,
-                  result.score, result.version, result.top_metrics(METRICS))
-        if result.anomalous:
-            log.warning(line, *fields)
-            return
+            if timestamp - self._reminded >= self.config.alarm_reminder_s:
+                self._reminded = timestamp
+                self._log_anomaly("ongoing", result, seq, f"for {self._alarm_seconds():.0f} s; "
+                                  f"if it is the VM's new normal: {self._label_command()}")
+        elif self._in_anomaly:
+            self._in_anomaly = False
+            self._log_anomaly("end", result, seq, f"lasted {self._alarm_seconds():.0f} s; "
+                              f"if it was normal: {self._label_command()}")
+
+    def _log_anomaly(self, event: str, result: WindowVerdict, seq: int, more: str) -> None:
+        log.warning("anomaly %s vm=%s seq=%d score=%.3f model=%s top=%s%s", event,
+                    self.config.vm_id, seq, result.score, result.version,
+                    result.top_metrics(METRICS), f" {more}" if more else "")
+
+    def _alarm_seconds(self) -> float:
+        return self._alarm_last - self._alarm_started + self.config.interval_s
+
+    def _label_command(self) -> str:
         covered_from = self._alarm_started - self.slot.window * self.config.interval_s
-        log.warning(line + " lasted %.0f s; if it was normal: vmad label --vm %s --normal "
-                    "--start %d --end %d --labels-file %s", *fields,
-                    self._alarm_last - self._alarm_started + self.config.interval_s,
-                    self.config.vm_id, math.floor(covered_from), math.ceil(self._alarm_last),
-                    self.config.inject.labels_file)
+        return (f"vmad label --vm {self.config.vm_id} --normal --start "
+                f"{math.floor(covered_from)} --end {math.ceil(self._alarm_last)} "
+                f"--labels-file {self.config.inject.labels_file}")
 
     def _log_warmup(self, warmup: bool, version: str) -> None:
         self.metrics.warmup.set(1 if warmup else 0)
