@@ -758,3 +758,36 @@ def test_normal_states_keep_the_tightest_of_several_kmeans_starts() -> None:
         assert fitted <= inertia(one_start) + 1e-9
         improved += fitted < inertia(one_start) - 1e-9
     assert improved > 0
+
+
+def test_a_label_of_normal_refits_an_adapted_vm_at_once(checkpoint, tmp_path) -> None:
+    """An operator's `vmad label --normal` (by the trainer's Label call, or shipped by
+    the agent from its labels file) refits the VM now instead of at the next refresh;
+    a label of a fault, or of a VM still in warm-up, waits for the schedule."""
+    from vmad.labels import LabelInterval
+    from vmad.trainer.core import TrainerCore
+
+    store, models = _short_history_models(checkpoint, tmp_path)
+    core = TrainerCore(store, models)
+    core.worker.start()
+    try:
+        vm, _ = generate_vm(7, 400, fault_rate=0.0)
+        seqs, ts = np.arange(1, 401), vm.timestamps
+
+        def normal(first: int, last: int, anomalous: bool = False) -> list[LabelInterval]:
+            return [LabelInterval(float(ts[first]), float(ts[last]), anomalous, "operator")]
+
+        core.add_labels("vm", normal(0, 10))  # warm-up: nothing to refit yet
+        core.ingest("vm", DEFAULT_METRICS, seqs[:300], ts[:300], vm.values[:300])
+        assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 1
+        core.add_labels("vm", normal(100, 150))
+        assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 2
+        # Shipped by the agent with a batch: 10 samples, far from the next refresh.
+        core.ingest("vm", DEFAULT_METRICS, seqs[300:310], ts[300:310], vm.values[300:310],
+                    labels=normal(200, 250))
+        assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 3
+        core.add_labels("vm", normal(260, 270, anomalous=True))
+        core.ingest("vm", DEFAULT_METRICS, seqs[310:320], ts[310:320], vm.values[310:320])
+        assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 3
+    finally:
+        core.worker.stop()

@@ -337,8 +337,9 @@ def test_refused_batch_stays_spooled_and_arrives_after_reconnect(tmp_path: Path,
 def test_anomaly_end_prints_the_label_that_puts_the_alarm_back_into_refits(
         tmp_path: Path, caplog) -> None:
     """A burst alarms for a while; the `anomaly ongoing` lines (every `alarm_reminder_s`)
-    and the `anomaly end` line name a `vmad label --normal` command. Run as printed, it labels every sample the trainer's refits would leave
-    out for that alarm (`alarm_covered`), and not far beyond it."""
+    and the `anomaly end` line name a `vmad label --normal` command. Run as printed, the
+    end line's labels every sample the trainer's refits would leave out for that alarm
+    (`alarm_covered`), and not far beyond it."""
     import logging
     import shlex
     import subprocess

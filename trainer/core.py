@@ -65,17 +65,29 @@ class TrainerCore:
                              f"model takes {list(self.models.metrics)}")
         result = self.store.ingest(vm_id, metrics, seqs, timestamps, values,
                                    verdicts=verdicts, labels=labels)
-        self.stored(vm_id, result)
+        self.stored(vm_id, result, labels)
         return result
 
-    def stored(self, vm_id: str, result: IngestResult) -> None:
-        """After new samples of `vm_id` are stored: adapt its detector once it has
-        streamed its warm-up samples, and again every refresh period (label-free)."""
-        if result.stored and self.models.needs_adaptation(vm_id):
+    def stored(self, vm_id: str, result: IngestResult,
+               labels: Sequence[LabelInterval] = ()) -> None:
+        """After new samples (and labels) of `vm_id` are stored: adapt its detector once
+        it has streamed its warm-up samples, again every refresh period (label-free), and
+        at once when an interval of an adapted VM is labelled normal."""
+        if (result.stored and self.models.needs_adaptation(vm_id)) \
+                or self._labelled_normal(vm_id, labels):
             self.worker.submit_adaptation(vm_id)
 
     def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
         self.store.add_labels(vm_id, labels)
+        if self._labelled_normal(vm_id, labels):
+            self.worker.submit_adaptation(vm_id)
+
+    def _labelled_normal(self, vm_id: str, labels: Sequence[LabelInterval]) -> bool:
+        """A label of normal on an adapted VM is an operator ending a false alarm (the
+        agent prints the command): refitted now, not at the next hourly refit, which
+        the alarm, or the job behind it, may not wait for."""
+        return any(not label.anomalous for label in labels) \
+            and self.models.adaptation(vm_id) is not None
 
     # -- bundles ----------------------------------------------------------------------
 

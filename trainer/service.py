@@ -294,7 +294,7 @@ class TrainerServer:
             return self._bad_batch(batch, f"bad batch: {error}")
         except Exception as error:  # the store failed (disk full): the agent resends
             return self._bad_batch(batch, f"trainer could not store the batch: {error}")
-        self.core.stored(clean.vm_id, result)
+        self.core.stored(clean.vm_id, result, clean.labels)
         refused = sum(clean.refused.values())
         if refused:
             self.stats.refused.update(clean.refused)
