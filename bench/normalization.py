@@ -13,7 +13,10 @@ the same way), the fused score after the trainer's label-free fine-tune
 trainer/self_supervised.py), and the pooled warm-up bundle at its shipped threshold,
 window by window (what the agent would flag if it did not hold alarms back during
 warm-up), and the static limits an operator would set instead (CPU or memory at or
-above 90 %, the same `--alarm-after` windows in a row). No label is used anywhere.
+above 90 %, the same `--alarm-after` windows in a row). No label is used anywhere,
+except by the rows `--labelled` (the trainer holds the labels of a stretch after the
+warm-up) and `--label-false-alarms` (an operator labels the false alarms normal with
+the command the agent prints, a few per VM) add.
 
 `--real DIR` scores real VMs instead: the traces of Bitbrains' Rnd VMs
 (../shared/datasets/bitbrains-rnd, one file per VM), their CPU, memory, disk and network
@@ -232,7 +235,8 @@ def main() -> None:
                              "every row is then scored after them only (0: no row)")
     parser.add_argument("--label-false-alarms", type=int, default=0, metavar="RUNS",
                         help="adds a row whose operator labels normal each false alarm run "
-                             "once it has ended, up to RUNS runs per VM (0: no row)")
+                             "when it ends or at the agent's hourly reminder while it lasts, "
+                             "up to RUNS labels per VM (0: no row)")
     parser.add_argument("--real", type=Path,
                         help="score these real VMs' traces (a Bitbrains folder) with faults "
                              "injected, instead of generated VMs")
