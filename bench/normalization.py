@@ -43,6 +43,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,11 +139,10 @@ def run_like_trainer(
     `vmad label`, `vmad inject`): refits leave labelled faults out and keep samples
     labelled normal even where an alarm covered them, as the trainer.
     `false_alarm_labels` > 0: an operator reviews the alarms instead (`labels` being the
-    truth), and by each refit has labelled normal every false alarm run (most of its
-    alarmed samples normal), its whole windows but the faults inside (`vmad label
-    --normal`, the command the agent prints), once the run has ended or, while it goes
-    on, at each of the agent's reminders (`reminder` samples apart), up to that many
-    labels on the VM. Also returns how many labels were given."""
+    truth) and labels the false ones normal as the agent prints the command
+    (`operator_labels`), up to that many labels on the VM; each label refits the VM
+    when it arrives, as the trainer does, and the schedule goes on from that refit.
+    Also returns how many labels were given."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
     alarms = np.zeros(n, dtype=bool)
@@ -153,22 +153,11 @@ def run_like_trainer(
     known = labels is not None and labelled_until > 0
     reviewed = np.zeros(n, dtype=bool)  # alarmed windows an operator labelled normal
     labelled_runs = 0
-    for start in range(warmup, n, step):
-        stop = min(n, start + step)
+    start = warmup
+    while start < n:
+        stop = min(n, start + step)  # the trainer refits `refresh` samples after a fit
         if labels is not None and labelled_runs < false_alarm_labels:
-            for first_alarm, end in events(alarms[:start]):
-                # A run still going is labelled up to the agent's newest reminder of it.
-                if end == start:
-                    reminders = (end - 1 - first_alarm) // reminder
-                    if not reminders:
-                        continue
-                    end = first_alarm + reminders * reminder + 1
-                covered = np.zeros(n, dtype=bool)
-                covered[max(0, first_alarm - window + 1):end] = True
-                covered &= labels == 0  # a fault inside is not labelled normal
-                # A false alarm (most of what alarmed was normal) not labelled yet.
-                if labels[first_alarm:end].mean() >= 0.5 or not (covered & ~reviewed).any():
-                    continue
+            for covered in operator_labels(alarms, labels, start, window, reminder, reviewed):
                 reviewed |= covered
                 labelled_runs += 1
                 if labelled_runs == false_alarm_labels:
@@ -202,8 +191,48 @@ def run_like_trainer(
         scores[start:stop] = adaptation.score(logits, normalized[window - 1:])
         lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
         alarms[start:stop] = lengths >= settings.alarm_after
+        if labels is not None and labelled_runs < false_alarm_labels:
+            # A label of normal refits the VM when it arrives: the rest of this stretch
+            # is scored by that refit.
+            moment = next((t for t in _label_moments(alarms, start, stop, reminder)
+                           if next(operator_labels(alarms, labels, t, window, reminder,
+                                                   reviewed), None) is not None), stop)
+            alarms[moment:stop] = False
+            lengths, stop = lengths[:moment - start], moment
         run = int(lengths[-1])
+        start = stop
     return scores[warmup:], alarms[warmup:], chosen, labelled_runs
+
+
+def operator_labels(alarms: np.ndarray, labels: np.ndarray, now: int, window: int,
+                    reminder: int, reviewed: np.ndarray) -> Iterator[np.ndarray]:
+    """What an operator who knows the truth (`labels`) labels normal at sample `now`,
+    oldest alarm first, as masks of samples: each false alarm run (most of its alarmed
+    samples normal) not labelled yet (`reviewed`), its windows but the faults inside,
+    up to its end once it has ended, or up to the agent's newest reminder (every
+    `reminder` samples) while it goes on."""
+    for first_alarm, end in events(alarms[:now]):
+        if end == now:  # still going
+            reminders = (end - 1 - first_alarm) // reminder
+            if not reminders:
+                continue
+            end = first_alarm + reminders * reminder + 1
+        covered = np.zeros(len(alarms), dtype=bool)
+        covered[max(0, first_alarm - window + 1):end] = True
+        covered &= labels == 0
+        if labels[first_alarm:end].mean() < 0.5 and (covered & ~reviewed).any():
+            yield covered
+
+
+def _label_moments(alarms: np.ndarray, start: int, stop: int, reminder: int) -> list[int]:
+    """Samples in (start, stop) at which the agent has just printed a label command for
+    an alarm run: the sample after its end line, or after one of its reminders."""
+    moments = []
+    for first_alarm, end in events(alarms[:stop]):
+        if end > start:
+            moments += range(first_alarm + reminder + 1, min(end, stop), reminder)
+            moments.append(end + 1)
+    return sorted(t for t in moments if start < t < stop)
 
 
 def main() -> None:
