@@ -56,7 +56,7 @@ from vmad.edge_agent.config import AgentConfig
 from vmad.evaluation import DetectionScores, events, run_lengths, score_detection
 from vmad.schema import DEFAULT_SCALE_FLOORS
 from vmad.synthetic import generate_vm, inject_faults
-from vmad.trainer.adaptation import fit_adaptation, outside_alarms
+from vmad.trainer.adaptation import alarm_covered, fit_adaptation, outside_alarms
 from vmad.trainer.checkpoint import Checkpoint, load_default_checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.injection import injected_validation_set
@@ -128,7 +128,7 @@ def run_like_trainer(
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
     network_threshold: float | None, first_normalizer: Normalizer | None = None,
     labels: np.ndarray | None = None, labelled_until: int = 0, false_alarm_labels: int = 0,
-    reminder: int = 720,
+    reminder: int = REMINDER_SAMPLES,
 ) -> tuple[np.ndarray, np.ndarray, list[float], int]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
     in force when it arrived (the first fit on the warm-up, a refit every `refresh`
@@ -217,9 +217,9 @@ def operator_labels(alarms: np.ndarray, labels: np.ndarray, now: int, window: in
             if not reminders:
                 continue
             end = first_alarm + reminders * reminder + 1
-        covered = np.zeros(len(alarms), dtype=bool)
-        covered[max(0, first_alarm - window + 1):end] = True
-        covered &= labels == 0
+        # What the trainer's refits leave out for these alarms, but the faults inside.
+        covered = alarm_covered(np.arange(len(alarms)), np.arange(first_alarm, end),
+                                window) & (labels == 0)
         if labels[first_alarm:end].mean() < 0.5 and (covered & ~reviewed).any():
             yield covered
 
@@ -352,7 +352,7 @@ def main() -> None:
                     network_threshold=floor, first_normalizer=normalizer,
                     labels=all_labels if known or reviewing else None,
                     labelled_until=scored_after if known else 0,
-                    false_alarm_labels=reviewing, reminder=REMINDER_SAMPLES)
+                    false_alarm_labels=reviewing)
                 if reviewing:
                     labels_given.append(labelled_runs)
                 scores, alarms = scores[args.labelled:], alarms[args.labelled:]
