@@ -75,6 +75,9 @@ KIB_PER_MB = 1024.0
 # The agent's reminder of a lasting alarm, in samples at its default interval (720).
 REMINDER_SAMPLES = round(AgentConfig.model_fields["alarm_reminder_s"].default
                          / AgentConfig.model_fields["interval_s"].default)
+# The trainer's least time between two label refits of a VM, in samples (12).
+LABEL_REFIT_SAMPLES = round(AdaptationSettings.model_fields["label_refit_interval_s"].default
+                            / AgentConfig.model_fields["interval_s"].default)
 
 
 def real_vm_values(path: Path) -> np.ndarray:
@@ -141,7 +144,8 @@ def run_like_trainer(
     `false_alarm_labels` > 0: an operator reviews the alarms instead (`labels` being the
     truth) and labels the false ones normal as the agent prints the command
     (`operator_labels`), up to that many labels on the VM; each label refits the VM
-    when it arrives, as the trainer does, and the schedule goes on from that refit.
+    when it arrives, as the trainer does (no sooner than LABEL_REFIT_SAMPLES after the
+    last such refit), and the schedule goes on from that refit.
     Also returns how many labels were given."""
     warmup, n = settings.warmup_samples, len(values)
     scores = np.zeros(n, dtype=np.float32)
@@ -153,6 +157,7 @@ def run_like_trainer(
     known = labels is not None and labelled_until > 0
     reviewed = np.zeros(n, dtype=bool)  # alarmed windows an operator labelled normal
     labelled_runs = 0
+    label_refit = -LABEL_REFIT_SAMPLES  # when the last label refit ran
     start = warmup
     while start < n:
         stop = min(n, start + step)  # the trainer refits `refresh` samples after a fit
@@ -192,13 +197,16 @@ def run_like_trainer(
         lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
         alarms[start:stop] = lengths >= settings.alarm_after
         if labels is not None and labelled_runs < false_alarm_labels:
-            # A label of normal refits the VM when it arrives: the rest of this stretch
-            # is scored by that refit.
+            # A label of normal refits the VM when it arrives (or once the trainer's
+            # rate limit allows): the rest of this stretch is scored by that refit.
             moment = next((t for t in _label_moments(alarms, start, stop, reminder)
                            if next(operator_labels(alarms, labels, t, window, reminder,
                                                    reviewed), None) is not None), stop)
-            alarms[moment:stop] = False
-            lengths, stop = lengths[:moment - start], moment
+            moment = max(moment, label_refit + LABEL_REFIT_SAMPLES)
+            if moment < stop:
+                label_refit = moment
+                alarms[moment:stop] = False
+                lengths, stop = lengths[:moment - start], moment
         run = int(lengths[-1])
         start = stop
     return scores[warmup:], alarms[warmup:], chosen, labelled_runs

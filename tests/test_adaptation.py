@@ -760,14 +760,47 @@ def test_normal_states_keep_the_tightest_of_several_kmeans_starts() -> None:
     assert improved > 0
 
 
+def test_a_label_stored_during_a_refit_gets_a_refit_of_its_own(checkpoint, tmp_path) -> None:
+    """A refit that is running read the VM's history before a label that arrives now: the
+    label queues another refit; more samples during a refit do not (it sees them)."""
+    import time
+
+    from vmad.trainer.worker import ActionWorker
+
+    store, models = _short_history_models(checkpoint, tmp_path)
+    vm, _ = generate_vm(7, 300, fault_rate=0.0)
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 301), vm.timestamps, vm.values)
+    worker = ActionWorker(models)
+    worker.start()
+    try:
+        for after_running, generations in ((False, 1), (True, 2)):
+            before = models.adaptation("vm").generation if models.adaptation("vm") else 0
+            worker.submit_adaptation("vm")
+            deadline = time.monotonic() + 30
+            while worker.stats.running != "vm" and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert worker.stats.running == "vm"
+            worker.submit_adaptation("vm", after_running=after_running)
+            assert worker.wait_idle(60)
+            assert models.adaptation("vm").generation - before == generations
+    finally:
+        worker.stop()
+
+
 def test_a_label_of_normal_refits_an_adapted_vm_at_once(checkpoint, tmp_path) -> None:
     """An operator's `vmad label --normal` (by the trainer's Label call, or shipped by
     the agent from its labels file) refits the VM now instead of at the next refresh;
-    a label of a fault, or of a VM still in warm-up, waits for the schedule."""
+    a label of a fault, or of a VM still in warm-up, waits for the schedule. Labels
+    within `label_refit_interval_s` of the last label refit wait for one refit."""
+    import time
+
     from vmad.labels import LabelInterval
     from vmad.trainer.core import TrainerCore
 
     store, models = _short_history_models(checkpoint, tmp_path)
+    interval = 3.0
+    models.adaptation_settings = models.adaptation_settings.model_copy(
+        update={"label_refit_interval_s": interval})
     core = TrainerCore(store, models)
     core.worker.start()
     try:
@@ -781,11 +814,19 @@ def test_a_label_of_normal_refits_an_adapted_vm_at_once(checkpoint, tmp_path) ->
         core.ingest("vm", DEFAULT_METRICS, seqs[:300], ts[:300], vm.values[:300])
         assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 1
         core.add_labels("vm", normal(100, 150))
+        labelled_at = time.monotonic()
         assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 2
-        # Shipped by the agent with a batch: 10 samples, far from the next refresh.
+        assert (core.stats.label_refits, core.stats.label_refits_deferred) == (1, 0)
+        # Shipped by the agent with a batch: 10 samples, far from the next refresh, and
+        # within the interval of the last label refit: it waits for the interval.
         core.ingest("vm", DEFAULT_METRICS, seqs[300:310], ts[300:310], vm.values[300:310],
                     labels=normal(200, 250))
+        for first in range(5):  # a flood of labels joins that one waiting refit
+            core.add_labels("vm", normal(first, first + 1))
+        assert models.adaptation("vm").generation == 2
         assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 3
+        assert time.monotonic() - labelled_at >= interval
+        assert (core.stats.label_refits, core.stats.label_refits_deferred) == (1, 6)
         core.add_labels("vm", normal(260, 270, anomalous=True))
         core.ingest("vm", DEFAULT_METRICS, seqs[310:320], ts[310:320], vm.values[310:320])
         assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 3

@@ -186,7 +186,8 @@ def test_every_process_exports_its_metrics_and_process_collectors(fleet):
     assert 'vmad_agent_info{vm_id="vm-alarming"} 1.0' in texts["vm-alarming"]
     trainer = exported_names(texts["trainer"])
     assert {"vmad_trainer_agents_connected", "vmad_trainer_bundles_pushed_total",
-            "vmad_trainer_report_seconds_count", "vmad_trainer_vms"} <= trainer
+            "vmad_trainer_report_seconds_count", "vmad_trainer_vms",
+            "vmad_trainer_label_refits_total"} <= trainer
     controller = exported_names(texts["controller"])
     assert {"vmad_controller_reports_total", "vmad_controller_registry_rows",
             "vmad_controller_registry_bytes"} <= controller

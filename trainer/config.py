@@ -104,6 +104,10 @@ class AdaptationSettings(StrictModel):
         720, ge=1, description="refit after this many more samples (720 = 1 h at 5 s)")
     history_samples: int = Field(
         4_320, ge=80, description="newest samples a fit uses (4,320 = 6 h at 5 s)")
+    label_refit_interval_s: float = Field(
+        60.0, ge=0, le=86_400,
+        description="a label of normal refits an adapted VM at once, but at most once per "
+                    "this many seconds per VM; labels within it wait for one refit")
     alarm_after: int = Field(
         3, ge=1, le=MAX_ALARM_AFTER, description="windows in a row at the threshold before "
                                                  "a verdict is anomalous (as Prometheus' "

@@ -38,6 +38,8 @@ class ReportStats:
     last_error: str = ""
     actions: dict[str, int] | None = None
     bundles_pushed: int = 0
+    label_refits: int = 0
+    label_refits_deferred: int = 0
 
 
 class TrainerCore:
@@ -53,6 +55,9 @@ class TrainerCore:
         self._reporter: threading.Thread | None = None
         # Called (in the worker thread) with the id of a VM whose model changed.
         self.on_model_changed: Callable[[str], None] | None = None
+        # VM -> when (time.monotonic()) its latest label refit was let start.
+        self._label_refit_at: dict[str, float] = {}
+        self._label_lock = threading.Lock()
 
     # -- telemetry --------------------------------------------------------------------
 
@@ -73,14 +78,15 @@ class TrainerCore:
         """After new samples (and labels) of `vm_id` are stored: adapt its detector once
         it has streamed its warm-up samples, again every refresh period (label-free), and
         at once when an interval of an adapted VM is labelled normal."""
-        if (result.stored and self.models.needs_adaptation(vm_id)) \
-                or self._labelled_normal(vm_id, labels):
+        if result.stored and self.models.needs_adaptation(vm_id):
             self.worker.submit_adaptation(vm_id)
+        if self._labelled_normal(vm_id, labels):
+            self._refit_for_label(vm_id)
 
     def add_labels(self, vm_id: str, labels: Sequence[LabelInterval]) -> None:
         self.store.add_labels(vm_id, labels)
         if self._labelled_normal(vm_id, labels):
-            self.worker.submit_adaptation(vm_id)
+            self._refit_for_label(vm_id)
 
     def _labelled_normal(self, vm_id: str, labels: Sequence[LabelInterval]) -> bool:
         """A label of normal on an adapted VM is an operator ending a false alarm (the
@@ -88,6 +94,33 @@ class TrainerCore:
         the alarm, or the job behind it, may not wait for."""
         return any(not label.anomalous for label in labels) \
             and self.models.adaptation(vm_id) is not None
+
+    def _refit_for_label(self, vm_id: str) -> None:
+        """Refit `vm_id` for a label of normal: at once, but no sooner than
+        `label_refit_interval_s` after its previous label refit, so a flood of labels
+        (a script, a misbehaving agent) costs one refit (about a second of a core) per
+        interval, not one per label. A label held back is fitted by that later refit,
+        or by an earlier scheduled one."""
+        interval = self.models.adaptation_settings.label_refit_interval_s
+        now = time.monotonic()
+        with self._label_lock:
+            previous = self._label_refit_at.get(vm_id)
+            if previous is not None and previous > now:
+                start = previous  # one already waits for the interval; it reads this label
+            else:
+                start = now if previous is None else max(now, previous + interval)
+                self._label_refit_at[vm_id] = start
+                if start > now:
+                    log.info("VM %s: labelled normal again within %.0f s of its last label "
+                             "refit; refitting in %.0f s (adaptation.label_refit_interval_s)",
+                             vm_id, interval, start - now)
+            if start > now:
+                self.stats.label_refits_deferred += 1
+            else:
+                self.stats.label_refits += 1
+        # Queued again even if a refit is running or waiting: this merges into the one
+        # waiting, and a running one may have read the history before this label.
+        self.worker.submit_adaptation(vm_id, not_before=start, after_running=True)
 
     # -- bundles ----------------------------------------------------------------------
 

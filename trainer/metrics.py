@@ -163,6 +163,11 @@ class _TrainerCollector(Collector):
                         "action", stats.actions or {})
         yield CounterMetricFamily("vmad_trainer_bundles_pushed", "bundles sent to agents",
                                   value=stats.bundles_pushed)
+        yield counts_by(
+            "vmad_trainer_label_refits",
+            "refits for a label of normal, by when: now, or deferred (a later label within "
+            "adaptation.label_refit_interval_s of the last, waiting for one refit)",
+            "when", {"now": stats.label_refits, "deferred": stats.label_refits_deferred})
 
         worker = self.core.worker.stats
         actions = CounterMetricFamily("vmad_trainer_actions", "model actions run, by result",

@@ -7,13 +7,15 @@ latest answer reflects the latest state). The number of VMs bounds the queue. Ac
 one at a time, in the order their VMs first queued: training is CPU-bound and the
 trainer shares its node with the VMs it serves. Label-free adaptations (a VM finished its
 warm-up, or its normal drifted: `submit_adaptation`) queue beside the actions, at most one
-per VM, and go first: they are quick and end a VM's warm-up.
+per VM, and go first: they are quick and end a VM's warm-up. An adaptation may wait until
+a given time (a label's refit held back by its rate limit, trainer/core.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +51,8 @@ class ActionWorker:
         self.on_done = on_done
         self.stats = WorkerStats()
         self._pending: OrderedDict[str, Decision] = OrderedDict()
-        self._adaptations: OrderedDict[str, None] = OrderedDict()
+        # VM -> the monotonic time its adaptation may start (0: now).
+        self._adaptations: OrderedDict[str, float] = OrderedDict()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vmad-action-worker",
@@ -76,12 +79,21 @@ class ActionWorker:
             self.stats.queued += 1
             self._cond.notify()
 
-    def submit_adaptation(self, vm_id: str) -> None:
-        """Queue a label-free (re)fit of `vm_id`'s adaptation unless one is queued."""
+    def submit_adaptation(self, vm_id: str, not_before: float = 0.0,
+                          after_running: bool = False) -> None:
+        """Queue a label-free (re)fit of `vm_id`'s adaptation, to start no earlier than
+        `not_before` (time.monotonic()). One already queued takes the earlier start.
+        While one runs, nothing is queued unless `after_running`: a refit due to new
+        samples sees them all, but a label stored after the running fit read its history
+        needs a fit of its own."""
         with self._cond:
-            if vm_id in self._adaptations or self.stats.running == vm_id:
+            if vm_id in self._adaptations:
+                self._adaptations[vm_id] = min(self._adaptations[vm_id], not_before)
+                self._cond.notify()
                 return
-            self._adaptations[vm_id] = None
+            if self.stats.running == vm_id and not after_running:
+                return
+            self._adaptations[vm_id] = not_before
             self.stats.queued += 1
             self._cond.notify()
 
@@ -103,16 +115,28 @@ class ActionWorker:
         with self._cond:
             return self._cond.wait_for(self.idle, timeout)
 
+    def _due_adaptation(self) -> str | None:
+        now = time.monotonic()
+        return next((vm_id for vm_id, at in self._adaptations.items() if at <= now), None)
+
+    def _next_start_in(self) -> float | None:
+        """Seconds until the earliest waiting adaptation may start (None: none waits)."""
+        if not self._adaptations:
+            return None
+        return max(0.0, min(self._adaptations.values()) - time.monotonic())
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(
-                    lambda: self._pending or self._adaptations or self._stopping)
+                while not (self._stopping or self._pending or self._due_adaptation()):
+                    self._cond.wait(self._next_start_in())
                 if self._stopping:
                     return
                 decision: Decision | None = None
-                if self._adaptations:
-                    vm_id, _ = self._adaptations.popitem(last=False)
+                due = self._due_adaptation()
+                if due is not None:
+                    del self._adaptations[due]
+                    vm_id = due
                 else:
                     vm_id, decision = self._pending.popitem(last=False)
                 self.stats.running = vm_id
