@@ -81,3 +81,27 @@ def test_deploy_agent_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     if not path.exists():
         pytest.skip("deploy/agent.yaml not written yet")
     assert load_config(path, AgentConfig).vm_id
+
+
+@pytest.mark.parametrize("component", ["agent", "trainer", "controller", "planner"])
+def test_each_deploy_config_lists_every_key_of_its_schema(component: str) -> None:
+    """deploy/*.yaml are the reference an operator copies: a key missing there is a
+    setting nobody finds."""
+    import yaml
+    from pydantic import BaseModel
+
+    from vmad.config import schema_for
+
+    def missing(schema: type[BaseModel], data: object, prefix: str = "") -> list[str]:
+        absent = []
+        for name, field in schema.model_fields.items():
+            key = field.alias or name
+            if not isinstance(data, dict) or key not in data:
+                absent.append(prefix + key)
+            elif isinstance(field.annotation, type) and issubclass(field.annotation,
+                                                                   BaseModel):
+                absent += missing(field.annotation, data[key], f"{prefix}{key}.")
+        return absent
+
+    data = yaml.safe_load((ROOT / "deploy" / f"{component}.yaml").read_text())
+    assert missing(schema_for(component), data) == []
