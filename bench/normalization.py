@@ -156,16 +156,16 @@ def run_like_trainer(
     preferred: float | None = None  # the previous fit's preferred network weight
     known = labels is not None and labelled_until > 0
     reviewed = np.zeros(n, dtype=bool)  # alarmed windows an operator labelled normal
-    labelled_runs = 0
+    given = 0
     label_refit = -LABEL_REFIT_SAMPLES  # when the last label refit ran
     start = warmup
     while start < n:
         stop = min(n, start + step)  # the trainer refits `refresh` samples after a fit
-        if labels is not None and labelled_runs < false_alarm_labels:
+        if labels is not None and given < false_alarm_labels:
             for covered in operator_labels(alarms, labels, start, window, reminder, reviewed):
                 reviewed |= covered
-                labelled_runs += 1
-                if labelled_runs == false_alarm_labels:
+                given += 1
+                if given == false_alarm_labels:
                     break
         # The trainer's refit data (VMModels._normal_history), sample numbers as times.
         first = max(0, start - settings.history_samples)
@@ -173,7 +173,7 @@ def run_like_trainer(
         held = np.arange(first, start) < labelled_until
         keep = ~((labels[first:start] == 1) & held) if known else None
         normal = (labels[first:start] == 0) & held if known else None
-        if labelled_runs:
+        if given:
             normal = reviewed[first:start] | (False if normal is None else normal)
         raw = values[:warmup] if start == warmup else outside_alarms(
             values[first:start], np.arange(first, start),
@@ -196,7 +196,7 @@ def run_like_trainer(
         scores[start:stop] = adaptation.score(logits, normalized[window - 1:])
         lengths = run_lengths(scores[start:stop] >= adaptation.threshold, run)
         alarms[start:stop] = lengths >= settings.alarm_after
-        if labels is not None and labelled_runs < false_alarm_labels:
+        if labels is not None and given < false_alarm_labels:
             # A label of normal refits the VM when it arrives (or once the trainer's
             # rate limit allows): the rest of this stretch is scored by that refit.
             moment = next((t for t in _label_moments(alarms, start, stop, reminder)
@@ -209,7 +209,7 @@ def run_like_trainer(
                 lengths, stop = lengths[:moment - start], moment
         run = int(lengths[-1])
         start = stop
-    return scores[warmup:], alarms[warmup:], chosen, labelled_runs
+    return scores[warmup:], alarms[warmup:], chosen, given
 
 
 def operator_labels(alarms: np.ndarray, labels: np.ndarray, now: int, window: int,
@@ -354,7 +354,7 @@ def main() -> None:
                 fixed = name in ("network alone", "deviation alone")
                 known = name == labelled_row
                 reviewing = args.label_false_alarms if name == reviewed_row else 0
-                scores, alarms, chosen, labelled_runs = run_like_trainer(
+                scores, alarms, chosen, given = run_like_trainer(
                     model, values, window, settings, refresh=args.refresh, cnn_weight=weight,
                     cnn_weights=() if fixed else tuple(args.cnn_weights),
                     network_threshold=floor, first_normalizer=normalizer,
@@ -362,7 +362,7 @@ def main() -> None:
                     labelled_until=scored_after if known else 0,
                     false_alarm_labels=reviewing)
                 if reviewing:
-                    labels_given.append(labelled_runs)
+                    labels_given.append(given)
                 scores, alarms = scores[args.labelled:], alarms[args.labelled:]
                 weights_chosen.setdefault(name, []).extend(chosen)
             result = _scored(labels, scores, alarms)
@@ -371,7 +371,7 @@ def main() -> None:
             cells.append(f"{result.false_alarm_rate:.4f} / {result.recall:.2f}")
             per_vm.setdefault(vm_name, {})[name] = result.to_dict()
             if name == reviewed_row:
-                per_vm[vm_name][name]["labelled_runs"] = labels_given[-1]
+                per_vm[vm_name][name]["labels_given"] = labels_given[-1]
         table.add_row(vm_name, *cells)
     console = Console(width=160)
     console.print(table)
@@ -391,7 +391,7 @@ def main() -> None:
         pooled_rows[name] = {**row.to_dict(), "worst_vm_false_alarm_rate": worst}
     console.print(summary)
     if labels_given:
-        console.print(f"{reviewed_row}: runs labelled per VM: mean {np.mean(labels_given):.2f}, "
+        console.print(f"{reviewed_row}: labels given per VM: mean {np.mean(labels_given):.2f}, "
                       f"max {max(labels_given)}, on {np.count_nonzero(labels_given)} of "
                       f"{len(labels_given)} VMs")
     for name, chosen in weights_chosen.items():

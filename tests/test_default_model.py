@@ -94,8 +94,8 @@ def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> No
     reviewed = "fused, up to 3 false alarms labelled normal"
     assert set(data["pooled"]) == {"fused (shipped)", reviewed, "network alone",
                                    "deviation alone", "pooled warm-up bundle", "static limits"}
-    assert all(0 <= vm[reviewed]["labelled_runs"] <= 3 for vm in data["vms"].values())
-    assert "runs labelled per VM" in result.stdout
+    assert all(0 <= vm[reviewed]["labels_given"] <= 3 for vm in data["vms"].values())
+    assert "labels given per VM" in result.stdout
     assert 0.0 <= data["pooled"]["fused (shipped)"]["false_alarm_rate"] <= 1.0
     # A trace too short to warm up on is refused by name, not scored on nothing.
     short = tmp_path / "short"
