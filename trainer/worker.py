@@ -128,12 +128,14 @@ class ActionWorker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._pending or self._due_adaptation()):
+                while True:
+                    due = self._due_adaptation()
+                    if self._stopping or self._pending or due is not None:
+                        break
                     self._cond.wait(self._next_start_in())
                 if self._stopping:
                     return
                 decision: Decision | None = None
-                due = self._due_adaptation()
                 if due is not None:
                     del self._adaptations[due]
                     vm_id = due
