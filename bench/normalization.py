@@ -175,10 +175,15 @@ def run_like_trainer(
         normal = (labels[first:start] == 0) & held if known else None
         if given:
             normal = reviewed[first:start] | (False if normal is None else normal)
-        raw = values[:warmup] if start == warmup else outside_alarms(
-            values[first:start], np.arange(first, start),
-            first + np.flatnonzero(alarms[first:start]), window, window, keep=keep,
-            normal=normal)
+        refit = start > warmup
+        alarm_times = first + np.flatnonzero(alarms[first:start])
+        raw = outside_alarms(values[first:start], np.arange(first, start), alarm_times,
+                             window, window, keep=keep, normal=normal) \
+            if refit else values[:warmup]
+        # Which of those samples are labelled normal: the refit obeys them.
+        labelled_normal = outside_alarms(normal, np.arange(first, start), alarm_times,
+                                         window, window, keep=keep, normal=normal) \
+            if refit and normal is not None else None
         adaptation = fit_adaptation(
             model, raw, window, floors=list(DEFAULT_SCALE_FLOORS),
             components=settings.components, cnn_weight=cnn_weight,
@@ -188,7 +193,8 @@ def run_like_trainer(
             injected=injected_validation_set(raw, window) if cnn_weights else None,
             cnn_weights=cnn_weights,
             subspace_variance=settings.subspace_variance,
-            normal_states=settings.normal_states, preferred_before=preferred)
+            normal_states=settings.normal_states, preferred_before=preferred,
+            labelled_normal=labelled_normal)
         preferred = adaptation.preferred_cnn_weight
         chosen.append(adaptation.fusion.cnn_weight)
         normalized = adaptation.normalizer.apply(values[start - window + 1:stop])

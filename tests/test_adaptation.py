@@ -16,7 +16,7 @@ from tests.trainer_fixtures import small_checkpoint
 from vmad.evaluation import hit_rate, read_interpretation_labels
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
-from vmad.trainer.adaptation import USUAL_SCORE, alarm_covered, fit_adaptation
+from vmad.trainer.adaptation import USUAL_SCORE, VMAdaptation, alarm_covered, fit_adaptation
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.export import export_bundle
@@ -96,6 +96,35 @@ def test_threshold_meets_the_false_alarm_target_on_own_windows(checkpoint) -> No
     # Scores are in heights of the threshold above the VM's usual level: its median
     # window reads USUAL_SCORE on every VM and refit.
     assert np.median(scores) == pytest.approx(USUAL_SCORE, abs=0.005)
+
+
+def test_windows_labelled_normal_stay_below_the_refits_threshold(checkpoint) -> None:
+    """A label of normal is obeyed: the refit's threshold rises, where needed, just
+    above every window ending on a labelled sample, and says by how much; unlabelled,
+    the same excursion stays above it."""
+    vm, _ = generate_vm(6, 2000, fault_rate=0.0)
+    raw = vm.values.copy()
+    raw[1500:1530, 1] = np.minimum(raw[1500:1530, 1] + 25.0, 100.0)  # memory, briefly
+    labelled = np.zeros(len(raw), dtype=bool)
+    labelled[1490:1540] = True
+
+    def burst_scores(adaptation) -> np.ndarray:
+        normalized = adaptation.normalizer.apply(raw)
+        logits = predict_logits(checkpoint.model, make_windows(normalized, WINDOW))
+        return adaptation.score(logits, normalized[WINDOW - 1:])[labelled[WINDOW - 1:]]
+
+    learnt = fit_adaptation(checkpoint.model, raw, WINDOW)
+    obeyed = fit_adaptation(checkpoint.model, raw, WINDOW, labelled_normal=labelled)
+    assert burst_scores(learnt).max() >= learnt.threshold and learnt.label_raise == 1.0
+    assert burst_scores(obeyed).max() < obeyed.threshold and obeyed.label_raise > 1.0
+    assert VMAdaptation.from_json(obeyed.to_json()).label_raise == obeyed.label_raise
+    # A label the target already keeps below the threshold raises nothing.
+    quiet = np.zeros(len(raw), dtype=bool)
+    quiet[100:150] = True
+    assert fit_adaptation(checkpoint.model, raw, WINDOW,
+                          labelled_normal=quiet).label_raise == 1.0
+    with pytest.raises(ValueError, match="labelled_normal has 10 rows for 2000 samples"):
+        fit_adaptation(checkpoint.model, raw, WINDOW, labelled_normal=labelled[:10])
 
 
 def test_tail_threshold_extrapolates_beyond_the_sample() -> None:
@@ -236,6 +265,42 @@ def test_a_false_alarm_labelled_normal_is_learnt_at_the_next_refit(checkpoint, t
         models.adapt("vm")
     assert models.adaptation("vm").samples_fitted == 600 - (covered - 150)
     assert not [r for r in caplog.records if r.name == "vmad.trainer.transfer"]
+
+
+def test_a_burst_labelled_normal_does_not_alarm_after_the_refit(checkpoint, tmp_path,
+                                                                 caplog) -> None:
+    """The trainer obeys a label of normal: the refit's bundle (the ONNX graph the agent
+    runs) scores every window of the labelled interval below its threshold, and the log
+    says the label raised it. Unlabelled, the same history gives the same fit, and the
+    burst alarms."""
+    from vmad.labels import LabelInterval
+    from vmad.trainer.transfer import VMModels
+
+    vm, _ = generate_vm(6, 2000, fault_rate=0.0)
+    seqs, times, values = np.arange(1, 2001), vm.timestamps, vm.values.copy()
+    values[1500:1505, 1] = np.minimum(values[1500:1505, 1] + 25.0, 100.0)
+    labelled = slice(1490, 1525)  # every window reaching into the burst ends in it
+    windows = np.ascontiguousarray(make_windows(values, WINDOW))
+    ends = np.arange(WINDOW - 1, 2000)
+    in_label = (ends >= labelled.start) & (ends < labelled.stop)
+    peaks = []
+    for label in (False, True):
+        store = TelemetryStore(tmp_path / f"{label}.sqlite")
+        models = VMModels(checkpoint, store, tmp_path / f"models-{label}", TrainingSettings(),
+                          adaptation=AdaptationSettings(warmup_samples=300,
+                                                        history_samples=2000))
+        store.ingest("vm", DEFAULT_METRICS, seqs, times, values)
+        if label:
+            store.add_labels("vm", [LabelInterval(float(times[labelled.start]),
+                                                  float(times[labelled.stop - 1]), False,
+                                                  "operator")])
+        with caplog.at_level("INFO", logger="vmad.trainer.transfer"):
+            models.adapt("vm")
+        bundle = models.bundle("vm")
+        peaks.append(bundle.score(windows)[in_label].max() / bundle.metadata.threshold)
+    assert peaks[0] >= 1.0 > peaks[1]
+    assert any("35 samples labelled normal raise its threshold" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,

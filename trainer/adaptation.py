@@ -215,6 +215,9 @@ class VMAdaptation:
     # next fit uses no more than it (`fit_adaptation`'s `preferred_before`). None: no
     # choice was made (or saved before it was kept).
     preferred_cnn_weight: float | None = None
+    # How far windows labelled normal raised the threshold (`obeyed_threshold`): its
+    # height above the VM's usual level over the false-alarm target's; 1: not at all.
+    label_raise: float = 1.0
 
     def score(self, logits: np.ndarray, newest: np.ndarray) -> np.ndarray:
         """The fused score (what the bundle's graph computes) of windows whose network
@@ -245,6 +248,8 @@ class VMAdaptation:
             data["states"] = self.states.to_dict()
         if self.preferred_cnn_weight is not None:
             data["preferred_cnn_weight"] = self.preferred_cnn_weight
+        if self.label_raise != 1.0:
+            data["label_raise"] = self.label_raise
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -271,12 +276,39 @@ class VMAdaptation:
             if not 0.0 <= preferred <= 1.0:
                 raise ValueError(f"adaptation's preferred network weight must lie in [0, 1], "
                                  f"got {preferred}")
+        label_raise = float(data.get("label_raise", 1.0))
+        if not (math.isfinite(label_raise) and label_raise >= 1.0):
+            raise ValueError(f"adaptation's label_raise must be a number >= 1, "
+                             f"got {label_raise}")
         return cls(Normalizer.from_dict(data["normalization"]), residual, fusion,
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
                    {k: float(v) for k, v in (data.get("quality") or {}).items()},
                    AttributionModel.from_dict(data["attribution"]) if data.get("attribution")
-                   else None, subspace, states, preferred)
+                   else None, subspace, states, preferred, label_raise)
+
+
+# How far above the highest window labelled normal `obeyed_threshold` puts the threshold,
+# as a share of that window's height above the usual level: clear of float32 rounding
+# in the agent's graph, and of the window next to it.
+_OBEYED_MARGIN = 0.01
+
+
+def obeyed_threshold(threshold: float, scores: np.ndarray, labelled_normal: np.ndarray
+                     | None) -> float:
+    """`threshold` raised, where needed, just above the highest of `scores` (a fit's
+    scores on its own windows) whose window ends on a sample an operator labelled
+    normal (`labelled_normal`, aligned with `scores`). A label of normal is obeyed, not
+    only learnt from: the windows it names, scored by the refit that learns them, stay
+    below the threshold, where a refit alone counts them as a few samples among hours of
+    the VM's usual level (measured on Bitbrains, docs/detection.md)."""
+    if labelled_normal is None or not np.any(labelled_normal):
+        return threshold
+    top = float(np.max(np.asarray(scores)[np.asarray(labelled_normal, bool)]))
+    if top < threshold:
+        return threshold
+    usual = float(np.median(scores))
+    return top + _OBEYED_MARGIN * max(top - usual, 1e-6)
 
 
 def offset_floor(fusion: Fusion, min_deviation: float = 0.0,
@@ -379,7 +411,7 @@ def fit_adaptation(
     normalizer: Normalizer | None = None,
     injected: InjectedSet | None = None, cnn_weights: Sequence[float] = (),
     subspace_variance: float = 0.0, normal_states: int = 0,
-    preferred_before: float | None = None,
+    preferred_before: float | None = None, labelled_normal: np.ndarray | None = None,
 ) -> VMAdaptation:
     """Fit a VM's adaptation on its raw samples `raw[N, M]` (N >= window + 1).
 
@@ -402,6 +434,9 @@ def fit_adaptation(
     `normal_states` > 0 (and a wide metric set) the distance from the nearest of that
     many usual states (trainer/states.py). The defaults here leave both out; the
     trainer passes its settings.
+    `labelled_normal[N]` marks the samples of `raw` an operator labelled normal: the
+    threshold is raised, where needed, above every window ending on one
+    (`obeyed_threshold`).
     """
     from vmad.trainer.training import predict_logits
 
@@ -433,10 +468,18 @@ def fit_adaptation(
             None if states is None else states.score_samples(last))
         fusion = replace(fusion, cnn_weight=confirmed_weight(preferred, preferred_before))
     fitted_z = fusion.z(logits, deviation, distance, state)
-    offset = max(tail_threshold(fitted_z, false_alarm_rate),
+    target = max(tail_threshold(fitted_z, false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
+    if labelled_normal is not None and len(labelled_normal) != len(raw):
+        raise ValueError(f"labelled_normal has {len(labelled_normal)} rows for "
+                         f"{len(raw)} samples")
+    offset = obeyed_threshold(target, fitted_z, None if labelled_normal is None
+                              else np.asarray(labelled_normal, bool)[window - 1:])
+    usual = float(np.median(fitted_z))
+    raise_ = (offset - usual) / max(target - usual, 1e-6) if offset > target else 1.0
     fusion = in_threshold_units(replace(fusion, offset=offset), fitted_z)
     attribution = AttributionModel.fit(normalized, window)
     return VMAdaptation(normalizer, residual, fusion, 0.5, len(raw),
                         received, now, generation, attribution=attribution,
-                        subspace=subspace, states=states, preferred_cnn_weight=preferred)
+                        subspace=subspace, states=states, preferred_cnn_weight=preferred,
+                        label_raise=max(raise_, 1.0))

@@ -74,6 +74,7 @@ from vmad.trainer.adaptation import (
     choose_cnn_weight,
     confirmed_weight,
     fit_fusion,
+    obeyed_threshold,
     offset_floor,
     outside_alarms,
     threshold_units,
@@ -378,7 +379,9 @@ def _evaluate_label_free(kind: str, target: _Target, config: ProtocolConfig,
         fit_values = np.concatenate([train_values, test_values[:cut][head]])
         fit_logits = None if logits is None else \
             np.concatenate([logits[0], logits[1][:cut][head]])
-        detector, scores, threshold, extra = part.fit(fit_values, fit_logits)
+        labelled_normal = np.arange(len(fit_values)) >= len(train_values)
+        detector, scores, threshold, extra = part.fit(fit_values, fit_logits,
+                                                      labelled_normal)
         if kind not in ("residual", "fused"):
             contributions = detector.contributions(test_values)
     else:
@@ -431,7 +434,7 @@ def _refitted_margins(part: _LabelFreeFit, train_values: np.ndarray,
                               float(config.window), config.window,
                               keep=keep[low:end], normal=normal[low:end]).astype(np.int64)
         detector, scores, threshold, extra = part.fit(
-            values[rows], None if all_logits is None else all_logits[rows])
+            values[rows], None if all_logits is None else all_logits[rows], normal[rows])
         margins[begin:stop] = scores[begin:stop] - threshold
         alarms.append(begin + start_of_test + np.flatnonzero(margins[begin:stop] >= 0))
         if stop > part.cut:
@@ -457,7 +460,10 @@ class _LabelFreeFit:
         self.preferred: float | None = None
 
     def fit(self, fit_values: np.ndarray, fit_logits: np.ndarray | None,
-            ) -> tuple[Any, np.ndarray, float, dict[str, float]]:
+            labelled_normal: np.ndarray) -> tuple[Any, np.ndarray, float, dict[str, float]]:
+        """`labelled_normal` marks the rows of `fit_values` labelled normal (the head's),
+        whose windows the threshold stays above where labels are used, as the
+        trainer's (`obeyed_threshold`)."""
         kind, config, labels, cut = self.kind, self.config, self.labels, self.cut
         # The per-sample part comes from the detector registry; `fused` adds the network.
         detector = create("residual" if kind == "fused" else kind).fit(fit_values)
@@ -486,12 +492,14 @@ class _LabelFreeFit:
                 (fit_logits, self.test_logits), fit_parts, test_parts, labels, cut, config,
                 network, injected, self.preferred)
             extra = {"cnn_weight": weight}
-        finite = fit_scores[np.isfinite(fit_scores)]
+        is_finite = np.isfinite(fit_scores)
+        finite = fit_scores[is_finite]
         if config.labels == "none" or config.head_rule == "refit":
             threshold = tail_threshold(finite, config.false_alarm_rate) \
                 if config.threshold_rule == "tail" else \
                 false_alarm_threshold(finite, config.false_alarm_rate)
-            threshold = max(threshold, floor)
+            threshold = obeyed_threshold(max(threshold, floor), finite,
+                                         labelled_normal[is_finite])
         else:
             threshold = best_f1_threshold(labels[:cut], scores[:cut])
         if kind == "fused":

@@ -208,23 +208,25 @@ class VMModels:
             return floors
         return list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS else 0.0
 
-    def _normal_history(self, vm_id: str) -> np.ndarray:
+    def _normal_history(self, vm_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Raw samples to fit on: the newest `history_samples` outside anomalous labels
-        and flagged windows (unless labelled normal). The first fit takes the same: the
+        and flagged windows (unless labelled normal), and which of them are labelled
+        normal. The first fit takes the same: the
         warm-up bundle raises no alarm, so a new VM's warm-up is all of it, and a VM that
         arrives with a backlog (an agent's spool after the trainer was unreachable, a
         trainer that lost its models) is fitted on all of that, outside what alarmed."""
         settings = self.adaptation_settings
         recent = self.store.recent(vm_id, settings.history_samples)
         if not len(recent):
-            return recent.values
+            return recent.values, np.zeros(0, dtype=bool)
         times, _, flagged = self.store.verdicts(vm_id, len(recent))
         span = self.window * max(float(np.median(np.diff(recent.timestamps))), 1e-9) \
             if len(recent) > 1 else 0.0
         labels = self.store.labels_at(vm_id, recent.timestamps)
         # outside_alarms, in its two steps: the covered rows also feed the warning.
         covered = alarm_covered(recent.timestamps, times[flagged], span, normal=labels == 0)
-        fitted = refit_values(recent.values, (labels != 1) & ~covered, self.window)
+        kept = (labels != 1) & ~covered
+        fitted = refit_values(recent.values, kept, self.window)
         if covered.sum() > len(recent) // 2:
             # A fault that lasts, or a normal that moved: only an operator can say which.
             first, last = recent.timestamps[covered][[0, -1]]
@@ -234,7 +236,7 @@ class VMModels:
                         "too many to leave out, so this refit learns them as normal"
                         if len(fitted) == len(recent) else "left out of this refit",
                         vm_id, first, last)
-        return fitted
+        return fitted, refit_values(labels == 0, kept, self.window)
 
     def adapt(self, vm_id: str, now: float | None = None, *,
               keep_normalizer: bool = False) -> TrainOutcome:
@@ -245,7 +247,7 @@ class VMModels:
         previous = self.adaptation(vm_id)
         settings = self.adaptation_settings
         counters = self.store.counters(vm_id)
-        raw = self._normal_history(vm_id)
+        raw, labelled_normal = self._normal_history(vm_id)
         checkpoint = self.checkpoint(vm_id)
         injected = self._injected_set(raw)
         adaptation = fit_adaptation(
@@ -260,7 +262,12 @@ class VMModels:
             received=counters.received if counters else 0, now=now,
             generation=previous.generation + 1 if previous else 1,
             normalizer=previous.normalizer if keep_normalizer and previous else None,
-            preferred_before=previous.preferred_cnn_weight if previous else None)
+            preferred_before=previous.preferred_cnn_weight if previous else None,
+            labelled_normal=labelled_normal)
+        if adaptation.label_raise > 1.0:
+            log.info("VM %s: %d samples labelled normal raise its threshold to %.1f times "
+                     "the false-alarm target's height above its usual level", vm_id,
+                     labelled_normal.sum(), adaptation.label_raise)
         self._save_adaptation(vm_id, adaptation)
         bundle = self.bundle(vm_id)
         quality = self._injected_quality(injected, bundle) if injected is not None else {}
@@ -296,7 +303,7 @@ class VMModels:
 
         if not self.settings.self_supervised or self.metrics != DEFAULT_METRICS:
             return None
-        history = self._normal_history(vm_id)
+        history, _ = self._normal_history(vm_id)
         try:
             return self_supervised_data(history, self.window, seed=self.seed,
                                         real_windows=labelled.raw, real_labels=labelled.labels)
