@@ -72,9 +72,11 @@ COLUMNS = ("false_alarm_rate", "precision", "recall", "point_f1", "event_recall"
 # The usual static alert on a VM: CPU or memory at or above this share of capacity.
 STATIC_LIMIT_PERCENT = 90.0
 KIB_PER_MB = 1024.0
-# The agent's reminder of a lasting alarm, in samples at its default interval (720).
-REMINDER_SAMPLES = round(AgentConfig.model_fields["alarm_reminder_s"].default
-                         / AgentConfig.model_fields["interval_s"].default)
+# When the agent reminds of a lasting alarm, in samples at its default interval: the
+# first reminder 60 samples after the alarm started, then every 720.
+REMINDERS = tuple(round(AgentConfig.model_fields[key].default
+                        / AgentConfig.model_fields["interval_s"].default)
+                  for key in ("alarm_first_reminder_s", "alarm_reminder_s"))
 # The trainer's least time between two label refits of a VM, in samples (12).
 LABEL_REFIT_SAMPLES = round(AdaptationSettings.model_fields["label_refit_interval_s"].default
                             / AgentConfig.model_fields["interval_s"].default)
@@ -131,7 +133,7 @@ def run_like_trainer(
     refresh: int, cnn_weight: float, cnn_weights: tuple[float, ...],
     network_threshold: float | None, first_normalizer: Normalizer | None = None,
     labels: np.ndarray | None = None, labelled_until: int = 0, false_alarm_labels: int = 0,
-    reminder: int = REMINDER_SAMPLES,
+    reminders: tuple[int, int] = REMINDERS,
 ) -> tuple[np.ndarray, np.ndarray, list[float], int]:
     """Scores and alarms of every sample's window after the warm-up, with the adaptation
     in force when it arrived (the first fit on the warm-up, a refit every `refresh`
@@ -162,7 +164,8 @@ def run_like_trainer(
     while start < n:
         stop = min(n, start + step)  # the trainer refits `refresh` samples after a fit
         if labels is not None and given < false_alarm_labels:
-            for covered in operator_labels(alarms, labels, start, window, reminder, reviewed):
+            for covered in operator_labels(alarms, labels, start, window, reminders,
+                                           reviewed):
                 reviewed |= covered
                 given += 1
                 if given == false_alarm_labels:
@@ -205,8 +208,8 @@ def run_like_trainer(
         if labels is not None and given < false_alarm_labels:
             # A label of normal refits the VM when it arrives (or once the trainer's
             # rate limit allows): the rest of this stretch is scored by that refit.
-            moment = next((t for t in _label_moments(alarms, start, stop, reminder)
-                           if next(operator_labels(alarms, labels, t, window, reminder,
+            moment = next((t for t in _label_moments(alarms, start, stop, reminders)
+                           if next(operator_labels(alarms, labels, t, window, reminders,
                                                    reviewed), None) is not None), stop)
             moment = max(moment, label_refit + LABEL_REFIT_SAMPLES)
             if moment < stop:
@@ -219,18 +222,18 @@ def run_like_trainer(
 
 
 def operator_labels(alarms: np.ndarray, labels: np.ndarray, now: int, window: int,
-                    reminder: int, reviewed: np.ndarray) -> Iterator[np.ndarray]:
+                    reminders: tuple[int, int], reviewed: np.ndarray) -> Iterator[np.ndarray]:
     """What an operator who knows the truth (`labels`) labels normal at sample `now`,
     oldest alarm first, as masks of samples: each false alarm run (most of its alarmed
     samples normal) not labelled yet (`reviewed`), its windows but the faults inside,
-    up to its end once it has ended, or up to the agent's newest reminder (every
-    `reminder` samples) while it goes on."""
+    up to its end once it has ended, or up to the agent's newest reminder while it goes
+    on (`reminders`: the first after so many samples, then every so many)."""
     for first_alarm, end in events(alarms[:now]):
         if end == now:  # still going
-            reminders = (end - 1 - first_alarm) // reminder
-            if not reminders:
+            printed = _reminders_printed(first_alarm, end, reminders)
+            if not printed:
                 continue
-            end = first_alarm + reminders * reminder + 1
+            end = printed[-1] + 1
         # What the trainer's refits leave out for these alarms, but the faults inside.
         covered = alarm_covered(np.arange(len(alarms)), np.arange(first_alarm, end),
                                 window) & (labels == 0)
@@ -238,13 +241,21 @@ def operator_labels(alarms: np.ndarray, labels: np.ndarray, now: int, window: in
             yield covered
 
 
-def _label_moments(alarms: np.ndarray, start: int, stop: int, reminder: int) -> list[int]:
+def _reminders_printed(first_alarm: int, end: int, reminders: tuple[int, int]) -> range:
+    """The samples of an alarm run [first_alarm, end) at which the agent reminded of it."""
+    first, every = reminders
+    return range(first_alarm + first, end, every)
+
+
+def _label_moments(alarms: np.ndarray, start: int, stop: int,
+                   reminders: tuple[int, int]) -> list[int]:
     """Samples in (start, stop) at which the agent has just printed a label command for
     an alarm run: the sample after its end line, or after one of its reminders."""
     moments = []
     for first_alarm, end in events(alarms[:stop]):
         if end > start:
-            moments += range(first_alarm + reminder + 1, min(end, stop), reminder)
+            moments += [t + 1 for t in _reminders_printed(first_alarm, min(end, stop) - 1,
+                                                          reminders)]
             moments.append(end + 1)
     return sorted(t for t in moments if start < t < stop)
 
@@ -278,7 +289,8 @@ def main() -> None:
                              "every row is then scored after them only (0: no row)")
     parser.add_argument("--label-false-alarms", type=int, default=0, metavar="RUNS",
                         help="adds a row whose operator labels normal each false alarm run "
-                             "when it ends or at the agent's hourly reminder while it lasts, "
+                             "when it ends or at the agent's reminders while it lasts (after "
+                             "5 min, then hourly), "
                              "up to RUNS labels per VM (0: no row)")
     parser.add_argument("--real", type=Path,
                         help="score these real VMs' traces (a Bitbrains folder) with faults "

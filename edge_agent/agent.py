@@ -219,18 +219,21 @@ class Agent:
                                      "kind": bundle.metadata.model_kind})
 
     def _log_alarm(self, result: WindowVerdict, seq: int, timestamp: float) -> None:
-        """`anomaly start`, `anomaly ongoing` every `alarm_reminder_s` while it lasts, and
-        `anomaly end`. The last two name the interval the alarm covered (its first
-        window's oldest sample to its newest alarmed one) as the command that labels it
-        normal: the trainer leaves what alarms covered out of its refits, so a false
-        alarm, or a new normal level, would otherwise alarm again and again."""
+        """`anomaly start`, `anomaly ongoing` after `alarm_first_reminder_s` and then every
+        `alarm_reminder_s` while it lasts, and `anomaly end`. The last two name the
+        interval the alarm covered (its first window's oldest sample to its newest
+        alarmed one) as the command that labels it normal: the trainer leaves what alarms
+        covered out of its refits, so a false alarm, or a new normal level, would
+        otherwise alarm again and again."""
         if result.anomalous and not self._in_anomaly:
             self._in_anomaly = True
             self._alarm_started = self._reminded = timestamp
             self._log_anomaly("start", result, seq, "")
         if result.anomalous:
             self._alarm_last = timestamp
-            if timestamp - self._reminded >= self.config.alarm_reminder_s:
+            due = self.config.alarm_first_reminder_s \
+                if self._reminded == self._alarm_started else self.config.alarm_reminder_s
+            if timestamp - self._reminded >= due:
                 self._reminded = timestamp
                 self._log_anomaly("ongoing", result, seq, f"for {self._alarm_seconds():.0f} s; "
                                   f"if it is the VM's new normal: {self._label_command()}")

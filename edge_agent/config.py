@@ -59,9 +59,12 @@ class InjectSettings(StrictModel):
 class AgentConfig(StrictModel):
     vm_id: str = Field(..., min_length=1, description="this VM's id (unique in the fleet)")
     interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, description="seconds between samples")
+    alarm_first_reminder_s: float = Field(
+        300.0, gt=0, description="an alarm that lasts this long is logged again with the "
+        "command that labels it normal (5 min: when the VmadVMAlarming alert pages)")
     alarm_reminder_s: float = Field(
-        3600.0, gt=0, description="while an alarm lasts, log it again this often with the "
-        "command that labels it normal (a new normal level alarms until it is labelled)")
+        3600.0, gt=0, description="... and again this often while it lasts (a new normal "
+        "level alarms until it is labelled)")
     bundle: Path | None = Field(None, description="bundle folder; null = the packaged default")
     bundle_dir: Path = Field(Path("/var/lib/vmad/agent/bundles"),
                              description="where pushed bundles are kept (current + previous)")

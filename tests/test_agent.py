@@ -336,10 +336,11 @@ def test_refused_batch_stays_spooled_and_arrives_after_reconnect(tmp_path: Path,
 
 def test_anomaly_end_prints_the_label_that_puts_the_alarm_back_into_refits(
         tmp_path: Path, caplog) -> None:
-    """A burst alarms for a while; the `anomaly ongoing` lines (every `alarm_reminder_s`)
-    and the `anomaly end` line name a `vmad label --normal` command. Run as printed, the
-    end line's labels every sample the trainer's refits would leave out for that alarm
-    (`alarm_covered`), and not far beyond it."""
+    """A burst alarms for a while; the `anomaly ongoing` lines (after
+    `alarm_first_reminder_s`, then every `alarm_reminder_s`) and the `anomaly end` line
+    name a `vmad label --normal` command. Run as printed, the end line's labels every
+    sample the trainer's refits would leave out for that alarm (`alarm_covered`), and
+    not far beyond it."""
     import logging
     import shlex
     import subprocess
@@ -359,8 +360,8 @@ def test_anomaly_end_prints_the_label_that_puts_the_alarm_back_into_refits(
         level = 100.0 if i in hot else 0.0
         return Reading(1_000_000.0 + i, level, level, i * (10**9 if i in hot else 0), 0)
 
-    agent = Agent(agent_config(tmp_path, None, interval_s=1.0, alarm_reminder_s=30.0),
-                  source=source)
+    agent = Agent(agent_config(tmp_path, None, interval_s=1.0, alarm_first_reminder_s=10.0,
+                               alarm_reminder_s=30.0), source=source)
     timestamps, alarmed = [], []
     with caplog.at_level(logging.WARNING, "vmad.agent"):
         for i in range(260):
@@ -372,11 +373,11 @@ def test_anomaly_end_prints_the_label_that_puts_the_alarm_back_into_refits(
     ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("anomaly end")]
     assert len(ends) == 1 and sum(alarmed) > 3, ends
     command = shlex.split(ends[0].split("if it was normal: ")[1])
-    # While it lasted, every 30 s: the same command up to then (a new normal level
-    # never ends, and must be labelled while it goes on).
+    # While it lasted, after 10 s and then every 30 s: the same command up to then (a
+    # new normal level never ends, and must be labelled while it goes on).
     ongoing = [r.getMessage() for r in caplog.records
                if r.getMessage().startswith("anomaly ongoing")]
-    assert len(ongoing) == (sum(alarmed) - 1) // 30, ongoing
+    assert sum(alarmed) > 41 and len(ongoing) == 1 + (sum(alarmed) - 1 - 10) // 30, ongoing
     reminded = shlex.split(ongoing[0].split("if it is the VM's new normal: ")[1])
     assert reminded[:-3] == command[:-3] and int(reminded[-3]) < int(command[-3])
     assert command[:2] == ["vmad", "label"] and "--normal" in command
