@@ -16,7 +16,13 @@ from tests.trainer_fixtures import small_checkpoint
 from vmad.evaluation import hit_rate, read_interpretation_labels
 from vmad.schema import DEFAULT_METRICS
 from vmad.synthetic import generate_vm
-from vmad.trainer.adaptation import USUAL_SCORE, VMAdaptation, alarm_covered, fit_adaptation
+from vmad.trainer.adaptation import (
+    USUAL_SCORE,
+    VMAdaptation,
+    alarm_covered,
+    fit_adaptation,
+    obeyed_threshold,
+)
 from vmad.trainer.checkpoint import Checkpoint
 from vmad.trainer.config import AdaptationSettings, TrainingSettings
 from vmad.trainer.export import export_bundle
@@ -125,6 +131,20 @@ def test_windows_labelled_normal_stay_below_the_refits_threshold(checkpoint) -> 
                           labelled_normal=quiet).label_raise == 1.0
     with pytest.raises(ValueError, match="labelled_normal has 10 rows for 2000 samples"):
         fit_adaptation(checkpoint.model, raw, WINDOW, labelled_normal=labelled[:10])
+
+
+def test_the_false_alarm_target_holds_on_the_windows_labelled_normal() -> None:
+    """A short label (under 200 windows at 0.5 %) is obeyed outright; on a long stretch
+    labelled normal 0.5 % of its windows may still reach the threshold; a label below
+    the threshold changes nothing."""
+    scores = np.arange(1000.0)
+    newest = np.arange(1000) >= 990
+    raised = obeyed_threshold(990.0, scores, newest, 0.005)
+    assert 999.0 < raised < 1010.0
+    everything = obeyed_threshold(990.0, scores, np.ones(1000, bool), 0.005)
+    assert 994.0 < everything < 995.0 and (scores >= everything).sum() == 5
+    assert obeyed_threshold(990.0, scores, np.arange(1000) < 500, 0.005) == 990.0
+    assert obeyed_threshold(990.0, scores, None, 0.005) == 990.0
 
 
 def test_tail_threshold_extrapolates_beyond_the_sample() -> None:

@@ -288,23 +288,27 @@ class VMAdaptation:
                    else None, subspace, states, preferred, label_raise)
 
 
-# How far above the highest window labelled normal `obeyed_threshold` puts the threshold,
-# as a share of that window's height above the usual level: clear of float32 rounding
-# in the agent's graph, and of the window next to it.
-_OBEYED_MARGIN = 0.01
+# How far above the highest labelled window it keeps below `obeyed_threshold` puts the
+# threshold, as a share of that window's height above the usual level: clear of float32
+# rounding in the agent's graph.
+_OBEYED_MARGIN = 1e-3
 
 
 def obeyed_threshold(threshold: float, scores: np.ndarray, labelled_normal: np.ndarray
-                     | None) -> float:
-    """`threshold` raised, where needed, just above the highest of `scores` (a fit's
-    scores on its own windows) whose window ends on a sample an operator labelled
-    normal (`labelled_normal`, aligned with `scores`). A label of normal is obeyed, not
-    only learnt from: the windows it names, scored by the refit that learns them, stay
-    below the threshold, where a refit alone counts them as a few samples among hours of
-    the VM's usual level (measured on Bitbrains, docs/detection.md)."""
+                     | None, false_alarm_rate: float) -> float:
+    """`threshold` raised, where needed, so that no more than `false_alarm_rate` of the
+    windows an operator labelled normal reach it: `scores` are a fit's scores on its
+    own windows, `labelled_normal` (aligned with them) marks those that end on a sample
+    labelled normal. The false-alarm target then holds on what the operator called
+    normal, not only on the whole history, where a refit counts a short label as a few
+    samples among hours of the VM's usual level (measured on Bitbrains,
+    docs/detection.md). Under 1 / `false_alarm_rate` labelled windows (200 at 0.5 %:
+    a label of a false alarm) none may reach it, so that label is obeyed; a long
+    stretch labelled normal keeps the target's share."""
     if labelled_normal is None or not np.any(labelled_normal):
         return threshold
-    top = float(np.max(np.asarray(scores)[np.asarray(labelled_normal, bool)]))
+    labelled = np.sort(np.asarray(scores)[np.asarray(labelled_normal, bool)])[::-1]
+    top = float(labelled[int(false_alarm_rate * len(labelled))])
     if top < threshold:
         return threshold
     usual = float(np.median(scores))
@@ -435,8 +439,8 @@ def fit_adaptation(
     many usual states (trainer/states.py). The defaults here leave both out; the
     trainer passes its settings.
     `labelled_normal[N]` marks the samples of `raw` an operator labelled normal: the
-    threshold is raised, where needed, above every window ending on one
-    (`obeyed_threshold`).
+    threshold is raised, where needed, so that the false-alarm target holds on the
+    windows ending on one too (`obeyed_threshold`).
     """
     from vmad.trainer.training import predict_logits
 
@@ -474,7 +478,8 @@ def fit_adaptation(
         raise ValueError(f"labelled_normal has {len(labelled_normal)} rows for "
                          f"{len(raw)} samples")
     offset = obeyed_threshold(target, fitted_z, None if labelled_normal is None
-                              else np.asarray(labelled_normal, bool)[window - 1:])
+                              else np.asarray(labelled_normal, bool)[window - 1:],
+                              false_alarm_rate)
     usual = float(np.median(fitted_z))
     raise_ = (offset - usual) / max(target - usual, 1e-6) if offset > target else 1.0
     fusion = in_threshold_units(replace(fusion, offset=offset), fitted_z)

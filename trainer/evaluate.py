@@ -462,7 +462,7 @@ class _LabelFreeFit:
     def fit(self, fit_values: np.ndarray, fit_logits: np.ndarray | None,
             labelled_normal: np.ndarray) -> tuple[Any, np.ndarray, float, dict[str, float]]:
         """`labelled_normal` marks the rows of `fit_values` labelled normal (the head's),
-        whose windows the threshold stays above where labels are used, as the
+        on which the false-alarm target also holds where labels are used, as the
         trainer's (`obeyed_threshold`)."""
         kind, config, labels, cut = self.kind, self.config, self.labels, self.cut
         # The per-sample part comes from the detector registry; `fused` adds the network.
@@ -499,7 +499,7 @@ class _LabelFreeFit:
                 if config.threshold_rule == "tail" else \
                 false_alarm_threshold(finite, config.false_alarm_rate)
             threshold = obeyed_threshold(max(threshold, floor), finite,
-                                         labelled_normal[is_finite])
+                                         labelled_normal[is_finite], config.false_alarm_rate)
         else:
             threshold = best_f1_threshold(labels[:cut], scores[:cut])
         if kind == "fused":
