@@ -116,7 +116,8 @@ class ProtocolConfig:
     head_rule: how the label-free rows use the head's labels. "refit" (as the trainer
     does when a VM has labels): refit on the train part plus the head's samples that no
     label marks anomalous (a window's length kept clear around every event), and take
-    the threshold from the false-alarm target on what was fitted, as without labels.
+    the threshold from the false-alarm target on what was fitted and on those head
+    samples, labelled normal (`obeyed_threshold`).
     "best_f1": fit on the train part only, threshold with the best F1 on the head.
     min_deviation / network_floor: the trainer's floors under the threshold of
     `residual` and `fused` (trainer.yaml `adaptation`, trainer/adaptation.py).
