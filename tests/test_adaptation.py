@@ -872,6 +872,36 @@ def test_a_label_stored_during_a_refit_gets_a_refit_of_its_own(checkpoint, tmp_p
         worker.stop()
 
 
+def test_a_label_refit_owed_when_the_trainer_stopped_runs_when_it_starts(checkpoint,
+                                                                         tmp_path) -> None:
+    """A label of normal stored but not yet fitted (the trainer stopped while its label
+    refit waited) refits the VM when the next trainer starts on the same store and
+    models; a label it has fitted, or one of a fault, does not."""
+    from vmad.labels import LabelInterval
+    from vmad.trainer.core import TrainerCore
+
+    store, models = _short_history_models(checkpoint, tmp_path)
+    vm, _ = generate_vm(7, 300, fault_rate=0.0)
+    ts = vm.timestamps
+    store.ingest("vm", DEFAULT_METRICS, np.arange(1, 301), ts, vm.values)
+    store.add_labels("vm", [LabelInterval(float(ts[0]), float(ts[9]), False, "operator")])
+    models.adapt("vm")  # has seen that label
+    fault = LabelInterval(float(ts[50]), float(ts[59]), True, "operator")
+    normal = LabelInterval(float(ts[100]), float(ts[149]), False, "operator")
+    for stored, refits in (([], 0), ([fault], 0), ([normal], 1), ([], 0)):
+        store.add_labels("vm", stored)  # as if the trainer died before refitting
+        before = models.adaptation("vm").generation
+        core = TrainerCore(store, models)
+        core.start(None, 60.0)
+        try:
+            assert core.worker.wait_idle(60)
+            assert models.adaptation("vm").generation - before == refits
+            assert core.stats.label_refits == refits
+        finally:
+            core.stop()
+    assert VMAdaptation.from_json(models.adaptation("vm").to_json()).labels_seen == 3
+
+
 def test_a_label_of_normal_refits_an_adapted_vm_at_once(checkpoint, tmp_path) -> None:
     """An operator's `vmad label --normal` (by the trainer's Label call, or shipped by
     the agent from its labels file) refits the VM now instead of at the next refresh;

@@ -218,6 +218,10 @@ class VMAdaptation:
     # How far windows labelled normal raised the threshold (`obeyed_threshold`): its
     # height above the VM's usual level over the false-alarm target's; 1: not at all.
     label_raise: float = 1.0
+    # The store's newest label id when this fit read the VM's history: a label of
+    # normal with a higher id has not been fitted (a trainer stopped before its label
+    # refit ran). None: saved before it was kept.
+    labels_seen: int | None = None
 
     def score(self, logits: np.ndarray, newest: np.ndarray) -> np.ndarray:
         """The fused score (what the bundle's graph computes) of windows whose network
@@ -250,6 +254,8 @@ class VMAdaptation:
             data["preferred_cnn_weight"] = self.preferred_cnn_weight
         if self.label_raise != 1.0:
             data["label_raise"] = self.label_raise
+        if self.labels_seen is not None:
+            data["labels_seen"] = self.labels_seen
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -280,12 +286,16 @@ class VMAdaptation:
         if not (math.isfinite(label_raise) and label_raise >= 1.0):
             raise ValueError(f"adaptation's label_raise must be a number >= 1, "
                              f"got {label_raise}")
+        labels_seen = data.get("labels_seen")
+        if labels_seen is not None and (not isinstance(labels_seen, int) or labels_seen < 0):
+            raise ValueError(f"adaptation's labels_seen must be an integer >= 0, "
+                             f"got {labels_seen!r}")
         return cls(Normalizer.from_dict(data["normalization"]), residual, fusion,
                    threshold, int(data["samples_fitted"]), int(data["received_at_fit"]),
                    float(data["fitted_at"]), int(data["generation"]),
                    {k: float(v) for k, v in (data.get("quality") or {}).items()},
                    AttributionModel.from_dict(data["attribution"]) if data.get("attribution")
-                   else None, subspace, states, preferred, label_raise)
+                   else None, subspace, states, preferred, label_raise, labels_seen)
 
 
 # How far above the highest labelled window it keeps below `obeyed_threshold` puts the

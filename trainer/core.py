@@ -181,8 +181,26 @@ class TrainerCore:
             answered.append((vm_id, decision))
         return answered
 
+    def refit_unfitted_labels(self) -> list[str]:
+        """Queue a label refit for every adapted VM whose store holds a label of normal
+        newer than its adaptation's fit: the refit it was owed when the trainer stopped
+        (a label refit waits in memory, up to `label_refit_interval_s`). Returns them."""
+        owed = []
+        for vm_id in self.store.vm_ids():
+            adaptation = self.models.adaptation(vm_id)
+            if adaptation is None or adaptation.labels_seen is None:
+                continue
+            if self.store.last_label_id(vm_id, normal_only=True) > adaptation.labels_seen:
+                owed.append(vm_id)
+                self._refit_for_label(vm_id)
+        if owed:
+            log.info("refitting %d VMs on labels of normal stored since their last fit: %s",
+                     len(owed), ", ".join(owed[:10]) + (" ..." if len(owed) > 10 else ""))
+        return owed
+
     def start(self, report: ReportFn | None, interval_s: float) -> None:
         self.worker.start()
+        self.refit_unfitted_labels()
         if report is None:
             return
 

@@ -435,6 +435,15 @@ class TelemetryStore:
                 "ORDER BY label_id", (vm_id,)).fetchall()
         return [LabelInterval(r[0], r[1], bool(r[2]), r[3]) for r in rows]
 
+    def last_label_id(self, vm_id: str, normal_only: bool = False) -> int:
+        """The id of the VM's newest label (of normal only, with `normal_only`); ids only
+        grow, so a fit that saw id n has seen every label up to n. 0: none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(label_id) FROM labels WHERE vm_id=?"
+                + (" AND anomalous=0" if normal_only else ""), (vm_id,)).fetchone()
+        return int(row[0] or 0)
+
     def labels_at(self, vm_id: str, timestamps: np.ndarray) -> np.ndarray:
         """Label per timestamp: 1 anomalous, 0 normal, -1 unknown."""
         out = np.full(len(timestamps), -1, dtype=np.int8)

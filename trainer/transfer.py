@@ -247,6 +247,7 @@ class VMModels:
         previous = self.adaptation(vm_id)
         settings = self.adaptation_settings
         counters = self.store.counters(vm_id)
+        labels_seen = self.store.last_label_id(vm_id)  # before the history is read
         raw, labelled_normal = self._normal_history(vm_id)
         checkpoint = self.checkpoint(vm_id)
         injected = self._injected_set(raw)
@@ -264,6 +265,7 @@ class VMModels:
             normalizer=previous.normalizer if keep_normalizer and previous else None,
             preferred_before=previous.preferred_cnn_weight if previous else None,
             labelled_normal=labelled_normal)
+        adaptation = replace(adaptation, labels_seen=labels_seen)
         if adaptation.label_raise > 1.0:
             log.info("VM %s: %d samples labelled normal raise its threshold to %.1f times "
                      "the false-alarm target's height above its usual level", vm_id,
