@@ -178,15 +178,15 @@ def run_like_trainer(
         normal = (labels[first:start] == 0) & held if known else None
         if given:
             normal = reviewed[first:start] | (False if normal is None else normal)
-        refit = start > warmup
-        alarm_times = first + np.flatnonzero(alarms[first:start])
-        raw = outside_alarms(values[first:start], np.arange(first, start), alarm_times,
-                             window, window, keep=keep, normal=normal) \
-            if refit else values[:warmup]
-        # Which of those samples are labelled normal: the refit obeys them.
-        labelled_normal = outside_alarms(normal, np.arange(first, start), alarm_times,
-                                         window, window, keep=keep, normal=normal) \
-            if refit and normal is not None else None
+        # The rows a refit fits (sample numbers), and which of them are labelled normal:
+        # the refit obeys them.
+        rows = np.arange(warmup) if start == warmup else outside_alarms(
+            np.arange(first, start), np.arange(first, start),
+            first + np.flatnonzero(alarms[first:start]), window, window, keep=keep,
+            normal=normal)
+        raw = values[rows]
+        labelled_normal = normal[rows - first] if start > warmup and normal is not None \
+            else None
         adaptation = fit_adaptation(
             model, raw, window, floors=list(DEFAULT_SCALE_FLOORS),
             components=settings.components, cnn_weight=cnn_weight,

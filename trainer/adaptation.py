@@ -457,6 +457,9 @@ def fit_adaptation(
     raw = np.asarray(raw, np.float64)
     if len(raw) < window + 1:
         raise ValueError(f"need at least {window + 1} samples to adapt, got {len(raw)}")
+    if labelled_normal is not None and len(labelled_normal) != len(raw):
+        raise ValueError(f"labelled_normal has {len(labelled_normal)} rows for "
+                         f"{len(raw)} samples")
     if normalizer is None:
         normalizer = Normalizer.fit(raw, floor=floors)
     normalized = normalizer.apply(raw)
@@ -484,9 +487,6 @@ def fit_adaptation(
     fitted_z = fusion.z(logits, deviation, distance, state)
     target = max(tail_threshold(fitted_z, false_alarm_rate),
                  offset_floor(fusion, min_deviation, network_threshold))
-    if labelled_normal is not None and len(labelled_normal) != len(raw):
-        raise ValueError(f"labelled_normal has {len(labelled_normal)} rows for "
-                         f"{len(raw)} samples")
     offset = obeyed_threshold(target, fitted_z, None if labelled_normal is None
                               else np.asarray(labelled_normal, bool)[window - 1:],
                               false_alarm_rate)
