@@ -230,14 +230,15 @@ def render_fleet(fleet: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     vms = Table(title="VMs")
-    for column in ("VM", "trainer", "seen", "reports", "model", "labelled", "F1", "accuracy",
-                   "drift", "flagged", "blamed", "last action", "why"):
+    for column in ("VM", "trainer", "seen", "reports", "model", "detector", "labelled", "F1",
+                   "accuracy", "drift", "flagged", "blamed", "last action", "why"):
         vms.add_column(column, justify="right" if column in
                        ("reports", "labelled", "F1", "accuracy", "drift", "flagged") else "left")
     for vm in fleet["vms"]:
         state = vm.get("state") or {}
         vms.add_row(vm["vm_id"], vm["trainer_id"], _ago(vm["last_seen"]), str(vm["reports"]),
-                    vm["model_version"], str(state.get("labelled_windows", "")),
+                    vm["model_version"], state.get("detector") or "-",
+                    str(state.get("labelled_windows", "")),
                     f"{state.get('f1', 0):.2f}", f"{state.get('accuracy', 0):.2f}",
                     f"{state.get('drift', 0):.2f}", f"{state.get('flagged_share', 0):.2f}",
                     # The metrics to blame in the VM's newest anomalous verdict.

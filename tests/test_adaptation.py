@@ -323,6 +323,69 @@ def test_a_burst_labelled_normal_does_not_alarm_after_the_refit(checkpoint, tmp_
                for r in caplog.records)
 
 
+def test_status_and_metrics_say_what_each_vms_detector_is(checkpoint, tmp_path,
+                                                          monkeypatch, capsys) -> None:
+    """A warming-up VM and an adapted one whose labels raised its threshold: the state
+    report says which (through the wire and `vmad status`), and the trainer's /metrics
+    export the same per VM."""
+    from prometheus_client import generate_latest
+
+    from vmad.actions import Action, Decision
+    from vmad.cli import main
+    from vmad.controller.registry import Registry
+    from vmad.controller.reward import reward
+    from vmad.labels import LabelInterval
+    from vmad.trainer.core import TrainerCore
+    from vmad.trainer.metrics import TrainerMetrics
+    from vmad.trainer.transfer import VMModels
+    from vmad.wire import state_from_message, state_to_message
+
+    vm, _ = generate_vm(6, 2000, fault_rate=0.0)
+    values = vm.values.copy()
+    values[1500:1505, 1] = np.minimum(values[1500:1505, 1] + 25.0, 100.0)
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                      adaptation=AdaptationSettings(warmup_samples=300, history_samples=2000))
+    store.ingest("vm-adapted", DEFAULT_METRICS, np.arange(1, 2001), vm.timestamps, values)
+    store.add_labels("vm-adapted", [LabelInterval(float(vm.timestamps[1490]),
+                                                  float(vm.timestamps[1524]), False,
+                                                  "operator")])
+    store.ingest("vm-new", DEFAULT_METRICS, np.arange(1, 101), vm.timestamps[:100],
+                 vm.values[:100])
+    models.adapt("vm-adapted")
+    adaptation = models.adaptation("vm-adapted")
+    assert adaptation is not None and adaptation.label_raise > 1.0
+
+    adapted = models.state("vm-adapted").detector
+    assert adapted.startswith(f"fit 1 on {adaptation.samples_fitted} samples; injected "
+                              f"faults: recall {adaptation.quality['recall']:.2f}")
+    assert adapted.endswith(f"labels raise threshold x{adaptation.label_raise:.1f}")
+    warming = models.state("vm-new")
+    assert warming.detector == "warming up: 100 of 300 samples, no alarms"
+    assert state_from_message(state_to_message(warming)) == warming
+
+    registry = Registry(tmp_path / "r.sqlite")
+    registry.record_report("t1", state_from_message(state_to_message(models.state(
+        "vm-adapted"))), Decision(Action.KEEP, 0, "fine"), "rules", reward)
+    registry.close()
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["status", "--database", str(tmp_path / "r.sqlite")]) == 0
+    assert f"labels raise threshold x{adaptation.label_raise:.1f}" in capsys.readouterr().out
+
+    metrics = TrainerMetrics(store, TrainerCore(store, models), None).registry
+    gauge = metrics.get_sample_value
+    assert gauge("vmad_trainer_vm_adapted", {"vm_id": "vm-new"}) == 0.0
+    assert gauge("vmad_trainer_vm_adapted", {"vm_id": "vm-adapted"}) == 1.0
+    assert gauge("vmad_trainer_vm_threshold_label_raise", {"vm_id": "vm-adapted"}) == \
+        pytest.approx(adaptation.label_raise)
+    assert gauge("vmad_trainer_vm_injected_recall", {"vm_id": "vm-adapted"}) == \
+        pytest.approx(adaptation.quality["recall"])
+    assert gauge("vmad_trainer_vm_injected_false_alarm_rate", {"vm_id": "vm-adapted"}) == \
+        pytest.approx(adaptation.quality["false_alarm_rate"])
+    assert 'vmad_trainer_vm_injected_recall{vm_id="vm-new"}' not in \
+        generate_latest(metrics).decode()
+
+
 def test_an_adapted_vm_fine_tunes_without_labels_on_injected_faults(checkpoint,
                                                                      tmp_path) -> None:
     from vmad.trainer.self_supervised import self_supervised_data
@@ -900,6 +963,25 @@ def test_a_label_refit_owed_when_the_trainer_stopped_runs_when_it_starts(checkpo
         finally:
             core.stop()
     assert VMAdaptation.from_json(models.adaptation("vm").to_json()).labels_seen == 3
+
+
+def test_a_refit_waiting_for_its_start_does_not_hold_back_the_vms_state_report(
+        checkpoint, tmp_path) -> None:
+    """A deferred label refit waits up to `label_refit_interval_s`; the VM's state is
+    still reported meanwhile. A refit that is due, or a queued action, holds it back
+    (the state is about to change)."""
+    import time
+
+    from vmad.actions import Action, Decision
+    from vmad.trainer.core import TrainerCore
+
+    store, models = _short_history_models(checkpoint, tmp_path)
+    worker = TrainerCore(store, models).worker  # not started: nothing runs
+    worker.submit_adaptation("waits", not_before=time.monotonic() + 60)
+    worker.submit_adaptation("due")
+    worker.submit("acts", Decision(Action.FINETUNE, 10))
+    assert [worker.busy(vm) for vm in ("waits", "due", "acts", "idle")] == \
+        [False, True, True, False]
 
 
 def test_a_label_of_normal_refits_an_adapted_vm_at_once(checkpoint, tmp_path) -> None:

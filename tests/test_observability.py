@@ -187,7 +187,7 @@ def test_every_process_exports_its_metrics_and_process_collectors(fleet):
     trainer = exported_names(texts["trainer"])
     assert {"vmad_trainer_agents_connected", "vmad_trainer_bundles_pushed_total",
             "vmad_trainer_report_seconds_count", "vmad_trainer_vms",
-            "vmad_trainer_label_refits_total"} <= trainer
+            "vmad_trainer_label_refits_total", "vmad_trainer_vm_adapted"} <= trainer
     controller = exported_names(texts["controller"])
     assert {"vmad_controller_reports_total", "vmad_controller_registry_rows",
             "vmad_controller_registry_bytes"} <= controller

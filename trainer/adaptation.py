@@ -237,6 +237,17 @@ class VMAdaptation:
                  if part is not None]
         return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
+    def summary(self) -> str:
+        """For `vmad status`: which fit runs, how well it catches faults injected into
+        the VM's own history, and whether labels of normal raised its threshold."""
+        parts = [f"fit {self.generation} on {self.samples_fitted} samples"]
+        if "recall" in self.quality and "false_alarm_rate" in self.quality:
+            parts.append(f"injected faults: recall {self.quality['recall']:.2f}, "
+                         f"false alarms {100 * self.quality['false_alarm_rate']:.1f} %")
+        if self.label_raise > 1.0:
+            parts.append(f"labels raise threshold x{self.label_raise:.1f}")
+        return "; ".join(parts)
+
     def to_json(self) -> str:
         data = {
             "normalization": self.normalizer.to_dict(), "residual": self.residual.to_dict(),

@@ -119,6 +119,34 @@ class _TrainerCollector(Collector):
         self.core = core
         self.owner = owner
 
+    def _detectors(self, vm_ids: list[str]) -> Iterable[Any]:
+        """Each VM's detector: adapted or warming up, its quality on faults injected into
+        its own history (the estimate made without labels), and how far labels of
+        normal raised its threshold."""
+        adapted = GaugeMetricFamily("vmad_trainer_vm_adapted",
+                                    "1: the VM runs its own adaptation; 0: it warms up "
+                                    "(its agent raises no alarm)", labels=["vm_id"])
+        recall = GaugeMetricFamily("vmad_trainer_vm_injected_recall",
+                                   "share of faults injected into the VM's own history "
+                                   "that its current fit flags", labels=["vm_id"])
+        false_alarms = GaugeMetricFamily("vmad_trainer_vm_injected_false_alarm_rate",
+                                         "share of the VM's own normal windows its current "
+                                         "fit flags", labels=["vm_id"])
+        label_raise = GaugeMetricFamily("vmad_trainer_vm_threshold_label_raise",
+                                        "how far labels of normal raised the VM's threshold "
+                                        "(1: not at all)", labels=["vm_id"])
+        for vm_id in vm_ids:
+            adaptation = self.core.models.adaptation(vm_id)
+            adapted.add_metric([vm_id], 0 if adaptation is None else 1)
+            if adaptation is None:
+                continue
+            label_raise.add_metric([vm_id], adaptation.label_raise)
+            if "recall" in adaptation.quality:
+                recall.add_metric([vm_id], adaptation.quality["recall"])
+            if "false_alarm_rate" in adaptation.quality:
+                false_alarms.add_metric([vm_id], adaptation.quality["false_alarm_rate"])
+        return adapted, recall, false_alarms, label_raise
+
     def collect(self) -> Iterable[Any]:
         received = CounterMetricFamily("vmad_trainer_samples_received",
                                        "new samples stored, per VM (persisted)", labels=["vm_id"])
@@ -137,6 +165,7 @@ class _TrainerCollector(Collector):
             duplicate.add_metric([vm_id], counters.duplicates)
             lost.add_metric([vm_id], counters.lost)
         yield from (received, duplicate, lost)
+        yield from self._detectors(vm_ids)
         yield GaugeMetricFamily("vmad_trainer_vms", "VMs in this trainer's store",
                                 value=len(vm_ids))
         service = self.owner.service_stats

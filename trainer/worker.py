@@ -14,6 +14,7 @@ a given time (a label's refit held back by its rate limit, trainer/core.py).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -102,10 +103,12 @@ class ActionWorker:
             return dict(self._pending)
 
     def busy(self, vm_id: str) -> bool:
-        """True while an action for `vm_id` is queued or running."""
+        """True while an action for `vm_id` is queued or running, or its adaptation is
+        due. An adaptation waiting to start (a deferred label refit, up to
+        `label_refit_interval_s`) does not count: the VM's state until then is current."""
         with self._cond:
-            return (vm_id in self._pending or vm_id in self._adaptations
-                    or self.stats.running == vm_id)
+            return (vm_id in self._pending or self.stats.running == vm_id
+                    or self._adaptations.get(vm_id, math.inf) <= time.monotonic())
 
     def idle(self) -> bool:
         with self._cond:

@@ -72,6 +72,10 @@ class VMState:
     blamed: the metrics most to blame in the VM's newest anomalous verdict,
         "metric=value,..." (`blame_text`); empty when none was flagged. Shown by
         `vmad status`; not a policy feature.
+    detector: what the VM's detector is, in words: warming up (samples so far of
+        those needed) or which fit runs, its quality on faults injected into the VM's
+        own history and how far labels of normal raised its threshold. Shown by `vmad
+        status`; not a policy feature.
     """
 
     vm_id: str
@@ -91,6 +95,7 @@ class VMState:
     finetuned: bool = False
     model_version: str = ""
     blamed: str = ""
+    detector: str = ""
 
     def to_vector(self) -> np.ndarray:
         """Fixed-order float32 vector: FEATURES (each scaled to about [0, 1]) then summary."""
@@ -209,6 +214,7 @@ def compute_state(
     finetuned: bool,
     model_version: str,
     blamed: str = "",
+    detector: str = "",
 ) -> VMState:
     """Build a `VMState` from the trainer's recent data for one VM.
 
@@ -239,4 +245,5 @@ def compute_state(
         finetuned=bool(finetuned),
         model_version=model_version,
         blamed=blamed,
+        detector=detector,
     )

@@ -35,7 +35,8 @@ def state_to_message(state: VMState) -> control_pb2.VMState:
         labelled_anomalous_share=state.labelled_anomalous_share, drift=state.drift,
         summary=list(state.summary), samples_since_training=max(0, state.samples_since_training),
         batches_trained=state.batches_trained, finetuned=state.finetuned,
-        model_version=state.model_version, blamed=state.blamed)
+        model_version=state.model_version, blamed=state.blamed,
+        detector=state.detector)
     if math.isfinite(state.seconds_since_training):
         message.seconds_since_training = state.seconds_since_training
     return message
@@ -54,7 +55,8 @@ def state_from_message(message: control_pb2.VMState) -> VMState:
         summary=tuple(message.summary), seconds_since_training=since,
         samples_since_training=message.samples_since_training,
         batches_trained=message.batches_trained, finetuned=message.finetuned,
-        model_version=message.model_version, blamed=message.blamed)
+        model_version=message.model_version, blamed=message.blamed,
+        detector=message.detector)
 
 
 def decision_to_message(decision: Decision, decision_id: int = 0) -> control_pb2.Decision:

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmad/v1/control.proto\x12\x07vmad.v1\"\x95\x03\n\x07VMState\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x18\n\x10labelled_windows\x18\x06 \x01(\r\x12\x16\n\x0erecent_windows\x18\x07 \x01(\r\x12\x15\n\rflagged_share\x18\x08 \x01(\x01\x12 \n\x18labelled_anomalous_share\x18\t \x01(\x01\x12\r\n\x05\x64rift\x18\n \x01(\x01\x12\x0f\n\x07summary\x18\x0b \x03(\x02\x12#\n\x16seconds_since_training\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x16samples_since_training\x18\r \x01(\x04\x12\x17\n\x0f\x62\x61tches_trained\x18\x0e \x01(\r\x12\x11\n\tfinetuned\x18\x0f \x01(\x08\x12\x15\n\rmodel_version\x18\x10 \x01(\t\x12\x0e\n\x06\x62lamed\x18\x11 \x01(\tB\x19\n\x17_seconds_since_training\"S\n\x0bStateReport\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x05state\x18\x03 \x01(\x0b\x32\x10.vmad.v1.VMState\"g\n\x08\x44\x65\x63ision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\x04\x12#\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x13.vmad.v1.ActionKind\x12\x11\n\tn_batches\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"!\n\x0c\x46leetRequest\x12\x11\n\tdecisions\x18\x01 \x01(\r\"\x8c\x01\n\x07VMEntry\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ntrainer_id\x18\x02 \x01(\t\x12\x1f\n\x05state\x18\x03 \x01(\x0b\x32\x10.vmad.v1.VMState\x12(\n\rlast_decision\x18\x04 \x01(\x0b\x32\x11.vmad.v1.Decision\x12\x13\n\x0blast_report\x18\x05 \x01(\x01\"g\n\x0e\x44\x65\x63isionRecord\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12#\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x11.vmad.v1.Decision\x12\x0e\n\x06reward\x18\x04 \x01(\x01\"i\n\nFleetReply\x12\x1d\n\x03vms\x18\x01 \x03(\x0b\x32\x10.vmad.v1.VMEntry\x12*\n\tdecisions\x18\x02 \x03(\x0b\x32\x17.vmad.v1.DecisionRecord\x12\x10\n\x08trainers\x18\x03 \x03(\t*`\n\nActionKind\x12\x1b\n\x17\x41\x43TION_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04KEEP\x10\x01\x12\x0c\n\x08\x46INETUNE\x10\x02\x12\t\n\x05RESET\x10\x03\x12\x12\n\x0eRESET_FINETUNE\x10\x04\x32x\n\x0e\x43ontrolService\x12\x31\n\x06Report\x12\x14.vmad.v1.StateReport\x1a\x11.vmad.v1.Decision\x12\x33\n\x05\x46leet\x12\x15.vmad.v1.FleetRequest\x1a\x13.vmad.v1.FleetReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vmad/v1/control.proto\x12\x07vmad.v1\"\xa7\x03\n\x07VMState\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x18\n\x10labelled_windows\x18\x06 \x01(\r\x12\x16\n\x0erecent_windows\x18\x07 \x01(\r\x12\x15\n\rflagged_share\x18\x08 \x01(\x01\x12 \n\x18labelled_anomalous_share\x18\t \x01(\x01\x12\r\n\x05\x64rift\x18\n \x01(\x01\x12\x0f\n\x07summary\x18\x0b \x03(\x02\x12#\n\x16seconds_since_training\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x16samples_since_training\x18\r \x01(\x04\x12\x17\n\x0f\x62\x61tches_trained\x18\x0e \x01(\r\x12\x11\n\tfinetuned\x18\x0f \x01(\x08\x12\x15\n\rmodel_version\x18\x10 \x01(\t\x12\x0e\n\x06\x62lamed\x18\x11 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x12 \x01(\tB\x19\n\x17_seconds_since_training\"S\n\x0bStateReport\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x05state\x18\x03 \x01(\x0b\x32\x10.vmad.v1.VMState\"g\n\x08\x44\x65\x63ision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\x04\x12#\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x13.vmad.v1.ActionKind\x12\x11\n\tn_batches\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"!\n\x0c\x46leetRequest\x12\x11\n\tdecisions\x18\x01 \x01(\r\"\x8c\x01\n\x07VMEntry\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x12\n\ntrainer_id\x18\x02 \x01(\t\x12\x1f\n\x05state\x18\x03 \x01(\x0b\x32\x10.vmad.v1.VMState\x12(\n\rlast_decision\x18\x04 \x01(\x0b\x32\x11.vmad.v1.Decision\x12\x13\n\x0blast_report\x18\x05 \x01(\x01\"g\n\x0e\x44\x65\x63isionRecord\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\r\n\x05vm_id\x18\x02 \x01(\t\x12#\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0b\x32\x11.vmad.v1.Decision\x12\x0e\n\x06reward\x18\x04 \x01(\x01\"i\n\nFleetReply\x12\x1d\n\x03vms\x18\x01 \x03(\x0b\x32\x10.vmad.v1.VMEntry\x12*\n\tdecisions\x18\x02 \x03(\x0b\x32\x17.vmad.v1.DecisionRecord\x12\x10\n\x08trainers\x18\x03 \x03(\t*`\n\nActionKind\x12\x1b\n\x17\x41\x43TION_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04KEEP\x10\x01\x12\x0c\n\x08\x46INETUNE\x10\x02\x12\t\n\x05RESET\x10\x03\x12\x12\n\x0eRESET_FINETUNE\x10\x04\x32x\n\x0e\x43ontrolService\x12\x31\n\x06Report\x12\x14.vmad.v1.StateReport\x1a\x11.vmad.v1.Decision\x12\x33\n\x05\x46leet\x12\x15.vmad.v1.FleetRequest\x1a\x13.vmad.v1.FleetReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vmad.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTIONKIND']._serialized_start=1022
-  _globals['_ACTIONKIND']._serialized_end=1118
+  _globals['_ACTIONKIND']._serialized_start=1040
+  _globals['_ACTIONKIND']._serialized_end=1136
   _globals['_VMSTATE']._serialized_start=35
-  _globals['_VMSTATE']._serialized_end=440
-  _globals['_STATEREPORT']._serialized_start=442
-  _globals['_STATEREPORT']._serialized_end=525
-  _globals['_DECISION']._serialized_start=527
-  _globals['_DECISION']._serialized_end=630
-  _globals['_FLEETREQUEST']._serialized_start=632
-  _globals['_FLEETREQUEST']._serialized_end=665
-  _globals['_VMENTRY']._serialized_start=668
-  _globals['_VMENTRY']._serialized_end=808
-  _globals['_DECISIONRECORD']._serialized_start=810
-  _globals['_DECISIONRECORD']._serialized_end=913
-  _globals['_FLEETREPLY']._serialized_start=915
-  _globals['_FLEETREPLY']._serialized_end=1020
-  _globals['_CONTROLSERVICE']._serialized_start=1120
-  _globals['_CONTROLSERVICE']._serialized_end=1240
+  _globals['_VMSTATE']._serialized_end=458
+  _globals['_STATEREPORT']._serialized_start=460
+  _globals['_STATEREPORT']._serialized_end=543
+  _globals['_DECISION']._serialized_start=545
+  _globals['_DECISION']._serialized_end=648
+  _globals['_FLEETREQUEST']._serialized_start=650
+  _globals['_FLEETREQUEST']._serialized_end=683
+  _globals['_VMENTRY']._serialized_start=686
+  _globals['_VMENTRY']._serialized_end=826
+  _globals['_DECISIONRECORD']._serialized_start=828
+  _globals['_DECISIONRECORD']._serialized_end=931
+  _globals['_FLEETREPLY']._serialized_start=933
+  _globals['_FLEETREPLY']._serialized_end=1038
+  _globals['_CONTROLSERVICE']._serialized_start=1138
+  _globals['_CONTROLSERVICE']._serialized_end=1258
 # @@protoc_insertion_point(module_scope)
