@@ -6,7 +6,8 @@ Per VM: the verdict from its latest state report (the share of its recent window
 agent flagged), a sparkline of that share over `fleet.history_hours`, the metrics
 furthest from the model's normal in the recent data (the state's per-metric summary:
 normalized mean, in robust units), the model version and its quality on labelled
-windows, and the latest decision with the policy's Q-values. Per trainer: seconds since
+windows, what its detector is (warming up, or which fit runs and its estimated
+quality), and the latest decision with the policy's Q-values. Per trainer: seconds since
 its last report, and whether that is longer than `fleet.stale_after_s`.
 
 Plain server-side HTML with inline SVG and a meta refresh: no script, no build step.
@@ -108,6 +109,7 @@ def fleet_data(registry: Registry, settings: FleetSettings,
                                 for d in history],
             "drivers": _drivers(list(state.summary)) if state is not None else [],
             "model_version": vm.model_version,
+            "detector": state.detector if state is not None else "",
             "finetuned": state.finetuned if state is not None else None,
             "f1": state.f1 if state is not None and state.labelled_windows else None,
             "labelled_windows": state.labelled_windows if state is not None else 0,
@@ -175,7 +177,8 @@ def render_html(data: dict[str, Any], refresh_s: int = 10) -> str:
             f'<td>{drivers or "<span class=muted>none notable</span>"}</td>'
             f'<td><code>{e(vm["model_version"])}</code>'
             f'{" (fine-tuned)" if vm["finetuned"] else ""}<br>'
-            f'<span class="muted">{f1}</span></td>'
+            f'<span class="muted">{e(vm["detector"])}</span>'
+            f'{"<br>" if f1 and vm["detector"] else ""}<span class="muted">{f1}</span></td>'
             f'<td>{decided}</td><td>{e(vm["trainer_id"])}<br>'
             f'<span class="muted">{vm["last_report_age_s"]:.0f} s ago</span></td></tr>')
     trainers = "".join(

@@ -6,6 +6,7 @@ VM; a screenshot is saved beside the test's files. Network strings are escaped."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -45,13 +46,15 @@ def test_page_escapes_what_came_over_the_network(tmp_path):
     try:
         hostile = '<script>alert("x")</script>'
         state = VMState(vm_id=hostile, timestamp=time.time(), flagged_share=0.9,
-                        summary=(0.1, 4.0, -0.2, 0.0, 1, 1, 1, 1), model_version="v<1>")
+                        summary=(0.1, 4.0, -0.2, 0.0, 1, 1, 1, 1), model_version="v<1>",
+                        detector="<img src=x>")
         registry.record_report("node&1", state, Decision(Action.KEEP, 0, "ok <b>"), "rules")
         data = fleet_data(registry, FleetSettings())
         page = render_html(data)
     finally:
         registry.close()
     assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<img" not in page and "&lt;img src=x&gt;" in page
     assert data["vms"][0]["verdict"] == "anomalous"
     assert data["vms"][0]["drivers"][0]["metric"] == "memory_percent"
     assert data["trainers"][0]["healthy"]
@@ -97,6 +100,9 @@ def test_fleet_page_lists_every_vm_in_headless_chromium(tmp_path):
         assert {v["vm_id"] for v in data["vms"]} == set(VMS), data
         assert data["trainers"][0]["trainer_id"] == "node-1"
         assert all(v["model_version"] and v["flagged_history"] for v in data["vms"])
+        # At most 200 samples of the 720 a first fit needs: every detector warms up.
+        assert all(re.fullmatch(r"warming up: \d+ of 720 samples, no alarms", v["detector"])
+                   for v in data["vms"]), [v["detector"] for v in data["vms"]]
         with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/", timeout=5) as reply:
             assert reply.headers["Content-Type"].startswith("text/html")
             assert 'http-equiv="refresh"' in reply.read().decode()
