@@ -89,6 +89,16 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
          [("sum by (instance) (increase(vmad_trainer_bundles_pushed_total[1h]))",
            "{{instance}}")],
          "New bundles sent to agents, last hour."),
+        ("VMs warming up, and thresholds raised by labels", "timeseries", "none",
+         [("count by (instance) (vmad_trainer_vm_adapted == 0)", "{{instance}} warming up"),
+          ("count by (instance) (vmad_trainer_vm_threshold_label_raise > 1)",
+           "{{instance}} raised by labels")],
+         "VMs whose agents raise no alarm yet (their first hour), and VMs whose labels of "
+         "normal raised their threshold."),
+        ("Lowest estimated recall", "timeseries", "percentunit",
+         [("bottomk(5, vmad_trainer_vm_injected_recall)", "{{vm_id}}")],
+         "Share of faults injected into a VM's own history that its current fit flags: the "
+         "estimate made without labels, the five lowest VMs."),
     ]),
     ("Controller", [
         ("Decisions per hour by action", "timeseries", "none",
