@@ -112,6 +112,16 @@ class TrainerMetrics(ServedMetrics):
         return timed
 
 
+_DETECTOR_GAUGES = {
+    "adapted": "1: the VM runs its own adaptation; 0: it warms up (its agent raises no alarm)",
+    "injected_recall": "share of faults injected into the VM's own history that its "
+                       "current fit flags",
+    "injected_false_alarm_rate": "share of the VM's own normal windows its current fit flags",
+    "threshold_label_raise": "how far labels of normal raised the VM's threshold "
+                             "(1: not at all)",
+}
+
+
 class _TrainerCollector(Collector):
     def __init__(self, store: TelemetryStore, core: TrainerCore,
                  owner: TrainerMetrics) -> None:
@@ -123,29 +133,19 @@ class _TrainerCollector(Collector):
         """Each VM's detector: adapted or warming up, its quality on faults injected into
         its own history (the estimate made without labels), and how far labels of
         normal raised its threshold."""
-        adapted = GaugeMetricFamily("vmad_trainer_vm_adapted",
-                                    "1: the VM runs its own adaptation; 0: it warms up "
-                                    "(its agent raises no alarm)", labels=["vm_id"])
-        recall = GaugeMetricFamily("vmad_trainer_vm_injected_recall",
-                                   "share of faults injected into the VM's own history "
-                                   "that its current fit flags", labels=["vm_id"])
-        false_alarms = GaugeMetricFamily("vmad_trainer_vm_injected_false_alarm_rate",
-                                         "share of the VM's own normal windows its current "
-                                         "fit flags", labels=["vm_id"])
-        label_raise = GaugeMetricFamily("vmad_trainer_vm_threshold_label_raise",
-                                        "how far labels of normal raised the VM's threshold "
-                                        "(1: not at all)", labels=["vm_id"])
+        families = {name: GaugeMetricFamily(f"vmad_trainer_vm_{name}", text, labels=["vm_id"])
+                    for name, text in _DETECTOR_GAUGES.items()}
         for vm_id in vm_ids:
             adaptation = self.core.models.adaptation(vm_id)
-            adapted.add_metric([vm_id], 0 if adaptation is None else 1)
+            families["adapted"].add_metric([vm_id], 0 if adaptation is None else 1)
             if adaptation is None:
                 continue
-            label_raise.add_metric([vm_id], adaptation.label_raise)
-            if "recall" in adaptation.quality:
-                recall.add_metric([vm_id], adaptation.quality["recall"])
-            if "false_alarm_rate" in adaptation.quality:
-                false_alarms.add_metric([vm_id], adaptation.quality["false_alarm_rate"])
-        return adapted, recall, false_alarms, label_raise
+            families["threshold_label_raise"].add_metric([vm_id], adaptation.label_raise)
+            for measure in ("recall", "false_alarm_rate"):
+                if measure in adaptation.quality:
+                    families[f"injected_{measure}"].add_metric(
+                        [vm_id], adaptation.quality[measure])
+        return families.values()
 
     def collect(self) -> Iterable[Any]:
         received = CounterMetricFamily("vmad_trainer_samples_received",
