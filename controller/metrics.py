@@ -41,6 +41,10 @@ class ControllerMetrics(ServedMetrics):
         if core is not None:
             r.register(_CoreCollector(core))
         self.reports = Counter("vmad_controller_reports", "state reports answered", registry=r)
+        self.reports_refused = Counter(
+            "vmad_controller_reports_refused", "state reports refused (each logged), by "
+            "reason: missing_trainer_id, missing_vm_id, non_finite, out_of_range, too_long, "
+            "summary", ["reason"], registry=r)
         self.q_value = Gauge("vmad_controller_q_value",
                              "policy Q-value of each action for the latest decided state",
                              ["action"], registry=r)

@@ -30,6 +30,7 @@ from vmad.protos.vmad.v1 import control_pb2, control_pb2_grpc
 from vmad.security import add_health, add_port, call_metadata, make_server, open_channel
 from vmad.signals import run_until_signalled
 from vmad.wire import (
+    BadStateReport,
     decision_from_message,
     decision_to_message,
     state_from_message,
@@ -103,9 +104,12 @@ class ControllerServer:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         try:
             if not request.trainer_id:
-                raise ValueError("state report has no trainer_id")
+                raise BadStateReport("missing_trainer_id", "state report has no trainer_id")
             state = state_from_message(request.state)
-        except ValueError as error:
+        except BadStateReport as error:
+            log.warning("state report from trainer %r refused: %s", request.trainer_id[:100],
+                        error)
+            self.metrics.reports_refused.labels(error.reason).inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad state report: {error}")
         decision_id, decision = self.core.report(request.trainer_id, state, request.address)
         self.metrics.decided(decision)

@@ -22,12 +22,17 @@ from vmad.trainer.store import IngestResult, LabelInterval, TelemetryStore
 from vmad.trainer.transfer import TrainOutcome, VMModels
 from vmad.trainer.worker import ActionWorker
 
-__all__ = ["ReportStats", "TrainerCore"]
+__all__ = ["ReportRefused", "ReportStats", "TrainerCore"]
 
 log = logging.getLogger("vmad.trainer")
 
-# Decide(state) -> decision; raises on a failed call (controller down, deadline).
+# Decide(state) -> decision; raises on a failed call (controller down, deadline), and
+# ReportRefused when the controller refused this one state.
 ReportFn = Callable[[VMState], Decision]
+
+
+class ReportRefused(Exception):
+    """The controller refused one VM's state (it names why); the others still report."""
 
 
 @dataclass
@@ -35,6 +40,7 @@ class ReportStats:
     rounds: int = 0
     reports: int = 0
     failures: int = 0
+    refused: int = 0
     last_error: str = ""
     actions: dict[str, int] | None = None
     bundles_pushed: int = 0
@@ -157,7 +163,8 @@ class TrainerCore:
 
     def report_round(self, report: ReportFn) -> list[tuple[str, Decision]]:
         """Report every VM not busy training once; queue the answers. One failed call
-        ends the round (the controller is down; the next round tries again)."""
+        ends the round (the controller is down; the next round tries again); a state the
+        controller refuses is skipped."""
         answered: list[tuple[str, Decision]] = []
         self.stats.rounds += 1
         for vm_id in self.store.vm_ids():
@@ -169,6 +176,11 @@ class TrainerCore:
             state = self.models.state(vm_id)
             try:
                 decision = report(state)
+            except ReportRefused as error:
+                self.stats.refused += 1
+                log.warning("state report for VM %s refused by the controller: %s", vm_id,
+                            error)
+                continue
             except Exception as error:  # grpc.RpcError and friends: keep serving agents
                 self.stats.failures += 1
                 self.stats.last_error = _describe(error)

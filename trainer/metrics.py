@@ -186,6 +186,9 @@ class _TrainerCollector(Collector):
         stats = self.core.stats
         yield CounterMetricFamily("vmad_trainer_reports", "state reports answered",
                                   value=stats.reports)
+        yield CounterMetricFamily("vmad_trainer_reports_refused",
+                                  "state reports the controller refused (each logged)",
+                                  value=stats.refused)
         yield CounterMetricFamily("vmad_trainer_report_failures",
                                   "state report calls that failed", value=stats.failures)
         yield counts_by("vmad_trainer_decisions", "controller decisions received, by action",

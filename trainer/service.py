@@ -53,7 +53,7 @@ from vmad.security import (
 )
 from vmad.state import VMState
 from vmad.trainer.config import TrainerConfig
-from vmad.trainer.core import TrainerCore
+from vmad.trainer.core import ReportRefused, TrainerCore
 from vmad.trainer.intake import MAX_ID_CHARS, BatchError, clean_batch, label_problem
 from vmad.trainer.metrics import TrainerMetrics
 from vmad.trainer.store import IngestBatch, TelemetryStore
@@ -179,9 +179,15 @@ class TrainerServer:
             metadata = call_metadata(self.config.security)
 
             def report(state: VMState) -> Decision:
-                answer = stub.Report(control_pb2.StateReport(
-                    trainer_id=self.config.trainer_id, address=self.address,
-                    state=state_to_message(state)), timeout=link.timeout_s, metadata=metadata)
+                try:
+                    answer = stub.Report(control_pb2.StateReport(
+                        trainer_id=self.config.trainer_id, address=self.address,
+                        state=state_to_message(state)), timeout=link.timeout_s,
+                        metadata=metadata)
+                except grpc.RpcError as error:
+                    if error.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                        raise ReportRefused(error.details()) from error
+                    raise
                 return decision_from_message(answer)
 
             report = self.metrics.timed_report(report)
