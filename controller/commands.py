@@ -222,8 +222,9 @@ def controller_facts(registry: Any) -> dict[str, Any]:
 
 
 def _ago(ts: float) -> str:
-    seconds = max(0.0, time.time() - ts)
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    from vmad.state import age_text
+
+    return age_text(time.time() - ts)
 
 
 def render_fleet(fleet: dict[str, Any]) -> list[Any]:

@@ -356,9 +356,9 @@ def test_status_and_metrics_say_what_each_vms_detector_is(checkpoint, tmp_path,
     adaptation = models.adaptation("vm-adapted")
     assert adaptation is not None and adaptation.label_raise > 1.0
 
-    adapted = models.state("vm-adapted").detector
-    assert adapted.startswith(f"fit 1 on {adaptation.samples_fitted} samples; injected "
-                              f"faults: recall {adaptation.quality['recall']:.2f}")
+    adapted = models.state("vm-adapted", now=adaptation.fitted_at + 300).detector
+    assert adapted.startswith(f"fit 1, 5 min ago, on {adaptation.samples_fitted} samples; "
+                              f"injected faults: recall {adaptation.quality['recall']:.2f}")
     assert adapted.endswith(f"labels raise threshold x{adaptation.label_raise:.1f}")
     warming = models.state("vm-new")
     assert warming.detector == "warming up: 100 of 300 samples, no alarms"

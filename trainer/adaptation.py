@@ -57,6 +57,7 @@ import numpy as np
 from torch import nn
 
 from vmad.evaluation import tail_threshold
+from vmad.state import age_text
 from vmad.trainer.attribution import AttributionModel
 from vmad.trainer.injection import InjectedSet
 from vmad.trainer.residual import ResidualModel
@@ -237,10 +238,12 @@ class VMAdaptation:
                  if part is not None]
         return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
-    def summary(self) -> str:
-        """For `vmad status`: which fit runs, how well it catches faults injected into
-        the VM's own history, and whether labels of normal raised its threshold."""
-        parts = [f"fit {self.generation} on {self.samples_fitted} samples"]
+    def summary(self, now: float) -> str:
+        """For `vmad status`: which fit runs and how old it is (at `now`), how well it
+        catches faults injected into the VM's own history, and whether labels of normal
+        raised its threshold."""
+        parts = [f"fit {self.generation}, {age_text(now - self.fitted_at)} ago, on "
+                 f"{self.samples_fitted} samples"]
         if "recall" in self.quality and "false_alarm_rate" in self.quality:
             parts.append(f"injected faults: recall {self.quality['recall']:.2f}, "
                          f"false alarms {100 * self.quality['false_alarm_rate']:.1f} %")

@@ -375,13 +375,13 @@ class VMModels:
             samples_since_training=received - info.samples_at_training,
             batches_trained=info.batches_trained, finetuned=info.finetuned,
             model_version=self.bundle(vm_id).metadata.version, blamed=blamed,
-            detector=self._detector_summary(adaptation, received, info.finetuned),
+            detector=self._detector_summary(adaptation, received, info.finetuned, now),
         )
 
     def _detector_summary(self, adaptation: VMAdaptation | None, received: int,
-                          finetuned: bool) -> str:
+                          finetuned: bool, now: float) -> str:
         if adaptation is not None:
-            return adaptation.summary()
+            return adaptation.summary(now)
         if finetuned:
             return "fine-tuned, not yet adapted"
         needed = max(self.adaptation_settings.warmup_samples, self.window + 16)

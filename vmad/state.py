@@ -30,7 +30,8 @@ import numpy as np
 
 from vmad.windows import Normalizer
 
-__all__ = ["FEATURES", "VMState", "blame_text", "compute_state", "drift_score", "quality_of",
+__all__ = ["FEATURES", "VMState", "age_text", "blame_text", "compute_state", "drift_score",
+           "quality_of",
            "summary_of"]
 
 # Scales that map unbounded quantities into about [0, 1] so that one feature does not
@@ -133,6 +134,15 @@ class VMState:
             data["seconds_since_training"] = math.inf
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def age_text(seconds: float) -> str:
+    """'45 s', '12 min', '5 h', '3 d': how long ago, for people."""
+    seconds = max(0.0, seconds)
+    for unit, size, below in (("s", 1, 120), ("min", 60, 120), ("h", 3600, 48)):
+        if seconds < below * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds / 86_400:.0f} d"
 
 
 def blame_text(metrics: Sequence[str], contributions: Sequence[float] | np.ndarray,
