@@ -196,8 +196,13 @@ class VMModels:
         settings = self.adaptation_settings
         current = self.adaptation(vm_id)
         if current is None:
-            return counters.received >= max(settings.warmup_samples, self.window + 16)
+            return counters.received >= self._first_fit_samples()
         return counters.received - current.received_at_fit >= settings.refresh_samples
+
+    def _first_fit_samples(self) -> int:
+        """Samples a VM streams before its first fit: the warm-up, and at least enough
+        for a window and a few more."""
+        return max(self.adaptation_settings.warmup_samples, self.window + 16)
 
     def _scale_floors(self) -> list[float] | float:
         floors = self.adaptation_settings.scale_floors
@@ -384,7 +389,7 @@ class VMModels:
             return adaptation.summary(now)
         if finetuned:
             return "fine-tuned, not yet adapted"
-        needed = max(self.adaptation_settings.warmup_samples, self.window + 16)
+        needed = self._first_fit_samples()
         return f"warming up: {min(received, needed)} of {needed} samples, no alarms"
 
     # -- actions ----------------------------------------------------------------------

@@ -30,7 +30,8 @@ _SHARES = ("accuracy", "f1", "flagged_share", "labelled_anomalous_share")
 
 class BadStateReport(ValueError):
     """A state report the controller refuses; `reason` is one of a few words, for a
-    counter's label: missing_vm_id, non_finite, out_of_range, too_long, summary."""
+    counter's label: missing_trainer_id (raised by the controller), missing_vm_id,
+    non_finite, out_of_range, too_long, summary."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
