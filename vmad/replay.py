@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vmad.evaluation import events, run_lengths
+from vmad.evaluation import events, read_interpretation_labels, run_lengths
 from vmad.schema import DEFAULT_METRICS
 
 __all__ = ["EventScore", "ReplaySeries", "load_smd", "runs", "score_events",
@@ -46,6 +46,10 @@ class ReplaySeries:
     # The first `history` samples are the VM's past: sent in one batch at connect, as
     # from a VM that has run for that long, and left out of the demo's scores.
     history: int = 0
+    # bool [N] or None: anomalous samples whose cause, as experts named it (SMD's
+    # interpretation labels), lies only in metrics the replay does not carry. No
+    # detector reading the replayed metrics can see those; the demo says how many.
+    hidden: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class EventScore:
     detected: int
     missed: int
     false_alarms: int
+    # Of `events` (and of `detected`): those caused only by metrics the replay does
+    # not carry (`ReplaySeries.hidden`).
+    hidden: int = 0
+    hidden_detected: int = 0
 
 
 def runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -62,26 +70,32 @@ def runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def score_events(labels: np.ndarray, flagged: np.ndarray, scored: np.ndarray,
-                 grace: int = 0) -> EventScore:
+                 grace: int = 0, hidden: np.ndarray | None = None) -> EventScore:
     """Event-wise score of per-sample verdicts.
 
     labels: 0/1 per sample; flagged: the verdict of the window ending at each sample;
     scored: which samples had a window scored at all (the first T-1 never do, nor samples
-    not yet replayed). Segments with no scored sample are left out.
+    not yet replayed). Segments with no scored sample are left out. hidden: the samples
+    whose cause the replay does not carry; a segment hidden throughout is counted in
+    `hidden` too.
     """
     labels = np.asarray(labels, dtype=bool)
     flagged = np.asarray(flagged, dtype=bool) & np.asarray(scored, dtype=bool)
     scored = np.asarray(scored, dtype=bool)
     segments = [(s, e) for s, e in runs(labels) if scored[s:e + 1 + grace].any()]
     covered = np.zeros(len(labels), dtype=bool)
-    detected = 0
+    detected = hidden_events = hidden_detected = 0
     for start, end in segments:
         stop = min(len(labels), end + 1 + grace)
         covered[start:stop] = True
-        if flagged[start:stop].any():
-            detected += 1
+        found = bool(flagged[start:stop].any())
+        detected += found
+        if hidden is not None and np.all(hidden[start:end + 1]):
+            hidden_events += 1
+            hidden_detected += found
     false_alarms = sum(1 for s, e in runs(flagged) if not covered[s:e + 1].any())
-    return EventScore(len(segments), detected, len(segments) - detected, false_alarms)
+    return EventScore(len(segments), detected, len(segments) - detected, false_alarms,
+                      hidden_events, hidden_detected)
 
 
 def synthetic_series(seed: int, n_vms: int, n_samples: int,
@@ -100,9 +114,10 @@ def synthetic_series(seed: int, n_vms: int, n_samples: int,
     return out
 
 
-def _smd_part(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """The default metrics (in the agent's units) and labels of one SMD csv; None when
-    a column is missing. The train part is unlabelled: all 0."""
+def _smd_part(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """The default metrics (in the agent's units), labels and which of the csv's metric
+    columns (0-based, after the timestamp) those are, of one SMD csv; None when a
+    column is missing. The train part is unlabelled: all 0."""
     with gzip.open(path, "rt", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
@@ -115,15 +130,28 @@ def _smd_part(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray] | Non
                  int(float(r[label_column])) if labelled else 0) for r in reader]
     values = np.array([r[0] for r in rows], dtype=np.float32).reshape(-1, len(columns))
     values *= np.array([SMD_COLUMNS[m][1] for m in DEFAULT_METRICS], dtype=np.float32)
-    return values, np.array([r[1] for r in rows], dtype=np.int8)
+    return values, np.array([r[1] for r in rows], dtype=np.int8), [c - 1 for c in columns]
+
+
+def _hidden_causes(path: Path, replayed: list[int], n: int) -> np.ndarray:
+    """Per test sample: inside an anomaly whose causes (`interpretation_label.txt`) are
+    all metrics outside `replayed`. All False without that file."""
+    hidden = np.zeros(n, dtype=bool)
+    if path.is_file():
+        for start, stop, causes in read_interpretation_labels(path):
+            if not set(causes) & set(replayed):
+                hidden[start:stop] = True
+    return hidden
 
 
 def load_smd(folder: str | Path, machines: int, n_samples: int,
              lead: int = 300, history: int = 0) -> list[ReplaySeries]:
     """Stretches of `n_samples` from the labelled test part of the first `machines` SMD
-    machines, each starting `lead` samples before its first anomaly (so a short demo
-    replays at least one), after up to `history` samples of what came before it (the
-    end of the train part where the test part has too few)."""
+    machines, each starting `lead` samples before its first anomaly that the replayed
+    metrics can show (one whose causes, in `interpretation_label.txt`, include one of
+    them; without that file, its first anomaly), so a short demo replays at least one,
+    after up to `history` samples of what came before it (the end of the train part
+    where the test part has too few)."""
     folder = Path(folder)
     out = []
     for machine in sorted(p for p in folder.iterdir() if (p / "test.csv.gz").is_file()):
@@ -132,8 +160,11 @@ def load_smd(folder: str | Path, machines: int, n_samples: int,
         test = _smd_part(machine / "test.csv.gz", labelled=True)
         if test is None:
             continue
-        values, labels = test
-        anomalous = np.flatnonzero(labels)
+        values, labels, replayed = test
+        hidden = _hidden_causes(machine / "interpretation_label.txt", replayed, len(labels))
+        anomalous = np.flatnonzero(labels.astype(bool) & ~hidden)
+        if not len(anomalous):
+            anomalous = np.flatnonzero(labels)
         start = max(0, int(anomalous[0]) - lead) if len(anomalous) else 0
         start = min(start, max(0, len(values) - n_samples))
         train = _smd_part(machine / "train.csv.gz", labelled=False) \
@@ -142,11 +173,12 @@ def load_smd(folder: str | Path, machines: int, n_samples: int,
             # SMD's train part is the stretch just before its test part.
             values = np.concatenate([train[0], values])
             labels = np.concatenate([train[1], labels])
+            hidden = np.concatenate([np.zeros(len(train[0]), dtype=bool), hidden])
             start += len(train[0])
         past = min(history, start)
         stretch = slice(start - past, start + n_samples)
         out.append(ReplaySeries(f"smd-{machine.name}", values[stretch], labels[stretch],
-                                "smd", past))
+                                "smd", past, hidden[stretch]))
     return out
 
 
