@@ -26,7 +26,10 @@ sample every 5 minutes; here each is taken as one agent sample (5 s), so the fau
 last as many samples as at the agent's interval and the background moves as much
 between two samples as a real VM does in 5 minutes: a harder test of false alarms
 than the generator's. A real trace is unlabelled, so its "false alarms" also count
-whatever unusual it really holds: an upper bound.
+whatever unusual it really holds: an upper bound. A trace that cannot be scored (too
+few samples of a running VM, a column missing) is skipped by name, on the console and in
+the JSON's `skipped`, and the others are scored; rows with a missing or non-numeric
+value are left out and counted.
 
     python bench/normalization.py            # 10 VMs x 6000 samples, about a minute
     python bench/normalization.py --quick    # 3 VMs x 2000 samples: a smoke run
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import time
 from collections.abc import Iterator
@@ -72,6 +76,9 @@ COLUMNS = ("false_alarm_rate", "precision", "recall", "point_f1", "event_recall"
 # The usual static alert on a VM: CPU or memory at or above this share of capacity.
 STATIC_LIMIT_PERCENT = 90.0
 KIB_PER_MB = 1024.0
+# The columns of a Bitbrains trace the agent's four metrics are made of.
+TRACE_COLUMNS = ("cpu_usage_pct", "mem_capacity_kb", "mem_usage_kb", "disk_read_kbs",
+                 "disk_write_kbs", "net_rx_kbs", "net_tx_kbs")
 # When the agent reminds of a lasting alarm, in samples at its default interval: the
 # first reminder 60 samples after the alarm started, then every 720.
 REMINDERS = tuple(round(AgentConfig.model_fields[key].default
@@ -82,25 +89,28 @@ LABEL_REFIT_SAMPLES = round(AdaptationSettings.model_fields["label_refit_interva
                             / AgentConfig.model_fields["interval_s"].default)
 
 
-def real_vm_values(path: Path) -> np.ndarray:
+def real_vm_values(path: Path) -> tuple[np.ndarray, int]:
     """A Bitbrains trace (`vm-NNN.csv.gz`) as `[samples, 4]` in DEFAULT_METRICS' units:
     CPU %, memory used over provisioned %, disk read + write and network received + sent
-    in MB/s. Rows where no memory was provisioned (the VM was not running) are left
-    out."""
-    table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64,
-                          usecols=("cpu_usage_pct", "mem_capacity_kb", "mem_usage_kb",
-                                   "disk_read_kbs", "disk_write_kbs", "net_rx_kbs",
-                                   "net_tx_kbs"))
-    running = table["mem_capacity_kb"] > 0
-    table = table[running]
+    in MB/s; and how many rows were left out for a missing or non-numeric value. Rows
+    where no memory was provisioned (the VM was not running) are left out too. Raises
+    ValueError for a file without those columns."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        header = handle.readline().strip().split(",")
+    missing = [column for column in TRACE_COLUMNS if column not in header]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)} in its header")
+    table = np.atleast_1d(np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64,
+                                        usecols=TRACE_COLUMNS))
+    complete = np.all([np.isfinite(table[name]) for name in table.dtype.names], axis=0)
+    table = table[complete & (table["mem_capacity_kb"] > 0)]
     values = np.column_stack([
         np.clip(table["cpu_usage_pct"], 0, 100),
         np.clip(100 * table["mem_usage_kb"] / table["mem_capacity_kb"], 0, 100),
         np.clip(table["disk_read_kbs"] + table["disk_write_kbs"], 0, None) / KIB_PER_MB,
         np.clip(table["net_rx_kbs"] + table["net_tx_kbs"], 0, None) / KIB_PER_MB])
-    if not np.isfinite(values).all():
-        raise ValueError(f"{path}: non-finite values in the trace")
-    return values
+    return values.reshape(-1, 4), int(np.count_nonzero(~complete))
 
 
 def static_limits(values: np.ndarray, alarm_after: int) -> tuple[np.ndarray, np.ndarray]:
@@ -333,17 +343,33 @@ def main() -> None:
                         f"{args.warmup}, {refits}, alarm after {args.alarm_after} windows in "
                         f"a row, scored after sample {scored_after})")
     per_vm: dict[str, dict[str, dict[str, float]]] = {}
+    console = Console(width=160)
     weights_chosen: dict[str, list[float]] = {}
     table.add_column("VM")
     for name in variants:
         table.add_column(f"{name}: false alarms / recall", justify="right")
+    # Real traces that cannot be scored, by name: one bad VM does not end a fleet's run.
+    skipped: dict[str, str] = {}
     for index, seed in enumerate(seeds):
         if traces:
-            values = real_vm_values(traces[index])[:args.samples]
+            try:
+                values, incomplete = real_vm_values(traces[index])
+            except ValueError as error:
+                skipped[names[index]] = f"unreadable: {error}"
+                console.print(f"skipped {traces[index]}: {skipped[names[index]]}",
+                              style="yellow")
+                continue
+            if incomplete:
+                console.print(f"{traces[index]}: {incomplete} rows with a missing or "
+                              f"non-numeric value left out", style="yellow")
+            values = values[:args.samples]
             if len(values) <= scored_after + window:
-                parser.error(f"{traces[index]}: {len(values)} samples of a running VM, too "
-                             f"few to warm up and score (need more than "
-                             f"{scored_after + window})")
+                skipped[names[index]] = (
+                    f"{len(values)} samples of a running VM, too few to warm up and score "
+                    f"(need more than {scored_after + window})")
+                console.print(f"skipped {traces[index]}: {skipped[names[index]]}",
+                              style="yellow")
+                continue
             all_labels, _ = inject_faults(values, np.random.default_rng(seed))
             vm_name = names[index]
         else:
@@ -391,8 +417,12 @@ def main() -> None:
             if name == reviewed_row:
                 per_vm[vm_name][name]["labels_given"] = labels_given[-1]
         table.add_row(vm_name, *cells)
-    console = Console(width=160)
+    if not per_vm:
+        parser.error(f"no VM could be scored: {skipped}")
     console.print(table)
+    if skipped:
+        console.print(f"{len(skipped)} of {len(traces)} VMs skipped (named above); "
+                      f"{len(per_vm)} scored")
     summary = Table(title="All scored windows together (each VM's own alarms)")
     summary.add_column("detector")
     summary.add_column("worst VM's false alarms", justify="right")
@@ -422,7 +452,8 @@ def main() -> None:
             {"settings": {**settings.model_dump(), "vms": args.vms, "samples": args.samples,
                           "first_seed": args.first_seed,
                           "real": None if args.real is None else str(args.real)},
-             "pooled": pooled_rows, "vms": per_vm}, indent=2, sort_keys=True) + "\n")
+             "pooled": pooled_rows, "vms": per_vm, "skipped": skipped}, indent=2,
+            sort_keys=True) + "\n")
     console.print(f"{time.perf_counter() - started:.0f} s; AUC is the mean of the VMs' AUCs")
 
 

@@ -97,17 +97,42 @@ def test_normalization_bench_scores_real_traces(shared_datasets, tmp_path) -> No
     assert all(0 <= vm[reviewed]["labels_given"] <= 3 for vm in data["vms"].values())
     assert "labels given per VM" in result.stdout
     assert 0.0 <= data["pooled"]["fused (shipped)"]["false_alarm_rate"] <= 1.0
-    # A trace too short to warm up on is refused by name, not scored on nothing.
-    short = tmp_path / "short"
-    short.mkdir()
+    # A trace that cannot be scored is skipped by name, and the others are scored: one
+    # bad VM of a fleet does not end the run. Rows with a missing value are left out.
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
     with gzip.open(shared_datasets / "bitbrains-rnd" / "vm-001.csv.gz", "rt") as trace:
         lines = trace.readlines()
-    with gzip.open(short / "vm-001.csv.gz", "wt") as out_file:
-        out_file.writelines(lines[:500])
+    with gzip.open(fleet / "vm-001.csv.gz", "wt") as out_file:
+        out_file.writelines(lines[:500])  # too short to warm up on
+    holes = lines[:1000]
+    for row in (10, 20):
+        fields = holes[row].split(",")
+        fields[4] = ""  # cpu_usage_pct
+        holes[row] = ",".join(fields)
+    with gzip.open(fleet / "vm-002.csv.gz", "wt") as out_file:
+        out_file.writelines(holes)
+    with gzip.open(fleet / "vm-003.csv.gz", "wt") as out_file:
+        out_file.writelines(line.rsplit(",", 1)[0] + "\n" for line in lines[:1000])
+    out = tmp_path / "fleet.json"
+    result = subprocess.run(
+        [sys.executable, "bench/normalization.py", "--vms", "3", "--finetune-batches", "0",
+         "--real", str(fleet), "--json", str(out)], cwd=root, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    assert "vm-002.csv.gz: 2 rows with a missing or non-numeric value left out" in text
+    assert "2 of 3 VMs skipped" in text
+    data = json.loads(out.read_text())
+    assert list(data["vms"]) == ["vm-002"]
+    assert data["skipped"]["vm-001"].startswith("499 samples of a running VM, too few")
+    assert data["skipped"]["vm-003"] == "unreadable: no column net_tx_kbs in its header"
+    # None to score: refused, naming why.
+    (fleet / "vm-002.csv.gz").unlink()
     refused = subprocess.run(
-        [sys.executable, "bench/normalization.py", "--vms", "1", "--finetune-batches", "0",
-         "--real", str(short)], cwd=root, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "vm-001.csv.gz: 499 samples" in refused.stderr
+        [sys.executable, "bench/normalization.py", "--vms", "2", "--finetune-batches", "0",
+         "--real", str(fleet)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "no VM could be scored" in refused.stderr
 
 
 def test_part_latency_bench_times_every_graph() -> None:
