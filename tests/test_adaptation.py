@@ -1029,3 +1029,61 @@ def test_a_label_of_normal_refits_an_adapted_vm_at_once(checkpoint, tmp_path) ->
         assert core.worker.wait_idle(60) and models.adaptation("vm").generation == 3
     finally:
         core.worker.stop()
+
+
+def test_a_vm_with_metrics_of_its_own_gets_a_detector_that_reads_them_all(
+        checkpoint, tmp_path) -> None:
+    """A VM that reports the network's 4 metrics and 16 of its own: its warm-up bundle
+    takes all 20 (raising no alarm), its adaptation fits statistics, the subspace and the
+    states on all 20, the network reads its own 4 columns, and a fault on two of its own
+    metrics that the network cannot see scores above every normal window. A fine-tune
+    trains the network on its own columns and keeps the VM's statistics."""
+    from vmad.labels import LabelInterval
+    from vmad.trainer.transfer import VMModels
+
+    own = tuple(f"app.m{i}" for i in range(16))
+    metrics = checkpoint.metrics + own
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    models = VMModels(checkpoint, store, tmp_path / "models", TrainingSettings(),
+                      adaptation=AdaptationSettings(warmup_samples=600, refresh_samples=600,
+                                                    history_samples=1200))
+    narrow = generate_vm(7, 900)[0].select(DEFAULT_METRICS).values
+    values = np.column_stack([narrow, _wide_vm(900, 5)])
+    values[800:810, 4] += 30  # two of the VM's own metrics pulled apart
+    values[800:810, 5] -= 30
+    timestamps = 1_700_000_000.0 + 5.0 * np.arange(len(values))
+    store.ingest("vm", metrics, np.arange(1, 601), timestamps[:600], values[:600])
+    assert models.vm_metrics("vm") == metrics
+    warmup = models.bundle("vm")
+    assert warmup.metadata.metrics == metrics and warmup.metadata.warmup
+    assert warmup.metadata.version.endswith("-20metrics-warmup")
+    assert models.bundle("other") is models.pretrained_bundle  # a VM not yet seen
+    models.adapt("vm")
+    adaptation = models.adaptation("vm")
+    assert adaptation is not None
+    assert adaptation.subspace is not None and adaptation.states is not None
+    assert len(adaptation.normalizer.center) == 20
+    bundle = models.bundle("vm")
+    assert bundle.metadata.metrics == metrics and not bundle.metadata.warmup
+    windows = make_windows(values[600:], WINDOW)
+    scores = bundle.score(windows)
+    normalized = adaptation.normalizer.apply(values[600:])
+    # The network on its own columns, as the bundle's graph runs it.
+    logits = predict_logits(checkpoint.model, make_windows(normalized[:, :4], WINDOW))
+    assert np.allclose(scores, adaptation.score(logits, normalized[WINDOW - 1:]), atol=1e-4)
+    fault = np.zeros(len(scores), dtype=bool)
+    fault[800 - 600 - WINDOW + 1:810 - 600 - WINDOW + 1] = True
+    assert scores[fault].min() > scores[~fault].max()
+    state = models.state("vm")
+    assert len(state.summary) == 2 * len(metrics)
+    # A fine-tune on the VM's labelled windows trains the 4-metric network.
+    labels = np.zeros(len(values), dtype=np.int8)
+    labels[700:720] = 1
+    store.ingest("vm", metrics, np.arange(601, 901), timestamps[600:], values[600:])
+    store.add_labels("vm", [LabelInterval(timestamps[0], timestamps[699], False),
+                            LabelInterval(timestamps[700], timestamps[719], True)])
+    outcome = models.finetune("vm", 5)
+    assert outcome.action == "finetune" and outcome.batches > 0
+    tuned = models.checkpoint("vm")
+    assert tuned.metrics == checkpoint.metrics and len(tuned.normalizer.center) == 4
+    assert models.bundle("vm").metadata.metrics == metrics

@@ -291,3 +291,57 @@ def test_real_agent_telemetry_arrives(tmp_path, checkpoint_dir):
         assert seqs == list(range(1, second.received + 1))  # one seq space, no gap
     finally:
         trainer.stop()
+
+
+def test_a_vm_with_metrics_of_its_own_is_served_a_detector_over_all_of_them(
+        tmp_path, checkpoint_dir):
+    """A real trainer, a simulated agent that reports the network's 4 metrics and 16 of
+    its own: it is sent a warm-up bundle over its 20 metrics (after the network's, which
+    it refuses), then its own adapted bundle with the subspace and the states; a VM that
+    sends a bad metric name is refused by name and counted."""
+    import json
+    import urllib.request
+
+    port, metrics_port = free_port(), free_port()
+    config = _trainer_config(
+        tmp_path / "trainer.yaml", port, checkpoint_dir, None,
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+        adaptation={"warmup_samples": 200, "refresh_samples": 10_000})
+    trainer = _start("trainer", "trainer", config, tmp_path, port)
+    own = tuple(f"app.m{i}" for i in range(16))
+    rng = np.random.default_rng(1)
+    level = 50 + 10 * np.sin(np.arange(400) / 30)
+    values = np.column_stack([rng.normal(30, 3, size=(400, 4))]
+                             + [level + rng.normal(0, 1, 400) for _ in own])
+    series = ReplaySeries("wide", values.astype(np.float32), np.zeros(400, np.int8), "test")
+    agent = ReplayAgent(f"127.0.0.1:{port}", "vm-wide", series, batch_size=20,
+                        metrics=DEFAULT_METRICS + own)
+    bad = ReplayAgent(f"127.0.0.1:{port}", "vm-bad", ReplaySeries(
+        "bad", values[:20, :5].astype(np.float32), np.zeros(20, np.int8), "test"),
+        metrics=(*DEFAULT_METRICS, "load 1"))
+    try:
+        agent.start_watch()
+        assert agent.send_until(40) == 40
+        deadline = time.monotonic() + 30
+        while not agent.bundles_received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert agent.bundles_received[0].endswith("-20metrics-warmup")
+        assert agent.send_until(400) == 400
+        deadline = time.monotonic() + 60
+        while "+" not in agent.bundles_received[-1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        adapted = agent.bundle
+        assert "+" in adapted.metadata.version, agent.bundles_received
+        assert adapted.metadata.metrics == DEFAULT_METRICS + own
+        assert not adapted.metadata.warmup
+        adaptation = json.loads(adapted.metadata.to_json())["provenance"]["adaptation"]
+        assert "subspace" in adaptation["deviation"] and "states" in adaptation["deviation"]
+        with pytest.raises(ValueError, match="load 1"):
+            bad.send_until(20)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        assert 'vmad_trainer_batches_refused_total{reason="bad_metric_name"} 1.0' in text
+    finally:
+        agent.close()
+        bad.close()
+        trainer.stop()

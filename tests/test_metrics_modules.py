@@ -33,6 +33,24 @@ def test_refusal_reasons_are_a_bounded_set():
     assert refusal_reason("bad batch: batch holds a NaN or infinite metric value") == \
         "non_finite"
     assert refusal_reason("bad batch: VM x sends metrics ['a']; ...") == "metrics_mismatch"
+    # Each refusal of a VM's own metrics (trainer/intake.py) has its reason.
+    from vmad.schema import DEFAULT_METRICS
+    from vmad.trainer.intake import MAX_METRICS, metrics_problem
+
+    assert metrics_problem(DEFAULT_METRICS, DEFAULT_METRICS) == ""
+    assert metrics_problem((*DEFAULT_METRICS, "load_1", "tcp.retrans"), DEFAULT_METRICS) == ""
+    for metrics, reason in (
+            (DEFAULT_METRICS[::-1], "metrics_mismatch"),
+            (("load_1", *DEFAULT_METRICS), "metrics_mismatch"),
+            (DEFAULT_METRICS[:3], "metrics_mismatch"),
+            ((*DEFAULT_METRICS, *(f"m{i}" for i in range(MAX_METRICS))), "too_many_metrics"),
+            ((*DEFAULT_METRICS, "load 1"), "bad_metric_name"),
+            ((*DEFAULT_METRICS, ""), "bad_metric_name"),
+            ((*DEFAULT_METRICS, "x" * 65), "bad_metric_name"),
+            ((*DEFAULT_METRICS, "load_1", "load_1"), "metric_twice"),
+            ((*DEFAULT_METRICS, "cpu_percent"), "metric_twice")):
+        problem = metrics_problem(metrics, DEFAULT_METRICS)
+        assert refusal_reason(f"bad batch: {problem}") == reason, (metrics[-1:], problem)
     assert refusal_reason("bad batch: client 'a' may not send for 'b'") == "vm_id_not_client"
     assert refusal_reason("anything else, naming vm-123") == "other"
     interceptor = TokenInterceptor({"vm-1": "secret"})

@@ -18,6 +18,7 @@ import numpy as np
 from vmad.actions import Action, Decision
 from vmad.bundle import Bundle
 from vmad.state import VMState
+from vmad.trainer.intake import metrics_problem
 from vmad.trainer.store import IngestResult, LabelInterval, TelemetryStore
 from vmad.trainer.transfer import TrainOutcome, VMModels
 from vmad.trainer.worker import ActionWorker
@@ -63,6 +64,8 @@ class TrainerCore:
         self.on_model_changed: Callable[[str], None] | None = None
         # VM -> when (time.monotonic()) its latest label refit was let start.
         self._label_refit_at: dict[str, float] = {}
+        # VMs with metrics of their own whose warm-up bundle was announced.
+        self._own_metrics_seen: set[str] = set()
         self._label_lock = threading.Lock()
 
     # -- telemetry --------------------------------------------------------------------
@@ -71,19 +74,24 @@ class TrainerCore:
                timestamps: np.ndarray, values: np.ndarray,
                verdicts: Sequence[tuple] = (),
                labels: Sequence[LabelInterval] = ()) -> IngestResult:
-        if tuple(metrics) != self.models.metrics:
-            raise ValueError(f"VM {vm_id} sends metrics {list(metrics)}; this trainer's "
-                             f"model takes {list(self.models.metrics)}")
+        problem = metrics_problem(metrics, self.models.metrics)
+        if problem:
+            raise ValueError(f"VM {vm_id}: {problem}")
         result = self.store.ingest(vm_id, metrics, seqs, timestamps, values,
                                    verdicts=verdicts, labels=labels)
-        self.stored(vm_id, result, labels)
+        self.stored(vm_id, result, labels, metrics)
         return result
 
     def stored(self, vm_id: str, result: IngestResult,
-               labels: Sequence[LabelInterval] = ()) -> None:
+               labels: Sequence[LabelInterval] = (), metrics: Sequence[str] = ()) -> None:
         """After new samples (and labels) of `vm_id` are stored: adapt its detector once
         it has streamed its warm-up samples, again every refresh period (label-free), and
-        at once when an interval of an adapted VM is labelled normal."""
+        at once when an interval of an adapted VM is labelled normal. A VM whose
+        `metrics` extend the network's is told of the warm-up bundle that reads them."""
+        if metrics and tuple(metrics) != self.models.metrics and \
+                vm_id not in self._own_metrics_seen:
+            self._own_metrics_seen.add(vm_id)
+            self._bundle_changed(vm_id)
         if result.stored and self.models.needs_adaptation(vm_id):
             self.worker.submit_adaptation(vm_id)
         if self._labelled_normal(vm_id, labels):
@@ -131,11 +139,14 @@ class TrainerCore:
     # -- bundles ----------------------------------------------------------------------
 
     def _model_changed(self, outcome: TrainOutcome) -> None:
+        self._bundle_changed(outcome.vm_id)
+
+    def _bundle_changed(self, vm_id: str) -> None:
         with self._bundle_cond:
-            self._generation[outcome.vm_id] = self._generation.get(outcome.vm_id, 0) + 1
+            self._generation[vm_id] = self._generation.get(vm_id, 0) + 1
             self._bundle_cond.notify_all()
         if self.on_model_changed is not None:
-            self.on_model_changed(outcome.vm_id)
+            self.on_model_changed(vm_id)
 
     def next_bundle(self, vm_id: str, running_version: str, timeout: float) -> Bundle | None:
         """The bundle `vm_id` should run if it is not `running_version`, waiting up to

@@ -2,7 +2,8 @@
 store: no single value may stop a VM's telemetry.
 
 A batch-level problem (no vm_id, an id too long, metrics this trainer's model does not
-take) refuses the whole batch (`BatchError`, answered with `Ack.error`). A bad sample,
+take: a VM sends the network's metrics first, in its order, then any of its own) refuses
+the whole batch (`BatchError`, answered with `Ack.error`). A bad sample,
 verdict or label (a NaN or infinite value, a score outside [0, 1], a timestamp that is
 not a plausible Unix time, a seq out of range or not increasing, a text field too long)
 is refused alone and counted by reason; the rest of the batch is stored.
@@ -11,8 +12,10 @@ is refused alone and counted by reason; the rest of the batch is stored.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +24,8 @@ from vmad.labels import LabelInterval
 from vmad.protos.vmad.v1 import telemetry_pb2
 from vmad.wire import labels_from_messages
 
-__all__ = ["MAX_ID_CHARS", "MAX_SEQ", "BatchError", "CleanBatch", "clean_batch",
-           "valid_timestamp"]
+__all__ = ["MAX_ID_CHARS", "MAX_METRICS", "MAX_SEQ", "BatchError", "CleanBatch", "clean_batch",
+           "metrics_problem", "valid_timestamp"]
 
 MAX_ID_CHARS = 128
 # Sequence numbers are SQLite INTEGERs (signed 64 bit).
@@ -30,6 +33,10 @@ MAX_SEQ = 2**63 - 1
 # Agent clocks drift; a sample a day ahead of the trainer's clock is a broken clock.
 MAX_CLOCK_AHEAD_S = 86_400.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # stored as float32: larger is infinite
+# A VM's metrics in all (the network's and its own): each is a column of every sample,
+# every window the agent scores and every refit.
+MAX_METRICS = 256
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 
 
 class BatchError(ValueError):
@@ -41,6 +48,7 @@ class CleanBatch:
     """A batch with every value checked; what failed is in `refused` (reason -> count)."""
 
     vm_id: str
+    metrics: tuple[str, ...]  # the network's, then the VM's own
     seqs: np.ndarray  # int64 [N], strictly increasing
     timestamps: np.ndarray  # float64 [N]
     values: np.ndarray  # float32 [N, M]
@@ -64,18 +72,39 @@ def _check_id(value: str, what: str) -> None:
         raise BatchError(f"{what} is {len(value)} characters, above {MAX_ID_CHARS}")
 
 
+def metrics_problem(vm_metrics: Sequence[str], network: Sequence[str]) -> str:
+    """Why a trainer whose network reads `network` cannot serve a VM that reports
+    `vm_metrics` ("" when it can): the network's metrics come first, in its order; any
+    after them are the VM's own (read by its unsupervised parts only): each a name of
+    1-64 letters, digits or `_.:/-`, none twice, at most MAX_METRICS in all."""
+    vm_metrics, network = tuple(vm_metrics), tuple(network)
+    if vm_metrics[:len(network)] != network:
+        return (f"VM sends metrics {list(vm_metrics)[:16]}; this trainer's model takes "
+                f"{list(network)} first, in that order")
+    if len(vm_metrics) > MAX_METRICS:
+        return f"VM sends {len(vm_metrics)} metrics, above {MAX_METRICS}"
+    bad = [name for name in vm_metrics[len(network):] if not _METRIC_NAME.fullmatch(name)]
+    if bad:
+        return (f"metric name {bad[0][:80]!r} is not 1-64 letters, digits or _.:/-")
+    if len(set(vm_metrics)) != len(vm_metrics):
+        twice = sorted({name for name in vm_metrics if vm_metrics.count(name) > 1})
+        return f"VM sends metric {twice[0]!r} twice"
+    return ""
+
+
 def clean_batch(batch: telemetry_pb2.TelemetryBatch, metrics: tuple[str, ...],
                 now: float | None = None) -> CleanBatch:
-    """Check every field of `batch`; raise BatchError for a batch-level problem."""
+    """Check every field of `batch` (whose VM may report metrics of its own after the
+    network's `metrics`); raise BatchError for a batch-level problem."""
     now = time.time() if now is None else now
     _check_id(batch.vm_id, "vm_id")
     if len(batch.spool_id) > MAX_ID_CHARS:
         raise BatchError(f"spool_id is {len(batch.spool_id)} characters, above {MAX_ID_CHARS}")
-    if tuple(batch.metrics) != metrics:
-        raise BatchError(f"VM sends metrics {list(batch.metrics)[:16]}; this trainer's model "
-                         f"takes {list(metrics)}")
+    problem = metrics_problem(batch.metrics, metrics)
+    if problem:
+        raise BatchError(problem)
     refused: Counter[str] = Counter()
-    m = len(metrics)
+    m = len(batch.metrics)
     horizon = now + MAX_CLOCK_AHEAD_S
     isfinite = math.isfinite
     seqs: list[int] = []
@@ -128,7 +157,7 @@ def clean_batch(batch: telemetry_pb2.TelemetryBatch, metrics: tuple[str, ...],
         else:
             good_labels.append(message)
     return CleanBatch(
-        vm_id=batch.vm_id, seqs=np.array(seqs, dtype=np.int64),
+        vm_id=batch.vm_id, metrics=tuple(batch.metrics), seqs=np.array(seqs, dtype=np.int64),
         timestamps=np.array(stamps, dtype=np.float64),
         values=np.array(rows, dtype=np.float32).reshape(len(rows), m),
         verdicts=verdicts, labels=labels_from_messages(good_labels) if good_labels else [],

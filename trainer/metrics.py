@@ -42,6 +42,9 @@ _BATCH_REASONS = (
     ("one value per metric", "shape"),
     ("NaN or infinite", "non_finite"),
     ("sends metrics", "metrics_mismatch"),
+    ("metrics, above", "too_many_metrics"),
+    ("is not 1-64 letters", "bad_metric_name"),
+    ("twice", "metric_twice"),
 )
 
 

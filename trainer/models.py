@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLP", "MODEL_BUILDERS", "MODEL_KINDS", "PlainCNN", "ZoomCNN", "build_model",
-           "early_layers"]
+__all__ = ["MLP", "MODEL_BUILDERS", "MODEL_KINDS", "NetworkColumns", "PlainCNN", "ZoomCNN",
+           "build_model", "early_layers"]
 
 # Kernel sizes of the paper's zoom layer that divide the default window of 64 samples.
 DEFAULT_ZOOM_KERNELS: tuple[int, ...] = (2, 4, 8, 16)
@@ -173,6 +173,20 @@ def build_model(kind: str, n_metrics: int, window: int) -> nn.Module:
     if builder is None:
         raise ValueError(f"unknown model kind {kind!r}; choose from {', '.join(MODEL_KINDS)}")
     return builder(n_metrics, window)
+
+
+class NetworkColumns(nn.Module):
+    """A network over the first `n_metrics` metrics of wider windows `[B, M, T]`: a VM
+    that reports more metrics than the network reads (its own after the network's); the
+    VM's unsupervised parts read all of them (trainer/transfer.py)."""
+
+    def __init__(self, network: nn.Module, n_metrics: int) -> None:
+        super().__init__()
+        self.network = network
+        self.n_metrics = n_metrics
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.network(windows[:, :self.n_metrics])
 
 
 def early_layers(model: nn.Module) -> list[nn.Module]:

@@ -294,13 +294,13 @@ class TrainerServer:
         try:
             clean = clean_batch(batch, self.models.metrics)
             result = await self.writer.ingest(IngestBatch(
-                clean.vm_id, self.models.metrics, clean.seqs, clean.timestamps, clean.values,
+                clean.vm_id, clean.metrics, clean.seqs, clean.timestamps, clean.values,
                 clean.verdicts, clean.labels, clean.spool_id, clean.refused_seqs))
         except (BatchError, ValueError) as error:
             return self._bad_batch(batch, f"bad batch: {error}")
         except Exception as error:  # the store failed (disk full): the agent resends
             return self._bad_batch(batch, f"trainer could not store the batch: {error}")
-        self.core.stored(clean.vm_id, result, clean.labels)
+        self.core.stored(clean.vm_id, result, clean.labels, clean.metrics)
         refused = sum(clean.refused.values())
         if refused:
             self.stats.refused.update(clean.refused)

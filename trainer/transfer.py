@@ -7,7 +7,10 @@ streamed `adaptation.warmup_samples` and refitted every `refresh_samples` more. 
 then the VM gets the pooled warm-up bundle, on which its agent raises no alarm.
 Fine-tuning starts from the VM's current model (or from the pretrained weights after a
 reset), trains on the VM's recent labelled windows from the store, normalized with the
-VM's own statistics, and exports a bundle for the agent. Fine-tuned checkpoints live under
+VM's own statistics, and exports a bundle for the agent. A VM may report metrics of its
+own after the network's (trainer/intake.py): the network reads its own columns, trains on
+them alone, and everything else of the VM's detector (statistics, deviation, distances,
+attribution) reads all of them. Fine-tuned checkpoints live under
 `models_dir/<vm>/` and their bookkeeping in the store, so a restarted trainer serves the
 same model to the same VM.
 
@@ -98,6 +101,8 @@ class VMModels:
         self._models: dict[str, Checkpoint] = {}
         self._bundles: dict[str, Bundle] = {}
         self._adaptations: dict[str, VMAdaptation | None] = {}
+        # Warm-up bundles of VMs with metrics of their own, by their metric names.
+        self._warmup_bundles: dict[tuple[str, ...], Bundle] = {}
         # Versions name the weights: the same pretrained model gets the same version on
         # every trainer and after every restart, so agents are not pushed a copy they run.
         digest = hashlib.sha256(
@@ -114,6 +119,21 @@ class VMModels:
     @property
     def window(self) -> int:
         return self.pretrained.window
+
+    def vm_metrics(self, vm_id: str) -> tuple[str, ...]:
+        """The metrics the VM reports: the network's, then any of its own."""
+        counters = self.store.counters(vm_id)
+        return counters.metrics if counters is not None and counters.metrics else self.metrics
+
+    def _as_seen_by(self, metrics: tuple[str, ...], checkpoint: Checkpoint) -> Checkpoint:
+        """`checkpoint` over a VM's `metrics`: the network reads its own columns of the
+        VM's windows, the statistics of the VM's own metrics start unscaled."""
+        if metrics == checkpoint.metrics:
+            return checkpoint
+        from vmad.trainer.models import NetworkColumns
+
+        return replace(checkpoint, model=NetworkColumns(checkpoint.model, len(checkpoint.metrics)),
+                       metrics=metrics, normalizer=checkpoint.normalizer.widened(len(metrics)))
 
     def info(self, vm_id: str) -> VMModelInfo:
         info = self.store.model_info(vm_id)
@@ -146,19 +166,32 @@ class VMModels:
     def bundle(self, vm_id: str) -> Bundle:
         """The bundle the VM's agent should run: the pooled warm-up bundle until the VM
         is adapted, then its weights with its own adaptation."""
+        from vmad.trainer.export import export_bundle
+
         adaptation = self.adaptation(vm_id)
         info = self.info(vm_id)
+        metrics = self.vm_metrics(vm_id)
         if adaptation is None and not info.finetuned:
-            return self.pretrained_bundle
+            if metrics == self.metrics:
+                return self.pretrained_bundle
+            with self._lock:
+                warmup = self._warmup_bundles.get(metrics)
+            if warmup is None:
+                # Its own version: a bundle watch that sent the network's warm-up bundle
+                # before the VM's first batch named its metrics sends this one.
+                warmup = export_bundle(self._as_seen_by(metrics, self.pretrained),
+                                       f"{self.pretrained_version}-{len(metrics)}metrics-warmup")
+                with self._lock:
+                    self._warmup_bundles[metrics] = warmup
+            return warmup
         version = info.version if adaptation is None else \
             f"{info.version}+{_safe_name(vm_id)}-a{adaptation.generation}"
         with self._lock:
             cached = self._bundles.get(vm_id)
         if cached is not None and cached.metadata.version == version:
             return cached
-        from vmad.trainer.export import export_bundle
-
-        bundle = export_bundle(self.checkpoint(vm_id), version, adaptation=adaptation,
+        bundle = export_bundle(self._as_seen_by(metrics, self.checkpoint(vm_id)), version,
+                               adaptation=adaptation,
                                warmup=adaptation is None and not info.finetuned,
                                alarm_after=self.adaptation_settings.alarm_after)
         with self._lock:
@@ -204,14 +237,19 @@ class VMModels:
         for a window and a few more."""
         return max(self.adaptation_settings.warmup_samples, self.window + 16)
 
-    def _scale_floors(self) -> list[float] | float:
+    def _scale_floors(self, metrics: tuple[str, ...]) -> list[float]:
+        """Least normalization scale of each of a VM's `metrics`: the network's from
+        `adaptation.scale_floors` (or the default metrics' own), the VM's own metrics
+        none (vmad.windows.Normalizer's fallbacks: units unknown here)."""
         floors = self.adaptation_settings.scale_floors
         if floors is not None:
             if len(floors) != len(self.metrics):
                 raise ValueError(f"adaptation.scale_floors has {len(floors)} values for "
                                  f"{len(self.metrics)} metrics")
-            return floors
-        return list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS else 0.0
+        else:
+            floors = list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS \
+                else [0.0] * len(self.metrics)
+        return list(floors) + [0.0] * (len(metrics) - len(self.metrics))
 
     def _normal_history(self, vm_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Raw samples to fit on: the newest `history_samples` outside anomalous labels
@@ -254,10 +292,11 @@ class VMModels:
         counters = self.store.counters(vm_id)
         labels_seen = self.store.last_label_id(vm_id)  # before the history is read
         raw, labelled_normal = self._normal_history(vm_id)
-        checkpoint = self.checkpoint(vm_id)
-        injected = self._injected_set(raw)
+        metrics = self.vm_metrics(vm_id)
+        checkpoint = self._as_seen_by(metrics, self.checkpoint(vm_id))
+        injected = self._injected_set(raw, metrics)
         adaptation = fit_adaptation(
-            checkpoint.model, raw, self.window, floors=self._scale_floors(),
+            checkpoint.model, raw, self.window, floors=self._scale_floors(metrics),
             components=settings.components, cnn_weight=settings.cnn_weight,
             injected=injected, cnn_weights=settings.cnn_weights,
             subspace_variance=settings.subspace_variance,
@@ -283,15 +322,15 @@ class VMModels:
         return TrainOutcome(vm_id, "adapt", 0, float("nan"), time.perf_counter() - started,
                             bundle.metadata.version, bundle)
 
-    def _injected_set(self, raw: np.ndarray) -> InjectedSet | None:
+    def _injected_set(self, raw: np.ndarray, metrics: tuple[str, ...]) -> InjectedSet | None:
         """The VM's own history with synthetic faults injected (trainer/injection.py: the
         fault kinds of vmad.synthetic for the default metrics, shifts, ramps and spikes
         in each metric's own scale for others); None when too short to hold faults."""
         if len(raw) < 4 * self.window:
             return None
-        if self.metrics == DEFAULT_METRICS:
+        if metrics == DEFAULT_METRICS:
             return injected_validation_set(raw, self.window, seed=self.seed)
-        scale = np.asarray(Normalizer.fit(raw, floor=self._scale_floors()).scale)
+        scale = np.asarray(Normalizer.fit(raw, floor=self._scale_floors(metrics)).scale)
         return injected_generic_set(raw, self.window, scale, seed=self.seed)
 
     def _injected_quality(self, injected: InjectedSet, bundle: Bundle) -> dict[str, float]:
@@ -308,7 +347,7 @@ class VMModels:
         other metric sets, or with too little history."""
         from vmad.trainer.self_supervised import self_supervised_data
 
-        if not self.settings.self_supervised or self.metrics != DEFAULT_METRICS:
+        if not self.settings.self_supervised or self.vm_metrics(vm_id) != DEFAULT_METRICS:
             return None
         history, _ = self._normal_history(vm_id)
         try:
@@ -333,7 +372,7 @@ class VMModels:
         window = self.window
         limit = self.settings.max_windows if limit is None else limit
         recent = self.store.recent(vm_id, limit + window - 1)
-        empty = LabelledWindows(np.zeros((0, len(self.metrics), window), np.float32),
+        empty = LabelledWindows(np.zeros((0, len(self.vm_metrics(vm_id)), window), np.float32),
                                 np.zeros(0, np.int8), np.zeros(0))
         if len(recent) < window:
             return empty
@@ -355,7 +394,8 @@ class VMModels:
         from vmad.trainer.training import predict_proba
 
         now = time.time() if now is None else now
-        checkpoint = self.checkpoint(vm_id)
+        metrics = self.vm_metrics(vm_id)
+        checkpoint = self._as_seen_by(metrics, self.checkpoint(vm_id))
         adaptation = self.adaptation(vm_id)
         normalizer = adaptation.normalizer if adaptation else checkpoint.normalizer
         info = self.info(vm_id)
@@ -368,10 +408,10 @@ class VMModels:
         _, _, flagged = self.store.verdicts(vm_id, self.settings.state_samples)
         counters = self.store.counters(vm_id)
         received = counters.received if counters else 0
-        values = recent.values if len(recent) else np.zeros((0, len(self.metrics)), np.float32)
+        values = recent.values if len(recent) else np.zeros((0, len(metrics)), np.float32)
         last_blamed = self.store.last_blamed(vm_id)
-        blamed = blame_text(self.metrics, last_blamed[1], 3) \
-            if last_blamed is not None and len(last_blamed[1]) == len(self.metrics) else ""
+        blamed = blame_text(metrics, last_blamed[1], 3) \
+            if last_blamed is not None and len(last_blamed[1]) == len(metrics) else ""
         return compute_state(
             vm_id, timestamp=now, recent_values=values, normalizer=normalizer,
             probabilities=probabilities, labels=data.labels, threshold=checkpoint.threshold,
@@ -434,12 +474,15 @@ class VMModels:
                                 skipped="no labelled windows" if batches > 0 else "")
         base = self.pretrained if reset or not info.finetuned else self.checkpoint(vm_id)
         model = copy.deepcopy(base.model)
+        # The network trains on its own metrics (the first columns of the VM's).
+        network = len(self.metrics)
         normalizer = base.normalizer
         if adaptation is not None:
-            normalizer = adaptation.normalizer  # the VM's own, fitted without labels
+            # The VM's own, fitted without labels.
+            normalizer = adaptation.normalizer.narrowed(network)
         elif self.settings.refit_normalization:
             recent = self.store.recent(vm_id, self.settings.max_windows + self.window - 1)
-            normalizer = Normalizer.fit(recent.values)
+            normalizer = Normalizer.fit(recent.values[:, :network])
         config = TrainConfig(max_batches=batches, batch_size=self.settings.batch_size,
                              lr=self.settings.lr, freeze_early=self.settings.freeze_early,
                              seed=self.seed + info.batches_trained)
@@ -452,7 +495,7 @@ class VMModels:
                 model, injected, normalizer.apply_windows, config)
             threshold = validation_threshold(model, injected, normalizer.apply_windows)
         else:
-            windows = normalizer.apply_windows(data.raw)
+            windows = normalizer.apply_windows(data.raw[:, :network])
             result = train(model, windows, data.labels, config)
             threshold = calibrated_threshold(model, windows, data.labels)
         if threshold is None:

@@ -103,6 +103,22 @@ class Normalizer:
         windows = np.asarray(windows)
         return np.ascontiguousarray(self.apply(windows.transpose(0, 2, 1)).transpose(0, 2, 1))
 
+    def widened(self, metrics: int) -> Normalizer:
+        """These statistics for the first metrics of `metrics`, the others unscaled
+        (centre 0, scale 1): what a VM's own metrics after a network's get until its
+        own statistics are fitted (the warm-up, which raises no alarm)."""
+        extra = metrics - len(self.center)
+        if extra < 0:
+            raise ValueError(f"cannot widen {len(self.center)} metrics to {metrics}")
+        return Normalizer(self.center + (0.0,) * extra, self.scale + (1.0,) * extra,
+                          self.clip)
+
+    def narrowed(self, metrics: int) -> Normalizer:
+        """These statistics for the first `metrics` metrics only."""
+        if not 0 < metrics <= len(self.center):
+            raise ValueError(f"cannot narrow {len(self.center)} metrics to {metrics}")
+        return Normalizer(self.center[:metrics], self.scale[:metrics], self.clip)
+
     def to_dict(self) -> dict[str, object]:
         return {"kind": "robust", "center": list(self.center), "scale": list(self.scale),
                 "clip": self.clip}
