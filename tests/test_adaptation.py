@@ -1087,3 +1087,20 @@ def test_a_vm_with_metrics_of_its_own_gets_a_detector_that_reads_them_all(
     tuned = models.checkpoint("vm")
     assert tuned.metrics == checkpoint.metrics and len(tuned.normalizer.center) == 4
     assert models.bundle("vm").metadata.metrics == metrics
+
+
+def test_own_metric_floors_go_by_the_first_pattern_that_matches(checkpoint, tmp_path) -> None:
+    import pydantic
+
+    from vmad.schema import DEFAULT_SCALE_FLOORS
+    from vmad.trainer.transfer import VMModels
+
+    settings = AdaptationSettings(own_metric_floors={"app.m1": 7.0, "app.m1*": 5.0,
+                                                     "app.*": 2.0})
+    models = VMModels(checkpoint, TelemetryStore(tmp_path / "s.sqlite"), tmp_path / "m",
+                      TrainingSettings(), adaptation=settings)
+    metrics = (*checkpoint.metrics, "app.m0", "app.m1", "app.m10", "other")
+    assert models._scale_floors(metrics) == [*DEFAULT_SCALE_FLOORS, 2.0, 7.0, 5.0, 0.0]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(pydantic.ValidationError, match="own_metric_floors"):
+            AdaptationSettings(own_metric_floors={"app.*": bad})

@@ -145,8 +145,15 @@ class AdaptationSettings(StrictModel):
                     "(k-means of its history: a VM busy by turns is normal in each "
                     "state; on 16 metrics or more); 0 = no such part")
     scale_floors: list[float] | None = Field(
-        None, description="least normalization scale per metric, in its units; null = "
-                          "vmad.schema.DEFAULT_SCALE_FLOORS for the default metrics, else 0")
+        None, description="least normalization scale per metric of the network, in its "
+                          "units; null = vmad.schema.DEFAULT_SCALE_FLOORS for the default "
+                          "metrics, else 0")
+    own_metric_floors: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        {}, max_length=256,
+        description="least normalization scale of the metrics a VM reports after the "
+                    "network's, in their units, by name or shell pattern (`app.*`); the "
+                    "first pattern that matches wins; a metric none matches has none (its "
+                    "scale falls back to its standard deviation, then 1)")
 
 
 class TrainerConfig(StrictModel):

@@ -22,6 +22,7 @@ always see a whole model, old or new, never one half-trained.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import logging
 import re
@@ -240,7 +241,8 @@ class VMModels:
     def _scale_floors(self, metrics: tuple[str, ...]) -> list[float]:
         """Least normalization scale of each of a VM's `metrics`: the network's from
         `adaptation.scale_floors` (or the default metrics' own), the VM's own metrics
-        none (vmad.windows.Normalizer's fallbacks: units unknown here)."""
+        from `adaptation.own_metric_floors` (the first pattern that matches), else none
+        (vmad.windows.Normalizer's fallbacks: the units are the VM's)."""
         floors = self.adaptation_settings.scale_floors
         if floors is not None:
             if len(floors) != len(self.metrics):
@@ -249,7 +251,11 @@ class VMModels:
         else:
             floors = list(DEFAULT_SCALE_FLOORS) if self.metrics == DEFAULT_METRICS \
                 else [0.0] * len(self.metrics)
-        return list(floors) + [0.0] * (len(metrics) - len(self.metrics))
+        patterns = self.adaptation_settings.own_metric_floors
+        own = [next((floor for pattern, floor in patterns.items()
+                     if fnmatch.fnmatchcase(name, pattern)), 0.0)
+               for name in metrics[len(self.metrics):]]
+        return list(floors) + own
 
     def _normal_history(self, vm_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Raw samples to fit on: the newest `history_samples` outside anomalous labels
