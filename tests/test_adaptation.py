@@ -1104,3 +1104,16 @@ def test_own_metric_floors_go_by_the_first_pattern_that_matches(checkpoint, tmp_
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(pydantic.ValidationError, match="own_metric_floors"):
             AdaptationSettings(own_metric_floors={"app.*": bad})
+
+
+def test_bundles_exported_at_once_from_several_threads_all_verify(checkpoint) -> None:
+    """The worker adapting one VM while bundle watches export others': torch's ONNX
+    export keeps global state, so exports take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vmad.bundle import Bundle
+
+    with ThreadPoolExecutor(4) as pool:
+        bundles = list(pool.map(lambda i: export_bundle(checkpoint, f"v{i}"), range(8)))
+    for bundle in bundles:
+        Bundle.from_parts(bundle.metadata.to_json(), bundle.onnx_bytes)

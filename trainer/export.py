@@ -16,6 +16,7 @@ passed the agent's checks.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from vmad.trainer.states import NormalStates
 __all__ = ["export_bundle", "onnx_bytes"]
 
 ONNX_OPSET = 17
+_EXPORT_LOCK = threading.Lock()
 
 
 class _Deviation(nn.Module):
@@ -118,7 +120,9 @@ def onnx_bytes(model: nn.Module, n_metrics: int, window: int,
         else AttributionModel.identity(n_metrics)
     example = torch.zeros(2, n_metrics, window)
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    # torch.onnx.export keeps global state: two exports at once (the worker adapting one
+    # VM while a bundle watch exports another's bundle) fail its assertions.
+    with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _FusedScore(model, residual, fusion, WindowAttribution(attribution, window),

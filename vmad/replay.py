@@ -40,7 +40,7 @@ SMD_COLUMNS: dict[str, tuple[str, float]] = {
 @dataclass(frozen=True)
 class ReplaySeries:
     name: str
-    values: np.ndarray  # float32 [N, M] in DEFAULT_METRICS order
+    values: np.ndarray  # float32 [N, M] in `metrics` order
     labels: np.ndarray  # int8 [N]
     source: str
     # The first `history` samples are the VM's past: sent in one batch at connect, as
@@ -50,6 +50,9 @@ class ReplaySeries:
     # interpretation labels), lies only in metrics the replay does not carry. No
     # detector reading the replayed metrics can see those; the demo says how many.
     hidden: np.ndarray | None = None
+    # The default metrics, then any of the VM's own (the trainer's network reads the
+    # former, the VM's detector all of them).
+    metrics: tuple[str, ...] = DEFAULT_METRICS
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,18 @@ def synthetic_series(seed: int, n_vms: int, n_samples: int,
     return out
 
 
-def _smd_part(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
-    """The default metrics (in the agent's units), labels and which of the csv's metric
-    columns (0-based, after the timestamp) those are, of one SMD csv; None when a
-    column is missing. The train part is unlabelled: all 0."""
+@dataclass(frozen=True)
+class _SMDPart:
+    values: np.ndarray  # float32 [N, M]: the default metrics in the agent's units, then own
+    labels: np.ndarray  # int8 [N]; the train part's all 0
+    replayed: list[int]  # the csv's metric columns (0-based, after the timestamp) replayed
+    metrics: tuple[str, ...]
+
+
+def _smd_part(path: Path, labelled: bool, own_metrics: bool = False) -> _SMDPart | None:
+    """One SMD csv: the default metrics (in the agent's units) and, with `own_metrics`,
+    every other metric column as the VM's own (`smd.<column>`, as recorded: SMD scales
+    each to [0, 1]); None when a column is missing."""
     with gzip.open(path, "rt", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
@@ -126,11 +137,17 @@ def _smd_part(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray, list[
             label_column = header.index("label") if labelled else -1
         except ValueError:
             return None
+        own = [i for i, name in enumerate(header) if own_metrics and i > 0
+               and name != "label" and i not in columns]
+        columns += own
         rows = [(tuple(float(r[c]) for c in columns),
                  int(float(r[label_column])) if labelled else 0) for r in reader]
     values = np.array([r[0] for r in rows], dtype=np.float32).reshape(-1, len(columns))
-    values *= np.array([SMD_COLUMNS[m][1] for m in DEFAULT_METRICS], dtype=np.float32)
-    return values, np.array([r[1] for r in rows], dtype=np.int8), [c - 1 for c in columns]
+    values[:, :len(DEFAULT_METRICS)] *= np.array(
+        [SMD_COLUMNS[m][1] for m in DEFAULT_METRICS], dtype=np.float32)
+    return _SMDPart(values, np.array([r[1] for r in rows], dtype=np.int8),
+                    [c - 1 for c in columns],
+                    DEFAULT_METRICS + tuple(f"smd.{header[i]}" for i in own))
 
 
 def _hidden_causes(path: Path, replayed: list[int], n: int) -> np.ndarray:
@@ -145,40 +162,43 @@ def _hidden_causes(path: Path, replayed: list[int], n: int) -> np.ndarray:
 
 
 def load_smd(folder: str | Path, machines: int, n_samples: int,
-             lead: int = 300, history: int = 0) -> list[ReplaySeries]:
+             lead: int = 300, history: int = 0,
+             own_metrics: bool = False) -> list[ReplaySeries]:
     """Stretches of `n_samples` from the labelled test part of the first `machines` SMD
     machines, each starting `lead` samples before its first anomaly that the replayed
     metrics can show (one whose causes, in `interpretation_label.txt`, include one of
     them; without that file, its first anomaly), so a short demo replays at least one,
     after up to `history` samples of what came before it (the end of the train part
-    where the test part has too few)."""
+    where the test part has too few). The replayed metrics are the agent's 4 and, with
+    `own_metrics`, SMD's other 34 as the VM's own."""
     folder = Path(folder)
     out = []
     for machine in sorted(p for p in folder.iterdir() if (p / "test.csv.gz").is_file()):
         if len(out) >= machines:
             break
-        test = _smd_part(machine / "test.csv.gz", labelled=True)
+        test = _smd_part(machine / "test.csv.gz", labelled=True, own_metrics=own_metrics)
         if test is None:
             continue
-        values, labels, replayed = test
-        hidden = _hidden_causes(machine / "interpretation_label.txt", replayed, len(labels))
+        values, labels = test.values, test.labels
+        hidden = _hidden_causes(machine / "interpretation_label.txt", test.replayed,
+                                len(labels))
         anomalous = np.flatnonzero(labels.astype(bool) & ~hidden)
         if not len(anomalous):
             anomalous = np.flatnonzero(labels)
         start = max(0, int(anomalous[0]) - lead) if len(anomalous) else 0
         start = min(start, max(0, len(values) - n_samples))
-        train = _smd_part(machine / "train.csv.gz", labelled=False) \
+        train = _smd_part(machine / "train.csv.gz", labelled=False, own_metrics=own_metrics) \
             if history > start and (machine / "train.csv.gz").is_file() else None
-        if train is not None:
+        if train is not None and train.metrics == test.metrics:
             # SMD's train part is the stretch just before its test part.
-            values = np.concatenate([train[0], values])
-            labels = np.concatenate([train[1], labels])
-            hidden = np.concatenate([np.zeros(len(train[0]), dtype=bool), hidden])
-            start += len(train[0])
+            values = np.concatenate([train.values, values])
+            labels = np.concatenate([train.labels, labels])
+            hidden = np.concatenate([np.zeros(len(train.values), dtype=bool), hidden])
+            start += len(train.values)
         past = min(history, start)
         stretch = slice(start - past, start + n_samples)
         out.append(ReplaySeries(f"smd-{machine.name}", values[stretch], labels[stretch],
-                                "smd", past, hidden[stretch]))
+                                "smd", past, hidden[stretch], test.metrics))
     return out
 
 
