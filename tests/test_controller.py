@@ -154,6 +154,13 @@ def test_smd_replay_starts_at_an_anomaly_its_metrics_show(tmp_path: Path) -> Non
     start = 230 - series.history  # the replay starts at 230, after its past
     assert series.hidden[100 - start:110 - start].all()
     assert not series.hidden[250 - start:260 - start].any()
+    # With the machine's other metrics as its own: every cause is replayed, none hidden.
+    (series,) = load_smd(tmp_path, 1, 150, lead=20, own_metrics=True)
+    assert series.metrics == (*DEFAULT_METRICS, "smd.load_1")
+    assert series.values.shape == (150, 5) and not series.hidden.any()
+    assert np.flatnonzero(series.labels)[0] == 20  # the first anomaly, 100
+    scale = np.array([SMD_COLUMNS[m][1] for m in DEFAULT_METRICS])
+    assert np.allclose(series.values[:, :4] / scale, series.values[:, 4:5], atol=1e-6)
     # Without interpretation labels: the first anomaly, none hidden.
     (machine / "interpretation_label.txt").unlink()
     (series,) = load_smd(tmp_path, 1, 150, lead=20)
