@@ -1089,7 +1089,8 @@ def test_a_vm_with_metrics_of_its_own_gets_a_detector_that_reads_them_all(
     assert models.bundle("vm").metadata.metrics == metrics
 
 
-def test_own_metric_floors_go_by_the_first_pattern_that_matches(checkpoint, tmp_path) -> None:
+def test_own_metric_floors_go_by_the_first_pattern_that_matches(checkpoint, tmp_path,
+                                                                 caplog) -> None:
     import pydantic
 
     from vmad.schema import DEFAULT_SCALE_FLOORS
@@ -1104,6 +1105,16 @@ def test_own_metric_floors_go_by_the_first_pattern_that_matches(checkpoint, tmp_
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(pydantic.ValidationError, match="own_metric_floors"):
             AdaptationSettings(own_metric_floors={"app.*": bad})
+    # An own metric with no floor that never moved is named in the log at its fit.
+    values = np.column_stack([generate_vm(3, 300)[0].select(DEFAULT_METRICS).values,
+                              np.full(300, 7.0), np.zeros(300)])
+    timestamps = 1_700_000_000.0 + 5.0 * np.arange(300)
+    models.store.ingest("vm", (*checkpoint.metrics, "app.m0", "other.idle"),
+                        np.arange(1, 301), timestamps, values)
+    with caplog.at_level("WARNING", logger="vmad.trainer.transfer"):
+        models.adapt("vm")
+    assert "1 of its own metrics barely moved" in caplog.text  # app.m0 has a floor
+    assert "other.idle" in caplog.text and "own_metric_floors" in caplog.text
 
 
 def test_bundles_exported_at_once_from_several_threads_all_verify(checkpoint) -> None:

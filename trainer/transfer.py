@@ -301,8 +301,10 @@ class VMModels:
         metrics = self.vm_metrics(vm_id)
         checkpoint = self._as_seen_by(metrics, self.checkpoint(vm_id))
         injected = self._injected_set(raw, metrics)
+        floors = self._scale_floors(metrics)
+        self._warn_unscaled(vm_id, metrics, floors, raw)
         adaptation = fit_adaptation(
-            checkpoint.model, raw, self.window, floors=self._scale_floors(metrics),
+            checkpoint.model, raw, self.window, floors=floors,
             components=settings.components, cnn_weight=settings.cnn_weight,
             injected=injected, cnn_weights=settings.cnn_weights,
             subspace_variance=settings.subspace_variance,
@@ -327,6 +329,24 @@ class VMModels:
             self._save_adaptation(vm_id, replace(adaptation, quality=quality))
         return TrainOutcome(vm_id, "adapt", 0, float("nan"), time.perf_counter() - started,
                             bundle.metadata.version, bundle)
+
+    def _warn_unscaled(self, vm_id: str, metrics: tuple[str, ...], floors: list[float],
+                       raw: np.ndarray) -> None:
+        """Log the VM's own metrics that have no floor and barely moved in the history
+        being fitted: their scale falls back to a tiny standard deviation, and their
+        first ordinary wobble reads as many spreads off (on SMD, fused false alarms 1.1 %
+        with a floor, 5.3 % without; docs/detection.md)."""
+        if not len(raw):
+            return
+        q75, q25 = np.percentile(raw, [75, 25], axis=0)
+        unscaled = [name for name, floor, spread in zip(metrics, floors, q75 - q25,
+                                                        strict=True)
+                    if floor == 0.0 and spread <= 1e-9 and name not in self.metrics]
+        if unscaled:
+            log.warning("VM %s: %d of its own metrics barely moved in its history and have "
+                        "no floor (%s%s); set adaptation.own_metric_floors in their units",
+                        vm_id, len(unscaled), ", ".join(unscaled[:5]),
+                        ", ..." if len(unscaled) > 5 else "")
 
     def _injected_set(self, raw: np.ndarray, metrics: tuple[str, ...]) -> InjectedSet | None:
         """The VM's own history with synthetic faults injected (trainer/injection.py: the
