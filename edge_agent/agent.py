@@ -77,9 +77,11 @@ class Agent:
         self.config = config
         self.metrics = AgentMetrics()
         self.stop_event = threading.Event()
-        self.sampler = Sampler(source)
+        # The default metrics (which every bundle's network reads), then the agent's own.
+        self.metric_names = METRICS + tuple(config.own_metrics)
+        self.sampler = Sampler(source, config.own_metrics)
         self.spool = Spool(config.spool.path, config.spool.max_bytes, config.spool.max_rows)
-        self.slot = BundleSlot(config.bundle_dir, METRICS, DEFAULT_WINDOW)
+        self.slot = BundleSlot(config.bundle_dir, self.metric_names, DEFAULT_WINDOW)
         self.slot.load_initial(config.bundle)
         self.detector = WindowScorer(self.slot)
         self.metrics.registry.register(PersistedCounters(self.spool, self.slot,
@@ -105,7 +107,8 @@ class Agent:
 
             self._threads += [
                 self._supervised("stream", stream_loop, self.config, self.spool,
-                                 self.stop_event, self._active, self._version, METRICS,
+                                 self.stop_event, self._active, self._version,
+                                 self.metric_names,
                                  self.metrics.connected.set),
                 self._supervised("bundles", watch_loop, self.config, self.slot,
                                  self.stop_event, self._active),
@@ -245,7 +248,7 @@ class Agent:
     def _log_anomaly(self, event: str, result: WindowVerdict, seq: int, more: str) -> None:
         log.warning("anomaly %s vm=%s seq=%d score=%.3f model=%s top=%s%s", event,
                     self.config.vm_id, seq, result.score, result.version,
-                    result.top_metrics(METRICS), f" {more}" if more else "")
+                    result.top_metrics(self.metric_names), f" {more}" if more else "")
 
     def _alarm_seconds(self) -> float:
         return self._alarm_last - self._alarm_started + self.config.interval_s

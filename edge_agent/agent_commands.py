@@ -61,6 +61,9 @@ def register(commands: Any, bench: Any) -> None:
     overhead.add_argument("--interval", type=float, default=None,
                           help="the agent's sampling interval (default 5 s; 0.5 s scores "
                                "windows within a minute, so RSS includes scoring)")
+    overhead.add_argument("--own-metrics", nargs="*", default=[], metavar="NAME",
+                          help="the agent also samples these (agent.yaml's own_metrics; "
+                               "`all`: every one it knows)")
     overhead.set_defaults(run=_run_overhead)
 
 
@@ -165,4 +168,6 @@ def _run_overhead(args: argparse.Namespace) -> int:
         argv += ["--duration", str(args.duration)]
     if args.interval:
         argv += ["--interval", str(args.interval)]
+    if args.own_metrics:
+        argv += ["--own-metrics", *args.own_metrics]
     return main(argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vmad.config import StrictModel
 from vmad.schema import DEFAULT_INTERVAL_S
@@ -65,6 +65,13 @@ class AgentConfig(StrictModel):
     alarm_reminder_s: float = Field(
         3600.0, gt=0, description="... and again this often while it lasts (a new normal "
         "level alarms until it is labelled)")
+    own_metrics: list[str] = Field(
+        [], max_length=64,
+        description="metrics sampled after the default four, of edge_agent/sampler.py's "
+                    "OWN_METRICS (load_1, cpu_iowait_percent, tcp_retrans_segs_s, ...): the "
+                    "trainer's detector reads them too (docs/agent.md); [] = the four only. "
+                    "The trainer keeps a VM's metrics from its first batch: a change "
+                    "needs a new vm_id")
     bundle: Path | None = Field(None, description="bundle folder; null = the packaged default")
     bundle_dir: Path = Field(Path("/var/lib/vmad/agent/bundles"),
                              description="where pushed bundles are kept (current + previous)")
@@ -73,3 +80,15 @@ class AgentConfig(StrictModel):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     inject: InjectSettings = Field(default_factory=InjectSettings)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+
+    @field_validator("own_metrics")
+    @classmethod
+    def _known_once(cls, names: list[str]) -> list[str]:
+        from vmad.edge_agent.sampler import OWN_METRICS
+
+        unknown = [name for name in names if name not in OWN_METRICS]
+        if unknown:
+            raise ValueError(f"unknown {unknown}; choose from {', '.join(OWN_METRICS)}")
+        if len(set(names)) != len(names):
+            raise ValueError("a metric is listed twice")
+        return names

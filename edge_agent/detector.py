@@ -65,7 +65,7 @@ class BundleSlot:
 
                     bundle = load_default_bundle()
                 else:
-                    bundle = load_bundle(where, expect_metrics=self.metrics,
+                    bundle = load_bundle(where, metrics_within=self.metrics,
                                          expect_window=self.window)
             except BundleError as error:
                 log.warning("not using the %s bundle: %s", name, error)
@@ -73,7 +73,7 @@ class BundleSlot:
             prev_dir = self.directory / "previous"
             if prev_dir.exists():
                 try:
-                    self.previous = load_bundle(prev_dir, expect_metrics=self.metrics,
+                    self.previous = load_bundle(prev_dir, metrics_within=self.metrics,
                                                 expect_window=self.window)
                 except BundleError:
                     self.previous = None
@@ -90,7 +90,7 @@ class BundleSlot:
             if sha256 is not None and sha256.lower() != sha256_hex(onnx_bytes):
                 raise BundleError(f"ONNX checksum mismatch: message says {sha256[:12]}..., "
                                   f"bytes are {sha256_hex(onnx_bytes)[:12]}...")
-            bundle = Bundle.from_parts(metadata_json, onnx_bytes, expect_metrics=self.metrics,
+            bundle = Bundle.from_parts(metadata_json, onnx_bytes, metrics_within=self.metrics,
                                        expect_window=self.window)
         except BundleError as error:
             self._refused(error)
@@ -197,8 +197,17 @@ class WindowScorer:
         if bundle is None or self._filled < t:
             return None
         start = time.perf_counter()
+        # A bundle may read the first of the agent's metrics only (the network's, before
+        # the trainer sends one over the agent's own metrics too); its contributions are
+        # padded, so every verdict names one value per metric the agent samples.
+        reads = len(bundle.metadata.metrics)
         try:
-            score, contributions = bundle.score_window(ring[head:head + t].T)
+            if reads == ring.shape[1]:
+                score, contributions = bundle.score_window(ring[head:head + t].T)
+            else:
+                score, contributions = bundle.score_window(ring[head:head + t, :reads].T)
+                if contributions:
+                    contributions += (0.0,) * (ring.shape[1] - reads)
         except Exception as error:  # onnxruntime's own types: never stop sampling
             self.slot.failed_to_run(bundle, str(error)[:300])
             return None

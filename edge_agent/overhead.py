@@ -57,8 +57,23 @@ def inference_latency(bundle: Path | None, runs: int = 2000) -> tuple[float, flo
         f"{loaded.metadata.model_kind} {loaded.metadata.version}"
 
 
+def sampling_latency(own_metrics: tuple[str, ...], runs: int = 300) -> tuple[float, float]:
+    """p50 and p99 microseconds of one real sample (psutil and /proc readings, rates)."""
+    from vmad.edge_agent.sampler import Sampler
+
+    sampler = Sampler(own_metrics=own_metrics)
+    sampler.sample()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sampler.sample()
+        times.append(time.perf_counter() - start)
+    micro = np.asarray(times) * 1e6
+    return float(np.percentile(micro, 50)), float(np.percentile(micro, 99))
+
+
 def run_agent(bundle: Path | None, duration: float, interval: float,
-              work: Path) -> dict[str, float]:
+              work: Path, own_metrics: tuple[str, ...] = ()) -> dict[str, float]:
     import psutil
     import yaml
 
@@ -66,6 +81,7 @@ def run_agent(bundle: Path | None, duration: float, interval: float,
 
     config = {
         "vm_id": "bench", "interval_s": interval, "bundle": str(bundle) if bundle else None,
+        "own_metrics": list(own_metrics),
         "bundle_dir": str(work / "bundles"),
         "trainer": {"address": None},
         "spool": {"path": str(work / "spool.db")},
@@ -105,13 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 s instead of 120 s")
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--interval", type=float, default=5.0)
+    parser.add_argument("--own-metrics", nargs="*", default=[], metavar="NAME",
+                        help="the agent also samples these (agent.yaml's own_metrics; "
+                             "`all`: every one it knows)")
     args = parser.parse_args(argv)
+    from vmad.edge_agent.sampler import OWN_METRICS
+
+    own = tuple(OWN_METRICS) if args.own_metrics == ["all"] else tuple(args.own_metrics)
     duration = args.duration or (20.0 if args.quick else 120.0)
     with tempfile.TemporaryDirectory(prefix="vmad-bench-agent-") as scratch:
         work = Path(scratch)
         bundle = None  # the packaged default
         p50, p99, which = inference_latency(bundle)
-        usage = run_agent(bundle, duration, args.interval, work)
+        sample_p50, sample_p99 = sampling_latency(own)
+        usage = run_agent(bundle, duration, args.interval, work, own)
     rows = [
         ("RSS peak (MB)", usage["rss_peak_mb"], TARGETS["rss_mb"]),
         ("RSS final (MB)", usage["rss_final_mb"], TARGETS["rss_mb"]),
@@ -119,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         ("CPU (% of one core)", usage["cpu_percent"], TARGETS["cpu_percent"]),
         ("inference p50 (us)", p50, TARGETS["p50_us"]),
         ("inference p99 (us)", p99, None),
+        ("sampling p50 (us)", sample_p50, None),
+        ("sampling p99 (us)", sample_p99, None),
     ]
     print(f"agent overhead: {usage['seconds']:.0f} s at interval {args.interval:g} s, "
-          f"bundle {which}")
+          f"bundle {which}, {4 + len(own)} metrics")
     print(f"{'measure':24s} {'value':>10s} {'target':>8s}  ok")
     for name, value, target in rows:
         ok = "" if target is None else ("yes" if value <= target else "NO")

@@ -49,6 +49,80 @@ def test_sampler_rates_and_counter_reset() -> None:
     assert sampler.resets == 2
 
 
+def test_own_metrics_are_sampled_after_the_four_as_gauges_and_rates() -> None:
+    """A gauge passes through, a counter becomes a rate (MB for bytes), a counter that
+    steps back counts as a reset; a reading without the configured metrics is refused;
+    an unknown name is refused by name."""
+    sampler = Sampler(recorded([
+        (0.0, 10.0, 50.0, 0, 0, (1.5, 1_000, 0)),
+        (5.0, 20.0, 51.0, 0, 0, (2.5, 6_000, 10_000_000)),  # 1,000/s, 2 MB/s
+        (10.0, 30.0, 52.0, 0, 0, (0.5, 500, 20_000_000)),   # retrans counter reset
+    ]), own_metrics=("load_1", "tcp_retrans_segs_s", "disk_read_mb_s"))
+    assert sampler.sample() is None
+    assert sampler.sample() == (5.0, [20.0, 51.0, 0.0, 0.0, 2.5, 1000.0, 2.0])
+    _, values = sampler.sample()
+    assert values[4:] == [0.5, 100.0, 2.0] and sampler.resets == 1
+    short = Sampler(recorded([(0.0, 1.0, 1.0, 0, 0), (5.0, 1.0, 1.0, 0, 0)]),
+                    own_metrics=("load_1",))
+    short.sample()
+    with pytest.raises(ValueError, match="holds 0 own metrics, 1 configured"):
+        short.sample()
+    with pytest.raises(ValueError, match="unknown own metrics"):
+        Sampler(recorded([]), own_metrics=("load_2",))
+
+
+def test_agent_config_names_an_unknown_or_repeated_own_metric(tmp_path: Path) -> None:
+    import pydantic
+
+    for own, problem in ((["load_2"], "unknown ['load_2']"),
+                         (["load_1", "load_1"], "listed twice")):
+        with pytest.raises(pydantic.ValidationError, match="own_metrics") as error:
+            agent_config(tmp_path, None, own_metrics=own)
+        assert problem in str(error.value)
+    assert agent_config(tmp_path, None, own_metrics=["load_1"]).own_metrics == ["load_1"]
+
+
+def test_every_own_metric_reads_on_this_host() -> None:
+    """The real readings (psutil and /proc/net/snmp): every metric of OWN_METRICS, two
+    samples apart, finite and not negative."""
+    import math
+
+    from vmad.edge_agent.sampler import OWN_METRICS
+
+    sampler = Sampler(own_metrics=tuple(OWN_METRICS))
+    assert sampler.sample() is None
+    time.sleep(0.2)
+    _, values = sampler.sample()
+    assert len(values) == 4 + len(OWN_METRICS)
+    assert all(math.isfinite(v) and v >= 0 for v in values), values
+    assert values[4 + list(OWN_METRICS).index("processes")] >= 1
+
+
+def test_an_agent_with_own_metrics_runs_a_bundle_over_the_four_first(tmp_path: Path) -> None:
+    """Until the trainer sends a bundle over all its metrics, an agent that samples its
+    own runs the packaged one on the first four; each verdict names one contribution
+    per metric the agent samples. A bundle over other metrics is refused."""
+    from vmad.bundle import BundleError
+
+    metrics = (*METRICS, "load_1", "processes")
+    slot = BundleSlot(tmp_path / "bundles", metrics, DEFAULT_WINDOW)
+    bundle = slot.load_initial(None)
+    assert bundle is not None and bundle.metadata.metrics == METRICS
+    detector = WindowScorer(slot)
+    rng = np.random.default_rng(2)
+    samples = (rng.random((DEFAULT_WINDOW, len(metrics))) * 60).tolist()
+    for values in samples:
+        verdict = detector.push(values)
+    assert verdict is not None and len(verdict.contributions) == len(metrics)
+    window = np.asarray(samples).T[None, :4]
+    scores, contributions = bundle.score_with_contributions(window)
+    assert verdict.score == float(scores[0])
+    assert verdict.contributions == (*contributions[0].tolist(), 0.0, 0.0)
+    other = BundleSlot(tmp_path / "other", METRICS[::-1], DEFAULT_WINDOW)
+    with pytest.raises(BundleError, match="or the first of them"):
+        other.install(*tiny_bundle("v9"))
+
+
 def test_counter_delta_never_negative() -> None:
     assert counter_delta(100, 150) == 50
     assert counter_delta(2**64 - 10, 5) == 15

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from tests.agent_fixtures import tiny_bundle
@@ -106,3 +107,48 @@ def test_operator_label_reaches_the_trainer_with_token(tmp_path: Path) -> None:
         assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     finally:
         server.stop(None)
+
+
+def test_agent_with_own_metrics_gets_its_own_detector_from_a_real_trainer(
+        tmp_path: Path) -> None:
+    """A real `vmad agent` that samples 4 metrics of its own after the default four, and a
+    real `vmad trainer` (shipped checkpoint, warm-up shortened): the agent starts on the
+    packaged bundle (the four), the trainer stores the VM's 8 metrics and sends a warm-up
+    bundle over them, then the VM's adapted bundle, which the agent installs."""
+    import json
+
+    import pytest
+
+    from vmad.launch import free_port, start, wait_serving
+    from vmad.trainer.store import TelemetryStore
+
+    pytest.importorskip("torch")
+    own = ["load_1", "cpu_iowait_percent", "processes", "tcp_retrans_segs_s"]
+    port = free_port()
+    trainer_yaml = tmp_path / "trainer.yaml"
+    trainer_yaml.write_text(yaml.safe_dump({
+        "trainer_id": "t", "listen": f"127.0.0.1:{port}", "data_dir": str(tmp_path / "t"),
+        "security": {"insecure": True}, "metrics": {"listen": None},
+        "adaptation": {"warmup_samples": 100}}))
+    config = write_config(tmp_path, port, interval_s=0.05, own_metrics=own)
+    trainer = start("trainer", ["trainer", "--config", str(trainer_yaml)], tmp_path / "logs")
+    agent = None
+    current = tmp_path / "bundles" / "current" / "bundle.json"
+    try:
+        wait_serving(f"127.0.0.1:{port}", 120, process=trainer)
+        agent = start("agent", ["agent", "--config", str(config)], tmp_path / "logs")
+        wait_for(lambda: current.is_file() and "+" in json.loads(current.read_text())[
+            "version"], timeout=120)
+        metadata = json.loads(current.read_text())
+        assert metadata["metrics"] == [*METRICS, *own] and not metadata["warmup"]
+    finally:
+        if agent is not None:
+            agent.stop()
+        trainer.stop()
+    log = (tmp_path / "logs" / "agent.log").read_text()
+    assert "-8metrics-warmup" in log, log[-2000:]
+    store = TelemetryStore(tmp_path / "t" / "store.sqlite")
+    counters = store.counters("vm-1")
+    assert counters is not None and counters.metrics == (*METRICS, *own)
+    values = store.recent("vm-1").values
+    assert values.shape[1] == 8 and np.isfinite(values).all()

@@ -187,7 +187,11 @@ class Bundle:
         *,
         expect_metrics: Sequence[str] | None = None,
         expect_window: int | None = None,
+        metrics_within: Sequence[str] | None = None,
     ) -> Bundle:
+        """`metrics_within`: the bundle takes these metrics or the first of them (an
+        agent that samples metrics of its own after a network's runs a bundle over the
+        network's alone until its own arrives)."""
         metadata = BundleMetadata.from_json(metadata_json)
         if len(onnx_bytes) > MAX_ONNX_BYTES:
             raise BundleError(
@@ -203,6 +207,12 @@ class Bundle:
             raise BundleError(
                 f"bundle metrics {list(metadata.metrics)} "
                 f"differ from expected {list(expect_metrics)}"
+            )
+        if metrics_within is not None and \
+                tuple(metrics_within[:len(metadata.metrics)]) != metadata.metrics:
+            raise BundleError(
+                f"bundle metrics {list(metadata.metrics)} are not "
+                f"{list(metrics_within)} or the first of them"
             )
         if expect_window is not None and expect_window != metadata.window:
             raise BundleError(
@@ -414,6 +424,7 @@ def load_bundle(
     *,
     expect_metrics: Sequence[str] | None = None,
     expect_window: int | None = None,
+    metrics_within: Sequence[str] | None = None,
 ) -> Bundle:
     """Load and verify the bundle in `folder`; raises `BundleError` naming the problem."""
     folder = Path(folder)
@@ -429,6 +440,7 @@ def load_bundle(
             onnx_path.read_bytes(),
             expect_metrics=expect_metrics,
             expect_window=expect_window,
+            metrics_within=metrics_within,
         )
     except BundleError as error:
         raise BundleError(f"{folder}: {error}") from None
