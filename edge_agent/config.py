@@ -84,11 +84,6 @@ class AgentConfig(StrictModel):
     @field_validator("own_metrics")
     @classmethod
     def _known_once(cls, names: list[str]) -> list[str]:
-        from vmad.edge_agent.sampler import OWN_METRICS
+        from vmad.edge_agent.sampler import check_own_metrics
 
-        unknown = [name for name in names if name not in OWN_METRICS]
-        if unknown:
-            raise ValueError(f"unknown {unknown}; choose from {', '.join(OWN_METRICS)}")
-        if len(set(names)) != len(names):
-            raise ValueError("a metric is listed twice")
-        return names
+        return list(check_own_metrics(names))

@@ -21,7 +21,8 @@ from typing import Any
 
 from vmad.schema import DEFAULT_METRICS
 
-__all__ = ["METRICS", "OWN_METRICS", "PsutilSource", "Reading", "Sampler", "counter_delta"]
+__all__ = ["METRICS", "OWN_METRICS", "PsutilSource", "Reading", "Sampler", "check_own_metrics",
+           "counter_delta"]
 
 METRICS = DEFAULT_METRICS
 _MB = 1_000_000.0
@@ -46,6 +47,16 @@ OWN_METRICS: dict[str, tuple[str, float]] = {
     "tcp_curr_estab": ("gauge", 1.0),
 }
 _SNMP = "/proc/net/snmp"
+
+
+def check_own_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """`names` as a tuple; ValueError for one not in OWN_METRICS or listed twice."""
+    unknown = [name for name in names if name not in OWN_METRICS]
+    if unknown:
+        raise ValueError(f"unknown own metrics {unknown}; choose from {', '.join(OWN_METRICS)}")
+    if len(set(names)) != len(names):
+        raise ValueError("an own metric is listed twice")
+    return tuple(names)
 
 
 def _tcp_counters(path: str = _SNMP) -> dict[str, int]:
@@ -151,11 +162,7 @@ class Sampler:
 
     def __init__(self, source: Callable[[], Reading] | None = None,
                  own_metrics: Sequence[str] = ()) -> None:
-        unknown = [name for name in own_metrics if name not in OWN_METRICS]
-        if unknown:
-            raise ValueError(f"unknown own metrics {unknown}; choose from "
-                             f"{', '.join(OWN_METRICS)}")
-        self.own_metrics = tuple(own_metrics)
+        self.own_metrics = check_own_metrics(own_metrics)
         self._source = source if source is not None else PsutilSource(self.own_metrics)
         self._previous: Reading | None = None
         self.resets = 0  # backward counter steps seen (wrap or reset)

@@ -74,7 +74,7 @@ def test_own_metrics_are_sampled_after_the_four_as_gauges_and_rates() -> None:
 def test_agent_config_names_an_unknown_or_repeated_own_metric(tmp_path: Path) -> None:
     import pydantic
 
-    for own, problem in ((["load_2"], "unknown ['load_2']"),
+    for own, problem in ((["load_2"], "unknown own metrics ['load_2']"),
                          (["load_1", "load_1"], "listed twice")):
         with pytest.raises(pydantic.ValidationError, match="own_metrics") as error:
             agent_config(tmp_path, None, own_metrics=own)

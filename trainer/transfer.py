@@ -102,8 +102,6 @@ class VMModels:
         self._models: dict[str, Checkpoint] = {}
         self._bundles: dict[str, Bundle] = {}
         self._adaptations: dict[str, VMAdaptation | None] = {}
-        # Warm-up bundles of VMs with metrics of their own, by their metric names.
-        self._warmup_bundles: dict[tuple[str, ...], Bundle] = {}
         # Versions name the weights: the same pretrained model gets the same version on
         # every trainer and after every restart, so agents are not pushed a copy they run.
         digest = hashlib.sha256(
@@ -112,6 +110,10 @@ class VMModels:
         self.pretrained_version = f"{pretrained.kind}-pretrained-{digest}"
         # The warm-up bundle says so in its version: `vmad status` shows which VMs warm up.
         self.pretrained_bundle = export_bundle(pretrained, f"{self.pretrained_version}-warmup")
+        # Warm-up bundles by the metrics a VM reports: the network's, and those of VMs
+        # with metrics of their own (made when first asked for).
+        self._warmup_bundles: dict[tuple[str, ...], Bundle] = {
+            pretrained.metrics: self.pretrained_bundle}
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -173,8 +175,6 @@ class VMModels:
         info = self.info(vm_id)
         metrics = self.vm_metrics(vm_id)
         if adaptation is None and not info.finetuned:
-            if metrics == self.metrics:
-                return self.pretrained_bundle
             with self._lock:
                 warmup = self._warmup_bundles.get(metrics)
             if warmup is None:
@@ -300,8 +300,8 @@ class VMModels:
         raw, labelled_normal = self._normal_history(vm_id)
         metrics = self.vm_metrics(vm_id)
         checkpoint = self._as_seen_by(metrics, self.checkpoint(vm_id))
-        injected = self._injected_set(raw, metrics)
         floors = self._scale_floors(metrics)
+        injected = self._injected_set(raw, metrics, floors)
         self._warn_unscaled(vm_id, metrics, floors, raw)
         adaptation = fit_adaptation(
             checkpoint.model, raw, self.window, floors=floors,
@@ -348,7 +348,8 @@ class VMModels:
                         vm_id, len(unscaled), ", ".join(unscaled[:5]),
                         ", ..." if len(unscaled) > 5 else "")
 
-    def _injected_set(self, raw: np.ndarray, metrics: tuple[str, ...]) -> InjectedSet | None:
+    def _injected_set(self, raw: np.ndarray, metrics: tuple[str, ...],
+                      floors: list[float]) -> InjectedSet | None:
         """The VM's own history with synthetic faults injected (trainer/injection.py: the
         fault kinds of vmad.synthetic for the default metrics, shifts, ramps and spikes
         in each metric's own scale for others); None when too short to hold faults."""
@@ -356,7 +357,7 @@ class VMModels:
             return None
         if metrics == DEFAULT_METRICS:
             return injected_validation_set(raw, self.window, seed=self.seed)
-        scale = np.asarray(Normalizer.fit(raw, floor=self._scale_floors(metrics)).scale)
+        scale = np.asarray(Normalizer.fit(raw, floor=floors).scale)
         return injected_generic_set(raw, self.window, scale, seed=self.seed)
 
     def _injected_quality(self, injected: InjectedSet, bundle: Bundle) -> dict[str, float]:

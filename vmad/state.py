@@ -31,8 +31,7 @@ import numpy as np
 from vmad.windows import Normalizer
 
 __all__ = ["FEATURES", "VMState", "age_text", "blame_text", "compute_state", "drift_score",
-           "quality_of",
-           "summary_of"]
+           "quality_of", "summary_of"]
 
 # Scales that map unbounded quantities into about [0, 1] so that one feature does not
 # dominate a neural policy: a day is "long ago", 10 robust units of drift is "extreme".
