@@ -114,18 +114,12 @@ def test_event_scoring() -> None:
     # A segment never scored (before the first full window) is left out, not "missed".
     unscored = np.arange(10) >= 5
     assert score_events(labels, flagged, unscored).events == 1
-    # Segments whose cause the replay does not carry are counted apart, found or not.
-    hidden = np.zeros(10, bool)
-    hidden[2:4] = True
-    score = score_events(labels, flagged, np.ones(10, bool), hidden=hidden)
-    assert (score.events, score.detected, score.hidden, score.hidden_detected) == (2, 1, 1, 1)
-    hidden[2] = False  # partly on a replayed metric: not hidden
-    assert score_events(labels, flagged, np.ones(10, bool), hidden=hidden).hidden == 0
 
 
-def test_smd_replay_starts_at_an_anomaly_its_metrics_show(tmp_path: Path) -> None:
-    """The demo's SMD stretch starts before the first anomaly whose causes (the
-    interpretation labels) include a replayed metric, and marks the others hidden."""
+def test_smd_replay_carries_every_metric_from_before_the_first_anomaly(tmp_path: Path) -> None:
+    """The demo's SMD VM replays the agent's 4 metrics (in the agent's units) and the
+    machine's other columns as its own, from `lead` samples before its first anomaly,
+    after its past."""
     import gzip
 
     import numpy as np
@@ -133,38 +127,26 @@ def test_smd_replay_starts_at_an_anomaly_its_metrics_show(tmp_path: Path) -> Non
     from vmad.replay import SMD_COLUMNS, load_smd
     from vmad.schema import DEFAULT_METRICS
 
-    names = ["load_1", *(SMD_COLUMNS[m][0] for m in DEFAULT_METRICS)]  # load_1: not replayed
+    names = ["load_1", *(SMD_COLUMNS[m][0] for m in DEFAULT_METRICS)]
     machine = tmp_path / "machine-9-9"
     machine.mkdir()
     labels = np.zeros(400, int)
-    labels[100:110] = 1  # caused by load_1 alone
-    labels[250:260] = 1  # caused by load_1 and cpu_r
+    labels[100:110] = 1
+    labels[250:260] = 1
     rows = [",".join(["timestamp", *names, "label"])] + [
         ",".join([str(i), *(f"{0.1 + 0.001 * (i % 7):.3f}" for _ in names), str(labels[i])])
         for i in range(400)]
     with gzip.open(machine / "test.csv.gz", "wt") as handle:
         handle.write("\n".join(rows) + "\n")
-    # 1-based rows and metric columns, as SMD writes them: load_1 is column 1, cpu_r 2.
-    (machine / "interpretation_label.txt").write_text("101-110:1\n251-260:1,2\n")
     (series,) = load_smd(tmp_path, 1, 150, lead=20)
-    assert series.values.shape == (150, len(DEFAULT_METRICS))
-    assert np.flatnonzero(series.labels)[0] == 20  # 250, not 100
-    assert not series.hidden.any()
-    (series,) = load_smd(tmp_path, 1, 150, lead=20, history=150)
-    start = 230 - series.history  # the replay starts at 230, after its past
-    assert series.hidden[100 - start:110 - start].all()
-    assert not series.hidden[250 - start:260 - start].any()
-    # With the machine's other metrics as its own: every cause is replayed, none hidden.
-    (series,) = load_smd(tmp_path, 1, 150, lead=20, own_metrics=True)
     assert series.metrics == (*DEFAULT_METRICS, "smd.load_1")
-    assert series.values.shape == (150, 5) and not series.hidden.any()
+    assert series.values.shape == (150, 5)
     assert np.flatnonzero(series.labels)[0] == 20  # the first anomaly, 100
     scale = np.array([SMD_COLUMNS[m][1] for m in DEFAULT_METRICS])
     assert np.allclose(series.values[:, :4] / scale, series.values[:, 4:5], atol=1e-6)
-    # Without interpretation labels: the first anomaly, none hidden.
-    (machine / "interpretation_label.txt").unlink()
-    (series,) = load_smd(tmp_path, 1, 150, lead=20)
-    assert series.labels[20] == 1 and not series.hidden.any()
+    (series,) = load_smd(tmp_path, 1, 150, lead=20, history=50)
+    assert series.history == 50 and series.labels[50 + 20] == 1
+    assert series.values.shape == (200, 5)
 
 
 def test_example_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:

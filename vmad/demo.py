@@ -57,8 +57,7 @@ def _sources(args: argparse.Namespace, n_samples: int) -> list[Any]:
     if args.smd > 0 and SMD_DIR.is_dir():
         # SMD's 38 metrics: the agent's 4 (which the network reads), then 34 of the
         # server's own (load, swap, TCP, ...), which its detector reads too.
-        series += replay.load_smd(SMD_DIR, args.smd, n_samples, history=history,
-                                  own_metrics=True)
+        series += replay.load_smd(SMD_DIR, args.smd, n_samples, history=history)
     return series
 
 
@@ -187,19 +186,16 @@ def run_demo(args: argparse.Namespace) -> int:
         for agent in agents:
             agent.close()
         # Summary: event-wise, each VM's verdicts against its labels.
-        totals = np.zeros(6, dtype=int)
+        totals = np.zeros(4, dtype=int)
         by_vm: list[str] = []
         for agent in agents:
             scored = ~np.isnan(agent.scores)
             scored[:agent.series.history] = False  # the VM's past, before the replay
-            s = score_events(agent.series.labels, agent.flagged, scored, grace=window // 4,
-                             hidden=agent.series.hidden)
-            totals += (s.events, s.detected, s.missed, s.false_alarms, s.hidden,
-                       s.hidden_detected)
+            s = score_events(agent.series.labels, agent.flagged, scored, grace=window // 4)
+            totals += (s.events, s.detected, s.missed, s.false_alarms)
             # Per VM: a replayed series with sparse labels tells apart from a detector
             # that cries wolf everywhere.
-            by_vm.append(f"{agent.vm_id} {s.detected}/{s.events} {s.false_alarms}"
-                         + (f" ({s.hidden} not on replayed metrics)" if s.hidden else ""))
+            by_vm.append(f"{agent.vm_id} {s.detected}/{s.events} {s.false_alarms}")
         pushed = sum(len(a.bundles_received) for a in agents)
         if injection is not None:
             injection.popen.wait(60)
@@ -208,8 +204,7 @@ def run_demo(args: argparse.Namespace) -> int:
             f"\n[bold]Summary[/] ({time.monotonic() - started:.0f} s, {len(agents)} simulated "
             f"VMs, {sum(a.acked - a.series.history for a in agents)} samples acknowledged "
             f"after {sum(a.series.history for a in agents)} of their past): faults "
-            f"{totals[1]} detected / {totals[2]} missed of {totals[0]}"
-            f"{_hidden_note(totals[4], totals[5])}; false alarms "
+            f"{totals[1]} detected / {totals[2]} missed of {totals[0]}; false alarms "
             f"{totals[3]}; actions "
             f"{', '.join(f'{k} {v}' for k, v in sorted(fleet.get('actions', {}).items()))}; "
             f"bundles pushed {pushed} (incl. one per VM at connect); "
@@ -293,14 +288,6 @@ def _start_real_agent(workdir: Path, initial: Any, trainer_port: int,
     console.print(f"real agent {real_vm_id()} on this host (0.5 s interval); a scripted "
                   "`vmad inject memory-leak` follows")
     return process, config
-
-
-def _hidden_note(hidden: int, detected: int) -> str:
-    """What the summary says of faults whose cause the replay does not carry."""
-    if not hidden:
-        return ""
-    return (f" ({hidden} of them caused only by SMD metrics the replay does not carry, "
-            f"{detected} of those detected)")
 
 
 def _real_fault_summary(workdir: Path, vm_id: str, window: int) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vmad.evaluation import events, read_interpretation_labels, run_lengths
+from vmad.evaluation import events, run_lengths
 from vmad.schema import DEFAULT_METRICS
 
 __all__ = ["EventScore", "ReplaySeries", "load_smd", "runs", "score_events",
@@ -46,10 +46,6 @@ class ReplaySeries:
     # The first `history` samples are the VM's past: sent in one batch at connect, as
     # from a VM that has run for that long, and left out of the demo's scores.
     history: int = 0
-    # bool [N] or None: anomalous samples whose cause, as experts named it (SMD's
-    # interpretation labels), lies only in metrics the replay does not carry. No
-    # detector reading the replayed metrics can see those; the demo says how many.
-    hidden: np.ndarray | None = None
     # The default metrics, then any of the VM's own (the trainer's network reads the
     # former, the VM's detector all of them).
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -61,10 +57,6 @@ class EventScore:
     detected: int
     missed: int
     false_alarms: int
-    # Of `events` (and of `detected`): those caused only by metrics the replay does
-    # not carry (`ReplaySeries.hidden`).
-    hidden: int = 0
-    hidden_detected: int = 0
 
 
 def runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -73,32 +65,26 @@ def runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def score_events(labels: np.ndarray, flagged: np.ndarray, scored: np.ndarray,
-                 grace: int = 0, hidden: np.ndarray | None = None) -> EventScore:
+                 grace: int = 0) -> EventScore:
     """Event-wise score of per-sample verdicts.
 
     labels: 0/1 per sample; flagged: the verdict of the window ending at each sample;
     scored: which samples had a window scored at all (the first T-1 never do, nor samples
-    not yet replayed). Segments with no scored sample are left out. hidden: the samples
-    whose cause the replay does not carry; a segment hidden throughout is counted in
-    `hidden` too.
+    not yet replayed). Segments with no scored sample are left out.
     """
     labels = np.asarray(labels, dtype=bool)
     flagged = np.asarray(flagged, dtype=bool) & np.asarray(scored, dtype=bool)
     scored = np.asarray(scored, dtype=bool)
     segments = [(s, e) for s, e in runs(labels) if scored[s:e + 1 + grace].any()]
     covered = np.zeros(len(labels), dtype=bool)
-    detected = hidden_events = hidden_detected = 0
+    detected = 0
     for start, end in segments:
         stop = min(len(labels), end + 1 + grace)
         covered[start:stop] = True
-        found = bool(flagged[start:stop].any())
-        detected += found
-        if hidden is not None and np.all(hidden[start:end + 1]):
-            hidden_events += 1
-            hidden_detected += found
+        if flagged[start:stop].any():
+            detected += 1
     false_alarms = sum(1 for s, e in runs(flagged) if not covered[s:e + 1].any())
-    return EventScore(len(segments), detected, len(segments) - detected, false_alarms,
-                      hidden_events, hidden_detected)
+    return EventScore(len(segments), detected, len(segments) - detected, false_alarms)
 
 
 def synthetic_series(seed: int, n_vms: int, n_samples: int,
@@ -121,14 +107,13 @@ def synthetic_series(seed: int, n_vms: int, n_samples: int,
 class _SMDPart:
     values: np.ndarray  # float32 [N, M]: the default metrics in the agent's units, then own
     labels: np.ndarray  # int8 [N]; the train part's all 0
-    replayed: list[int]  # the csv's metric columns (0-based, after the timestamp) replayed
     metrics: tuple[str, ...]
 
 
-def _smd_part(path: Path, labelled: bool, own_metrics: bool = False) -> _SMDPart | None:
-    """One SMD csv: the default metrics (in the agent's units) and, with `own_metrics`,
-    every other metric column as the VM's own (`smd.<column>`, as recorded: SMD scales
-    each to [0, 1]); None when a column is missing."""
+def _smd_part(path: Path, labelled: bool) -> _SMDPart | None:
+    """One SMD csv: the default metrics (in the agent's units), then every other metric
+    column as the VM's own (`smd.<column>`, as recorded: SMD scales each to [0, 1]);
+    None when a column is missing."""
     with gzip.open(path, "rt", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
@@ -137,8 +122,8 @@ def _smd_part(path: Path, labelled: bool, own_metrics: bool = False) -> _SMDPart
             label_column = header.index("label") if labelled else -1
         except ValueError:
             return None
-        own = [i for i, name in enumerate(header) if own_metrics and i > 0
-               and name != "label" and i not in columns]
+        own = [i for i, name in enumerate(header)
+               if i > 0 and name != "label" and i not in columns]
         columns += own
         rows = [(tuple(float(r[c]) for c in columns),
                  int(float(r[label_column])) if labelled else 0) for r in reader]
@@ -146,59 +131,39 @@ def _smd_part(path: Path, labelled: bool, own_metrics: bool = False) -> _SMDPart
     values[:, :len(DEFAULT_METRICS)] *= np.array(
         [SMD_COLUMNS[m][1] for m in DEFAULT_METRICS], dtype=np.float32)
     return _SMDPart(values, np.array([r[1] for r in rows], dtype=np.int8),
-                    [c - 1 for c in columns],
                     DEFAULT_METRICS + tuple(f"smd.{header[i]}" for i in own))
 
 
-def _hidden_causes(path: Path, replayed: list[int], n: int) -> np.ndarray:
-    """Per test sample: inside an anomaly whose causes (`interpretation_label.txt`) are
-    all metrics outside `replayed`. All False without that file."""
-    hidden = np.zeros(n, dtype=bool)
-    if path.is_file():
-        for start, stop, causes in read_interpretation_labels(path):
-            if not set(causes) & set(replayed):
-                hidden[start:stop] = True
-    return hidden
-
-
 def load_smd(folder: str | Path, machines: int, n_samples: int,
-             lead: int = 300, history: int = 0,
-             own_metrics: bool = False) -> list[ReplaySeries]:
+             lead: int = 300, history: int = 0) -> list[ReplaySeries]:
     """Stretches of `n_samples` from the labelled test part of the first `machines` SMD
-    machines, each starting `lead` samples before its first anomaly that the replayed
-    metrics can show (one whose causes, in `interpretation_label.txt`, include one of
-    them; without that file, its first anomaly), so a short demo replays at least one,
-    after up to `history` samples of what came before it (the end of the train part
-    where the test part has too few). The replayed metrics are the agent's 4 and, with
-    `own_metrics`, SMD's other 34 as the VM's own."""
+    machines, each starting `lead` samples before its first anomaly (so a short demo
+    replays at least one), after up to `history` samples of what came before it (the
+    end of the train part where the test part has too few). Each replays all its
+    metrics: the agent's 4, then SMD's other 34 as the VM's own."""
     folder = Path(folder)
     out = []
     for machine in sorted(p for p in folder.iterdir() if (p / "test.csv.gz").is_file()):
         if len(out) >= machines:
             break
-        test = _smd_part(machine / "test.csv.gz", labelled=True, own_metrics=own_metrics)
+        test = _smd_part(machine / "test.csv.gz", labelled=True)
         if test is None:
             continue
         values, labels = test.values, test.labels
-        hidden = _hidden_causes(machine / "interpretation_label.txt", test.replayed,
-                                len(labels))
-        anomalous = np.flatnonzero(labels.astype(bool) & ~hidden)
-        if not len(anomalous):
-            anomalous = np.flatnonzero(labels)
+        anomalous = np.flatnonzero(labels)
         start = max(0, int(anomalous[0]) - lead) if len(anomalous) else 0
         start = min(start, max(0, len(values) - n_samples))
-        train = _smd_part(machine / "train.csv.gz", labelled=False, own_metrics=own_metrics) \
+        train = _smd_part(machine / "train.csv.gz", labelled=False) \
             if history > start and (machine / "train.csv.gz").is_file() else None
         if train is not None and train.metrics == test.metrics:
             # SMD's train part is the stretch just before its test part.
             values = np.concatenate([train.values, values])
             labels = np.concatenate([train.labels, labels])
-            hidden = np.concatenate([np.zeros(len(train.values), dtype=bool), hidden])
             start += len(train.values)
         past = min(history, start)
         stretch = slice(start - past, start + n_samples)
         out.append(ReplaySeries(f"smd-{machine.name}", values[stretch], labels[stretch],
-                                "smd", past, hidden[stretch], test.metrics))
+                                "smd", past, test.metrics))
     return out
 
 
